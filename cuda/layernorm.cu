@@ -1,0 +1,59 @@
+// LayerNorm over the last dimension: one block per row.
+#include "common.cuh"
+
+// out (N,C) = (inp - mean) * rstd * w + b;  mean, rstd (N)
+extern "C" __global__ void snella_layernorm_forward(float* out, float* mean, float* rstd, const float* inp,
+                                                    const float* w, const float* b, int N, int C, float eps) {
+    __shared__ float sh[32];
+    int row = blockIdx.x;
+    if (row >= N) return;
+    const float* x = inp + (long)row * C;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < C; i += blockDim.x) s += x[i];
+    float m = block_sum(s, sh) / C;
+    float v = 0.0f;
+    for (int i = threadIdx.x; i < C; i += blockDim.x) { float d = x[i] - m; v += d * d; }
+    float r = rsqrtf(block_sum(v, sh) / C + eps);
+    float* o = out + (long)row * C;
+    for (int i = threadIdx.x; i < C; i += blockDim.x) o[i] = (x[i] - m) * r * w[i] + b[i];
+    if (threadIdx.x == 0) { mean[row] = m; rstd[row] = r; }
+}
+
+// dinp (N,C) += rstd * (g*w - mean(g*w) - xhat * mean(g*w*xhat))
+extern "C" __global__ void snella_layernorm_backward(float* dinp, const float* dout, const float* inp, const float* w,
+                                                     const float* mean, const float* rstd, int N, int C) {
+    __shared__ float sh[32];
+    int row = blockIdx.x;
+    if (row >= N) return;
+    const float* x = inp + (long)row * C;
+    const float* g = dout + (long)row * C;
+    float m = mean[row], r = rstd[row];
+    float a = 0.0f, bsum = 0.0f;
+    for (int i = threadIdx.x; i < C; i += blockDim.x) {
+        float dn = g[i] * w[i];
+        a += dn;
+        bsum += dn * (x[i] - m) * r;
+    }
+    a = block_sum(a, sh) / C;
+    bsum = block_sum(bsum, sh) / C;
+    float* dx = dinp + (long)row * C;
+    for (int i = threadIdx.x; i < C; i += blockDim.x) {
+        float xh = (x[i] - m) * r;
+        dx[i] += r * (g[i] * w[i] - a - xh * bsum);
+    }
+}
+
+// dw (C) += sum_rows g * xhat;  db (C) += sum_rows g   (either may be null)
+extern "C" __global__ void snella_layernorm_backward_affine(float* dw, float* db, const float* dout, const float* inp,
+                                                            const float* mean, const float* rstd, int N, int C) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= C) return;
+    float sw = 0.0f, sb = 0.0f;
+    for (int r = 0; r < N; r++) {
+        float g = dout[(long)r * C + i];
+        sw += g * (inp[(long)r * C + i] - mean[r]) * rstd[r];
+        sb += g;
+    }
+    if (dw) dw[i] += sw;
+    if (db) db[i] += sb;
+}

@@ -1,0 +1,7 @@
+//! snella: a hand-written engine that fine-tunes vision transformers with SNELLA.
+pub mod error;
+pub mod ops;
+pub mod runtime;
+
+pub use error::{Error, Result};
+pub use runtime::{Backend, Device, Plan, Pool, Runtime, Tensor};

@@ -1,0 +1,78 @@
+//! Exact-erf GELU (torch `F.gelu`, approximate='none'). CUDA twin: `cuda/gelu.cu`.
+use crate::error::Result;
+use crate::runtime::cuda::{grid_1d, KArg};
+use crate::runtime::{Backend, Runtime, Tensor};
+
+/// out = GELU(inp), elementwise.                                      out, inp: (n)
+pub fn gelu_forward(rt: &Runtime, out: Tensor, inp: Tensor) -> Result<()> {
+    assert_eq!(out.numel, inp.numel);
+    match &rt.backend {
+        Backend::Cpu => cpu::forward(rt.f32_mut(out), rt.f32(inp)),
+        Backend::Cuda(c) => c.launch(
+            "snella_gelu_forward",
+            grid_1d(out.numel, 256),
+            &[KArg::Ptr(rt.ptr(out)), KArg::Ptr(rt.ptr(inp)), KArg::I64(out.numel as i64)],
+        )?,
+    }
+    Ok(())
+}
+
+/// dinp = GELU'(inp) * dout (overwrites dinp).                         dinp, inp, dout: (n)
+pub fn gelu_backward(rt: &Runtime, dinp: Tensor, inp: Tensor, dout: Tensor) -> Result<()> {
+    assert!(dinp.numel == inp.numel && dinp.numel == dout.numel);
+    match &rt.backend {
+        Backend::Cpu => cpu::backward(rt.f32_mut(dinp), rt.f32(inp), rt.f32(dout)),
+        Backend::Cuda(c) => c.launch(
+            "snella_gelu_backward",
+            grid_1d(dinp.numel, 256),
+            &[KArg::Ptr(rt.ptr(dinp)), KArg::Ptr(rt.ptr(inp)), KArg::Ptr(rt.ptr(dout)), KArg::I64(dinp.numel as i64)],
+        )?,
+    }
+    Ok(())
+}
+
+pub(crate) mod cpu {
+    use crate::ops::erf;
+    const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+    pub fn forward(out: &mut [f32], inp: &[f32]) {
+        for (o, &x) in out.iter_mut().zip(inp) {
+            *o = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
+        }
+    }
+
+    pub fn backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
+        for ((d, &x), &g) in dinp.iter_mut().zip(inp).zip(dout) {
+            let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
+            let pdf = INV_SQRT_2PI * (-0.5 * x * x).exp();
+            *d = g * (cdf + x * pdf);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::ops::testing::*;
+
+    #[test]
+    fn gelu_matches_f64() {
+        let x = randn(1000, 1, 3.0);
+        let g = randn(1000, 2, 1.0);
+        let mut y = vec![0f32; 1000];
+        let mut dx = vec![0f32; 1000];
+        super::cpu::forward(&mut y, &x);
+        super::cpu::backward(&mut dx, &x, &g);
+        let y64: Vec<f64> = x.iter().map(|&x| {
+            let x = x as f64;
+            0.5 * x * (1.0 + libm_erf(x / 2f64.sqrt()))
+        }).collect();
+        let dx64: Vec<f64> = x.iter().zip(&g).map(|(&x, &g)| {
+            let x = x as f64;
+            let cdf = 0.5 * (1.0 + libm_erf(x / 2f64.sqrt()));
+            g as f64 * (cdf + x * (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt())
+        }).collect();
+        assert_close("gelu out", &y, &y64, 1e-6);
+        assert_close("gelu dinp", &dx, &dx64, 1e-6);
+    }
+}

@@ -1,0 +1,143 @@
+//! LayerNorm over the last dimension (eps given; the ViT uses 1e-6). CUDA twin: `cuda/layernorm.cu`.
+use crate::error::Result;
+use crate::runtime::cuda::{grid_rows, KArg};
+use crate::runtime::{Backend, Runtime, Tensor};
+
+/// out = (inp - mean)·rstd·w + b per row; saves mean and rstd for the backward.
+/// out, inp: (N, C)   mean, rstd: (N)   w, b: (C)
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_forward(rt: &Runtime, out: Tensor, mean: Tensor, rstd: Tensor, inp: Tensor, w: Tensor, b: Tensor, c: usize, eps: f32) -> Result<()> {
+    let n = inp.numel / c;
+    assert!(out.numel == inp.numel && mean.numel >= n && rstd.numel >= n && w.numel == c && b.numel == c);
+    match &rt.backend {
+        Backend::Cpu => cpu::forward(rt.f32_mut(out), rt.f32_mut(mean), rt.f32_mut(rstd), rt.f32(inp), rt.f32(w), rt.f32(b), c, eps),
+        Backend::Cuda(cu) => cu.launch(
+            "snella_layernorm_forward",
+            grid_rows(n, 256, 0),
+            &[KArg::Ptr(rt.ptr(out)), KArg::Ptr(rt.ptr(mean)), KArg::Ptr(rt.ptr(rstd)), KArg::Ptr(rt.ptr(inp)),
+              KArg::Ptr(rt.ptr(w)), KArg::Ptr(rt.ptr(b)), KArg::I32(n as i32), KArg::I32(c as i32), KArg::F32(eps)],
+        )?,
+    }
+    Ok(())
+}
+
+/// dinp += LN'ᵀ·dout; dw += Σ_rows dout·x̂ and db += Σ_rows dout when given (trainable affine).
+/// dinp, dout, inp: (N, C)   mean, rstd: (N)   w, dw, db: (C)
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward(rt: &Runtime, dinp: Tensor, dw: Option<Tensor>, db: Option<Tensor>, dout: Tensor, inp: Tensor, w: Tensor, mean: Tensor, rstd: Tensor, c: usize) -> Result<()> {
+    let n = inp.numel / c;
+    assert!(dinp.numel == inp.numel && dout.numel == inp.numel);
+    match &rt.backend {
+        Backend::Cpu => cpu::backward(rt.f32_mut(dinp), dw.map(|t| rt.f32_mut(t)), db.map(|t| rt.f32_mut(t)), rt.f32(dout), rt.f32(inp), rt.f32(w), rt.f32(mean), rt.f32(rstd), c),
+        Backend::Cuda(cu) => {
+            let opt = |t: Option<Tensor>| KArg::Ptr(t.map(|t| rt.ptr(t)).unwrap_or(0));
+            cu.launch(
+                "snella_layernorm_backward",
+                grid_rows(n, 256, 0),
+                &[KArg::Ptr(rt.ptr(dinp)), KArg::Ptr(rt.ptr(dout)), KArg::Ptr(rt.ptr(inp)), KArg::Ptr(rt.ptr(w)),
+                  KArg::Ptr(rt.ptr(mean)), KArg::Ptr(rt.ptr(rstd)), KArg::I32(n as i32), KArg::I32(c as i32)],
+            )?;
+            if dw.is_some() || db.is_some() {
+                // Column sums over rows: a second kernel, one thread per channel, deterministic order.
+                cu.launch(
+                    "snella_layernorm_backward_affine",
+                    crate::runtime::cuda::grid_1d(c, 256),
+                    &[opt(dw), opt(db), KArg::Ptr(rt.ptr(dout)), KArg::Ptr(rt.ptr(inp)), KArg::Ptr(rt.ptr(mean)),
+                      KArg::Ptr(rt.ptr(rstd)), KArg::I32(n as i32), KArg::I32(c as i32)],
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) mod cpu {
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], inp: &[f32], w: &[f32], b: &[f32], c: usize, eps: f32) {
+        for (r, (x, o)) in inp.chunks(c).zip(out.chunks_mut(c)).enumerate() {
+            let m = x.iter().sum::<f32>() / c as f32;
+            let v = x.iter().map(|&v| (v - m) * (v - m)).sum::<f32>() / c as f32;
+            let s = 1.0 / (v + eps).sqrt();
+            for i in 0..c {
+                o[i] = (x[i] - m) * s * w[i] + b[i];
+            }
+            mean[r] = m;
+            rstd[r] = s;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(dinp: &mut [f32], mut dw: Option<&mut [f32]>, mut db: Option<&mut [f32]>, dout: &[f32], inp: &[f32], w: &[f32], mean: &[f32], rstd: &[f32], c: usize) {
+        for r in 0..inp.len() / c {
+            let (x, g, dx) = (&inp[r * c..][..c], &dout[r * c..][..c], &mut dinp[r * c..][..c]);
+            let (m, s) = (mean[r], rstd[r]);
+            // dx = rstd·(g·w − mean(g·w) − x̂·mean(g·w·x̂))
+            let (mut dnorm_mean, mut dnorm_norm_mean) = (0f32, 0f32);
+            for i in 0..c {
+                let xh = (x[i] - m) * s;
+                let dn = g[i] * w[i];
+                dnorm_mean += dn;
+                dnorm_norm_mean += dn * xh;
+            }
+            dnorm_mean /= c as f32;
+            dnorm_norm_mean /= c as f32;
+            for i in 0..c {
+                let xh = (x[i] - m) * s;
+                dx[i] += s * (g[i] * w[i] - dnorm_mean - xh * dnorm_norm_mean);
+                if let Some(dw) = dw.as_deref_mut() {
+                    dw[i] += g[i] * xh;
+                }
+                if let Some(db) = db.as_deref_mut() {
+                    db[i] += g[i];
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::ops::testing::*;
+
+    #[test]
+    fn layernorm_matches_f64() {
+        let (n, c) = (5, 33);
+        let x = randn(n * c, 1, 2.0);
+        let w = randn(c, 2, 1.0);
+        let b = randn(c, 3, 1.0);
+        let g = randn(n * c, 4, 1.0);
+        let (mut y, mut m, mut s) = (vec![0f32; n * c], vec![0f32; n], vec![0f32; n]);
+        super::cpu::forward(&mut y, &mut m, &mut s, &x, &w, &b, c, 1e-6);
+        let (mut dx, mut dw, mut db) = (vec![0f32; n * c], vec![0f32; c], vec![0f32; c]);
+        super::cpu::backward(&mut dx, Some(&mut dw), Some(&mut db), &g, &x, &w, &m, &s, c);
+        // f64 reference: forward, and the backward by central differences of Σ g·y.
+        let fwd = |x: &[f64], w: &[f64], b: &[f64]| -> Vec<f64> {
+            let mut y = vec![0f64; n * c];
+            for r in 0..n {
+                let row = &x[r * c..][..c];
+                let m = row.iter().sum::<f64>() / c as f64;
+                let v = row.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / c as f64;
+                for i in 0..c {
+                    y[r * c + i] = (row[i] - m) / (v + 1e-6).sqrt() * w[i] + b[i];
+                }
+            }
+            y
+        };
+        let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+        let (x64, w64, b64, g64) = (to64(&x), to64(&w), to64(&b), to64(&g));
+        assert_close("layernorm out", &y, &fwd(&x64, &w64, &b64), 1e-6);
+        let obj = |x: &[f64], w: &[f64], b: &[f64]| fwd(x, w, b).iter().zip(&g64).map(|(a, b)| a * b).sum::<f64>();
+        let h = 1e-6;
+        let num = |which: usize, len: usize| -> Vec<f64> {
+            (0..len).map(|i| {
+                let (mut xp, mut wp, mut bp) = (x64.clone(), w64.clone(), b64.clone());
+                let (mut xm, mut wm, mut bm) = (x64.clone(), w64.clone(), b64.clone());
+                match which { 0 => { xp[i] += h; xm[i] -= h } 1 => { wp[i] += h; wm[i] -= h } _ => { bp[i] += h; bm[i] -= h } }
+                (obj(&xp, &wp, &bp) - obj(&xm, &wm, &bm)) / (2.0 * h)
+            }).collect()
+        };
+        assert_close("layernorm dinp", &dx, &num(0, n * c), 1e-5);
+        assert_close("layernorm dw", &dw, &num(1, c), 1e-5);
+        assert_close("layernorm db", &db, &num(2, c), 1e-5);
+    }
+}

@@ -1,0 +1,204 @@
+//! Matrix products, row-major: C = alpha·op(A)·op(B) (+ C when accumulating), optionally strided batched.
+//! CPU: the `gemm` crate. CUDA: cuBLAS, exact fp32 SGEMM unless TF32/bf16 is asked for explicitly.
+use cudarc::cublas::sys as cb;
+
+use crate::error::{Error, Result};
+use crate::runtime::{Backend, Runtime, Tensor};
+
+/// Tensor-core modes of cuBLAS; the CPU always computes in fp32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum GemmPrecision {
+    /// Plain fp32 (no tensor cores): matches the golden vectors.
+    #[default]
+    Fp32,
+    /// fp32 data, TF32 tensor cores.
+    Tf32,
+    /// fp32 data, bf16 tensor cores (inputs rounded to bf16, fp32 accumulation).
+    Bf16,
+}
+
+/// Shape of one product: op(A) is (m, k), op(B) is (k, n), C is (m, n); `batch` contiguous products
+/// (A, B, C advance by m·k, k·n, m·n elements, or not at all when the stride is 0 = broadcast).
+#[derive(Clone, Copy, Debug)]
+pub struct Matmul {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    /// A is stored (k, m) and used transposed.
+    pub ta: bool,
+    /// B is stored (n, k) and used transposed.
+    pub tb: bool,
+    pub batch: usize,
+    pub stride_a: usize,
+    pub stride_b: usize,
+    /// C += alpha·op(A)·op(B) instead of C = alpha·op(A)·op(B).
+    pub accumulate: bool,
+    pub alpha: f32,
+}
+
+impl Matmul {
+    /// One product C (m,n) = op(A) · op(B).
+    pub fn new(m: usize, n: usize, k: usize, ta: bool, tb: bool) -> Matmul {
+        Matmul { m, n, k, ta, tb, batch: 1, stride_a: m * k, stride_b: k * n, accumulate: false, alpha: 1.0 }
+    }
+    pub fn batched(mut self, batch: usize) -> Matmul {
+        self.batch = batch;
+        self
+    }
+    pub fn accumulate(mut self) -> Matmul {
+        self.accumulate = true;
+        self
+    }
+    pub fn alpha(mut self, alpha: f32) -> Matmul {
+        self.alpha = alpha;
+        self
+    }
+    /// The same B for every product of the batch.
+    pub fn broadcast_b(mut self) -> Matmul {
+        self.stride_b = 0;
+        self
+    }
+    pub fn flops(&self) -> f64 {
+        2.0 * (self.m * self.n * self.k * self.batch) as f64
+    }
+}
+
+/// C = alpha·op(A)·op(B) (+ C), see [`Matmul`].                       A, B, C: shapes as in `spec`
+pub fn matmul(rt: &Runtime, c: Tensor, a: Tensor, b: Tensor, spec: Matmul) -> Result<()> {
+    let Matmul { m, n, k, batch, stride_a, stride_b, .. } = spec;
+    assert!(a.numel >= stride_a * (batch - 1) + m * k, "matmul: A has {} elements, needs {}x{}x{}", a.numel, batch, m, k);
+    assert!(b.numel >= stride_b * (batch - 1) + k * n, "matmul: B has {} elements, needs {}x{}x{}", b.numel, batch, k, n);
+    assert!(c.numel >= batch * m * n, "matmul: C has {} elements, needs {}x{}x{}", c.numel, batch, m, n);
+    match &rt.backend {
+        Backend::Cpu => cpu::matmul(rt.f32_mut(c), rt.f32(a), rt.f32(b), spec),
+        Backend::Cuda(cu) => cuda::matmul(cu, rt.gemm_precision(), rt.ptr(c), rt.ptr(a), rt.ptr(b), spec)?,
+    }
+    Ok(())
+}
+
+pub(crate) mod cpu {
+    use super::Matmul;
+    use gemm::Parallelism;
+
+    pub fn matmul(c: &mut [f32], a: &[f32], b: &[f32], s: Matmul) {
+        let Matmul { m, n, k, ta, tb, batch, stride_a, stride_b, accumulate, alpha } = s;
+        // Row-major (rs, cs) strides of op(A) (m,k) and op(B) (k,n).
+        let (a_rs, a_cs) = if ta { (1, m as isize) } else { (k as isize, 1) };
+        let (b_rs, b_cs) = if tb { (1, k as isize) } else { (n as isize, 1) };
+        let par = if m * n * k >= 1 << 18 { Parallelism::Rayon(0) } else { Parallelism::None };
+        for i in 0..batch {
+            let (ap, bp) = (&a[i * stride_a..], &b[i * stride_b..]);
+            let cp = &mut c[i * m * n..(i + 1) * m * n];
+            // gemm computes dst = alpha·dst + beta·lhs·rhs (its names are the other way round).
+            unsafe {
+                gemm::gemm(
+                    m, n, k,
+                    cp.as_mut_ptr(), 1, n as isize, accumulate,
+                    ap.as_ptr(), a_cs, a_rs,
+                    bp.as_ptr(), b_cs, b_rs,
+                    1.0, alpha,
+                    false, false, false, par,
+                );
+            }
+        }
+    }
+
+    /// The naive triple loop in f64: the reference the tests hold both backends to.
+    #[cfg(test)]
+    pub fn matmul_f64(a: &[f32], b: &[f32], s: Matmul) -> Vec<f64> {
+        let Matmul { m, n, k, ta, tb, batch, stride_a, stride_b, alpha, .. } = s;
+        let mut c = vec![0f64; batch * m * n];
+        for bi in 0..batch {
+            for i in 0..m {
+                for j in 0..n {
+                    let mut acc = 0f64;
+                    for p in 0..k {
+                        let av = if ta { a[bi * stride_a + p * m + i] } else { a[bi * stride_a + i * k + p] };
+                        let bv = if tb { b[bi * stride_b + j * k + p] } else { b[bi * stride_b + p * n + j] };
+                        acc += av as f64 * bv as f64;
+                    }
+                    c[bi * m * n + i * n + j] = alpha as f64 * acc;
+                }
+            }
+        }
+        c
+    }
+}
+
+pub(crate) mod cuda {
+    use super::*;
+    use crate::runtime::{Cuda, DevPtr};
+
+    pub fn matmul(cu: &Cuda, prec: GemmPrecision, c: DevPtr, a: DevPtr, b: DevPtr, s: Matmul) -> Result<()> {
+        let Matmul { m, n, k, ta, tb, batch, stride_a, stride_b, accumulate, alpha } = s;
+        // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: swap the operands.
+        let op = |t: bool| if t { cb::cublasOperation_t::CUBLAS_OP_T } else { cb::cublasOperation_t::CUBLAS_OP_N };
+        let lda = if ta { m } else { k } as i32;
+        let ldb = if tb { k } else { n } as i32;
+        let beta: f32 = if accumulate { 1.0 } else { 0.0 };
+        let compute = match prec {
+            GemmPrecision::Fp32 => cb::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            GemmPrecision::Tf32 => cb::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+            GemmPrecision::Bf16 => cb::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
+        };
+        let f32t = cb::cudaDataType_t::CUDA_R_32F;
+        let status = unsafe {
+            cb::cublasGemmStridedBatchedEx(
+                cu.blas,
+                op(tb), op(ta),
+                n as i32, m as i32, k as i32,
+                &alpha as *const f32 as *const _,
+                b as *const _, f32t, ldb, stride_b as i64,
+                a as *const _, f32t, lda, stride_a as i64,
+                &beta as *const f32 as *const _,
+                c as *mut _, f32t, n as i32, (m * n) as i64,
+                batch as i32,
+                compute,
+                cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        };
+        if status != cb::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(Error::cuda(format!("cublasGemmStridedBatchedEx {m}x{n}x{k} batch {batch}"), format!("{status:?}")));
+        }
+        if cfg!(debug_assertions) {
+            cu.sync()?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::*;
+
+    #[test]
+    fn every_transpose_and_batch_matches_f64() {
+        for &(ta, tb) in &[(false, false), (true, false), (false, true), (true, true)] {
+            for &acc in &[false, true] {
+                let s = Matmul::new(13, 7, 19, ta, tb).batched(3).alpha(0.5);
+                let s = if acc { s.accumulate() } else { s };
+                let a = randn(3 * 13 * 19, 1, 1.0);
+                let b = randn(3 * 19 * 7, 2, 1.0);
+                let c0 = randn(3 * 13 * 7, 3, 1.0);
+                let mut c = c0.clone();
+                cpu::matmul(&mut c, &a, &b, s);
+                let mut want = cpu::matmul_f64(&a, &b, s);
+                if acc {
+                    want.iter_mut().zip(&c0).for_each(|(w, &c)| *w += c as f64);
+                }
+                assert_close(&format!("matmul ta={ta} tb={tb} acc={acc}"), &c, &want, 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn broadcast_b() {
+        let s = Matmul::new(4, 5, 6, false, true).batched(2).broadcast_b();
+        let a = randn(2 * 24, 4, 1.0);
+        let b = randn(30, 5, 1.0);
+        let mut c = vec![0f32; 40];
+        cpu::matmul(&mut c, &a, &b, s);
+        assert_close("matmul broadcast", &c, &cpu::matmul_f64(&a, &b, s), 1e-6);
+    }
+}
