@@ -1,5 +1,7 @@
 //! snella: a hand-written engine that fine-tunes vision transformers with SNELLA.
 pub mod error;
+pub mod golden;
+pub mod model;
 pub mod ops;
 pub mod runtime;
 

@@ -1,0 +1,146 @@
+//! Reader of the golden parity cases (`<case>.safetensors` + `<case>.json`, written by the PyTorch
+//! reference). The parity tests and `snella selftest` use it; users can point `SNELLA_GOLDEN` at new cases.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{Error, Result};
+use crate::model::ViTConfig;
+
+pub struct GoldenCase {
+    pub name: String,
+    pub path: PathBuf,
+    pub manifest: serde_json::Value,
+    pub tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    pub labels: Vec<i32>,
+}
+
+/// The directory of golden cases: `$SNELLA_GOLDEN`, else the copy in `tests/golden`.
+pub fn golden_dir() -> PathBuf {
+    std::env::var_os("SNELLA_GOLDEN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden"))
+}
+
+/// Every case (`*.json` with a matching `*.safetensors`) in a directory, sorted by name.
+pub fn list_cases(dir: &Path) -> Result<Vec<String>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut names: Vec<String> = rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.path().file_name()?.to_str()?.strip_suffix(".json").map(str::to_string))
+        .filter(|n| dir.join(format!("{n}.safetensors")).exists())
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+impl GoldenCase {
+    pub fn load(dir: &Path, name: &str) -> Result<GoldenCase> {
+        let jpath = dir.join(format!("{name}.json"));
+        let spath = dir.join(format!("{name}.safetensors"));
+        let text = std::fs::read_to_string(&jpath).map_err(|e| Error::io(&jpath, e))?;
+        let manifest: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::format(&jpath, e.to_string()))?;
+        let bytes = std::fs::read(&spath).map_err(|e| Error::io(&spath, e))?;
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::format(&spath, e.to_string()))?;
+        let mut tensors = HashMap::new();
+        let mut labels = Vec::new();
+        for (k, v) in st.tensors() {
+            match v.dtype() {
+                Dtype::F32 => {
+                    let data: Vec<f32> = v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+                    tensors.insert(k, (v.shape().to_vec(), data));
+                }
+                Dtype::I64 if k == "input.labels" => {
+                    labels = v.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as i32).collect();
+                }
+                d => return Err(Error::format(&spath, format!("tensor {k}: unexpected dtype {d:?}"))),
+            }
+        }
+        Ok(GoldenCase { name: name.into(), path: spath, manifest, tensors, labels })
+    }
+
+    pub fn get(&self, key: &str) -> Result<&[f32]> {
+        self.tensors
+            .get(key)
+            .map(|(_, v)| v.as_slice())
+            .ok_or_else(|| Error::MissingTensor { file: self.path.display().to_string(), name: key.into() })
+    }
+
+    pub fn shape(&self, key: &str) -> Option<&[usize]> {
+        self.tensors.get(key).map(|(s, _)| s.as_slice())
+    }
+
+    /// The model configuration of the case.
+    pub fn vit_config(&self) -> ViTConfig {
+        let v = &self.manifest["vit"];
+        let u = |k: &str| v[k].as_u64().unwrap_or(0) as usize;
+        ViTConfig {
+            img_size: (v["img_size"][0].as_u64().unwrap() as usize, v["img_size"][1].as_u64().unwrap() as usize),
+            patch_size: u("patch_size"),
+            in_chans: u("in_chans"),
+            embed_dim: u("embed_dim"),
+            depth: u("depth"),
+            num_heads: u("num_heads"),
+            mlp_hidden: u("mlp_hidden"),
+            num_classes: u("num_classes"),
+            layer_scale: v["layer_scale"].as_bool().unwrap_or(false),
+            eps: v["eps"].as_f64().unwrap_or(1e-6) as f32,
+        }
+    }
+
+    /// The manifest's tolerance for a key: `max|x − ref| <= atol`.
+    pub fn atol(&self, key: &str) -> Option<f64> {
+        self.manifest["suggested_atol"][key].as_f64()
+    }
+
+    /// Flat index ranges of gradient entries that are rounding noise (exactly 0 in exact arithmetic).
+    pub fn noise_ranges(&self, param: &str) -> Vec<(usize, usize)> {
+        self.manifest["noise_grad_elements"][param]["flat_ranges"]
+            .as_array()
+            .map(|a| a.iter().map(|r| (r[0].as_u64().unwrap() as usize, r[1].as_u64().unwrap() as usize)).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Result of comparing one tensor with its golden value.
+#[derive(Clone, Debug)]
+pub struct Compare {
+    pub key: String,
+    pub max_abs: f64,
+    pub atol: f64,
+    pub ref_max: f64,
+}
+
+impl Compare {
+    pub fn ok(&self) -> bool {
+        self.max_abs <= self.atol
+    }
+    pub fn line(&self) -> String {
+        format!(
+            "{:<60} max|diff| {:.3e}  atol {:.3e}  rel {:.2e}  {}",
+            self.key,
+            self.max_abs,
+            self.atol,
+            self.max_abs / self.ref_max.max(1e-30),
+            if self.ok() { "OK" } else { "NOT OK" }
+        )
+    }
+}
+
+/// max |got − want| over the entries not in `skip` (flat ranges).
+pub fn compare(key: &str, got: &[f32], want: &[f32], atol: f64, skip: &[(usize, usize)]) -> Compare {
+    assert_eq!(got.len(), want.len(), "{key}: length {} vs golden {}", got.len(), want.len());
+    let mut max_abs = 0f64;
+    let mut ref_max = 0f64;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if skip.iter().any(|&(a, b)| i >= a && i < b) {
+            continue;
+        }
+        let d = (g as f64 - w as f64).abs();
+        max_abs = if d.is_nan() { f64::INFINITY } else { max_abs.max(d) };
+        ref_max = ref_max.max((w as f64).abs());
+    }
+    Compare { key: key.into(), max_abs, atol, ref_max }
+}
