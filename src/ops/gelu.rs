@@ -17,10 +17,11 @@ pub fn gelu_forward(rt: &Runtime, out: Tensor, inp: Tensor) -> Result<()> {
     Ok(())
 }
 
-/// dinp = GELU'(inp) * dout (overwrites dinp).                         dinp, inp, dout: (n)
+/// dinp = GELU'(inp) * dout (overwrites dinp; dinp may be dout, in place).  dinp, inp, dout: (n)
 pub fn gelu_backward(rt: &Runtime, dinp: Tensor, inp: Tensor, dout: Tensor) -> Result<()> {
-    assert!(dinp.numel == inp.numel && dinp.numel == dout.numel);
+    assert!(dinp.numel == inp.numel && dinp.numel == dout.numel && dinp != inp);
     match &rt.backend {
+        Backend::Cpu if dinp == dout => cpu::backward_inplace(rt.f32_mut(dinp), rt.f32(inp)),
         Backend::Cpu => cpu::backward(rt.f32_mut(dinp), rt.f32(inp), rt.f32(dout)),
         Backend::Cuda(c) => c.launch(
             "snella_gelu_backward",
@@ -39,6 +40,14 @@ pub(crate) mod cpu {
     pub fn forward(out: &mut [f32], inp: &[f32]) {
         for (o, &x) in out.iter_mut().zip(inp) {
             *o = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
+        }
+    }
+
+    pub fn backward_inplace(g: &mut [f32], inp: &[f32]) {
+        for (d, &x) in g.iter_mut().zip(inp) {
+            let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
+            let pdf = INV_SQRT_2PI * (-0.5 * x * x).exp();
+            *d *= cdf + x * pdf;
         }
     }
 

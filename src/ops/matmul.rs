@@ -34,12 +34,31 @@ pub struct Matmul {
     /// C += alpha·op(A)·op(B) instead of C = alpha·op(A)·op(B).
     pub accumulate: bool,
     pub alpha: f32,
+    /// Row strides (elements) of the stored A, B and C; 0 means dense (the stored row length).
+    /// Lets a product read or write a column block, e.g. the q slice of a fused (BT, 3D) qkv buffer.
+    pub lda: usize,
+    pub ldb: usize,
+    pub ldc: usize,
 }
 
 impl Matmul {
     /// One product C (m,n) = op(A) · op(B).
     pub fn new(m: usize, n: usize, k: usize, ta: bool, tb: bool) -> Matmul {
-        Matmul { m, n, k, ta, tb, batch: 1, stride_a: m * k, stride_b: k * n, accumulate: false, alpha: 1.0 }
+        Matmul { m, n, k, ta, tb, batch: 1, stride_a: m * k, stride_b: k * n, accumulate: false, alpha: 1.0, lda: 0, ldb: 0, ldc: 0 }
+    }
+    /// Row strides of the stored A, B, C (0 = dense); only for unbatched products.
+    pub fn ld(mut self, lda: usize, ldb: usize, ldc: usize) -> Matmul {
+        self.lda = lda;
+        self.ldb = ldb;
+        self.ldc = ldc;
+        self
+    }
+    /// Dense row strides of the stored A, B, C.
+    fn lds(&self) -> (usize, usize, usize) {
+        let a = if self.ta { self.m } else { self.k };
+        let b = if self.tb { self.k } else { self.n };
+        let or = |x: usize, d: usize| if x == 0 { d } else { x };
+        (or(self.lda, a), or(self.ldb, b), or(self.ldc, self.n))
     }
     pub fn batched(mut self, batch: usize) -> Matmul {
         self.batch = batch;
@@ -65,10 +84,14 @@ impl Matmul {
 
 /// C = alpha·op(A)·op(B) (+ C), see [`Matmul`].                       A, B, C: shapes as in `spec`
 pub fn matmul(rt: &Runtime, c: Tensor, a: Tensor, b: Tensor, spec: Matmul) -> Result<()> {
-    let Matmul { m, n, k, batch, stride_a, stride_b, .. } = spec;
-    assert!(a.numel >= stride_a * (batch - 1) + m * k, "matmul: A has {} elements, needs {}x{}x{}", a.numel, batch, m, k);
-    assert!(b.numel >= stride_b * (batch - 1) + k * n, "matmul: B has {} elements, needs {}x{}x{}", b.numel, batch, k, n);
-    assert!(c.numel >= batch * m * n, "matmul: C has {} elements, needs {}x{}x{}", c.numel, batch, m, n);
+    let Matmul { m, n, k, ta, tb, batch, stride_a, stride_b, .. } = spec;
+    let (lda, ldb, ldc) = spec.lds();
+    assert!(batch == 1 || (spec.lda == 0 && spec.ldb == 0 && spec.ldc == 0), "matmul: row strides only for batch 1");
+    let rows_a = if ta { k } else { m };
+    let rows_b = if tb { n } else { k };
+    assert!(a.numel >= stride_a * (batch - 1) + (rows_a - 1) * lda + m * k / rows_a, "matmul: A has {} elements, too few for {batch}x{m}x{k}", a.numel);
+    assert!(b.numel >= stride_b * (batch - 1) + (rows_b - 1) * ldb + k * n / rows_b, "matmul: B has {} elements, too few for {batch}x{k}x{n}", b.numel);
+    assert!(c.numel >= batch * m * n - m * n + (m - 1) * ldc + n, "matmul: C has {} elements, too few for {batch}x{m}x{n}", c.numel);
     match &rt.backend {
         Backend::Cpu => cpu::matmul(rt.f32_mut(c), rt.f32(a), rt.f32(b), spec),
         Backend::Cuda(cu) => cuda::matmul(cu, rt.gemm_precision(), rt.ptr(c), rt.ptr(a), rt.ptr(b), spec)?,
@@ -81,19 +104,20 @@ pub(crate) mod cpu {
     use gemm::Parallelism;
 
     pub fn matmul(c: &mut [f32], a: &[f32], b: &[f32], s: Matmul) {
-        let Matmul { m, n, k, ta, tb, batch, stride_a, stride_b, accumulate, alpha } = s;
+        let Matmul { m, n, k, ta, tb, batch, stride_a, stride_b, accumulate, alpha, .. } = s;
+        let (lda, ldb, ldc) = s.lds();
         // Row-major (rs, cs) strides of op(A) (m,k) and op(B) (k,n).
-        let (a_rs, a_cs) = if ta { (1, m as isize) } else { (k as isize, 1) };
-        let (b_rs, b_cs) = if tb { (1, k as isize) } else { (n as isize, 1) };
+        let (a_rs, a_cs) = if ta { (1, lda as isize) } else { (lda as isize, 1) };
+        let (b_rs, b_cs) = if tb { (1, ldb as isize) } else { (ldb as isize, 1) };
         let par = if m * n * k >= 1 << 18 { Parallelism::Rayon(0) } else { Parallelism::None };
         for i in 0..batch {
             let (ap, bp) = (&a[i * stride_a..], &b[i * stride_b..]);
-            let cp = &mut c[i * m * n..(i + 1) * m * n];
+            let cp = &mut c[i * m * n..];
             // gemm computes dst = alpha·dst + beta·lhs·rhs (its names are the other way round).
             unsafe {
                 gemm::gemm(
                     m, n, k,
-                    cp.as_mut_ptr(), 1, n as isize, accumulate,
+                    cp.as_mut_ptr(), 1, ldc as isize, accumulate,
                     ap.as_ptr(), a_cs, a_rs,
                     bp.as_ptr(), b_cs, b_rs,
                     1.0, alpha,
@@ -107,14 +131,15 @@ pub(crate) mod cpu {
     #[cfg(test)]
     pub fn matmul_f64(a: &[f32], b: &[f32], s: Matmul) -> Vec<f64> {
         let Matmul { m, n, k, ta, tb, batch, stride_a, stride_b, alpha, .. } = s;
+        let (lda, ldb, _) = s.lds();
         let mut c = vec![0f64; batch * m * n];
         for bi in 0..batch {
             for i in 0..m {
                 for j in 0..n {
                     let mut acc = 0f64;
                     for p in 0..k {
-                        let av = if ta { a[bi * stride_a + p * m + i] } else { a[bi * stride_a + i * k + p] };
-                        let bv = if tb { b[bi * stride_b + j * k + p] } else { b[bi * stride_b + p * n + j] };
+                        let av = if ta { a[bi * stride_a + p * lda + i] } else { a[bi * stride_a + i * lda + p] };
+                        let bv = if tb { b[bi * stride_b + j * ldb + p] } else { b[bi * stride_b + p * ldb + j] };
                         acc += av as f64 * bv as f64;
                     }
                     c[bi * m * n + i * n + j] = alpha as f64 * acc;
@@ -130,11 +155,11 @@ pub(crate) mod cuda {
     use crate::runtime::{Cuda, DevPtr};
 
     pub fn matmul(cu: &Cuda, prec: GemmPrecision, c: DevPtr, a: DevPtr, b: DevPtr, s: Matmul) -> Result<()> {
-        let Matmul { m, n, k, ta, tb, batch, stride_a, stride_b, accumulate, alpha } = s;
+        let Matmul { m, n, k, ta, tb, batch, stride_a, stride_b, accumulate, alpha, .. } = s;
+        let (lda, ldb, ldc) = s.lds();
+        let (lda, ldb, ldc) = (lda as i32, ldb as i32, ldc as i32);
         // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: swap the operands.
         let op = |t: bool| if t { cb::cublasOperation_t::CUBLAS_OP_T } else { cb::cublasOperation_t::CUBLAS_OP_N };
-        let lda = if ta { m } else { k } as i32;
-        let ldb = if tb { k } else { n } as i32;
         let beta: f32 = if accumulate { 1.0 } else { 0.0 };
         let compute = match prec {
             GemmPrecision::Fp32 => cb::cublasComputeType_t::CUBLAS_COMPUTE_32F,
@@ -151,7 +176,7 @@ pub(crate) mod cuda {
                 b as *const _, f32t, ldb, stride_b as i64,
                 a as *const _, f32t, lda, stride_a as i64,
                 &beta as *const f32 as *const _,
-                c as *mut _, f32t, n as i32, (m * n) as i64,
+                c as *mut _, f32t, ldc, (m * n) as i64,
                 batch as i32,
                 compute,
                 cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
@@ -190,6 +215,20 @@ mod tests {
                 assert_close(&format!("matmul ta={ta} tb={tb} acc={acc}"), &c, &want, 1e-6);
             }
         }
+    }
+
+    #[test]
+    fn row_strides_read_and_write_column_blocks() {
+        // A is the middle column block (width 6) of a (4, 18) buffer; C goes to the last 5 columns of (4, 9).
+        let s = Matmul::new(4, 5, 6, false, false).ld(18, 0, 9);
+        let abuf = randn(4 * 18, 7, 1.0);
+        let b = randn(30, 8, 1.0);
+        let mut cbuf = vec![0f32; 4 * 9];
+        cpu::matmul(&mut cbuf[4..], &abuf[6..], &b, s);
+        let a: Vec<f32> = (0..4).flat_map(|r| abuf[r * 18 + 6..r * 18 + 12].to_vec()).collect();
+        let want = cpu::matmul_f64(&a, &b, Matmul::new(4, 5, 6, false, false));
+        let got: Vec<f32> = (0..4).flat_map(|r| cbuf[r * 9 + 4..r * 9 + 9].to_vec()).collect();
+        assert_close("matmul strided", &got, &want, 1e-6);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 pub mod adamw;
 pub mod add;
 pub mod attention;
+pub mod embed;
 pub mod gelu;
 pub mod layernorm;
 pub mod loss;
