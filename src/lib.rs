@@ -3,7 +3,10 @@ pub mod error;
 pub mod golden;
 pub mod model;
 pub mod ops;
+pub mod peft;
+pub mod report;
 pub mod runtime;
+pub mod selftest;
 
 pub use error::{Error, Result};
 pub use runtime::{Backend, Device, Plan, Pool, Runtime, Tensor};

@@ -3,10 +3,14 @@
 pub mod adamw;
 pub mod add;
 pub mod attention;
+pub mod compete;
 pub mod embed;
 pub mod gelu;
+pub mod kmerge;
+pub mod importance;
 pub mod layernorm;
 pub mod loss;
+pub mod mask;
 pub mod matmul;
 pub mod softmax;
 

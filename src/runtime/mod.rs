@@ -166,6 +166,17 @@ impl Runtime {
         }
     }
 
+    /// The mutable CPU bytes of a u8 tensor (masks).
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) fn u8_mut(&self, t: Tensor) -> &mut [u8] {
+        debug_assert_eq!(t.dtype, DType::U8);
+        self.touch(t);
+        match &self.arenas[t.pool.index()] {
+            Arena::Cpu(v) => unsafe { std::slice::from_raw_parts_mut((v.as_ptr() as *mut u8).add(t.offset), t.numel) },
+            Arena::Cuda(_) => panic!("CPU view of a CUDA tensor"),
+        }
+    }
+
     /// The CPU slice of an i32 tensor (labels).
     pub(crate) fn i32(&self, t: Tensor) -> &[i32] {
         debug_assert_eq!(t.dtype, DType::I32);
@@ -237,6 +248,16 @@ impl Runtime {
                 s.fill(f32::from_bits(u32::from_ne_bytes([byte; 4])));
             }
             Backend::Cuda(c) => c.memset(self.ptr(t), byte, t.bytes())?,
+        }
+        Ok(())
+    }
+
+    /// Zeroes a whole pool (e.g. the gradients before a backward) in one memset.
+    pub fn zero_pool(&self, pool: Pool) -> Result<()> {
+        let bytes = self.plan.pool_bytes(pool);
+        match &self.arenas[pool.index()] {
+            Arena::Cpu(_) => self.f32_mut(Tensor { id: u32::MAX, pool, offset: 0, numel: bytes / 4, dtype: DType::F32 }).fill(0.0),
+            Arena::Cuda(p) => self.cuda().memset(*p, 0, bytes)?,
         }
         Ok(())
     }

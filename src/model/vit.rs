@@ -1,0 +1,762 @@
+//! The ViT training step, written out: the plan of every tensor, the forward, the backward in reverse,
+//! AdamW on the trainable set. Shapes: B images, T = 1 + patches tokens, D width, F MLP width,
+//! H heads of hd, V classes, BT = B·T rows of the residual stream.
+//!
+//! The branches of a method (LoRA, the kernelized sparse branches) never keep M or M_s between forward
+//! and backward: each Linear builds its merged weight W0 + M_sᵀ in scratch, uses it, and the backward
+//! rebuilds it. Scratch is shared between layers through scopes of the plan (see `runtime::plan`).
+use std::collections::HashMap;
+
+use crate::error::{Error, Result};
+use crate::model::config::{Position, ViTConfig};
+use crate::ops::adamw::{adamw, AdamWStep};
+use crate::ops::add::{add_bias, axpy, bias_backward, mul_cols, mul_cols_backward_gamma, scale_copy};
+use crate::ops::attention::{attention_backward, attention_forward, permute_heads, AttentionBuffers, Heads};
+use crate::ops::compete::{add_transposed, sparsify_backward, sparsify_forward, CompeteScratch};
+use crate::ops::embed::{cls_gather, cls_scatter, embed_backward, embed_forward, patchify, PatchGeom};
+use crate::ops::gelu::{gelu_backward, gelu_forward};
+use crate::ops::kmerge::{merge_backward, merge_forward, Factors, KernelKind, MergeScratch};
+use crate::ops::layernorm::{layernorm_backward, layernorm_forward};
+use crate::ops::loss::cross_entropy;
+use crate::ops::mask::mask_grad;
+use crate::ops::matmul::{matmul, Matmul};
+use crate::peft::{decays, Method};
+use crate::runtime::{Backend, DType, Plan, Pool, Runtime, Tensor};
+
+/// A parameter: its value, and for trainable ones the gradient and AdamW moments.
+#[derive(Clone, Copy, Debug)]
+pub struct Param {
+    pub value: Tensor,
+    pub grad: Option<Tensor>,
+    pub m: Option<Tensor>,
+    pub v: Option<Tensor>,
+    pub decay: bool,
+    /// GPS: the fixed update mask (u8, same shape) of a block Linear weight.
+    pub mask: Option<Tensor>,
+}
+
+/// Every parameter by name, in plan order.
+#[derive(Default)]
+pub struct Params {
+    pub names: Vec<String>,
+    pub list: Vec<Param>,
+    index: HashMap<String, usize>,
+}
+
+impl Params {
+    fn add(&mut self, plan: &mut Plan, name: &str, shape: &[usize], trainable: bool) -> Param {
+        let p = if trainable {
+            Param {
+                value: plan.f32(name, shape, Pool::Trainable),
+                grad: Some(plan.f32(format!("grad.{name}"), shape, Pool::Grads)),
+                m: Some(plan.f32(format!("adamw.m.{name}"), shape, Pool::Optimizer)),
+                v: Some(plan.f32(format!("adamw.v.{name}"), shape, Pool::Optimizer)),
+                decay: decays(name, shape),
+                mask: None,
+            }
+        } else {
+            Param { value: plan.f32(name, shape, Pool::Frozen), grad: None, m: None, v: None, decay: false, mask: None }
+        };
+        self.index.insert(name.to_string(), self.list.len());
+        self.names.push(name.to_string());
+        self.list.push(p);
+        p
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Param> {
+        self.index.get(name).map(|&i| &self.list[i])
+    }
+
+    /// (name, param) of the trainable set.
+    pub fn trainable(&self) -> impl Iterator<Item = (&str, &Param)> {
+        self.names.iter().map(String::as_str).zip(&self.list).filter(|(_, p)| p.grad.is_some())
+    }
+}
+
+/// The trainable tensors of one branch.
+#[derive(Clone, Copy, Debug)]
+pub enum BranchParams {
+    /// W = W0 + B·A: A (r, in), B (out, r).
+    Lora { a: Param, b: Param, r: usize },
+    /// M from In_Qs (2, in, r/2), Out_Qs (2, out, r/2) and optionally α, γ, β; `ema` holds the allocator's
+    /// importance and uncertainty EMAs of In_Qs and Out_Qs (same shapes) when the allocator runs.
+    Kernel { a: Param, b: Param, mix: Option<[Param; 3]>, kind: KernelKind, sparse: bool, d: usize, ema: Option<[Tensor; 4]> },
+}
+
+/// The branch on one Linear (q, k and v have one each on the fused qkv Linear).
+#[derive(Clone, Debug)]
+pub struct Branch {
+    pub prefix: String,
+    pub block: usize,
+    pub pos: Position,
+    /// Index among all branches (module order); indexes `Model::sparsity` and the threshold table.
+    pub id: usize,
+    /// First output row of the Linear's weight that this branch adapts (q: 0, k: D, v: 2D).
+    pub row0: usize,
+    pub n_in: usize,
+    pub n_out: usize,
+    pub params: BranchParams,
+}
+
+/// Scratch of the branches of one Linear shape; the scopes of the three shapes alias each other.
+pub struct BranchScratch {
+    /// The merged weight W0 + M_sᵀ of the whole Linear (out_total, in).
+    pub w: Tensor,
+    /// M and M_s (in, out) of one branch.
+    pub m: Tensor,
+    pub ms: Tensor,
+    /// ∂L/∂M_s (in, out), then ∂L/∂M in place; for LoRA ∂L/∂W (out, in).
+    pub dms: Tensor,
+    pub merge: Option<MergeScratch>,
+    pub compete: Option<CompeteScratch>,
+}
+
+/// A block Linear: y = x·Wᵀ + b (+ branches).  w: (out, in)  b: (out)
+pub struct Linear {
+    pub w: Param,
+    pub b: Param,
+    pub n_in: usize,
+    pub n_out: usize,
+    pub branches: Vec<Branch>,
+    /// Which `Layout::branch_scratch` entry serves this Linear.
+    pub scratch: usize,
+}
+
+/// What the backward needs from one block's forward.
+pub struct BlockActs {
+    /// LayerNorm 1 output and statistics.                (BT, D), (BT), (BT)
+    pub ln1: Tensor,
+    pub ln1_mean: Tensor,
+    pub ln1_rstd: Tensor,
+    /// Fused q|k|v projection.                            (BT, 3D)
+    pub qkv: Tensor,
+    /// Attention probabilities.                           (B, H, T, T)
+    pub probs: Tensor,
+    /// Merged heads (input of proj).                      (BT, D)
+    pub attn: Tensor,
+    /// Residual stream after attention.                   (BT, D)
+    pub x_mid: Tensor,
+    pub ln2: Tensor,
+    pub ln2_mean: Tensor,
+    pub ln2_rstd: Tensor,
+    /// fc1 output before GELU, and after.                  (BT, F), (BT, F)
+    pub fc1: Tensor,
+    pub gelu: Tensor,
+    /// Outputs of proj and fc2 before LayerScale, kept only when γ trains.   (BT, D)
+    pub proj_out: Option<Tensor>,
+    pub fc2_out: Option<Tensor>,
+}
+
+pub struct Block {
+    pub norm1: (Param, Param),
+    pub qkv: Linear,
+    pub proj: Linear,
+    pub ls1: Option<Param>,
+    pub norm2: (Param, Param),
+    pub fc1: Linear,
+    pub fc2: Linear,
+    pub ls2: Option<Param>,
+    pub acts: BlockActs,
+}
+
+/// Buffers reused by every layer (persistent scratch, scope 0).
+pub struct Work {
+    /// ∂L/∂ residual stream, running from the head down.  (BT, D)
+    pub dres: Tensor,
+    /// A Linear output or its gradient.                    (BT, D)
+    pub dy: Tensor,
+    /// Input gradient of a Linear.                          (BT, D)
+    pub dh: Tensor,
+    pub dqkv: Tensor,
+    /// (BT, F): ∂L/∂(GELU output), then ∂L/∂(fc1 output) in place.
+    pub du: Tensor,
+    /// Head-major q, k, v and attention output.             (B, H, T, hd) each
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub o: Tensor,
+    pub dscores: Tensor,
+    pub dtmp: Tensor,
+    /// Head: final-norm cls rows, gradients.                (B, D), (B, V)
+    pub dfeat: Tensor,
+    pub dcls: Tensor,
+    pub dlogits: Tensor,
+}
+
+impl Work {
+    /// The attention buffers of one layer: the shared head-major scratch and that layer's probabilities.
+    fn attention(&self, probs: Tensor) -> AttentionBuffers {
+        AttentionBuffers { q: self.q, k: self.k, v: self.v, o: self.o, probs }
+    }
+}
+
+/// Every tensor handle of a planned model.
+pub struct Layout {
+    pub params: Params,
+    pub blocks: Vec<Block>,
+    pub branch_scratch: Vec<BranchScratch>,
+    pub work: Work,
+    /// Images (B, C, H, W), labels (B) i32, per-sample losses (B), logits (B, V).
+    pub images: Tensor,
+    pub labels: Tensor,
+    pub losses: Tensor,
+    pub logits: Tensor,
+    /// Patches (B·Np, C·P·P): an activation when the patch embedding trains, scratch otherwise.
+    pub patches: Tensor,
+    /// Residual stream entering each block and after the last: (L+1) × (BT, D).
+    pub resid: Vec<Tensor>,
+    /// Final norm: cls rows in, normalised out, statistics.  (B, D), (B, D), (B), (B)
+    pub cls_in: Tensor,
+    pub feats: Tensor,
+    pub lnf_mean: Tensor,
+    pub lnf_rstd: Tensor,
+    /// Threshold t of every sparse branch from the last forward.   (branches)
+    pub thresholds: Tensor,
+    pub branches: Vec<Branch>,
+}
+
+/// Plans every tensor of a training step of `cfg` under `method` at batch `b`.
+pub fn plan_model(cfg: &ViTConfig, method: &Method, b: usize) -> Result<(Plan, Layout)> {
+    cfg.validate()?;
+    if b == 0 {
+        return Err(Error::invalid("batch", "must be at least 1"));
+    }
+    let (d, f, h, t, v) = (cfg.embed_dim, cfg.mlp_hidden, cfg.num_heads, cfg.tokens(), cfg.num_classes);
+    let bt = b * t;
+    let np = cfg.num_patches();
+    let full = method.trains_backbone();
+    let mut plan = Plan::new();
+    let mut params = Params::default();
+
+    // Persistent scratch first (scope 0): cuBLAS workspace and the per-layer gradient buffers.
+    plan.add_cublas_workspace();
+    let s = Pool::Scratch;
+    let work = Work {
+        dres: plan.f32("work.dres", &[bt, d], s),
+        dy: plan.f32("work.dy", &[bt, d], s),
+        dh: plan.f32("work.dh", &[bt, d], s),
+        dqkv: plan.f32("work.dqkv", &[bt, 3 * d], s),
+        du: plan.f32("work.du", &[bt, f], s),
+        q: plan.f32("work.attn.q", &[b, h, t, cfg.head_dim()], s),
+        k: plan.f32("work.attn.k", &[b, h, t, cfg.head_dim()], s),
+        v: plan.f32("work.attn.v", &[b, h, t, cfg.head_dim()], s),
+        o: plan.f32("work.attn.o", &[b, h, t, cfg.head_dim()], s),
+        dscores: plan.f32("work.attn.dscores", &[b, h, t, t], s),
+        dtmp: plan.f32("work.attn.dtmp", &[b, h, t, cfg.head_dim()], s),
+        dfeat: plan.f32("work.dfeat", &[b, d], s),
+        dcls: plan.f32("work.dcls", &[b, d], s),
+        dlogits: plan.f32("work.dlogits", &[b, v], s),
+    };
+    let patches = plan.f32("act.patches", &[b * np, cfg.patch_dim()], if full { Pool::Activations } else { s });
+
+    // Parameters, in timm order.
+    let trainable = |name: &str| full || matches!(name, "cls_token" | "head.weight" | "head.bias");
+    let shapes = cfg.param_shapes();
+    let mut by_name: HashMap<String, Param> = HashMap::new();
+    for (name, shape) in &shapes {
+        let p = params.add(&mut plan, name, shape, trainable(name));
+        by_name.insert(name.clone(), p);
+    }
+    if let Method::Gps { .. } = method {
+        for (name, shape) in &shapes {
+            if name.starts_with("blocks.") && name.ends_with("weight") && shape.len() == 2 {
+                let i = params.index[name.as_str()];
+                params.list[i].mask = Some(plan.add(format!("gps.mask.{name}"), shape, DType::U8, Pool::Optimizer));
+                params.list[i].decay = false; // the official GPS groups do not decay the masked weights
+            }
+        }
+    }
+
+    // Branch parameters, in the official module order (q, k, v, proj, fc1, fc2 per block).
+    let mut branches = Vec::new();
+    if method.has_branches() {
+        for blk in 0..cfg.depth {
+            for pos in Position::ALL {
+                let (n_in, n_out) = cfg.linear_shape(pos);
+                let prefix = pos.branch_prefix(blk);
+                let row0 = match pos {
+                    Position::K => d,
+                    Position::V => 2 * d,
+                    _ => 0,
+                };
+                let bp = match method {
+                    Method::Lora { r } => BranchParams::Lora {
+                        a: params.add(&mut plan, &format!("{prefix}.A"), &[*r, n_in], true),
+                        b: params.add(&mut plan, &format!("{prefix}.B"), &[n_out, *r], true),
+                        r: *r,
+                    },
+                    Method::Kernel(k) => {
+                        let hd = k.r / 2;
+                        let a = params.add(&mut plan, &format!("{prefix}.In_Qs"), &[2, n_in, hd], true);
+                        let bb = params.add(&mut plan, &format!("{prefix}.Out_Qs"), &[2, n_out, hd], true);
+                        let mix = k.mixture.then(|| {
+                            ["alpha", "gamma", "beta"].map(|leaf| params.add(&mut plan, &format!("{prefix}.{leaf}"), &[1], true))
+                        });
+                        let ema = (k.sparse && k.allocator).then(|| {
+                            let o = Pool::Optimizer;
+                            [
+                                plan.f32(format!("alloc.ipt.{prefix}.In_Qs"), &[2, n_in, hd], o),
+                                plan.f32(format!("alloc.unc.{prefix}.In_Qs"), &[2, n_in, hd], o),
+                                plan.f32(format!("alloc.ipt.{prefix}.Out_Qs"), &[2, n_out, hd], o),
+                                plan.f32(format!("alloc.unc.{prefix}.Out_Qs"), &[2, n_out, hd], o),
+                            ]
+                        });
+                        BranchParams::Kernel { a, b: bb, mix, kind: k.kernel, sparse: k.sparse, d: hd, ema }
+                    }
+                    _ => unreachable!(),
+                };
+                let id = branches.len();
+                branches.push(Branch { prefix, block: blk, pos, id, row0, n_in, n_out, params: bp });
+            }
+        }
+    }
+
+    // Branch scratch: one scope per Linear shape, aliasing each other (one Linear runs at a time).
+    let mut branch_scratch = Vec::new();
+    let shape_scopes: [(&str, usize, usize, usize); 3] = [("attn", d, d, 3 * d), ("fc1", d, f, f), ("fc2", f, d, d)];
+    if method.has_branches() {
+        for (tag, n_in, n_out, w_out) in shape_scopes {
+            plan.scope();
+            let pre = format!("branch.scratch.{tag}");
+            let (merge, compete) = match method {
+                Method::Kernel(k) => (
+                    Some(MergeScratch::plan(&mut plan, &pre, n_in, n_out, k.r / 2)),
+                    k.sparse.then(|| CompeteScratch::plan(&mut plan, &pre, n_in * n_out)),
+                ),
+                _ => (None, None),
+            };
+            branch_scratch.push(BranchScratch {
+                w: plan.f32(format!("{pre}.W"), &[w_out, n_in], s),
+                m: plan.f32(format!("{pre}.M"), &[n_in, n_out], s),
+                ms: plan.f32(format!("{pre}.M_s"), &[n_in, n_out], s),
+                dms: plan.f32(format!("{pre}.dM_s"), &[n_in, n_out], s),
+                merge,
+                compete,
+            });
+        }
+    }
+
+    // Activations.
+    let a = Pool::Activations;
+    let images = plan.f32("input.images", &[b, cfg.in_chans, cfg.img_size.0, cfg.img_size.1], a);
+    let labels = plan.add("input.labels", &[b], DType::I32, a);
+    let mut resid = vec![plan.f32("act.resid.0", &[bt, d], a)];
+    let ls_trains = cfg.layer_scale && full;
+    let mut blocks = Vec::new();
+    for l in 0..cfg.depth {
+        let p = |n: &str| by_name[&format!("blocks.{l}.{n}")];
+        let bl = |pos: Position| branches.iter().filter(|br| br.block == l && br.pos == pos).cloned().collect::<Vec<_>>();
+        let lin = |w: &str, bias: &str, n_in: usize, n_out: usize, br: Vec<Branch>, scratch: usize| Linear {
+            w: p(w),
+            b: p(bias),
+            n_in,
+            n_out,
+            branches: br,
+            scratch,
+        };
+        let mut qkv_br = bl(Position::Q);
+        qkv_br.extend(bl(Position::K));
+        qkv_br.extend(bl(Position::V));
+        let pre = format!("act.blocks.{l}");
+        let acts = BlockActs {
+            ln1: plan.f32(format!("{pre}.ln1"), &[bt, d], a),
+            ln1_mean: plan.f32(format!("{pre}.ln1_mean"), &[bt], a),
+            ln1_rstd: plan.f32(format!("{pre}.ln1_rstd"), &[bt], a),
+            qkv: plan.f32(format!("{pre}.qkv"), &[bt, 3 * d], a),
+            probs: plan.f32(format!("{pre}.probs"), &[b, h, t, t], a),
+            attn: plan.f32(format!("{pre}.attn"), &[bt, d], a),
+            x_mid: plan.f32(format!("{pre}.x_mid"), &[bt, d], a),
+            ln2: plan.f32(format!("{pre}.ln2"), &[bt, d], a),
+            ln2_mean: plan.f32(format!("{pre}.ln2_mean"), &[bt], a),
+            ln2_rstd: plan.f32(format!("{pre}.ln2_rstd"), &[bt], a),
+            fc1: plan.f32(format!("{pre}.fc1"), &[bt, f], a),
+            gelu: plan.f32(format!("{pre}.gelu"), &[bt, f], a),
+            proj_out: ls_trains.then(|| plan.f32(format!("{pre}.proj_out"), &[bt, d], a)),
+            fc2_out: ls_trains.then(|| plan.f32(format!("{pre}.fc2_out"), &[bt, d], a)),
+        };
+        blocks.push(Block {
+            norm1: (p("norm1.weight"), p("norm1.bias")),
+            qkv: lin("attn.qkv.weight", "attn.qkv.bias", d, 3 * d, qkv_br, 0),
+            proj: lin("attn.proj.weight", "attn.proj.bias", d, d, bl(Position::Proj), 0),
+            ls1: cfg.layer_scale.then(|| p("ls1.gamma")),
+            norm2: (p("norm2.weight"), p("norm2.bias")),
+            fc1: lin("mlp.fc1.weight", "mlp.fc1.bias", d, f, bl(Position::Fc1), 1),
+            fc2: lin("mlp.fc2.weight", "mlp.fc2.bias", f, d, bl(Position::Fc2), 2),
+            ls2: cfg.layer_scale.then(|| p("ls2.gamma")),
+            acts,
+        });
+        resid.push(plan.f32(format!("act.resid.{}", l + 1), &[bt, d], a));
+    }
+    let cls_in = plan.f32("act.head.cls_in", &[b, d], a);
+    let feats = plan.f32("act.head.feats", &[b, d], a);
+    let lnf_mean = plan.f32("act.head.lnf_mean", &[b], a);
+    let lnf_rstd = plan.f32("act.head.lnf_rstd", &[b], a);
+    let logits = plan.f32("act.head.logits", &[b, v], a);
+    let losses = plan.f32("act.head.losses", &[b], a);
+    let thresholds = plan.f32("act.branch.thresholds", &[branches.len().max(1)], a);
+    let layout = Layout {
+        params,
+        blocks,
+        branch_scratch,
+        work,
+        images,
+        labels,
+        losses,
+        logits,
+        patches,
+        resid,
+        cls_in,
+        feats,
+        lnf_mean,
+        lnf_rstd,
+        thresholds,
+        branches,
+    };
+    Ok((plan, layout))
+}
+
+/// A ViT with its method, planned for a batch size and allocated on a device.
+pub struct Model {
+    pub cfg: ViTConfig,
+    pub method: Method,
+    /// Planned batch size; a step may use fewer images.
+    pub batch: usize,
+    pub rt: Runtime,
+    pub layout: Layout,
+    /// Fraction of entries zeroed per branch (sparse kernel methods), indexed by `Branch::id`.
+    pub sparsity: Vec<f32>,
+    /// AdamW step count (1-based after the first step).
+    pub step: u64,
+    /// Images in the last forward.
+    last_b: usize,
+}
+
+impl Model {
+    /// Plans and allocates the model; parameters start at zero (load or initialise them next).
+    pub fn new(backend: Backend, cfg: &ViTConfig, method: Method, batch: usize) -> Result<Model> {
+        let (plan, layout) = plan_model(cfg, &method, batch)?;
+        let rt = match Runtime::new(backend, plan) {
+            Err(Error::OutOfMemory { need_mib, free_mib, .. }) => {
+                let max_batch = (1..batch)
+                    .rev()
+                    .find(|&bb| plan_model(cfg, &method, bb).map(|(p, _)| crate::runtime::mib(p.total_bytes()) + 12.0 < free_mib).unwrap_or(false))
+                    .unwrap_or(0);
+                return Err(Error::OutOfMemory { need_mib, free_mib, max_batch });
+            }
+            r => r?,
+        };
+        let sparsity = match &method {
+            Method::Kernel(k) if k.sparse => vec![k.sparsity; layout.branches.len()],
+            _ => vec![0.0; layout.branches.len()],
+        };
+        Ok(Model { cfg: cfg.clone(), method, batch, rt, layout, sparsity, step: 0, last_b: 0 })
+    }
+
+    /// Sets a parameter (or a branch parameter) by name.
+    pub fn set_param(&self, name: &str, data: &[f32]) -> Result<()> {
+        let p = self.param(name)?;
+        self.rt.upload(p.value, data)
+    }
+
+    pub fn param(&self, name: &str) -> Result<&Param> {
+        self.layout.params.get(name).ok_or_else(|| Error::invalid("parameter", format!("the model has no parameter '{name}'")))
+    }
+
+    pub fn get_param(&self, name: &str) -> Result<Vec<f32>> {
+        self.rt.download(self.param(name)?.value)
+    }
+
+    pub fn get_grad(&self, name: &str) -> Result<Vec<f32>> {
+        let p = self.param(name)?;
+        let g = p.grad.ok_or_else(|| Error::invalid("parameter", format!("'{name}' is frozen and has no gradient")))?;
+        self.rt.download(g)
+    }
+
+    /// Sets the GPS update mask of a weight (1 = updated).
+    pub fn set_gps_mask(&self, name: &str, mask: &[u8]) -> Result<()> {
+        let p = self.param(name)?;
+        let m = p.mask.ok_or_else(|| Error::invalid("parameter", format!("'{name}' has no GPS mask")))?;
+        if mask.len() != m.numel {
+            return Err(Error::invalid("gps mask", format!("{} values for {name} of {} elements", mask.len(), m.numel)));
+        }
+        match &self.rt.backend {
+            Backend::Cpu => self.rt.u8_mut(m).copy_from_slice(mask),
+            Backend::Cuda(c) => c.upload(self.rt.ptr(m), mask)?,
+        }
+        Ok(())
+    }
+
+    /// Uploads a batch of `b <= batch` images (b, C, H, W) and labels.
+    pub fn set_batch(&mut self, images: &[f32], labels: &[i32]) -> Result<usize> {
+        let per = self.cfg.in_chans * self.cfg.img_size.0 * self.cfg.img_size.1;
+        let b = labels.len();
+        if b == 0 || b > self.batch || images.len() != b * per {
+            return Err(Error::invalid(
+                "batch",
+                format!("{} labels and {} image values for a model planned for batch {} of {} values per image", b, images.len(), self.batch, per),
+            ));
+        }
+        if let Some(&bad) = labels.iter().find(|&&y| y < 0 || y as usize >= self.cfg.num_classes) {
+            return Err(Error::invalid("labels", format!("label {bad} is outside 0..{}", self.cfg.num_classes)));
+        }
+        self.rt.upload(self.layout.images.slice(0, b * per), images)?;
+        self.rt.upload_i32(self.layout.labels.slice(0, b), labels)?;
+        self.last_b = b;
+        Ok(b)
+    }
+
+    /// Forward pass over the uploaded batch: returns the mean cross-entropy, keeps what the backward needs.
+    pub fn forward(&mut self) -> Result<f32> {
+        let b = self.require_batch()?;
+        self.forward_logits(b)?;
+        let lo = &self.layout;
+        cross_entropy(&self.rt, lo.losses.slice(0, b), Some(lo.work.dlogits.slice(0, b * self.cfg.num_classes)), lo.logits.slice(0, b * self.cfg.num_classes), lo.labels.slice(0, b), self.cfg.num_classes)?;
+        let losses = self.rt.download(lo.losses.slice(0, b))?;
+        Ok(losses.iter().sum::<f32>() / b as f32)
+    }
+
+    /// Logits (b, V) of the last forward.
+    pub fn logits(&self) -> Result<Vec<f32>> {
+        self.rt.download(self.layout.logits.slice(0, self.last_b * self.cfg.num_classes))
+    }
+
+    fn require_batch(&self) -> Result<usize> {
+        if self.last_b == 0 {
+            return Err(Error::invalid("batch", "no batch uploaded (call set_batch first)"));
+        }
+        Ok(self.last_b)
+    }
+
+    fn forward_logits(&mut self, b: usize) -> Result<()> {
+        let (rt, lo, cfg) = (&self.rt, &self.layout, &self.cfg);
+        let (d, t, v) = (cfg.embed_dim, cfg.tokens(), cfg.num_classes);
+        let bt = b * t;
+        let np = cfg.num_patches();
+        let pget = |n: &str| lo.params.get(n).unwrap().value;
+        // Patch embedding: patchify + GEMM + bias, then cls token and position table.
+        let g = PatchGeom { b, c: cfg.in_chans, h: cfg.img_size.0, w: cfg.img_size.1, p: cfg.patch_size };
+        patchify(rt, lo.patches, lo.images, g)?;
+        // The patch projection (B·Np, D) goes through work.dy, free until block 0's proj.
+        let pout = lo.work.dy.slice(0, b * np * d);
+        matmul(rt, pout, lo.patches, pget("patch_embed.proj.weight"), Matmul::new(b * np, d, cfg.patch_dim(), false, true))?;
+        add_bias(rt, pout, pget("patch_embed.proj.bias"))?;
+        embed_forward(rt, lo.resid[0], pout, pget("cls_token"), pget("pos_embed"), b, t, d)?;
+
+        let heads = Heads { b, n: t, h: cfg.num_heads, hd: cfg.head_dim() };
+        for (l, blk) in lo.blocks.iter().enumerate() {
+            let (x, xo, ac) = (lo.resid[l].slice(0, bt * d), lo.resid[l + 1].slice(0, bt * d), &blk.acts);
+            let sl = |t: Tensor, w: usize| t.slice(0, bt * w);
+            layernorm_forward(rt, sl(ac.ln1, d), ac.ln1_mean, ac.ln1_rstd, x, blk.norm1.0.value, blk.norm1.1.value, d, cfg.eps)?;
+            self.linear_forward(&blk.qkv, sl(ac.qkv, 3 * d), sl(ac.ln1, d), bt)?;
+            let buf = lo.work.attention(ac.probs.slice(0, b * cfg.num_heads * t * t));
+            attention_forward(rt, sl(ac.attn, d), sl(ac.qkv, 3 * d), &buf, heads)?;
+            let y = ac.proj_out.map(|t| sl(t, d)).unwrap_or(sl(lo.work.dy, d));
+            self.linear_forward(&blk.proj, y, sl(ac.attn, d), bt)?;
+            residual(rt, sl(ac.x_mid, d), x, y, blk.ls1)?;
+            layernorm_forward(rt, sl(ac.ln2, d), ac.ln2_mean, ac.ln2_rstd, sl(ac.x_mid, d), blk.norm2.0.value, blk.norm2.1.value, d, cfg.eps)?;
+            self.linear_forward(&blk.fc1, sl(ac.fc1, cfg.mlp_hidden), sl(ac.ln2, d), bt)?;
+            gelu_forward(rt, sl(ac.gelu, cfg.mlp_hidden), sl(ac.fc1, cfg.mlp_hidden))?;
+            let y = ac.fc2_out.map(|t| sl(t, d)).unwrap_or(sl(lo.work.dy, d));
+            self.linear_forward(&blk.fc2, y, sl(ac.gelu, cfg.mlp_hidden), bt)?;
+            residual(rt, xo, sl(ac.x_mid, d), y, blk.ls2)?;
+        }
+        // Only the cls rows reach the loss: the final norm runs on them alone (LayerNorm is per row).
+        let (cls_in, feats) = (lo.cls_in.slice(0, b * d), lo.feats.slice(0, b * d));
+        cls_gather(rt, cls_in, lo.resid[cfg.depth], b, t, d)?;
+        layernorm_forward(rt, feats, lo.lnf_mean, lo.lnf_rstd, cls_in, pget("norm.weight"), pget("norm.bias"), d, cfg.eps)?;
+        let logits = lo.logits.slice(0, b * v);
+        matmul(rt, logits, feats, pget("head.weight"), Matmul::new(b, v, d, false, true))?;
+        add_bias(rt, logits, pget("head.bias"))
+    }
+
+    /// y = x·Wᵀ + b with W = W0 + (branches merged in).        y: (rows, out)  x: (rows, in)
+    fn linear_forward(&self, lin: &Linear, y: Tensor, x: Tensor, rows: usize) -> Result<()> {
+        let rt = &self.rt;
+        let w = if lin.branches.is_empty() { lin.w.value } else { self.build_merged_weight(lin, None)? };
+        matmul(rt, y, x, w, Matmul::new(rows, lin.n_out, lin.n_in, false, true))?;
+        add_bias(rt, y, lin.b.value)
+    }
+
+    /// Builds W0 + Σ branches into the Linear's scratch W. With `grad = Some((x, dy, rows))` it also runs
+    /// each branch's parameter backward right after rebuilding its M (so M is built once per pass).
+    fn build_merged_weight(&self, lin: &Linear, grad: Option<(Tensor, Tensor, usize)>) -> Result<Tensor> {
+        let rt = &self.rt;
+        let sc = &self.layout.branch_scratch[lin.scratch];
+        let w = sc.w.slice(0, lin.n_out * lin.n_in);
+        for br in &lin.branches {
+            let (n_in, n_out) = (br.n_in, br.n_out);
+            let dst = w.slice(br.row0 * n_in, n_out * n_in);
+            let w0 = lin.w.value.slice(br.row0 * n_in, n_out * n_in);
+            let dy = grad.map(|(_, dy, _)| dy.slice(br.row0, dy.numel - br.row0));
+            match br.params {
+                BranchParams::Lora { a, b, r } => {
+                    // W = W0 + B·A                                    (out, in)
+                    scale_copy(rt, dst, w0, 1.0)?;
+                    matmul(rt, dst, b.value, a.value, Matmul::new(n_out, n_in, r, false, false).accumulate())?;
+                    if let Some((x, _, rows)) = grad {
+                        // ∂L/∂W = dyᵀ·x (out, in); ∂L/∂B += ∂W·Aᵀ; ∂L/∂A += Bᵀ·∂W
+                        let dw = sc.dms.slice(0, n_out * n_in);
+                        matmul(rt, dw, dy.unwrap(), x, Matmul::new(n_out, n_in, rows, true, false).ld(lin.n_out, 0, 0))?;
+                        matmul(rt, b.grad.unwrap(), dw, a.value, Matmul::new(n_out, r, n_in, false, true).accumulate())?;
+                        matmul(rt, a.grad.unwrap(), b.value, dw, Matmul::new(r, n_in, n_out, true, false).accumulate())?;
+                    }
+                }
+                BranchParams::Kernel { a, b, mix, kind, sparse, d, .. } => {
+                    let f = Factors { a: a.value, b: b.value, mix: mix.map(|m| m.map(|p| p.value)), n_in, n_out, d };
+                    let m = sc.m.slice(0, n_in * n_out);
+                    let ms = sc.ms.slice(0, n_in * n_out);
+                    let merge = sc.merge.as_ref().expect("kernel branch scratch");
+                    merge_forward(rt, m, &f, kind, merge)?;
+                    let t = self.layout.thresholds.slice(br.id, 1);
+                    let applied = if sparse {
+                        sparsify_forward(rt, ms, t, m, self.sparsity[br.id], sc.compete.as_ref().expect("compete scratch"))?;
+                        ms
+                    } else {
+                        m
+                    };
+                    add_transposed(rt, dst, w0, applied, n_in, n_out)?;
+                    if let Some((x, _, rows)) = grad {
+                        // ∂L/∂M_s = xᵀ·dy (in, out), then ∂L/∂M = ∂L/∂M_s·|M|·mask in place, then the factors.
+                        let dms = sc.dms.slice(0, n_in * n_out);
+                        matmul(rt, dms, x, dy.unwrap(), Matmul::new(n_in, n_out, rows, true, false).ld(0, lin.n_out, 0))?;
+                        if sparse {
+                            sparsify_backward(rt, dms, dms, m, t)?;
+                        }
+                        let dmix = mix.map(|m| m.map(|p| p.grad.unwrap()));
+                        merge_backward(rt, a.grad.unwrap(), b.grad.unwrap(), dmix, dms, &f, kind, merge)?;
+                    }
+                }
+            }
+        }
+        Ok(w)
+    }
+
+    /// Backward of a Linear: dx = dy·W (overwrites dx), weight/bias/branch gradients accumulated.
+    /// dy: (rows, out)  x: (rows, in)  dx: (rows, in)
+    fn linear_backward(&self, lin: &Linear, dx: Tensor, dy: Tensor, x: Tensor, rows: usize) -> Result<()> {
+        let rt = &self.rt;
+        let w = if lin.branches.is_empty() { lin.w.value } else { self.build_merged_weight(lin, Some((x, dy, rows)))? };
+        if let Some(gw) = lin.w.grad {
+            matmul(rt, gw, dy, x, Matmul::new(lin.n_out, lin.n_in, rows, true, false).accumulate())?;
+        }
+        if let Some(gb) = lin.b.grad {
+            bias_backward(rt, gb, dy)?;
+        }
+        matmul(rt, dx, dy, w, Matmul::new(rows, lin.n_in, lin.n_out, false, false))
+    }
+
+    /// Backward pass of the last forward: gradients of the trainable set (zeroed first).
+    pub fn backward(&mut self) -> Result<()> {
+        let b = self.require_batch()?;
+        let (rt, lo, cfg) = (&self.rt, &self.layout, &self.cfg);
+        let (d, t, v, fh) = (cfg.embed_dim, cfg.tokens(), cfg.num_classes, cfg.mlp_hidden);
+        let bt = b * t;
+        let np = cfg.num_patches();
+        rt.zero_pool(Pool::Grads)?;
+        let p = |n: &str| *lo.params.get(n).unwrap();
+        let w = &lo.work;
+        let sl = |t: Tensor, width: usize| t.slice(0, bt * width);
+
+        // Head: logits = feats·Whᵀ + bh.
+        let (head_w, head_b) = (p("head.weight"), p("head.bias"));
+        let dlogits = w.dlogits.slice(0, b * v);
+        let feats = lo.feats.slice(0, b * d);
+        if let Some(g) = head_w.grad {
+            matmul(rt, g, dlogits, feats, Matmul::new(v, d, b, true, false).accumulate())?;
+        }
+        if let Some(g) = head_b.grad {
+            bias_backward(rt, g, dlogits)?;
+        }
+        let dfeat = w.dfeat.slice(0, b * d);
+        matmul(rt, dfeat, dlogits, head_w.value, Matmul::new(b, d, v, false, false))?;
+        // Final norm on the cls rows, then scatter into the residual gradient (zero for the other rows).
+        let dcls = w.dcls.slice(0, b * d);
+        rt.zero(dcls)?;
+        let (nw, nb) = (p("norm.weight"), p("norm.bias"));
+        layernorm_backward(rt, dcls, nw.grad, nb.grad, dfeat, lo.cls_in.slice(0, b * d), nw.value, lo.lnf_mean, lo.lnf_rstd, d)?;
+        let dres = sl(w.dres, d);
+        cls_scatter(rt, dres, dcls, b, t, d)?;
+
+        let heads = Heads { b, n: t, h: cfg.num_heads, hd: cfg.head_dim() };
+        for (l, blk) in lo.blocks.iter().enumerate().rev() {
+            let ac = &blk.acts;
+            // MLP: x_out = x_mid + ls2 ⊙ fc2(GELU(fc1(LN2(x_mid)))).
+            let dy = layer_scale_backward(rt, sl(w.dy, d), dres, blk.ls2, ac.fc2_out.map(|t| sl(t, d)))?;
+            let du = sl(w.du, fh);
+            self.linear_backward(&blk.fc2, du, dy, sl(ac.gelu, fh), bt)?;
+            gelu_backward(rt, du, sl(ac.fc1, fh), du)?;
+            let dh = sl(w.dh, d);
+            self.linear_backward(&blk.fc1, dh, du, sl(ac.ln2, d), bt)?;
+            layernorm_backward(rt, dres, blk.norm2.0.grad, blk.norm2.1.grad, dh, sl(ac.x_mid, d), blk.norm2.0.value, ac.ln2_mean, ac.ln2_rstd, d)?;
+            // Attention: x_mid = x_in + ls1 ⊙ proj(attn(qkv(LN1(x_in)))).
+            let dy = layer_scale_backward(rt, sl(w.dy, d), dres, blk.ls1, ac.proj_out.map(|t| sl(t, d)))?;
+            self.linear_backward(&blk.proj, dh, dy, sl(ac.attn, d), bt)?;
+            let buf = w.attention(ac.probs.slice(0, b * cfg.num_heads * t * t));
+            // The head-major q, k, v of this layer are rebuilt from the saved qkv (scratch held another layer's).
+            let qkv = sl(ac.qkv, 3 * d);
+            permute_heads(rt, buf.q, qkv, heads, 3 * d, true)?;
+            permute_heads(rt, buf.k, qkv.slice(d, qkv.numel - d), heads, 3 * d, true)?;
+            permute_heads(rt, buf.v, qkv.slice(2 * d, qkv.numel - 2 * d), heads, 3 * d, true)?;
+            let dqkv = sl(w.dqkv, 3 * d);
+            attention_backward(rt, dqkv, dh, &buf, w.dscores, w.dtmp, heads)?;
+            self.linear_backward(&blk.qkv, dh, dqkv, sl(ac.ln1, d), bt)?;
+            let x_in = lo.resid[l].slice(0, bt * d);
+            layernorm_backward(rt, dres, blk.norm1.0.grad, blk.norm1.1.grad, dh, x_in, blk.norm1.0.value, ac.ln1_mean, ac.ln1_rstd, d)?;
+        }
+        // Embedding: cls token, position table and (full fine-tuning) the patch projection.
+        let (cls, pos, pw, pb) = (p("cls_token"), p("pos_embed"), p("patch_embed.proj.weight"), p("patch_embed.proj.bias"));
+        // ∂L/∂(patch projection) (B·Np, D) goes through work.dy, free once block 0 is done.
+        let dpatch = pw.grad.map(|_| w.dy.slice(0, b * np * d));
+        embed_backward(rt, cls.grad, pos.grad, dpatch, dres, b, t, d)?;
+        if let (Some(dp), Some(gw)) = (dpatch, pw.grad) {
+            matmul(rt, gw, dp, lo.patches, Matmul::new(d, cfg.patch_dim(), b * np, true, false).accumulate())?;
+        }
+        if let (Some(dp), Some(gb)) = (dpatch, pb.grad) {
+            bias_backward(rt, gb, dp)?;
+        }
+        Ok(())
+    }
+
+    /// One AdamW step on the trainable set (GPS: masked gradients, no decay on the masked weights).
+    pub fn adamw_step(&mut self, lr: f64, weight_decay: f64) -> Result<()> {
+        self.step += 1;
+        for (_, p) in self.layout.params.trainable() {
+            let g = p.grad.unwrap();
+            if let Some(mask) = p.mask {
+                mask_grad(&self.rt, g, mask)?;
+            }
+            let st = AdamWStep { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: if p.decay { weight_decay } else { 0.0 }, t: self.step };
+            adamw(&self.rt, p.value, g, p.m.unwrap(), p.v.unwrap(), st)?;
+        }
+        Ok(())
+    }
+
+    /// Thresholds t of every branch from the last forward (0 for dense branches).
+    pub fn thresholds(&self) -> Result<Vec<f32>> {
+        let n = self.layout.branches.len();
+        Ok(if n == 0 { vec![] } else { self.rt.download(self.layout.thresholds.slice(0, n))? })
+    }
+}
+
+/// out = x + y, or x + y ⊙ γ with LayerScale.                           out, x, y: (BT, D)
+fn residual(rt: &Runtime, out: Tensor, x: Tensor, y: Tensor, ls: Option<Param>) -> Result<()> {
+    scale_copy(rt, out, x, 1.0)?;
+    match ls {
+        Some(g) => mul_cols(rt, out, y, g.value, true),
+        None => axpy(rt, out, y, 1.0),
+    }
+}
+
+/// Gradient into a LayerScale'd branch: dy = dres ⊙ γ (or dres itself); dγ += Σ dres ⊙ y when γ trains.
+fn layer_scale_backward(rt: &Runtime, dy: Tensor, dres: Tensor, ls: Option<Param>, y: Option<Tensor>) -> Result<Tensor> {
+    match ls {
+        None => Ok(dres),
+        Some(g) => {
+            if let (Some(gg), Some(y)) = (g.grad, y) {
+                mul_cols_backward_gamma(rt, gg, dres, y)?;
+            }
+            mul_cols(rt, dy, dres, g.value, false)?;
+            Ok(dy)
+        }
+    }
+}

@@ -1,0 +1,438 @@
+//! Intra-layer magnitude competition (spec c.1–c.3): the threshold t = quantile(|M|, s), the sparsified
+//! update M_s = M ⊙ sg(|M|) ⊙ 1[|M| > t], its backward, and the merged weight W0 + M_sᵀ.
+//! CUDA twin: `cuda/compete.cu`.
+//!
+//! The quantile is torch.quantile (linear interpolation) as the official code ran it (torch ≤ 2.11):
+//! v = sort(|M|) ascending; rank = f32(s)·f32(n−1) computed in **fp32**; lo = trunc(rank), hi = ceil(rank),
+//! w = rank − lo; t = lerp(v[lo], v[hi], w) with torch's lerp (|w| < 0.5: v_lo + w·(v_hi − v_lo), else
+//! v_hi − (v_hi − v_lo)·(1 − w)). A NaN anywhere gives t = NaN (and then nothing is kept). Entries are
+//! kept when |M| > t, strictly: s = 0 still drops the minimum, s = 1 drops everything.
+//!
+//! On CUDA the two order statistics v[lo], v[hi] come from a radix select on the u32 bits of |M|
+//! (non-negative floats order like their bits): 4 passes of 8 bits, each a histogram kernel over M and
+//! a one-block kernel that fixes one digit; t is computed and stored on the device, and the apply
+//! kernel reads it from there: no sort, no allocation, no host round trip.
+use cudarc::driver::LaunchConfig;
+
+use crate::error::Result;
+use crate::runtime::cuda::{grid_1d, KArg};
+use crate::runtime::{Backend, DType, Plan, Pool, Runtime, Tensor};
+
+/// Device workspace of the threshold select of one layer (the CPU uses none). Pool::Scratch, current scope.
+pub struct CompeteScratch {
+    /// Per-rank digit histograms of the current pass.                     (2, 256) u32
+    pub hist: Tensor,
+    /// Key prefixes and remaining ranks of lo and hi, NaN flag.           (8) u32
+    pub state: Tensor,
+    /// Entries of the M this scratch was planned for (an upper bound).
+    pub numel: usize,
+}
+
+impl CompeteScratch {
+    pub fn plan(plan: &mut Plan, prefix: &str, numel: usize) -> CompeteScratch {
+        CompeteScratch {
+            hist: plan.add(format!("{prefix}.compete.hist"), &[2, 256], DType::I32, Pool::Scratch),
+            state: plan.add(format!("{prefix}.compete.state"), &[8], DType::I32, Pool::Scratch),
+            numel,
+        }
+    }
+}
+
+/// rank = s·(n−1) in fp32 and its (lo, hi, w), as torch.quantile with an fp32 input.
+pub fn quantile_rank(n: usize, s: f32) -> (usize, usize, f32) {
+    assert!(n >= 1, "quantile of an empty tensor");
+    assert!((0.0..=1.0).contains(&s), "sparsity ratio {s} outside [0, 1]");
+    assert!(n <= 1 << 24, "quantile: {n} entries exceed torch's 2^24 limit (the fp32 rank would be inexact)");
+    let rank = s * (n - 1) as f32;
+    let lo = rank as usize; // trunc
+    let hi = rank.ceil() as usize;
+    (lo, hi.min(n - 1), rank - lo as f32)
+}
+
+/// torch.lerp(lo, hi, w) on f32 scalars.
+#[inline]
+pub fn lerp(lo: f32, hi: f32, w: f32) -> f32 {
+    if w.abs() < 0.5 {
+        lo + w * (hi - lo)
+    } else {
+        hi - (hi - lo) * (1.0 - w)
+    }
+}
+
+/// t[0] = quantile_linear(|M|, s) with the fp32 rank (spec c.1 / reference quantile_linear), M_s = M * |M| * 1[|M| > t] (strict).
+/// t: (1) stays on the device (no host round trip on CUDA). ms, m: (numel); ms may be m (in place).
+pub fn sparsify_forward(rt: &Runtime, ms: Tensor, t: Tensor, m: Tensor, s: f32, sc: &CompeteScratch) -> Result<()> {
+    let n = m.numel;
+    assert_eq!(ms.numel, n, "sparsify: M_s and M differ in size");
+    assert_eq!(t.numel, 1, "sparsify: t is a 1-element tensor");
+    assert!(n <= sc.numel, "sparsify: scratch planned for {} entries, M has {n}", sc.numel);
+    let (lo, hi, w) = quantile_rank(n, s);
+    match &rt.backend {
+        Backend::Cpu => {
+            let tv = cpu::quantile(rt.f32(m), lo, hi, w);
+            rt.f32_mut(t)[0] = tv;
+            if ms == m {
+                cpu::apply_inplace(rt.f32_mut(ms), tv)
+            } else {
+                cpu::apply(rt.f32_mut(ms), rt.f32(m), tv)
+            }
+        }
+        Backend::Cuda(cu) => {
+            assert!(n < i32::MAX as usize);
+            let (state, hist) = (KArg::Ptr(rt.ptr(sc.state)), KArg::Ptr(rt.ptr(sc.hist)));
+            let one_block =
+                |threads: u32| LaunchConfig { grid_dim: (1, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+            cu.launch(
+                "snella_select_init",
+                one_block(256),
+                &[state, hist, KArg::I32(lo as i32), KArg::I32(hi as i32)],
+            )?;
+            let mut hist_cfg = grid_1d(n, 256);
+            hist_cfg.grid_dim.0 = hist_cfg.grid_dim.0.min(1024);
+            for pass in 0..4 {
+                cu.launch(
+                    "snella_select_histogram",
+                    hist_cfg,
+                    &[KArg::Ptr(rt.ptr(m)), KArg::I64(n as i64), state, hist, KArg::I32(pass)],
+                )?;
+                cu.launch("snella_select_narrow", one_block(256), &[state, hist, KArg::I32(pass)])?;
+            }
+            cu.launch("snella_select_threshold", one_block(32), &[KArg::Ptr(rt.ptr(t)), state, KArg::F32(w)])?;
+            cu.launch(
+                "snella_sparsify_apply",
+                grid_1d(n, 256),
+                &[KArg::Ptr(rt.ptr(ms)), KArg::Ptr(rt.ptr(m)), KArg::Ptr(rt.ptr(t)), KArg::I64(n as i64)],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// dm = dms * |M| * 1[|M| > t] (overwrites dm; dm may be the same tensor as dms, in place).
+/// dm, dms, m: (numel)   t: (1)
+pub fn sparsify_backward(rt: &Runtime, dm: Tensor, dms: Tensor, m: Tensor, t: Tensor) -> Result<()> {
+    let n = m.numel;
+    assert!(dm.numel == n && dms.numel == n && t.numel == 1);
+    assert!(dm != m, "sparsify_backward: dm must not overwrite M");
+    match &rt.backend {
+        Backend::Cpu => {
+            let tv = rt.f32(t)[0];
+            if dm == dms {
+                cpu::apply_grad_inplace(rt.f32_mut(dm), rt.f32(m), tv)
+            } else {
+                cpu::apply_grad(rt.f32_mut(dm), rt.f32(dms), rt.f32(m), tv)
+            }
+        }
+        Backend::Cuda(cu) => cu.launch(
+            "snella_sparsify_backward",
+            grid_1d(n, 256),
+            &[
+                KArg::Ptr(rt.ptr(dm)),
+                KArg::Ptr(rt.ptr(dms)),
+                KArg::Ptr(rt.ptr(m)),
+                KArg::Ptr(rt.ptr(t)),
+                KArg::I64(n as i64),
+            ],
+        )?,
+    }
+    Ok(())
+}
+
+/// dst (out, in) = w0 (out, in) + ms^T where ms is (in, out): the merged weight W0 + M_s^T used by the
+/// forward (no extra GEMM). dst may be w0 (in place).
+pub fn add_transposed(rt: &Runtime, dst: Tensor, w0: Tensor, ms: Tensor, n_in: usize, n_out: usize) -> Result<()> {
+    let n = n_in * n_out;
+    assert!(dst.numel == n && w0.numel == n && ms.numel == n, "add_transposed: sizes must be {n_in}x{n_out}");
+    assert!(dst != ms, "add_transposed: dst must not overwrite M_s");
+    match &rt.backend {
+        Backend::Cpu => {
+            if dst == w0 {
+                cpu::add_transposed_inplace(rt.f32_mut(dst), rt.f32(ms), n_in, n_out)
+            } else {
+                cpu::add_transposed(rt.f32_mut(dst), rt.f32(w0), rt.f32(ms), n_in, n_out)
+            }
+        }
+        Backend::Cuda(cu) => cu.launch(
+            "snella_add_transposed",
+            LaunchConfig {
+                grid_dim: ((n_out as u32).div_ceil(32), (n_in as u32).div_ceil(32), 1),
+                block_dim: (32, 8, 1),
+                shared_mem_bytes: 0,
+            },
+            &[
+                KArg::Ptr(rt.ptr(dst)),
+                KArg::Ptr(rt.ptr(w0)),
+                KArg::Ptr(rt.ptr(ms)),
+                KArg::I32(n_in as i32),
+                KArg::I32(n_out as i32),
+            ],
+        )?,
+    }
+    Ok(())
+}
+
+/// Number of kept entries (|M| > t), read back to the host (for reports and tests, not used in the step:
+/// on CUDA it downloads M and t).
+pub fn kept_count(rt: &Runtime, m: Tensor, t: Tensor) -> Result<usize> {
+    assert_eq!(t.numel, 1);
+    Ok(match &rt.backend {
+        Backend::Cpu => cpu::kept(rt.f32(m), rt.f32(t)[0]),
+        Backend::Cuda(_) => cpu::kept(&rt.download(m)?, rt.download(t)?[0]),
+    })
+}
+
+pub(crate) mod cpu {
+    use super::lerp;
+    use rayon::prelude::*;
+
+    /// lerp(v[lo], v[hi], w) over v = sort(|m|), by selection on a copy (host memory); NaN if m has one.
+    pub fn quantile(m: &[f32], lo: usize, hi: usize, w: f32) -> f32 {
+        if m.iter().any(|x| x.is_nan()) {
+            return f32::NAN;
+        }
+        let mut v: Vec<f32> = m.iter().map(|x| x.abs()).collect();
+        let (_, &mut v_lo, rest) = v.select_nth_unstable_by(lo, f32::total_cmp);
+        let v_hi = if hi == lo { v_lo } else { rest.iter().copied().fold(f32::INFINITY, f32::min) };
+        lerp(v_lo, v_hi, w)
+    }
+
+    /// max(|x|, t-threshold): |x| if |x| > t else 0 (torch F.threshold(|x|, t, 0)).
+    #[inline]
+    fn kept_mag(x: f32, t: f32) -> f32 {
+        let a = x.abs();
+        if a > t {
+            a
+        } else {
+            0.0
+        }
+    }
+
+    pub fn apply(ms: &mut [f32], m: &[f32], t: f32) {
+        ms.par_iter_mut().zip(m.par_iter()).for_each(|(o, &x)| *o = x * kept_mag(x, t));
+    }
+
+    pub fn apply_inplace(m: &mut [f32], t: f32) {
+        m.par_iter_mut().for_each(|x| *x *= kept_mag(*x, t));
+    }
+
+    pub fn apply_grad(dm: &mut [f32], dms: &[f32], m: &[f32], t: f32) {
+        dm.par_iter_mut().zip(dms.par_iter()).zip(m.par_iter()).for_each(|((o, &g), &x)| *o = g * kept_mag(x, t));
+    }
+
+    pub fn apply_grad_inplace(g: &mut [f32], m: &[f32], t: f32) {
+        g.par_iter_mut().zip(m.par_iter()).for_each(|(g, &x)| *g *= kept_mag(x, t));
+    }
+
+    pub fn kept(m: &[f32], t: f32) -> usize {
+        m.par_iter().filter(|x| x.abs() > t).count()
+    }
+
+    /// dst (n_out, n_in) = w0 + msᵀ, ms (n_in, n_out).
+    pub fn add_transposed(dst: &mut [f32], w0: &[f32], ms: &[f32], n_in: usize, n_out: usize) {
+        dst.par_chunks_mut(n_in).zip(w0.par_chunks(n_in)).enumerate().for_each(|(o, (row, w))| {
+            for i in 0..n_in {
+                row[i] = w[i] + ms[i * n_out + o];
+            }
+        });
+    }
+
+    pub fn add_transposed_inplace(dst: &mut [f32], ms: &[f32], n_in: usize, n_out: usize) {
+        dst.par_chunks_mut(n_in).enumerate().for_each(|(o, row)| {
+            for i in 0..n_in {
+                row[i] += ms[i * n_out + o];
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::*;
+    use crate::runtime::Device;
+
+    /// Naive reference: sort in f64, the same fp32 rank, lerp in f64.
+    fn quantile_f64(m: &[f32], s: f32) -> f64 {
+        if m.iter().any(|x| x.is_nan()) {
+            return f64::NAN;
+        }
+        let mut v: Vec<f64> = m.iter().map(|x| x.abs() as f64).collect();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let rank = s * (v.len() - 1) as f32;
+        let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
+        let w = rank as f64 - lo as f64;
+        v[lo] + w * (v[hi] - v[lo])
+    }
+
+    struct Setup {
+        rt: Runtime,
+        m: Tensor,
+        ms: Tensor,
+        t: Tensor,
+        sc: CompeteScratch,
+    }
+
+    fn setup(device: Device, n: usize) -> Setup {
+        let mut plan = Plan::new();
+        let m = plan.f32("m", &[n], Pool::Scratch);
+        let ms = plan.f32("ms", &[n], Pool::Scratch);
+        let t = plan.f32("t", &[1], Pool::Scratch);
+        let sc = CompeteScratch::plan(&mut plan, "c", n);
+        let rt = Runtime::new(Backend::new(device).unwrap(), plan).unwrap();
+        Setup { rt, m, ms, t, sc }
+    }
+
+    /// (t, M_s, kept) on a device.
+    fn run(device: Device, m: &[f32], s: f32) -> (f32, Vec<f32>, usize) {
+        let st = setup(device, m.len());
+        st.rt.upload(st.m, m).unwrap();
+        sparsify_forward(&st.rt, st.ms, st.t, st.m, s, &st.sc).unwrap();
+        let t = st.rt.download(st.t).unwrap()[0];
+        (t, st.rt.download(st.ms).unwrap(), kept_count(&st.rt, st.m, st.t).unwrap())
+    }
+
+    fn check_against_naive(m: &[f32], s: f32) {
+        let (t, ms, kept) = run(Device::Cpu, m, s);
+        let want = quantile_f64(m, s);
+        let scale = m.iter().fold(0f32, |a, x| a.max(x.abs())) as f64;
+        assert!((t as f64 - want).abs() <= 1e-7 * scale.max(1e-30), "n={} s={s}: t {t} vs naive {want}", m.len());
+        let kept_want = m.iter().filter(|&&x| x.abs() as f64 > want).count();
+        assert_eq!(kept, kept_want, "n={} s={s}: kept", m.len());
+        for (i, (&x, &y)) in m.iter().zip(&ms).enumerate() {
+            let want = if x.abs() > t { x * x.abs() } else { 0.0 };
+            assert_eq!(y, want, "M_s[{i}]");
+        }
+    }
+
+    #[test]
+    fn quantile_matches_naive_on_random_and_edge_cases() {
+        let x = randn(1001, 1, 0.01);
+        for s in [0.0, 0.01, 0.3, 0.5, 0.7, 0.9, 0.95, 0.999, 1.0] {
+            check_against_naive(&x, s);
+        }
+        // n = 1: t = |x|, nothing kept at any s.
+        for s in [0.0, 0.5, 1.0] {
+            let (t, ms, kept) = run(Device::Cpu, &[-3.0], s);
+            assert_eq!((t, ms[0], kept), (3.0, 0.0, 0));
+        }
+        // Ties: t lands on the tied value and the tie is dropped as a whole (strict >).
+        let ties = [1.0, -1.0, 1.0, 2.0, -2.0, 0.5, 1.0, 3.0];
+        for s in [0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0] {
+            check_against_naive(&ties, s);
+        }
+        let (t, _, kept) = run(Device::Cpu, &ties, 0.5);
+        assert_eq!((t, kept), (1.0, 3));
+        // s = 0 drops the minimum, s = 1 everything.
+        assert_eq!(run(Device::Cpu, &x, 0.0).2, 1000);
+        assert_eq!(run(Device::Cpu, &x, 1.0).2, 0);
+        // All equal: nothing survives.
+        assert_eq!(run(Device::Cpu, &[0.25; 17], 0.3).2, 0);
+        // NaN anywhere: t = NaN, nothing kept.
+        let mut y = x.clone();
+        y[17] = f32::NAN;
+        let (t, _, kept) = run(Device::Cpu, &y, 0.5);
+        assert!(t.is_nan() && kept == 0);
+    }
+
+    /// The rank is fp32: f32(0.7) * 100 rounds to 70.0 in f32 (lo = hi = 70), while newer torch's f64 rank
+    /// f64(f32(0.7)) * 100 = 69.9999988 gives lo = 69 (reference README, surprise 1).
+    #[test]
+    fn rank_is_computed_in_fp32() {
+        let (lo, hi, w) = quantile_rank(101, 0.7);
+        assert_eq!((lo, hi, w), (70, 70, 0.0));
+        assert_eq!((0.7f32 as f64 * 100.0) as usize, 69);
+        let (lo, hi, w) = quantile_rank(4, 0.5);
+        assert_eq!((lo, hi, w), (1, 2, 0.5));
+        assert_eq!(lerp(1.0, 3.0, 0.5), 2.0);
+        assert_eq!(lerp(1.0, 3.0, 0.25), 1.5);
+    }
+
+    #[test]
+    fn backward_and_add_transposed() {
+        let (n_in, n_out) = (5, 7);
+        let n = n_in * n_out;
+        let mut plan = Plan::new();
+        let m = plan.f32("m", &[n], Pool::Scratch);
+        let g = plan.f32("g", &[n], Pool::Scratch);
+        let dm = plan.f32("dm", &[n], Pool::Scratch);
+        let t = plan.f32("t", &[1], Pool::Scratch);
+        let w0 = plan.f32("w0", &[n], Pool::Frozen);
+        let dst = plan.f32("dst", &[n], Pool::Scratch);
+        let rt = Runtime::cpu(plan);
+        let (mv, gv, wv) = (randn(n, 1, 1.0), randn(n, 2, 1.0), randn(n, 3, 1.0));
+        rt.upload(m, &mv).unwrap();
+        rt.upload(g, &gv).unwrap();
+        rt.upload(w0, &wv).unwrap();
+        rt.upload(t, &[0.7]).unwrap();
+        sparsify_backward(&rt, dm, g, m, t).unwrap();
+        let want: Vec<f64> =
+            mv.iter().zip(&gv).map(|(&x, &g)| if x.abs() > 0.7 { (g * x.abs()) as f64 } else { 0.0 }).collect();
+        assert_close("dM", &rt.download(dm).unwrap(), &want, 0.0);
+        sparsify_backward(&rt, g, g, m, t).unwrap(); // in place
+        assert_close("dM in place", &rt.download(g).unwrap(), &want, 0.0);
+
+        add_transposed(&rt, dst, w0, m, n_in, n_out).unwrap();
+        let want: Vec<f64> = (0..n).map(|e| (wv[e] + mv[(e % n_in) * n_out + e / n_in]) as f64).collect();
+        assert_close("W0 + M_s^T", &rt.download(dst).unwrap(), &want, 0.0);
+    }
+
+    /// CUDA select and kernels against the CPU (runs only where a GPU is usable).
+    #[test]
+    fn cuda_matches_cpu() {
+        if let Err(why) = crate::runtime::Cuda::probe() {
+            eprintln!("skipping compete cuda_matches_cpu: {why}");
+            return;
+        }
+        let big = randn(3_000_017, 5, 1e-3);
+        let mut ties: Vec<f32> = (0..4099).map(|i| ((i % 13) as f32 - 6.0) * 0.125).collect();
+        ties[7] = 0.0;
+        let mut with_nan = randn(5000, 6, 1.0);
+        with_nan[4321] = f32::NAN;
+        let cases: Vec<(&str, Vec<f32>)> = vec![
+            ("n=1", vec![-2.5]),
+            ("n=2", vec![1.0, -0.5]),
+            ("random 1001", randn(1001, 7, 0.01)),
+            ("ties", ties),
+            ("zeros", vec![0.0; 300]),
+            ("nan", with_nan),
+            ("3M", big),
+        ];
+        for (name, m) in &cases {
+            for s in [0.0f32, 0.1, 0.5, 0.9, 0.95, 0.999, 1.0] {
+                let (tc, msc, kc) = run(Device::Cpu, m, s);
+                let (tg, msg, kg) = run(Device::Cuda, m, s);
+                assert!(
+                    tc.to_bits() == tg.to_bits() || (tc.is_nan() && tg.is_nan()),
+                    "{name} s={s}: t cpu {tc} cuda {tg}"
+                );
+                assert_eq!(kc, kg, "{name} s={s}: kept");
+                assert!(
+                    msc.iter().zip(&msg).all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())),
+                    "{name} s={s}: M_s"
+                );
+            }
+        }
+        // backward and add_transposed
+        let (n_in, n_out) = (67, 45);
+        let n = n_in * n_out;
+        let (mv, gv, wv) = (randn(n, 1, 1.0), randn(n, 2, 1.0), randn(n, 3, 1.0));
+        let mut outs = Vec::new();
+        for dev in [Device::Cpu, Device::Cuda] {
+            let mut plan = Plan::new();
+            let m = plan.f32("m", &[n], Pool::Scratch);
+            let g = plan.f32("g", &[n], Pool::Scratch);
+            let t = plan.f32("t", &[1], Pool::Scratch);
+            let w0 = plan.f32("w0", &[n], Pool::Frozen);
+            let dst = plan.f32("dst", &[n], Pool::Scratch);
+            let rt = Runtime::new(Backend::new(dev).unwrap(), plan).unwrap();
+            rt.upload(m, &mv).unwrap();
+            rt.upload(g, &gv).unwrap();
+            rt.upload(w0, &wv).unwrap();
+            rt.upload(t, &[0.5]).unwrap();
+            sparsify_backward(&rt, g, g, m, t).unwrap();
+            add_transposed(&rt, dst, w0, m, n_in, n_out).unwrap();
+            outs.push((rt.download(g).unwrap(), rt.download(dst).unwrap()));
+        }
+        assert_eq!(outs[0], outs[1]);
+    }
+}

@@ -1,0 +1,166 @@
+//! SNELLA's bi-level sparsity allocation (official `sparse_allocator.Allocator`, metric 'ipt'):
+//! layers compete for a global non-zero budget by EMA importance × uncertainty (inter-layer), and
+//! inside each layer the magnitude quantile decides which entries survive (intra-layer, `ops::compete`).
+//! All schedule "steps" are epochs. Numerics follow the official code: EMAs in fp32 on the device, layer
+//! scores and the budget split in fp32, the ratios s_l in double.
+use crate::error::{Error, Result};
+use crate::model::vit::BranchParams;
+use crate::model::Model;
+use crate::ops::importance::{importance_sum, importance_update};
+
+/// The knobs of the allocator, with the released scripts' values as defaults.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AllocatorConfig {
+    /// Uniform ratio of zeroed entries before the first reallocation (FGVC scripts 0, VTAB 0.01).
+    pub init_ratio: f64,
+    /// Ratio the global budget decays to (per task, e.g. CUB 0.30).
+    pub target_ratio: f64,
+    /// Epochs at the initial budget.
+    pub init_warmup: usize,
+    /// Epochs at the target budget at the end.
+    pub final_warmup: usize,
+    /// Reallocate every this many epochs.
+    pub mask_interval: usize,
+    /// EMA factors of importance and uncertainty.
+    pub beta1: f64,
+    pub beta2: f64,
+    /// Length of the schedule in epochs.
+    pub total_epochs: usize,
+}
+
+impl Default for AllocatorConfig {
+    fn default() -> Self {
+        AllocatorConfig { init_ratio: 0.0, target_ratio: 0.9, init_warmup: 0, final_warmup: 0, mask_interval: 1, beta1: 0.85, beta2: 0.85, total_epochs: 100 }
+    }
+}
+
+/// What one reallocation decided.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Reallocation {
+    pub budget: f64,
+    /// Normalised layer scores (fp32), module order.
+    pub scores: Vec<f32>,
+    /// Non-zero entries granted per layer.
+    pub alloc: Vec<i32>,
+    /// The resulting per-layer ratios of zeroed entries.
+    pub sparsity: Vec<f64>,
+}
+
+pub struct Allocator {
+    pub cfg: AllocatorConfig,
+    /// in·out of every branch, module order.
+    caps: Vec<f64>,
+    pub init_nonzero: f64,
+    pub target_nonzero: f64,
+}
+
+impl Allocator {
+    /// An allocator over the branches of `model` (a sparse kernel method planned with the allocator).
+    pub fn new(model: &Model, cfg: AllocatorConfig) -> Result<Allocator> {
+        let ok = model.layout.branches.iter().all(|b| matches!(b.params, BranchParams::Kernel { sparse: true, ema: Some(_), .. }));
+        if model.layout.branches.is_empty() || !ok {
+            return Err(Error::invalid("allocator", format!("method {} has no sparse kernel branches with allocator state", model.method.name())));
+        }
+        for (name, v) in [("init_ratio", cfg.init_ratio), ("target_ratio", cfg.target_ratio)] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(Error::invalid(name, format!("{v} is not in [0, 1]")));
+            }
+        }
+        if cfg.mask_interval == 0 || cfg.total_epochs == 0 {
+            return Err(Error::invalid("allocator", "mask_interval and total_epochs must be positive"));
+        }
+        let caps: Vec<f64> = model.layout.branches.iter().map(|b| (b.n_in * b.n_out) as f64).collect();
+        let (mut init_nonzero, mut target_nonzero) = (0.0, 0.0);
+        for &c in &caps {
+            init_nonzero += (1.0 - cfg.init_ratio) * c;
+            target_nonzero += (1.0 - cfg.target_ratio) * c;
+        }
+        Ok(Allocator { cfg, caps, init_nonzero, target_nonzero })
+    }
+
+    /// (budget, reallocate?) at the start of `epoch` (cubic decay from the initial to the target budget).
+    pub fn schedule(&self, epoch: usize) -> (f64, bool) {
+        let c = &self.cfg;
+        if epoch <= c.init_warmup {
+            return (self.init_nonzero, false);
+        }
+        if epoch + c.final_warmup > c.total_epochs {
+            return (self.target_nonzero, true);
+        }
+        let span = c.total_epochs.saturating_sub(c.final_warmup + c.init_warmup).max(1);
+        let mul = 1.0 - (epoch - c.init_warmup) as f64 / span as f64;
+        let v = (self.target_nonzero + (self.init_nonzero - self.target_nonzero) * mul.powi(3)).trunc();
+        (v, epoch % c.mask_interval == 0)
+    }
+
+    /// The EMA update, after every optimizer step, from the updated parameters and that step's gradients.
+    pub fn update(&self, model: &Model) -> Result<()> {
+        for br in &model.layout.branches {
+            if let BranchParams::Kernel { a, b, ema: Some([ia, ua, ib, ub]), .. } = br.params {
+                importance_update(&model.rt, ia, ua, a.value, a.grad.unwrap(), self.cfg.beta1, self.cfg.beta2)?;
+                importance_update(&model.rt, ib, ub, b.value, b.grad.unwrap(), self.cfg.beta1, self.cfg.beta2)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Normalised layer scores: mean(Ī·Ū) of In_Qs plus that of Out_Qs, divided by their total (uniform when all are 0).
+    pub fn scores(&self, model: &Model) -> Result<Vec<f32>> {
+        let mut raw = Vec::with_capacity(self.caps.len());
+        for br in &model.layout.branches {
+            if let BranchParams::Kernel { ema: Some([ia, ua, ib, ub]), .. } = br.params {
+                let sa = (importance_sum(&model.rt, ia, ua)? / ia.numel as f64) as f32;
+                let sb = (importance_sum(&model.rt, ib, ub)? / ib.numel as f64) as f32;
+                raw.push(sa + sb);
+            }
+        }
+        let total: f32 = raw.iter().sum();
+        if total == 0.0 {
+            return Ok(vec![1.0 / raw.len() as f32; raw.len()]);
+        }
+        Ok(raw.iter().map(|&r| r / total).collect())
+    }
+
+    /// Integer non-zero counts per layer: alloc = min(cap, trunc(V·p)), then what capped layers could not
+    /// take is redistributed over the others in proportion to p, all in fp32 as the official loop.
+    pub fn split_budget(scores: &[f32], volume: f64, caps: &[f64]) -> Result<Vec<i32>> {
+        let vol = volume as f32;
+        let caps: Vec<f32> = caps.iter().map(|&c| c as f32).collect();
+        let mut alloc: Vec<f32> = scores.iter().zip(&caps).map(|(&p, &c)| c.min((vol * p) as i32 as f32)).collect();
+        let sum = |v: &[f32]| v.iter().sum::<f32>();
+        let mut delta = vol - sum(&alloc);
+        let mut it = 0;
+        while delta > 0.0 {
+            let open: Vec<usize> = (0..alloc.len()).filter(|&i| caps[i] - alloc[i] != 0.0).collect();
+            if open.is_empty() {
+                break; // every layer is full: the budget exceeds the total size
+            }
+            let ps: f32 = open.iter().map(|&i| scores[i]).sum();
+            for &i in &open {
+                alloc[i] += (delta * scores[i] / ps).min(caps[i] - alloc[i]);
+            }
+            delta = vol - sum(&alloc);
+            it += 1;
+            if it > 10_000 {
+                return Err(Error::invalid("allocator", "budget redistribution does not converge"));
+            }
+        }
+        Ok(alloc.iter().map(|&a| a as i32).collect())
+    }
+
+    /// Reallocates the per-layer ratios of `model` for the budget `volume`.
+    pub fn reallocate(&self, model: &mut Model, volume: f64) -> Result<Reallocation> {
+        let scores = self.scores(model)?;
+        let alloc = Allocator::split_budget(&scores, volume, &self.caps)?;
+        let sparsity: Vec<f64> = alloc.iter().zip(&self.caps).map(|(&a, &c)| (1.0 - a as f64 / c).clamp(0.0, 1.0)).collect();
+        for (i, &s) in sparsity.iter().enumerate() {
+            model.sparsity[i] = s as f32;
+        }
+        Ok(Reallocation { budget: volume, scores, alloc, sparsity })
+    }
+
+    /// Sets every layer to the initial ratio (the state before the first reallocation).
+    pub fn reset(&self, model: &mut Model) {
+        model.sparsity.iter_mut().for_each(|s| *s = self.cfg.init_ratio as f32);
+    }
+}

@@ -1,0 +1,144 @@
+//! Parameter-efficient methods: which tensors train, and the branches added to the block Linears.
+//! The method itself (merge, competition) lives in `ops::kmerge` / `ops::compete`; the bi-level
+//! allocator in `allocator.rs`.
+pub mod allocator;
+
+use crate::error::{Error, Result};
+use crate::ops::kmerge::KernelKind;
+
+/// A kernelized sparse branch family: KLoRA (dense K), MixK (dense mixture), SNELL (sparse K),
+/// SNELLA (sparse mixture with allocated per-layer ratios).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KernelMethod {
+    pub kernel: KernelKind,
+    /// Rank r: the factors are (2, n, r/2).
+    pub r: usize,
+    /// M = K + α·softmax_out(K/γ) + β (SNELLA, MixK) instead of M = K.
+    pub mixture: bool,
+    /// Magnitude competition: M_s = M·|M|·1[|M| > quantile(|M|, s)] (SNELL, SNELLA).
+    pub sparse: bool,
+    /// Initial fraction of entries zeroed per layer (SNELL: the fixed ratio; SNELLA: before the first reallocation).
+    pub sparsity: f32,
+    /// Keep the bi-level allocator's EMA importance (SNELLA; optional for SNELL).
+    pub allocator: bool,
+}
+
+/// What a training run adapts.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum Method {
+    /// Every backbone tensor trains.
+    Full,
+    /// Linear probe: head and cls token only.
+    Linear,
+    /// LoRA-r on q, k, v, proj, fc1, fc2: Δy = x·Aᵀ·Bᵀ, A (r, in), B (out, r).
+    Lora { r: usize },
+    /// The kernelized branches.
+    Kernel(KernelMethod),
+    /// GPS-like sparse tuning: gradients and AdamW state for every block weight, updates masked to a fixed
+    /// random `density` of each block Linear weight (what the paper's memory tables compare against).
+    Gps { density: f32 },
+}
+
+impl Method {
+    pub fn snella(r: usize, sparsity: f32) -> Method {
+        Method::Kernel(KernelMethod { kernel: KernelKind::PiecewiseLinear, r, mixture: true, sparse: true, sparsity, allocator: true })
+    }
+    pub fn snell(r: usize, sparsity: f32) -> Method {
+        Method::Kernel(KernelMethod { kernel: KernelKind::PiecewiseLinear, r, mixture: false, sparse: true, sparsity, allocator: false })
+    }
+    pub fn mixk(r: usize) -> Method {
+        Method::Kernel(KernelMethod { kernel: KernelKind::PiecewiseLinear, r, mixture: true, sparse: false, sparsity: 0.0, allocator: false })
+    }
+    pub fn klora(r: usize) -> Method {
+        Method::Kernel(KernelMethod { kernel: KernelKind::PiecewiseLinear, r, mixture: false, sparse: false, sparsity: 0.0, allocator: false })
+    }
+
+    /// Parses `full`, `linear`, `lora8`, `snell32`, `snella32`, `mixk8`, `klora8`, `gps` (rank suffix
+    /// optional: default 8 for lora/klora/mixk, 32 for snell/snella).
+    pub fn parse(s: &str, sparsity: f32) -> Result<Method> {
+        let (name, digits) = s.split_at(s.find(|c: char| c.is_ascii_digit()).unwrap_or(s.len()));
+        let rank = |default: usize| -> Result<usize> {
+            if digits.is_empty() {
+                return Ok(default);
+            }
+            let r: usize = digits.parse().map_err(|_| Error::invalid("method", format!("bad rank in '{s}'")))?;
+            if r == 0 {
+                return Err(Error::invalid("method", format!("rank must be positive in '{s}'")));
+            }
+            Ok(r)
+        };
+        let even = |r: usize| -> Result<usize> {
+            if r % 2 != 0 {
+                return Err(Error::invalid("method", format!("kernel rank must be even (two pieces of r/2), got {r}")));
+            }
+            Ok(r)
+        };
+        Ok(match name {
+            "full" if digits.is_empty() => Method::Full,
+            "linear" if digits.is_empty() => Method::Linear,
+            "gps" if digits.is_empty() => Method::Gps { density: 0.01 },
+            "lora" => Method::Lora { r: rank(8)? },
+            "snella" => Method::snella(even(rank(32)?)?, sparsity),
+            "snell" => Method::snell(even(rank(32)?)?, sparsity),
+            "mixk" => Method::mixk(even(rank(8)?)?),
+            "klora" => Method::klora(even(rank(8)?)?),
+            _ => {
+                return Err(Error::invalid(
+                    "method",
+                    format!("unknown method '{s}' (full, linear, gps, loraR, snellR, snellaR, mixkR, kloraR)"),
+                ))
+            }
+        })
+    }
+
+    /// Short name, e.g. `snella32`.
+    pub fn name(&self) -> String {
+        match self {
+            Method::Full => "full".into(),
+            Method::Linear => "linear".into(),
+            Method::Gps { .. } => "gps".into(),
+            Method::Lora { r } => format!("lora{r}"),
+            Method::Kernel(k) => {
+                let base = match (k.mixture, k.sparse) {
+                    (true, true) => "snella",
+                    (false, true) => "snell",
+                    (true, false) => "mixk",
+                    (false, false) => "klora",
+                };
+                let kern = if k.kernel == KernelKind::PiecewiseLinear { String::new() } else { format!("-{:?}", k.kernel).to_lowercase() };
+                format!("{base}{}{kern}", k.r)
+            }
+        }
+    }
+
+    /// Whether the backbone weights train (full fine-tuning and GPS).
+    pub fn trains_backbone(&self) -> bool {
+        matches!(self, Method::Full | Method::Gps { .. })
+    }
+
+    /// Whether the block Linears get branches.
+    pub fn has_branches(&self) -> bool {
+        matches!(self, Method::Lora { .. } | Method::Kernel(_))
+    }
+}
+
+/// Decoupled weight decay applies to tensors with ≥ 2 dimensions, except biases, pos_embed and cls_token
+/// (the official `set_weight_decay`).
+pub fn decays(name: &str, shape: &[usize]) -> bool {
+    shape.len() >= 2 && !name.ends_with(".bias") && !matches!(name, "pos_embed" | "cls_token" | "dist_token")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_names_round_trip() {
+        for s in ["full", "linear", "gps", "lora8", "snell32", "snella32", "mixk8", "klora16"] {
+            assert_eq!(Method::parse(s, 0.5).unwrap().name(), s);
+        }
+        assert!(Method::parse("snella7", 0.0).is_err());
+        assert!(Method::parse("adapter", 0.0).is_err());
+        assert!(decays("head.weight", &[10, 64]) && !decays("head.bias", &[10]) && !decays("cls_token", &[1, 1, 64]));
+    }
+}

@@ -1,0 +1,206 @@
+//! `snella memory`: the peak training memory of each model × method, straight from the plan the engine
+//! allocates, beside the SNELL paper's published figures (Tables A8(b) and A12: fp32, batch 8, 224 px,
+//! MB = torch.cuda.max_memory_allocated / 2^20).
+use std::fmt::Write;
+
+use crate::error::{Error, Result};
+use crate::model::{plan_model, ViTConfig};
+use crate::peft::Method;
+use crate::runtime::{mib, Pool};
+
+/// The paper's figures in MB (= MiB) at batch 8, fp32: (model, method, MB).
+pub const PAPER_MB: &[(&str, &str, f64)] = &[
+    ("vit_b16", "gps", 2428.0),
+    ("vit_l16", "gps", 7522.0),
+    ("vit_h14", "gps", 16119.0),
+    ("vit_b16", "snell32", 1673.0),
+    ("vit_l16", "snell32", 4519.0),
+    ("vit_h14", "snell32", 9692.0),
+    ("vit_b16", "lora8", 1546.0),
+    ("vit_l16", "lora8", 4325.0),
+    ("vit_h14", "lora8", 9325.0),
+];
+
+/// The paper's figure for a model and method, if it published one (SNELLA's own table was not available;
+/// SNELL-32 is its closest published figure).
+pub fn paper_mb(model: &str, method: &str) -> Option<f64> {
+    PAPER_MB.iter().find(|(m, me, _)| *m == model && *me == method).map(|r| r.2)
+}
+
+/// One row of the table.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MemoryRow {
+    pub model: String,
+    pub method: String,
+    pub batch: usize,
+    pub precision: String,
+    /// MiB per pool, in `Pool::ALL` order.
+    pub pools_mib: Vec<(String, f64)>,
+    pub total_mib: f64,
+    pub paper_mb: Option<f64>,
+    /// Ours / paper.
+    pub ratio_to_paper: Option<f64>,
+    /// Where the memory is measured rather than planned, the measurement (MiB) — filled by a GPU run.
+    pub measured_mib: Option<f64>,
+}
+
+/// Plans every (model, method) at `batch` and returns the rows. `num_classes` sizes the head (100, as the
+/// PyTorch benchmark).
+pub fn memory_rows(models: &[String], methods: &[String], batch: usize, sparsity: f32, num_classes: usize) -> Result<Vec<MemoryRow>> {
+    let mut rows = Vec::new();
+    for model in models {
+        let cfg = ViTConfig::by_name(model, num_classes)?;
+        for name in methods {
+            let method = Method::parse(name, sparsity)?;
+            let (plan, _) = plan_model(&cfg, &method, batch)?;
+            let pools_mib = Pool::ALL.iter().map(|&p| (p.name().to_string(), mib(plan.pool_bytes(p)))).collect();
+            let total_mib = mib(plan.total_bytes());
+            let paper = paper_mb(model, &method.name());
+            rows.push(MemoryRow {
+                model: model.clone(),
+                method: method.name(),
+                batch,
+                precision: "fp32".into(),
+                pools_mib,
+                total_mib,
+                paper_mb: paper,
+                ratio_to_paper: paper.map(|p| total_mib / p),
+                measured_mib: None,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// The aligned text table.
+pub fn table(rows: &[MemoryRow]) -> String {
+    let mut s = String::new();
+    let pools: Vec<&str> = Pool::ALL.iter().map(|p| p.name()).collect();
+    write!(s, "{:<9} {:<9} {:>5}", "model", "method", "batch").unwrap();
+    for p in &pools {
+        write!(s, " {:>11}", p).unwrap();
+    }
+    writeln!(s, " {:>10} {:>10} {:>8}", "total MiB", "paper MB", "ours/pap").unwrap();
+    for r in rows {
+        write!(s, "{:<9} {:<9} {:>5}", r.model, r.method, r.batch).unwrap();
+        for (_, v) in &r.pools_mib {
+            write!(s, " {:>11.1}", v).unwrap();
+        }
+        let paper = r.paper_mb.map(|p| format!("{p:.0}")).unwrap_or_else(|| "-".into());
+        let ratio = r.ratio_to_paper.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
+        writeln!(s, " {:>10.1} {:>10} {:>8}", r.total_mib, paper, ratio).unwrap();
+    }
+    s
+}
+
+/// Reductions the paper states, recomputed from our rows: for each model, 1 − ours(method)/ours(gps) and the
+/// paper's 1 − SNELL/GPS (its "31.1%–39.9%").
+pub fn reductions(rows: &[MemoryRow]) -> String {
+    let mut s = String::new();
+    let models: Vec<&str> = rows.iter().map(|r| r.model.as_str()).fold(Vec::new(), |mut v, m| {
+        if !v.contains(&m) {
+            v.push(m)
+        }
+        v
+    });
+    for m in models {
+        let Some(gps) = rows.iter().find(|r| r.model == m && r.method == "gps") else { continue };
+        for r in rows.iter().filter(|r| r.model == m && r.method != "gps") {
+            let paper = match (paper_mb(m, "gps"), paper_mb(m, &r.method)) {
+                (Some(g), Some(x)) => format!("  (paper {}: {:.1}%)", r.method, 100.0 * (1.0 - x / g)),
+                _ => String::new(),
+            };
+            writeln!(s, "{m} {:<9} uses {:5.1}% less than gps{paper}", r.method, 100.0 * (1.0 - r.total_mib / gps.total_mib)).unwrap();
+        }
+    }
+    s
+}
+
+pub fn csv(rows: &[MemoryRow]) -> String {
+    let mut s = String::from("model,method,batch,precision");
+    for p in Pool::ALL {
+        write!(s, ",{}_mib", p.name()).unwrap();
+    }
+    s.push_str(",total_mib,paper_mb,ratio_to_paper,measured_mib\n");
+    let opt = |x: Option<f64>| x.map(|v| format!("{v:.3}")).unwrap_or_default();
+    for r in rows {
+        write!(s, "{},{},{},{}", r.model, r.method, r.batch, r.precision).unwrap();
+        for (_, v) in &r.pools_mib {
+            write!(s, ",{v:.3}").unwrap();
+        }
+        writeln!(s, ",{:.3},{},{},{}", r.total_mib, opt(r.paper_mb), opt(r.ratio_to_paper), opt(r.measured_mib)).unwrap();
+    }
+    s
+}
+
+/// A grouped bar chart (one group per model, one bar per method, the paper's figure as a tick).
+pub fn svg(rows: &[MemoryRow]) -> String {
+    let (w, h, pad) = (900.0, 420.0, 60.0);
+    let max = rows.iter().map(|r| r.total_mib.max(r.paper_mb.unwrap_or(0.0))).fold(1.0, f64::max) * 1.1;
+    let models: Vec<&str> = rows.iter().map(|r| r.model.as_str()).fold(Vec::new(), |mut v, m| {
+        if !v.contains(&m) {
+            v.push(m)
+        }
+        v
+    });
+    let methods: Vec<&str> = rows.iter().map(|r| r.method.as_str()).fold(Vec::new(), |mut v, m| {
+        if !v.contains(&m) {
+            v.push(m)
+        }
+        v
+    });
+    let colors = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1"];
+    let gw = (w - 2.0 * pad) / models.len().max(1) as f64;
+    let bw = gw * 0.8 / methods.len().max(1) as f64;
+    let y = |v: f64| h - pad - (h - 2.0 * pad) * v / max;
+    let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n");
+    writeln!(s, "<text x=\"{}\" y=\"20\" text-anchor=\"middle\" font-size=\"15\">Peak training memory (MiB), planned; ticks: SNELL paper</text>", w / 2.0).unwrap();
+    writeln!(s, "<line x1=\"{pad}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>", h - pad, w - pad, h - pad).unwrap();
+    for (gi, m) in models.iter().enumerate() {
+        let x0 = pad + gi as f64 * gw + gw * 0.1;
+        writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{m}</text>", x0 + gw * 0.4, h - pad + 18.0).unwrap();
+        for (mi, me) in methods.iter().enumerate() {
+            let Some(r) = rows.iter().find(|r| r.model == *m && r.method == *me) else { continue };
+            let x = x0 + mi as f64 * bw;
+            let c = colors[mi % colors.len()];
+            writeln!(s, "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{c}\"><title>{m} {me}: {:.0} MiB</title></rect>",
+                y(r.total_mib), bw * 0.9, h - pad - y(r.total_mib), r.total_mib).unwrap();
+            if let Some(p) = r.paper_mb {
+                writeln!(s, "<line x1=\"{x:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"black\" stroke-width=\"2\"/>", y(p), x + bw * 0.9, y(p)).unwrap();
+            }
+        }
+    }
+    for (mi, me) in methods.iter().enumerate() {
+        let x = pad + mi as f64 * 110.0;
+        writeln!(s, "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{me}</text>",
+            h - 25.0, colors[mi % colors.len()], x + 16.0, h - 15.0).unwrap();
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// Writes `text` to `path` atomically (temporary file, then rename), so no partial output is left.
+pub fn write_atomic(path: &std::path::Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("out")));
+    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_have_the_paper_columns() {
+        let rows = memory_rows(&["tiny".into()], &["lora8".into(), "snella8".into(), "gps".into()], 2, 0.5, 10).unwrap();
+        assert_eq!(rows.len(), 3);
+        assert!(rows.iter().all(|r| r.total_mib > 0.0 && r.paper_mb.is_none()));
+        assert!(table(&rows).contains("snella8"));
+        assert_eq!(csv(&rows).lines().count(), 4);
+        assert!(svg(&rows).starts_with("<svg"));
+        assert_eq!(paper_mb("vit_b16", "snell32"), Some(1673.0));
+    }
+}

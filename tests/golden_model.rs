@@ -1,0 +1,116 @@
+//! Parity of the whole training step with the PyTorch reference: logits, loss, every gradient of the
+//! trainable set, the parameters after three AdamW steps and (SNELL/SNELLA cases) the allocator run.
+//! Walks every case in `$SNELLA_GOLDEN` (default: tests/golden), so a new case needs no code change.
+//! Tolerances are the manifest's `suggested_atol` (10× the measured fp32 rounding spread).
+use snella::golden::{compare, golden_dir, list_cases, Compare, GoldenCase};
+use snella::model::Model;
+use snella::peft::Method;
+use snella::Backend;
+
+/// The method of a case, as the manifest names it.
+fn method_of(case: &GoldenCase) -> Method {
+    let m = &case.manifest["method"];
+    let r = m["r"].as_u64().unwrap_or(0) as usize;
+    match m["kind"].as_str().unwrap() {
+        "full" => Method::Full,
+        "none" => Method::Linear,
+        "lora" => Method::Lora { r },
+        "snella" => Method::snella(r, 0.0),
+        "snell" => Method::snell(r, 0.0),
+        "mixk" => Method::mixk(r),
+        "klora" => Method::klora(r),
+        k => panic!("{}: unknown method kind {k}", case.name),
+    }
+}
+
+/// A model of the case with its initial parameters, per-branch sparsity and input batch loaded.
+pub fn load_case(case: &GoldenCase) -> Model {
+    let cfg = case.vit_config();
+    let b = case.labels.len();
+    let mut model = Model::new(Backend::Cpu, &cfg, method_of(case), b).unwrap();
+    for name in model.layout.params.names.clone() {
+        let key = if case.tensors.contains_key(&format!("param.{name}")) { format!("param.{name}") } else { format!("frozen.{name}") };
+        model.set_param(&name, case.get(&key).unwrap()).unwrap_or_else(|e| panic!("{}: {key}: {e}", case.name));
+    }
+    if let Some(sp) = case.manifest["method"]["sparsity_per_branch"].as_object() {
+        for br in &model.layout.branches {
+            model.sparsity[br.id] = sp[&br.prefix].as_f64().unwrap() as f32;
+        }
+    }
+    model.set_batch(case.get("input.images").unwrap(), &case.labels).unwrap();
+    model
+}
+
+fn check(case: &GoldenCase, out: &mut Vec<Compare>, key: &str, got: &[f32], skip: &[(usize, usize)]) {
+    let noise: usize = skip.iter().map(|(a, b)| b - a).sum();
+    if noise == got.len() {
+        return; // every entry is rounding noise: only `check_noise` applies (the manifest has no atol)
+    }
+    let atol = case.atol(key).unwrap_or_else(|| panic!("{}: no suggested_atol for {key}", case.name));
+    let c = compare(key, got, case.get(key).unwrap(), atol, skip);
+    println!("{:<16} {}", case.name, c.line());
+    out.push(c);
+}
+
+/// Noise elements (exactly zero in exact arithmetic) compared on their own, with the manifest's rule:
+/// gradients to ~1e-6 absolute, AdamW results to 2·lr per step.
+fn check_noise(case: &GoldenCase, out: &mut Vec<Compare>, key: &str, got: &[f32], ranges: &[(usize, usize)], atol: f64) {
+    let want = case.get(key).unwrap();
+    for &(a, b) in ranges {
+        let c = compare(&format!("{key}[{a}..{b}] (noise)"), &got[a..b], &want[a..b], atol, &[]);
+        println!("{:<16} {}", case.name, c.line());
+        out.push(c);
+    }
+}
+
+fn trainable(case: &GoldenCase) -> Vec<String> {
+    case.manifest["trainable"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn forward_backward_and_adamw_match_the_reference() {
+    let dir = golden_dir();
+    let cases = list_cases(&dir).unwrap();
+    assert!(!cases.is_empty(), "no golden cases in {}", dir.display());
+    let mut all = Vec::new();
+    for name in &cases {
+        let case = GoldenCase::load(&dir, name).unwrap();
+        let mut model = load_case(&case);
+        let names = trainable(&case);
+
+        let loss = model.forward().unwrap();
+        check(&case, &mut all, "fwd.loss", &[loss], &[]);
+        check(&case, &mut all, "fwd.logits", &model.logits().unwrap(), &[]);
+        model.backward().unwrap();
+        for n in &names {
+            let g = model.get_grad(n).unwrap();
+            let noise = case.noise_ranges(n);
+            check(&case, &mut all, &format!("grad.{n}"), &g, &noise);
+            check_noise(&case, &mut all, &format!("grad.{n}"), &g, &noise, 1e-6);
+        }
+
+        // Three AdamW steps on the same batch (lr 1e-3, wd 0.05), as the reference.
+        let lr = case.manifest["adamw"]["lr"].as_f64().unwrap();
+        let wd = case.manifest["adamw"]["weight_decay"].as_f64().unwrap();
+        let mut model = load_case(&case);
+        let mut losses = Vec::new();
+        for k in 1..=3 {
+            losses.push(model.forward().unwrap());
+            model.backward().unwrap();
+            model.adamw_step(lr, wd).unwrap();
+            for n in &names {
+                let p = model.get_param(n).unwrap();
+                let key = format!("adamw.step{k}.{n}");
+                let noise = case.noise_ranges(n);
+                check(&case, &mut all, &key, &p, &noise);
+                check_noise(&case, &mut all, &key, &p, &noise, 2.0 * lr * k as f64);
+            }
+        }
+        check(&case, &mut all, "adamw.loss", &losses, &[]);
+    }
+    let bad: Vec<_> = all.iter().filter(|c| !c.ok()).collect();
+    for c in &bad {
+        println!("FAILED {}", c.line());
+    }
+    assert!(bad.is_empty(), "{} of {} tensors outside tolerance (see the NOT OK lines)", bad.len(), all.len());
+}
