@@ -57,7 +57,8 @@ pub(crate) mod cpu {
             m[i] += one_m_b1 * (g[i] - m[i]); // torch lerp with weight < 0.5
             v[i] = v[i] * b2 + one_m_b2 * g[i] * g[i];
             let denom = v[i].sqrt() / bc2_sqrt + eps;
-            p[i] += -step_size * (m[i] / denom);
+            // torch's addcdiv computes self + (value·t1)/t2, in that order.
+            p[i] += (-step_size * m[i]) / denom;
         }
     }
 }

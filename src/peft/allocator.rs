@@ -71,9 +71,10 @@ impl Allocator {
         }
         let caps: Vec<f64> = model.layout.branches.iter().map(|b| (b.n_in * b.n_out) as f64).collect();
         let (mut init_nonzero, mut target_nonzero) = (0.0, 0.0);
-        for &c in &caps {
-            init_nonzero += (1.0 - cfg.init_ratio) * c;
-            target_nonzero += (1.0 - cfg.target_ratio) * c;
+        for b in &model.layout.branches {
+            // ((1 − ratio)·in)·out, in this order, as the official Python sums it.
+            init_nonzero += (1.0 - cfg.init_ratio) * b.n_in as f64 * b.n_out as f64;
+            target_nonzero += (1.0 - cfg.target_ratio) * b.n_in as f64 * b.n_out as f64;
         }
         Ok(Allocator { cfg, caps, init_nonzero, target_nonzero })
     }
