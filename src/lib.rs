@@ -7,6 +7,7 @@ pub mod peft;
 pub mod report;
 pub mod runtime;
 pub mod selftest;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use runtime::{Backend, Device, Plan, Pool, Runtime, Tensor};
