@@ -1,6 +1,11 @@
 // LayerNorm over the last dimension: one block per row.
 #include "common.cuh"
 
+// The one expression of the forward and the recompute: explicit rounding so both agree to the bit.
+__device__ __forceinline__ float ln_normalize(float x, float m, float r, float w, float b) {
+    return __fadd_rn(__fmul_rn(__fmul_rn(__fsub_rn(x, m), r), w), b);
+}
+
 // out (N,C) = (inp - mean) * rstd * w + b;  mean, rstd (N)
 extern "C" __global__ void snella_layernorm_forward(float* out, float* mean, float* rstd, const float* inp,
                                                     const float* w, const float* b, int N, int C, float eps) {
@@ -15,8 +20,18 @@ extern "C" __global__ void snella_layernorm_forward(float* out, float* mean, flo
     for (int i = threadIdx.x; i < C; i += blockDim.x) { float d = x[i] - m; v += d * d; }
     float r = rsqrtf(block_sum(v, sh) / C + eps);
     float* o = out + (long)row * C;
-    for (int i = threadIdx.x; i < C; i += blockDim.x) o[i] = (x[i] - m) * r * w[i] + b[i];
+    for (int i = threadIdx.x; i < C; i += blockDim.x) o[i] = ln_normalize(x[i], m, r, w[i], b[i]);
     if (threadIdx.x == 0) { mean[row] = m; rstd[row] = r; }
+}
+
+// Recompute of the forward's output from saved statistics: out (n = N*C), mean/rstd (N)
+extern "C" __global__ void snella_layernorm_apply(float* out, const float* inp, const float* mean, const float* rstd,
+                                                  const float* w, const float* b, long n, int C) {
+    long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    long row = i / C;
+    int c = i % C;
+    out[i] = ln_normalize(inp[i], mean[row], rstd[row], w[c], b[c]);
 }
 
 // dinp (N,C) += rstd * (g*w - mean(g*w) - xhat * mean(g*w*xhat))

@@ -3,7 +3,7 @@
 //! parameters, and the manifest's allocator unit vectors (budget → allocation from the final EMA state).
 use snella::golden::{compare, compare_adamw, golden_dir, list_cases, Compare, GoldenCase};
 use snella::model::vit::BranchParams;
-use snella::model::Model;
+use snella::model::{Model, Recompute};
 use snella::peft::allocator::{Allocator, AllocatorConfig};
 use snella::peft::{KernelMethod, Method};
 use snella::ops::kmerge::KernelKind;
@@ -15,7 +15,7 @@ fn model_with_allocator(case: &GoldenCase) -> Model {
     let mixture = m["kind"].as_str() == Some("snella");
     let method = Method::Kernel(KernelMethod { kernel: KernelKind::PiecewiseLinear, r, mixture, sparse: true, sparsity: 0.0, allocator: true });
     let cfg = case.vit_config();
-    let mut model = Model::new(Backend::Cpu, &cfg, method, case.labels.len()).unwrap();
+    let mut model = Model::new(Backend::Cpu, &cfg, method, case.labels.len(), Recompute::default()).unwrap();
     for name in model.layout.params.names.clone() {
         let key = if case.tensors.contains_key(&format!("param.{name}")) { format!("param.{name}") } else { format!("frozen.{name}") };
         model.set_param(&name, case.get(&key).unwrap()).unwrap();

@@ -3,7 +3,7 @@
 //! Walks every case in `$SNELLA_GOLDEN` (default: tests/golden), so a new case needs no code change.
 //! Tolerances are the manifest's `suggested_atol` (10× the measured fp32 rounding spread).
 use snella::golden::{compare, compare_adamw, golden_dir, list_cases, Compare, GoldenCase};
-use snella::model::Model;
+use snella::model::{Model, Recompute};
 use snella::peft::Method;
 use snella::Backend;
 
@@ -24,10 +24,10 @@ fn method_of(case: &GoldenCase) -> Method {
 }
 
 /// A model of the case with its initial parameters, per-branch sparsity and input batch loaded.
-pub fn load_case(case: &GoldenCase) -> Model {
+pub fn load_case(case: &GoldenCase, recompute: Recompute) -> Model {
     let cfg = case.vit_config();
     let b = case.labels.len();
-    let mut model = Model::new(Backend::Cpu, &cfg, method_of(case), b).unwrap();
+    let mut model = Model::new(Backend::Cpu, &cfg, method_of(case), b, recompute).unwrap();
     for name in model.layout.params.names.clone() {
         let key = if case.tensors.contains_key(&format!("param.{name}")) { format!("param.{name}") } else { format!("frozen.{name}") };
         model.set_param(&name, case.get(&key).unwrap()).unwrap_or_else(|e| panic!("{}: {key}: {e}", case.name));
@@ -73,9 +73,12 @@ fn forward_backward_and_adamw_match_the_reference() {
     let cases = list_cases(&dir).unwrap();
     assert!(!cases.is_empty(), "no golden cases in {}", dir.display());
     let mut all = Vec::new();
-    for name in &cases {
+    // Every recompute level must reproduce the reference: recomputation changes memory, never numbers.
+    let levels = [Recompute::None, Recompute::Norms, Recompute::Attention, Recompute::Block];
+    for (name, rc) in cases.iter().flat_map(|n| levels.iter().map(move |&r| (n, r))) {
+        println!("== {name} recompute {rc:?}");
         let case = GoldenCase::load(&dir, name).unwrap();
-        let mut model = load_case(&case);
+        let mut model = load_case(&case, rc);
         let names = trainable(&case);
 
         let loss = model.forward().unwrap();
@@ -92,7 +95,7 @@ fn forward_backward_and_adamw_match_the_reference() {
         // Three AdamW steps on the same batch (lr 1e-3, wd 0.05), as the reference.
         let lr = case.manifest["adamw"]["lr"].as_f64().unwrap();
         let wd = case.manifest["adamw"]["weight_decay"].as_f64().unwrap();
-        let mut model = load_case(&case);
+        let mut model = load_case(&case, rc);
         let mut losses = Vec::new();
         for k in 1..=3 {
             losses.push(model.forward().unwrap());
@@ -150,5 +153,22 @@ fn adamw_on_golden_gradients_matches_step1() {
                 assert!((a - b).abs() <= 2.0 * ulp(scale), "{name}: adamw.step1.{n}[{i}]: {a} vs {b} (1 ulp = {:e})", ulp(scale));
             }
         }
+    }
+}
+
+/// Recomputation changes memory, never numbers: every level gives bit-identical gradients.
+#[test]
+fn recompute_levels_are_bit_identical() {
+    let dir = golden_dir();
+    let case = GoldenCase::load(&dir, "snella_dinov2_ls").unwrap();
+    let grads = |rc: Recompute| {
+        let mut m = load_case(&case, rc);
+        m.forward().unwrap();
+        m.backward().unwrap();
+        trainable(&case).iter().map(|n| m.get_grad(n).unwrap()).collect::<Vec<_>>()
+    };
+    let base = grads(Recompute::None);
+    for rc in [Recompute::Norms, Recompute::Attention, Recompute::Block] {
+        assert!(grads(rc) == base, "gradients at recompute {rc:?} differ from keeping every activation");
     }
 }

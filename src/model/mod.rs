@@ -4,5 +4,5 @@ pub mod vit;
 pub mod load;
 
 pub use config::{Position, ViTConfig};
-pub use vit::{plan_model, Model};
+pub use vit::{plan_model, Model, Recompute};
 pub mod posembed;

@@ -16,12 +16,27 @@ use crate::ops::compete::{add_transposed, sparsify_backward, sparsify_forward, C
 use crate::ops::embed::{cls_gather, cls_scatter, embed_backward, embed_forward, patchify, PatchGeom};
 use crate::ops::gelu::{gelu_backward, gelu_forward};
 use crate::ops::kmerge::{merge_backward, merge_forward, Factors, KernelKind, MergeScratch};
-use crate::ops::layernorm::{layernorm_backward, layernorm_forward};
+use crate::ops::layernorm::{layernorm_apply, layernorm_backward, layernorm_forward};
 use crate::ops::loss::cross_entropy;
 use crate::ops::mask::mask_grad;
 use crate::ops::matmul::{matmul, Matmul};
 use crate::peft::{decays, Method};
 use crate::runtime::{Backend, DType, Plan, Pool, Runtime, Tensor};
+
+/// How much of a block's forward the backward recomputes instead of keeping (each level includes the ones
+/// before it). Recomputed tensors live in one shared scratch buffer instead of one per layer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+pub enum Recompute {
+    /// Keep every activation.
+    None,
+    /// LayerNorm outputs (from the saved mean/rstd, bit-identical) and GELU outputs: elementwise, cheap.
+    Norms,
+    /// Also the attention probabilities and output, from the saved q|k|v (one batched GEMM pair + softmax).
+    #[default]
+    Attention,
+    /// Also the qkv and fc1 projections (re-running those Linears): only the residual stream is kept.
+    Block,
+}
 
 /// A parameter: its value, and for trainable ones the gradient and AdamW moments.
 #[derive(Clone, Copy, Debug)]
@@ -213,10 +228,12 @@ pub struct Layout {
     /// Threshold t of every sparse branch from the last forward.   (branches)
     pub thresholds: Tensor,
     pub branches: Vec<Branch>,
+    pub recompute: Recompute,
 }
 
-/// Plans every tensor of a training step of `cfg` under `method` at batch `b`.
-pub fn plan_model(cfg: &ViTConfig, method: &Method, b: usize) -> Result<(Plan, Layout)> {
+/// Plans every tensor of a training step of `cfg` under `method` at batch `b`, keeping activations as
+/// `recompute` says.
+pub fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, recompute: Recompute) -> Result<(Plan, Layout)> {
     cfg.validate()?;
     if b == 0 {
         return Err(Error::invalid("batch", "must be at least 1"));
@@ -231,23 +248,44 @@ pub fn plan_model(cfg: &ViTConfig, method: &Method, b: usize) -> Result<(Plan, L
     // Persistent scratch first (scope 0): cuBLAS workspace and the per-layer gradient buffers.
     plan.add_cublas_workspace();
     let s = Pool::Scratch;
+    let hd = cfg.head_dim();
+    let wide = 3 * d.max(f / 3 + 1).max(f.div_ceil(3));
+    // Buffers that are never live at the same time share storage (hand-placed, llm.c style):
+    //  - `heads` holds q|k|v|o during attention (forward, and backward's attention part), and ∂L/∂u during the
+    //    backward's MLP part, which ends before the attention part starts;
+    //  - `wide_a` holds ∂L/∂qkv (attention part of the backward), the recomputed GELU output (forward MLP and
+    //    backward MLP part), and the patches before block 0 when the patch embedding is frozen;
+    //  - `wide_b` holds the recomputed qkv (attention part) and fc1 output (MLP part) at `Recompute::Block`.
+    let heads = plan.f32("work.heads", &[(4 * b * h * t * hd).max(bt * f)], s);
+    let wide_a = plan.f32("work.wide_a", &[bt * wide.max(f).max(if full { 0 } else { cfg.patch_dim() * np / t + 1 })], s);
+    let wide_b = (recompute >= Recompute::Block).then(|| plan.f32("work.wide_b", &[bt * 3 * d.max(f.div_ceil(3))], s));
+    let quarter = b * h * t * hd;
     let work = Work {
         dres: plan.f32("work.dres", &[bt, d], s),
         dy: plan.f32("work.dy", &[bt, d], s),
         dh: plan.f32("work.dh", &[bt, d], s),
-        dqkv: plan.f32("work.dqkv", &[bt, 3 * d], s),
-        du: plan.f32("work.du", &[bt, f], s),
-        q: plan.f32("work.attn.q", &[b, h, t, cfg.head_dim()], s),
-        k: plan.f32("work.attn.k", &[b, h, t, cfg.head_dim()], s),
-        v: plan.f32("work.attn.v", &[b, h, t, cfg.head_dim()], s),
-        o: plan.f32("work.attn.o", &[b, h, t, cfg.head_dim()], s),
+        dqkv: wide_a.slice(0, bt * 3 * d),
+        du: heads.slice(0, bt * f),
+        q: heads.slice(0, quarter),
+        k: heads.slice(quarter, quarter),
+        v: heads.slice(2 * quarter, quarter),
+        o: heads.slice(3 * quarter, quarter),
         dscores: plan.f32("work.attn.dscores", &[b, h, t, t], s),
-        dtmp: plan.f32("work.attn.dtmp", &[b, h, t, cfg.head_dim()], s),
+        dtmp: plan.f32("work.attn.dtmp", &[b, h, t, hd], s),
         dfeat: plan.f32("work.dfeat", &[b, d], s),
         dcls: plan.f32("work.dcls", &[b, d], s),
         dlogits: plan.f32("work.dlogits", &[b, v], s),
     };
-    let patches = plan.f32("act.patches", &[b * np, cfg.patch_dim()], if full { Pool::Activations } else { s });
+    let patches = if full { plan.f32("act.patches", &[b * np, cfg.patch_dim()], Pool::Activations) } else { wide_a.slice(0, b * np * cfg.patch_dim()) };
+    // Shared buffers of the activations the backward recomputes (one for all layers; ln serves LN1 and LN2,
+    // which are never needed at the same time).
+    let shared = |plan: &mut Plan, level: Recompute, name: &str, shape: &[usize]| (recompute >= level).then(|| plan.f32(format!("work.recompute.{name}"), shape, s));
+    let r_ln = shared(&mut plan, Recompute::Norms, "ln", &[bt, d]);
+    let r_gelu = (recompute >= Recompute::Norms).then(|| wide_a.slice(0, bt * f));
+    let r_probs = shared(&mut plan, Recompute::Attention, "probs", &[b, h, t, t]);
+    let r_attn = shared(&mut plan, Recompute::Attention, "attn", &[bt, d]);
+    let r_qkv = wide_b.map(|w| w.slice(0, bt * 3 * d));
+    let r_fc1 = wide_b.map(|w| w.slice(0, bt * f));
 
     // Parameters, in timm order.
     let trainable = |name: &str| full || matches!(name, "cls_token" | "head.weight" | "head.bias");
@@ -358,19 +396,20 @@ pub fn plan_model(cfg: &ViTConfig, method: &Method, b: usize) -> Result<(Plan, L
         qkv_br.extend(bl(Position::K));
         qkv_br.extend(bl(Position::V));
         let pre = format!("act.blocks.{l}");
+        let mut keep = |name: &str, shape: &[usize], shared: Option<Tensor>| shared.unwrap_or_else(|| plan.f32(format!("{pre}.{name}"), shape, a));
         let acts = BlockActs {
-            ln1: plan.f32(format!("{pre}.ln1"), &[bt, d], a),
-            ln1_mean: plan.f32(format!("{pre}.ln1_mean"), &[bt], a),
-            ln1_rstd: plan.f32(format!("{pre}.ln1_rstd"), &[bt], a),
-            qkv: plan.f32(format!("{pre}.qkv"), &[bt, 3 * d], a),
-            probs: plan.f32(format!("{pre}.probs"), &[b, h, t, t], a),
-            attn: plan.f32(format!("{pre}.attn"), &[bt, d], a),
-            x_mid: plan.f32(format!("{pre}.x_mid"), &[bt, d], a),
-            ln2: plan.f32(format!("{pre}.ln2"), &[bt, d], a),
-            ln2_mean: plan.f32(format!("{pre}.ln2_mean"), &[bt], a),
-            ln2_rstd: plan.f32(format!("{pre}.ln2_rstd"), &[bt], a),
-            fc1: plan.f32(format!("{pre}.fc1"), &[bt, f], a),
-            gelu: plan.f32(format!("{pre}.gelu"), &[bt, f], a),
+            ln1: keep("ln1", &[bt, d], r_ln),
+            ln1_mean: keep("ln1_mean", &[bt], None),
+            ln1_rstd: keep("ln1_rstd", &[bt], None),
+            qkv: keep("qkv", &[bt, 3 * d], r_qkv),
+            probs: keep("probs", &[b, h, t, t], r_probs),
+            attn: keep("attn", &[bt, d], r_attn),
+            x_mid: keep("x_mid", &[bt, d], None),
+            ln2: keep("ln2", &[bt, d], r_ln),
+            ln2_mean: keep("ln2_mean", &[bt], None),
+            ln2_rstd: keep("ln2_rstd", &[bt], None),
+            fc1: keep("fc1", &[bt, f], r_fc1),
+            gelu: keep("gelu", &[bt, f], r_gelu),
             proj_out: ls_trains.then(|| plan.f32(format!("{pre}.proj_out"), &[bt, d], a)),
             fc2_out: ls_trains.then(|| plan.f32(format!("{pre}.fc2_out"), &[bt, d], a)),
         };
@@ -411,6 +450,7 @@ pub fn plan_model(cfg: &ViTConfig, method: &Method, b: usize) -> Result<(Plan, L
         lnf_rstd,
         thresholds,
         branches,
+        recompute,
     };
     Ok((plan, layout))
 }
@@ -433,13 +473,13 @@ pub struct Model {
 
 impl Model {
     /// Plans and allocates the model; parameters start at zero (load or initialise them next).
-    pub fn new(backend: Backend, cfg: &ViTConfig, method: Method, batch: usize) -> Result<Model> {
-        let (plan, layout) = plan_model(cfg, &method, batch)?;
+    pub fn new(backend: Backend, cfg: &ViTConfig, method: Method, batch: usize, recompute: Recompute) -> Result<Model> {
+        let (plan, layout) = plan_model(cfg, &method, batch, recompute)?;
         let rt = match Runtime::new(backend, plan) {
             Err(Error::OutOfMemory { need_mib, free_mib, .. }) => {
                 let max_batch = (1..batch)
                     .rev()
-                    .find(|&bb| plan_model(cfg, &method, bb).map(|(p, _)| crate::runtime::mib(p.total_bytes()) + 12.0 < free_mib).unwrap_or(false))
+                    .find(|&bb| plan_model(cfg, &method, bb, recompute).map(|(p, _)| crate::runtime::mib(p.total_bytes()) + 12.0 < free_mib).unwrap_or(false))
                     .unwrap_or(0);
                 return Err(Error::OutOfMemory { need_mib, free_mib, max_batch });
             }
@@ -678,9 +718,20 @@ impl Model {
         cls_scatter(rt, dres, dcls, b, t, d)?;
 
         let heads = Heads { b, n: t, h: cfg.num_heads, hd: cfg.head_dim() };
+        let rc = lo.recompute;
         for (l, blk) in lo.blocks.iter().enumerate().rev() {
             let ac = &blk.acts;
-            // MLP: x_out = x_mid + ls2 ⊙ fc2(GELU(fc1(LN2(x_mid)))).
+            let x_in = lo.resid[l].slice(0, bt * d);
+            // MLP: x_out = x_mid + ls2 ⊙ fc2(GELU(fc1(LN2(x_mid)))). First rebuild what was not kept.
+            if rc >= Recompute::Norms {
+                layernorm_apply(rt, sl(ac.ln2, d), sl(ac.x_mid, d), ac.ln2_mean, ac.ln2_rstd, blk.norm2.0.value, blk.norm2.1.value, d)?;
+            }
+            if rc >= Recompute::Block {
+                self.linear_forward(&blk.fc1, sl(ac.fc1, fh), sl(ac.ln2, d), bt)?;
+            }
+            if rc >= Recompute::Norms {
+                gelu_forward(rt, sl(ac.gelu, fh), sl(ac.fc1, fh))?;
+            }
             let dy = layer_scale_backward(rt, sl(w.dy, d), dres, blk.ls2, ac.fc2_out.map(|t| sl(t, d)))?;
             let du = sl(w.du, fh);
             self.linear_backward(&blk.fc2, du, dy, sl(ac.gelu, fh), bt)?;
@@ -689,18 +740,28 @@ impl Model {
             self.linear_backward(&blk.fc1, dh, du, sl(ac.ln2, d), bt)?;
             layernorm_backward(rt, dres, blk.norm2.0.grad, blk.norm2.1.grad, dh, sl(ac.x_mid, d), blk.norm2.0.value, ac.ln2_mean, ac.ln2_rstd, d)?;
             // Attention: x_mid = x_in + ls1 ⊙ proj(attn(qkv(LN1(x_in)))).
+            if rc >= Recompute::Norms {
+                layernorm_apply(rt, sl(ac.ln1, d), x_in, ac.ln1_mean, ac.ln1_rstd, blk.norm1.0.value, blk.norm1.1.value, d)?;
+            }
+            let qkv = sl(ac.qkv, 3 * d);
+            if rc >= Recompute::Block {
+                self.linear_forward(&blk.qkv, qkv, sl(ac.ln1, d), bt)?;
+            }
+            let buf = w.attention(ac.probs.slice(0, b * cfg.num_heads * t * t));
+            if rc >= Recompute::Attention {
+                // Rebuilds q, k, v, the probabilities and the merged output (the proj input) in scratch.
+                attention_forward(rt, sl(ac.attn, d), qkv, &buf, heads)?;
+            } else {
+                // The head-major q, k, v of this layer, from the saved qkv (the scratch held another layer's).
+                permute_heads(rt, buf.q, qkv, heads, 3 * d, true)?;
+                permute_heads(rt, buf.k, qkv.slice(d, qkv.numel - d), heads, 3 * d, true)?;
+                permute_heads(rt, buf.v, qkv.slice(2 * d, qkv.numel - 2 * d), heads, 3 * d, true)?;
+            }
             let dy = layer_scale_backward(rt, sl(w.dy, d), dres, blk.ls1, ac.proj_out.map(|t| sl(t, d)))?;
             self.linear_backward(&blk.proj, dh, dy, sl(ac.attn, d), bt)?;
-            let buf = w.attention(ac.probs.slice(0, b * cfg.num_heads * t * t));
-            // The head-major q, k, v of this layer are rebuilt from the saved qkv (scratch held another layer's).
-            let qkv = sl(ac.qkv, 3 * d);
-            permute_heads(rt, buf.q, qkv, heads, 3 * d, true)?;
-            permute_heads(rt, buf.k, qkv.slice(d, qkv.numel - d), heads, 3 * d, true)?;
-            permute_heads(rt, buf.v, qkv.slice(2 * d, qkv.numel - 2 * d), heads, 3 * d, true)?;
             let dqkv = sl(w.dqkv, 3 * d);
             attention_backward(rt, dqkv, dh, &buf, w.dscores, w.dtmp, heads)?;
             self.linear_backward(&blk.qkv, dh, dqkv, sl(ac.ln1, d), bt)?;
-            let x_in = lo.resid[l].slice(0, bt * d);
             layernorm_backward(rt, dres, blk.norm1.0.grad, blk.norm1.1.grad, dh, x_in, blk.norm1.0.value, ac.ln1_mean, ac.ln1_rstd, d)?;
         }
         // Embedding: cls token, position table and (full fine-tuning) the patch projection.

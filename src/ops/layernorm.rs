@@ -21,6 +21,25 @@ pub fn layernorm_forward(rt: &Runtime, out: Tensor, mean: Tensor, rstd: Tensor, 
     Ok(())
 }
 
+/// Recomputes a forward's output from its saved statistics: out = (inp − mean)·rstd·w + b, bit-identical to
+/// `layernorm_forward` (same expression), so the backward can drop the normalised activations.
+/// out, inp: (N, C)   mean, rstd: (N)   w, b: (C)
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_apply(rt: &Runtime, out: Tensor, inp: Tensor, mean: Tensor, rstd: Tensor, w: Tensor, b: Tensor, c: usize) -> Result<()> {
+    let n = inp.numel / c;
+    assert!(out.numel == inp.numel && mean.numel >= n && rstd.numel >= n && w.numel == c && b.numel == c);
+    match &rt.backend {
+        Backend::Cpu => cpu::apply(rt.f32_mut(out), rt.f32(inp), rt.f32(mean), rt.f32(rstd), rt.f32(w), rt.f32(b), c),
+        Backend::Cuda(cu) => cu.launch(
+            "snella_layernorm_apply",
+            crate::runtime::cuda::grid_1d(inp.numel, 256),
+            &[KArg::Ptr(rt.ptr(out)), KArg::Ptr(rt.ptr(inp)), KArg::Ptr(rt.ptr(mean)), KArg::Ptr(rt.ptr(rstd)),
+              KArg::Ptr(rt.ptr(w)), KArg::Ptr(rt.ptr(b)), KArg::I64(inp.numel as i64), KArg::I32(c as i32)],
+        )?,
+    }
+    Ok(())
+}
+
 /// dinp += LN'ᵀ·dout; dw += Σ_rows dout·x̂ and db += Σ_rows dout when given (trainable affine).
 /// dinp, dout, inp: (N, C)   mean, rstd: (N)   w, dw, db: (C)
 #[allow(clippy::too_many_arguments)]
@@ -59,10 +78,24 @@ pub(crate) mod cpu {
             let v = x.iter().map(|&v| (v - m) * (v - m)).sum::<f32>() / c as f32;
             let s = 1.0 / (v + eps).sqrt();
             for i in 0..c {
-                o[i] = (x[i] - m) * s * w[i] + b[i];
+                o[i] = normalize(x[i], m, s, w[i], b[i]);
             }
             mean[r] = m;
             rstd[r] = s;
+        }
+    }
+
+    /// The one expression both the forward and the recompute use, so they agree to the bit.
+    #[inline(always)]
+    fn normalize(x: f32, m: f32, s: f32, w: f32, b: f32) -> f32 {
+        (x - m) * s * w + b
+    }
+
+    pub fn apply(out: &mut [f32], inp: &[f32], mean: &[f32], rstd: &[f32], w: &[f32], b: &[f32], c: usize) {
+        for (r, (x, o)) in inp.chunks(c).zip(out.chunks_mut(c)).enumerate() {
+            for i in 0..c {
+                o[i] = normalize(x[i], mean[r], rstd[r], w[i], b[i]);
+            }
         }
     }
 
@@ -126,6 +159,9 @@ mod tests {
         let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
         let (x64, w64, b64, g64) = (to64(&x), to64(&w), to64(&b), to64(&g));
         assert_close("layernorm out", &y, &fwd(&x64, &w64, &b64), 1e-6);
+        let mut y2 = vec![0f32; n * c];
+        super::cpu::apply(&mut y2, &x, &m, &s, &w, &b, c);
+        assert_eq!(y, y2, "layernorm_apply must reproduce the forward bit for bit");
         let obj = |x: &[f64], w: &[f64], b: &[f64]| fwd(x, w, b).iter().zip(&g64).map(|(a, b)| a * b).sum::<f64>();
         let h = 1e-6;
         let num = |which: usize, len: usize| -> Vec<f64> {

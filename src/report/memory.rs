@@ -4,7 +4,7 @@
 use std::fmt::Write;
 
 use crate::error::{Error, Result};
-use crate::model::{plan_model, ViTConfig};
+use crate::model::{plan_model, Recompute, ViTConfig};
 use crate::peft::Method;
 use crate::runtime::{mib, Pool};
 
@@ -46,13 +46,13 @@ pub struct MemoryRow {
 
 /// Plans every (model, method) at `batch` and returns the rows. `num_classes` sizes the head (100, as the
 /// PyTorch benchmark).
-pub fn memory_rows(models: &[String], methods: &[String], batch: usize, sparsity: f32, num_classes: usize) -> Result<Vec<MemoryRow>> {
+pub fn memory_rows(models: &[String], methods: &[String], batch: usize, sparsity: f32, num_classes: usize, recompute: Recompute) -> Result<Vec<MemoryRow>> {
     let mut rows = Vec::new();
     for model in models {
         let cfg = ViTConfig::by_name(model, num_classes)?;
         for name in methods {
             let method = Method::parse(name, sparsity)?;
-            let (plan, _) = plan_model(&cfg, &method, batch)?;
+            let (plan, _) = plan_model(&cfg, &method, batch, recompute)?;
             let pools_mib = Pool::ALL.iter().map(|&p| (p.name().to_string(), mib(plan.pool_bytes(p)))).collect();
             let total_mib = mib(plan.total_bytes());
             let paper = paper_mb(model, &method.name());
@@ -195,7 +195,7 @@ mod tests {
 
     #[test]
     fn rows_have_the_paper_columns() {
-        let rows = memory_rows(&["tiny".into()], &["lora8".into(), "snella8".into(), "gps".into()], 2, 0.5, 10).unwrap();
+        let rows = memory_rows(&["tiny".into()], &["lora8".into(), "snella8".into(), "gps".into()], 2, 0.5, 10, Recompute::Attention).unwrap();
         assert_eq!(rows.len(), 3);
         assert!(rows.iter().all(|r| r.total_mib > 0.0 && r.paper_mb.is_none()));
         assert!(table(&rows).contains("snella8"));
