@@ -1,1 +1,112 @@
-fn main(){}
+//! One training step (forward, backward, AdamW, allocator update) per model × method on the available
+//! device, in images/s (criterion throughput; the step ends by reading the loss back, which synchronises
+//! the device). The planned memory per pool and the peak bytes the ops touched are printed per case.
+//! CPU runs use small configurations so the whole bench finishes in minutes:
+//!   cargo bench --bench step                      (auto device)
+//!   SNELLA_BENCH_MODELS=vit_b16 SNELLA_BENCH_BATCH=64 cargo bench --bench step   (a GPU run)
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use snella::model::{Model, Recompute, ViTConfig};
+use snella::peft::allocator::{Allocator, AllocatorConfig};
+use snella::peft::Method;
+use snella::runtime::mib;
+use snella::{Backend, Device};
+
+fn env_list(key: &str, default: &str) -> Vec<String> {
+    std::env::var(key).unwrap_or_else(|_| default.into()).split(',').map(str::to_string).collect()
+}
+
+/// A small ViT for CPU benches: 64 px, patch 8, width 192, depth 4.
+fn bench_config(name: &str) -> ViTConfig {
+    match name {
+        "small" => ViTConfig { img_size: (64, 64), patch_size: 8, embed_dim: 192, depth: 4, num_heads: 3, mlp_hidden: 768, ..ViTConfig::by_name("tiny", 100).unwrap() },
+        other => ViTConfig::by_name(other, 100).expect("model name"),
+    }
+}
+
+fn step(c: &mut Criterion) {
+    let device = Device::auto();
+    let gpu = device == Device::Cuda;
+    let models = env_list("SNELLA_BENCH_MODELS", if gpu { "vit_b16,vit_l16,vit_h14" } else { "tiny,small" });
+    let methods = env_list("SNELLA_BENCH_METHODS", if gpu { "full,lora8,gps,snell32,snella32" } else { "full,lora8,gps,snell8,snella8" });
+    let batch: usize = std::env::var("SNELLA_BENCH_BATCH").ok().and_then(|b| b.parse().ok()).unwrap_or(if gpu { 8 } else { 4 });
+    let recompute = match std::env::var("SNELLA_BENCH_RECOMPUTE").as_deref() {
+        Ok("none") => Recompute::None,
+        Ok("norms") => Recompute::Norms,
+        Ok("block") => Recompute::Block,
+        _ => Recompute::Attention,
+    };
+    let mut group = c.benchmark_group(format!("step_{}", if gpu { "cuda" } else { "cpu" }));
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(batch as u64));
+    for model_name in &models {
+        let cfg = bench_config(model_name);
+        for method_name in &methods {
+            let method = Method::parse(method_name, 0.5).expect("method");
+            let backend = Backend::new(device).expect("backend");
+            let mut model = match Model::new(backend, &cfg, method, batch, recompute) {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("{model_name} {method_name}: skipped: {e}");
+                    continue;
+                }
+            };
+            init(&model, &cfg);
+            let per = cfg.in_chans * cfg.img_size.0 * cfg.img_size.1;
+            let images: Vec<f32> = (0..batch * per).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+            let labels: Vec<i32> = (0..batch).map(|i| (i % cfg.num_classes) as i32).collect();
+            model.set_batch(&images, &labels).unwrap();
+            let alloc = matches!(method, Method::Kernel(k) if k.allocator)
+                .then(|| Allocator::new(&model, AllocatorConfig { init_ratio: 0.5, target_ratio: 0.5, ..Default::default() }).unwrap());
+            group.bench_function(format!("{model_name}/{method_name}/b{batch}"), |b| {
+                b.iter(|| {
+                    let loss = model.forward().unwrap();
+                    model.backward().unwrap();
+                    model.adamw_step(1e-4, 0.05).unwrap();
+                    if let Some(a) = &alloc {
+                        a.update(&model).unwrap();
+                    }
+                    loss
+                })
+            });
+            let report = model.rt.pool_report();
+            let planned: usize = report.iter().map(|(_, u)| u.planned).sum();
+            let peak: usize = report.iter().map(|(_, u)| u.peak).sum();
+            let device_used = model.rt.device_used_above_baseline().unwrap();
+            println!(
+                "memory {model_name} {method_name} b{batch}: planned {:.1} MiB, touched {:.1} MiB{}",
+                mib(planned),
+                mib(peak),
+                device_used.map(|u| format!(", device above baseline {:.1} MiB", mib(u))).unwrap_or_default()
+            );
+            for (pool, u) in report {
+                println!("    {:<12} planned {:>10.2} MiB  peak {:>10.2} MiB", pool.name(), mib(u.planned), mib(u.peak));
+            }
+        }
+    }
+    group.finish();
+}
+
+/// Sane random-ish weights (values only need to keep the step finite).
+fn init(model: &Model, cfg: &ViTConfig) {
+    for (i, name) in model.layout.params.names.iter().enumerate() {
+        let p = &model.layout.params.list[i];
+        let n = p.value.numel;
+        let val: Vec<f32> = if name.ends_with("norm1.weight") || name.ends_with("norm2.weight") || name == "norm.weight" {
+            vec![1.0; n]
+        } else if name.ends_with(".gamma") && name.starts_with("branch.") {
+            vec![1.0; n]
+        } else if name.ends_with(".bias") || name.ends_with(".beta") {
+            vec![0.0; n]
+        } else if name.ends_with(".alpha") {
+            vec![1.0; n]
+        } else {
+            let scale = if name.contains("_Qs") { 0.01 } else { 0.02 };
+            (0..n).map(|j| scale * (((j * 2654435761 + i * 97) % 2001) as f32 / 1000.0 - 1.0)).collect()
+        };
+        model.set_param(name, &val).unwrap();
+    }
+    let _ = cfg;
+}
+
+criterion_group!(benches, step);
+criterion_main!(benches);
