@@ -512,6 +512,56 @@ impl Model {
         self.rt.download(g)
     }
 
+    /// Sets every backbone tensor from `w` (timm names, adapted to this model's configuration by
+    /// `load::adapt_to_config`). A missing or mis-shaped tensor is an error naming it and the file.
+    pub fn load_backbone(&self, w: &crate::model::load::Weights) -> Result<()> {
+        for (name, shape) in self.cfg.param_shapes() {
+            let file = w.source.display().to_string();
+            let (got, data) = w.tensors.get(&name).ok_or_else(|| Error::MissingTensor { file: file.clone(), name: name.clone() })?;
+            if *got != shape {
+                return Err(Error::ShapeMismatch { file, name, got: got.clone(), want: shape });
+            }
+            self.set_param(&name, data)?;
+        }
+        Ok(())
+    }
+
+    /// Initialises every branch as the official code does: kernel factors (2, n, r/2) ~ kaiming_uniform(a=√5),
+    /// i.e. U(±1/√(n·r/2)); α = γ = 1, β = 0; LoRA A (r, in) and B (out, r) ~ N(0, 0.02²) (the official model
+    /// re-initialises every Linear, LoRA's included, with trunc_normal(0.02)). Deterministic by `seed`.
+    pub fn init_branches(&self, seed: u64) -> Result<()> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        for br in &self.layout.branches {
+            match br.params {
+                BranchParams::Kernel { a, b, mix, d, .. } => {
+                    for (p, n) in [(a, br.n_in), (b, br.n_out)] {
+                        let bound = 1.0 / ((n * d) as f64).sqrt();
+                        let v: Vec<f32> = (0..p.value.numel).map(|_| rng.gen_range(-bound..bound) as f32).collect();
+                        self.rt.upload(p.value, &v)?;
+                    }
+                    if let Some([alpha, gamma, beta]) = mix {
+                        self.rt.upload(alpha.value, &[1.0])?;
+                        self.rt.upload(gamma.value, &[1.0])?;
+                        self.rt.upload(beta.value, &[0.0])?;
+                    }
+                }
+                BranchParams::Lora { a, b, .. } => {
+                    for p in [a, b] {
+                        let v: Vec<f32> = (0..p.value.numel).map(|_| 0.02 * rng.sample::<f32, _>(rand_distr::StandardNormal)).collect();
+                        self.rt.upload(p.value, &v)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The final-norm cls features (b, D) of the last forward (what the head reads).
+    pub fn features(&self) -> Result<Vec<f32>> {
+        self.rt.download(self.layout.feats.slice(0, self.last_b * self.cfg.embed_dim))
+    }
+
     /// Sets the GPS update mask of a weight (1 = updated).
     pub fn set_gps_mask(&self, name: &str, mask: &[u8]) -> Result<()> {
         let p = self.param(name)?;
