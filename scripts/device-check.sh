@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The one script to run on a lent GPU machine (no Rust, no network). Needs .device/snella, made here by
+# scripts/prepare-device.sh; .device is ignored by git, so the run must carry it. Prints the GPU and the
+# CUDA libraries the loader sees, finds cuBLAS inside PyTorch's install when the loader does not, then
+# runs `snella info` and `snella selftest --device cuda`. Every log goes under $OUT (default
+# ./device-out). It goes on after a failure and exits with the selftest's status.
+set -uo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+OUT="${OUT:-$root/device-out}"
+mkdir -p "$OUT"
+bin="$root/.device/snella"
+export SNELLA_GOLDEN="${SNELLA_GOLDEN:-$root/tests/golden}"
+
+section() { printf '\n=== %s\n' "$*"; }
+
+{
+    section "nvidia-smi"
+    nvidia-smi || echo "(nvidia-smi failed with status $?)"
+    section "ldconfig -p | grep -E 'libcuda|libcublas'"
+    ldconfig -p | grep -E 'libcuda|libcublas' || echo "(neither libcuda nor libcublas is on the loader path)"
+} 2>&1 | tee "$OUT/environment.log"
+
+# cuBLAS: the loader path first, else the nvidia-* wheels that PyTorch installs (cu13/lib, cublas/lib).
+if ! ldconfig -p | grep -q 'libcublas\.so'; then
+    found=""
+    dirs="$(python3 -c 'import nvidia; print("\n".join(nvidia.__path__))' 2>/dev/null || true)"
+    for d in $dirs; do
+        for sub in cu13/lib cublas/lib; do
+            if compgen -G "$d/$sub/libcublas.so*" >/dev/null; then found="$d/$sub"; break 2; fi
+        done
+        lib="$(find "$d" -name 'libcublas.so*' 2>/dev/null | head -n1)"
+        if [ -n "$lib" ]; then found="$(dirname "$lib")"; break; fi
+    done
+    if [ -n "$found" ]; then
+        export LD_LIBRARY_PATH="$found${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        echo "cuBLAS from PyTorch's install: LD_LIBRARY_PATH=$LD_LIBRARY_PATH" | tee -a "$OUT/environment.log"
+    else
+        echo "cuBLAS not found on the loader path nor in python3's nvidia packages" | tee -a "$OUT/environment.log"
+    fi
+fi
+
+if [ ! -x "$bin" ]; then
+    echo "device-check: $bin is missing: run scripts/prepare-device.sh first and carry .device" | tee "$OUT/selftest.log"
+    exit 2
+fi
+
+section "snella info"
+"$bin" info 2>&1 | tee "$OUT/info.log"
+
+section "snella selftest --device cuda"
+"$bin" selftest --device cuda 2>&1 | tee "$OUT/selftest.log"
+status=${PIPESTATUS[0]}
+section "selftest exit status: $status"
+exit "$status"
