@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
-use crate::model::ViTConfig;
+use crate::model::{Model, Recompute, ViTConfig};
+use crate::peft::Method;
+use crate::runtime::Backend;
 
 pub struct GoldenCase {
     pub name: String,
@@ -16,11 +18,18 @@ pub struct GoldenCase {
     pub labels: Vec<i32>,
 }
 
-/// The directory of golden cases: `$SNELLA_GOLDEN`, else the copy in `tests/golden`.
+/// The directory of golden cases: `$SNELLA_GOLDEN`, else the repository's `tests/golden` (where this crate
+/// was built, or `./tests/golden` when the binary runs from a copy of the repository elsewhere).
 pub fn golden_dir() -> PathBuf {
-    std::env::var_os("SNELLA_GOLDEN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden"))
+    if let Some(dir) = std::env::var_os("SNELLA_GOLDEN") {
+        return PathBuf::from(dir);
+    }
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    if built.is_dir() {
+        built
+    } else {
+        PathBuf::from("tests/golden")
+    }
 }
 
 /// Every case (`*.json` with a matching `*.safetensors`) in a directory, sorted by name.
@@ -88,6 +97,46 @@ impl GoldenCase {
             layer_scale: v["layer_scale"].as_bool().unwrap_or(false),
             eps: v["eps"].as_f64().unwrap_or(1e-6) as f32,
         }
+    }
+
+    /// The method of the case as its manifest names it.
+    pub fn method(&self) -> Result<Method> {
+        let m = &self.manifest["method"];
+        let r = m["r"].as_u64().unwrap_or(0) as usize;
+        Ok(match m["kind"].as_str().unwrap_or("") {
+            "full" => Method::Full,
+            "none" => Method::Linear,
+            "lora" => Method::Lora { r },
+            "snella" => Method::snella(r, 0.0),
+            "snell" => Method::snell(r, 0.0),
+            "mixk" => Method::mixk(r),
+            "klora" => Method::klora(r),
+            k => return Err(Error::format(&self.path, format!("unknown method kind '{k}'"))),
+        })
+    }
+
+    /// A model of the case on `backend`, with the case's initial parameters, per-branch ratios and batch.
+    pub fn build_model(&self, backend: Backend, recompute: Recompute) -> Result<Model> {
+        let cfg = self.vit_config();
+        let mut model = Model::new(backend, &cfg, self.method()?, self.labels.len(), recompute)?;
+        for name in model.layout.params.names.clone() {
+            let p = format!("param.{name}");
+            let key = if self.tensors.contains_key(&p) { p } else { format!("frozen.{name}") };
+            model.set_param(&name, self.get(&key)?)?;
+        }
+        if let Some(sp) = self.manifest["method"]["sparsity_per_branch"].as_object() {
+            for br in &model.layout.branches {
+                let s = sp.get(&br.prefix).and_then(|v| v.as_f64());
+                model.sparsity[br.id] = s.ok_or_else(|| Error::format(&self.path, format!("no sparsity for {}", br.prefix)))? as f32;
+            }
+        }
+        model.set_batch(self.get("input.images")?, &self.labels)?;
+        Ok(model)
+    }
+
+    /// The trainable tensor names of the manifest.
+    pub fn trainable(&self) -> Vec<String> {
+        self.manifest["trainable"].as_array().map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()).unwrap_or_default()
     }
 
     /// The manifest's tolerance for a key: `max|x − ref| <= atol`.

@@ -48,6 +48,10 @@ use crate::ops::loss::cross_entropy;
 use crate::ops::mask::mask_grad;
 use crate::ops::softmax::{softmax_backward, softmax_forward};
 use crate::ops::{matmul, GemmPrecision, Matmul};
+use crate::golden::{golden_dir, GoldenCase};
+use crate::model::Recompute;
+use crate::peft::allocator::{Allocator, AllocatorConfig};
+use crate::peft::Method;
 use crate::runtime::{Backend, Cuda, DType, Device, Plan, Pool, Runtime, Tensor};
 
 /// One comparison of an op (or a small group of its variants) between the CPU and the device.
@@ -128,6 +132,19 @@ pub fn checks() -> Vec<Check> {
         Check { name: "sparsify_s0.9", tol: 0.0, run: |cx| sparsify_check(cx, 0.9) },
         Check { name: "sparsify_s0.99", tol: 0.0, run: |cx| sparsify_check(cx, 0.99) },
         Check { name: "add_transposed", tol: 0.0, run: add_transposed_check },
+        // The whole training step on the golden cases (their masks have decisive gaps, so fp32 rounding
+        // differences between the devices cannot flip them): loss, logits, thresholds, every gradient, and
+        // the parameters after three AdamW steps (and the allocator's EMAs). 1e-4: cancelling sums (the
+        // gradients of α, γ, β) and AdamW's amplification of near-eps gradients, as the reference README says.
+        Check { name: "model_snella_tiny", tol: 1e-4, run: |cx| model_step(cx, "snella_tiny", Recompute::Attention) },
+        Check { name: "model_snella_tiny_keep_all", tol: 1e-4, run: |cx| model_step(cx, "snella_tiny", Recompute::None) },
+        Check { name: "model_snella_tiny_recompute_block", tol: 1e-4, run: |cx| model_step(cx, "snella_tiny", Recompute::Block) },
+        Check { name: "model_snella_d96_r16", tol: 1e-4, run: |cx| model_step(cx, "snella_d96_r16", Recompute::Attention) },
+        Check { name: "model_snella_dinov2_ls", tol: 1e-4, run: |cx| model_step(cx, "snella_dinov2_ls", Recompute::Attention) },
+        Check { name: "model_snell_tiny", tol: 1e-4, run: |cx| model_step(cx, "snell_tiny", Recompute::Attention) },
+        Check { name: "model_mixk_tiny", tol: 1e-4, run: |cx| model_step(cx, "mixk_tiny", Recompute::Attention) },
+        Check { name: "model_lora8_tiny", tol: 1e-4, run: |cx| model_step(cx, "lora8_tiny", Recompute::Attention) },
+        Check { name: "model_full_tiny", tol: 1e-4, run: |cx| model_step(cx, "full_tiny", Recompute::Attention) },
     ]
 }
 
@@ -1086,6 +1103,63 @@ fn importance_check(cx: &mut Case) -> Result<()> {
     }
     cx.compare(&tw, ipt)?;
     cx.compare(&tw, unc)
+}
+
+/// Three training steps of a golden case on the CPU and on the device, compared tensor by tensor.
+/// Tensors the manifest lists as rounding noise (exactly zero in exact arithmetic) are compared in absolute
+/// terms: 1e-6 for gradients, 2·lr per step for parameters (AdamW turns noise into ±lr steps).
+fn model_step(cx: &mut Case, case: &str, recompute: Recompute) -> Result<()> {
+    let g = GoldenCase::load(&golden_dir(), case)?;
+    let mut cpu = g.build_model(Backend::Cpu, recompute)?;
+    let mut dev = g.build_model(Backend::new(cx.dev)?, recompute)?;
+    let names = g.trainable();
+    let alloc = match cpu.method {
+        Method::Kernel(k) if k.allocator => Some(Allocator::new(&cpu, AllocatorConfig::default())?),
+        _ => None,
+    };
+    let (lr, wd, steps) = (1e-3, 0.05, 3);
+    let noise_tol = |cx: &mut Case, name: String, want: &[f32], got: &[f32], abs: f64| {
+        let scale = want.iter().fold(0f64, |m, &v| m.max((v as f64).abs())).max(1e-30);
+        cx.compare_values(name, want, got, Some(abs / scale));
+    };
+    for step in 0..steps {
+        let (lc, ld) = (cpu.forward()?, dev.forward()?);
+        cx.compare_values(format!("step{step}.loss"), &[lc], &[ld], None);
+        if step == 0 {
+            cx.compare_values("logits", &cpu.logits()?, &dev.logits()?, None);
+            cx.compare_values("thresholds", &cpu.thresholds()?, &dev.thresholds()?, None);
+        }
+        cpu.backward()?;
+        dev.backward()?;
+        if step == 0 {
+            for n in &names {
+                let (want, got) = (cpu.get_grad(n)?, dev.get_grad(n)?);
+                if g.noise_ranges(n).iter().map(|(a, b)| b - a).sum::<usize>() == want.len() {
+                    noise_tol(cx, format!("grad.{n} (noise)"), &want, &got, 1e-6);
+                } else {
+                    cx.compare_values(format!("grad.{n}"), &want, &got, None);
+                }
+            }
+        }
+        cpu.adamw_step(lr, wd)?;
+        dev.adamw_step(lr, wd)?;
+        if let Some(a) = &alloc {
+            a.update(&cpu)?;
+            a.update(&dev)?;
+        }
+    }
+    for n in &names {
+        let (want, got) = (cpu.get_param(n)?, dev.get_param(n)?);
+        if g.noise_ranges(n).is_empty() {
+            cx.compare_values(format!("param.{n} after {steps} steps"), &want, &got, None);
+        } else {
+            noise_tol(cx, format!("param.{n} after {steps} steps (noise)"), &want, &got, 2.0 * lr * steps as f64);
+        }
+    }
+    if let Some(a) = &alloc {
+        cx.compare_values("allocator scores", &a.scores(&cpu)?, &a.scores(&dev)?, None);
+    }
+    dev.rt.sync()
 }
 
 fn mask_grad_check(cx: &mut Case) -> Result<()> {

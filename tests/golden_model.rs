@@ -4,41 +4,11 @@
 //! Tolerances are the manifest's `suggested_atol` (10× the measured fp32 rounding spread).
 use snella::golden::{compare, compare_adamw, golden_dir, list_cases, Compare, GoldenCase};
 use snella::model::{Model, Recompute};
-use snella::peft::Method;
 use snella::Backend;
-
-/// The method of a case, as the manifest names it.
-fn method_of(case: &GoldenCase) -> Method {
-    let m = &case.manifest["method"];
-    let r = m["r"].as_u64().unwrap_or(0) as usize;
-    match m["kind"].as_str().unwrap() {
-        "full" => Method::Full,
-        "none" => Method::Linear,
-        "lora" => Method::Lora { r },
-        "snella" => Method::snella(r, 0.0),
-        "snell" => Method::snell(r, 0.0),
-        "mixk" => Method::mixk(r),
-        "klora" => Method::klora(r),
-        k => panic!("{}: unknown method kind {k}", case.name),
-    }
-}
 
 /// A model of the case with its initial parameters, per-branch sparsity and input batch loaded.
 pub fn load_case(case: &GoldenCase, recompute: Recompute) -> Model {
-    let cfg = case.vit_config();
-    let b = case.labels.len();
-    let mut model = Model::new(Backend::Cpu, &cfg, method_of(case), b, recompute).unwrap();
-    for name in model.layout.params.names.clone() {
-        let key = if case.tensors.contains_key(&format!("param.{name}")) { format!("param.{name}") } else { format!("frozen.{name}") };
-        model.set_param(&name, case.get(&key).unwrap()).unwrap_or_else(|e| panic!("{}: {key}: {e}", case.name));
-    }
-    if let Some(sp) = case.manifest["method"]["sparsity_per_branch"].as_object() {
-        for br in &model.layout.branches {
-            model.sparsity[br.id] = sp[&br.prefix].as_f64().unwrap() as f32;
-        }
-    }
-    model.set_batch(case.get("input.images").unwrap(), &case.labels).unwrap();
-    model
+    case.build_model(Backend::Cpu, recompute).unwrap_or_else(|e| panic!("{}: {e}", case.name))
 }
 
 fn check(case: &GoldenCase, out: &mut Vec<Compare>, key: &str, got: &[f32], skip: &[(usize, usize)]) {
@@ -64,7 +34,7 @@ fn check_noise(case: &GoldenCase, out: &mut Vec<Compare>, key: &str, got: &[f32]
 }
 
 fn trainable(case: &GoldenCase) -> Vec<String> {
-    case.manifest["trainable"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect()
+    case.trainable()
 }
 
 #[test]
