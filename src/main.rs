@@ -10,7 +10,10 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use snella::runtime::cuda::KERNELS_COMPILED;
 use snella::runtime::Cuda;
-use snella::{selftest, Error, Result};
+use snella::model::Recompute;
+use snella::report::memory as mem;
+use snella::{selftest, Backend, Device, Error, Result};
+use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(
@@ -25,10 +28,54 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Peak training memory of each model × method from the plan the engine allocates, beside the SNELL
+    /// paper's figures (batch 8, fp32, 224 px); on a GPU with --measure, also measured by running steps.
+    Memory(MemoryArgs),
     /// Version, whether CUDA kernels are compiled into this binary, and what the CUDA probe finds.
     Info,
     /// Every CUDA kernel against its CPU reference on fresh random inputs (needs a GPU).
     Selftest(SelftestArgs),
+}
+
+#[derive(Args)]
+struct MemoryArgs {
+    /// Models (comma-separated): vit_b16, vit_l16, vit_h14, dinov2_s14, tiny.
+    #[arg(long, value_delimiter = ',', default_value = "vit_b16,vit_l16,vit_h14")]
+    models: Vec<String>,
+    /// Methods (comma-separated): full, linear, gps, loraR, snellR, snellaR, mixkR, kloraR.
+    #[arg(long, value_delimiter = ',', default_value = "full,lora8,gps,snell32,snella32")]
+    methods: Vec<String>,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// fp32 is the only precision implemented; bf16 mixed precision is planned, not built.
+    #[arg(long, default_value = "fp32")]
+    precision: String,
+    /// Input resolution in pixels (square); the position table is resized.
+    #[arg(long, default_value_t = 224)]
+    resolution: usize,
+    /// Rank for methods given without one (e.g. `--methods snella,lora --rank 16`).
+    #[arg(long)]
+    rank: Option<usize>,
+    /// Recompute levels to tabulate (comma-separated): none (keep every activation, as the paper's
+    /// PyTorch code), norms, attention, block (only the residual stream is kept).
+    #[arg(long, value_delimiter = ',', value_enum, default_value = "none,block")]
+    recompute: Vec<Recompute>,
+    /// Fraction of entries zeroed per layer for SNELL/SNELLA (does not change memory).
+    #[arg(long, default_value_t = 0.5)]
+    sparsity: f32,
+    /// Classes of the head (the PyTorch benchmark uses 100).
+    #[arg(long, default_value_t = 100)]
+    classes: usize,
+    /// Also write the table as JSON / CSV, and a bar chart as SVG.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    #[arg(long)]
+    svg: Option<PathBuf>,
+    /// Run real training steps on the GPU and add the measured device memory (needs a GPU).
+    #[arg(long)]
+    measure: bool,
 }
 
 #[derive(Args)]
@@ -92,6 +139,10 @@ fn restore_sigpipe() {
 
 fn run(cmd: Command) -> Result<ExitCode> {
     match cmd {
+        Command::Memory(a) => {
+            memory(a)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Info => {
             info();
             Ok(ExitCode::SUCCESS)
@@ -141,4 +192,61 @@ fn info() {
             }
         }
     }
+}
+
+fn memory(a: MemoryArgs) -> Result<()> {
+    if a.precision != "fp32" {
+        return Err(Error::invalid(
+            "--precision",
+            format!("'{}' is not available: only fp32 is implemented (bf16 mixed precision is planned)", a.precision),
+        ));
+    }
+    if a.batch == 0 {
+        return Err(Error::invalid("--batch", "must be at least 1"));
+    }
+    let methods: Vec<String> = a
+        .methods
+        .iter()
+        .map(|m| match a.rank {
+            Some(r) if !m.chars().any(|c| c.is_ascii_digit()) && !matches!(m.as_str(), "full" | "linear" | "gps") => format!("{m}{r}"),
+            _ => m.clone(),
+        })
+        .collect();
+    let measure = if a.measure {
+        Cuda::probe().map_err(|why| Error::NoCuda(format!("{why} (--measure runs real steps on the GPU)")))?;
+        true
+    } else {
+        false
+    };
+    let mut rows = Vec::new();
+    for &rc in &a.recompute {
+        rows.extend(mem::memory_rows_at(&a.models, &methods, a.batch, a.sparsity, a.classes, rc, Some(a.resolution))?);
+    }
+    if measure {
+        for r in rows.iter_mut() {
+            match mem::measure(r, Backend::new(Device::Cuda)?, 2, a.sparsity, a.classes) {
+                Ok((_, dev)) => r.measured_mib = dev,
+                Err(Error::OutOfMemory { .. }) => eprintln!("snella: {} {} does not fit this GPU", r.model, r.method),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    println!(
+        "Peak training memory, batch {}, fp32, {} px (MiB; paper: SNELL Tables A8(b)/A12, MB = MiB; snellaR rows are\n\
+         compared with the paper's SNELL-R figure, SNELLA's own table being unpublished in a readable form)",
+        a.batch, a.resolution
+    );
+    if !measure {
+        println!("These are the planned bytes the engine allocates, exactly (no GPU run: add --measure on a GPU).");
+    }
+    print!("{}", mem::table(&rows));
+    println!();
+    print!("{}", mem::reductions(&rows));
+    for (path, text) in [(&a.json, a.json.as_ref().map(|_| serde_json::to_string_pretty(&rows).unwrap_or_default())), (&a.csv, a.csv.as_ref().map(|_| mem::csv(&rows))), (&a.svg, a.svg.as_ref().map(|_| mem::svg(&rows)))] {
+        if let (Some(p), Some(t)) = (path, text) {
+            mem::write_atomic(p, &t)?;
+            println!("wrote {}", p.display());
+        }
+    }
+    Ok(())
 }

@@ -72,3 +72,46 @@ fn closed_stdout_does_not_panic() {
     child.wait().unwrap();
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn memory_prints_the_plan_beside_the_paper_and_writes_every_format() {
+    let dir = std::env::temp_dir().join(format!("snella-cli-memory-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (json, csv, svg) = (dir.join("m.json"), dir.join("m.csv"), dir.join("m.svg"));
+    let out = snella(&[
+        "memory", "--models", "vit_b16", "--methods", "lora8,gps,snell32,snella32", "--json", json.to_str().unwrap(),
+        "--csv", csv.to_str().unwrap(), "--svg", svg.to_str().unwrap(),
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("planned bytes") && stdout.contains("1673") && stdout.contains("2428"), "{stdout}");
+    let rows: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 8, "4 methods x 2 recompute levels");
+    assert_eq!(std::fs::read_to_string(&csv).unwrap().lines().count(), 9);
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("</svg>"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn memory_rejects_bad_options_with_one_line_and_no_output_file() {
+    let dir = std::env::temp_dir().join(format!("snella-cli-memory-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("never.json");
+    for (args, needle) in [
+        (vec!["memory", "--precision", "fp8"], "--precision"),
+        (vec!["memory", "--methods", "adapter"], "adapter"),
+        (vec!["memory", "--models", "vit_x"], "vit_x"),
+        (vec!["memory", "--batch", "0"], "--batch"),
+        (vec!["memory", "--resolution", "225"], "patch"),
+        (vec!["memory", "--measure"], "no CUDA device"),
+    ] {
+        let mut args = args;
+        args.extend(["--json", json.to_str().unwrap()]);
+        let out = snella(&args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle) && !err.contains("panicked"), "{args:?}: {err}");
+        assert!(!json.exists(), "{args:?} left an output file");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
