@@ -19,7 +19,7 @@ extern "C" __global__ void snella_bias_backward(float* dbias, const float* dout,
 // dst (n) += alpha * src
 extern "C" __global__ void snella_axpy(float* dst, const float* src, float alpha, long n) {
     long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
-    if (i < n) dst[i] += alpha * src[i];
+    if (i < n) dst[i] = __fadd_rn(dst[i], __fmul_rn(alpha, src[i]));  // no FMA: bit-identical to the CPU
 }
 
 // dst (n) = alpha * src
@@ -32,8 +32,8 @@ extern "C" __global__ void snella_scale_copy(float* dst, const float* src, float
 extern "C" __global__ void snella_mul_cols(float* out, const float* inp, const float* gamma, long n, int cols, int accumulate) {
     long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
     if (i >= n) return;
-    float v = inp[i] * gamma[i % cols];
-    out[i] = accumulate ? out[i] + v : v;
+    float v = __fmul_rn(inp[i], gamma[i % cols]);  // no FMA with the accumulate: as on the CPU
+    out[i] = accumulate ? __fadd_rn(out[i], v) : v;
 }
 
 // dgamma (cols) += column sums of dout * inp
@@ -41,6 +41,6 @@ extern "C" __global__ void snella_mul_cols_backward_gamma(float* dgamma, const f
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= cols) return;
     float s = 0.0f;
-    for (int r = 0; r < rows; r++) s += dout[(long)r * cols + c] * inp[(long)r * cols + c];
+    for (int r = 0; r < rows; r++) s = __fadd_rn(s, __fmul_rn(dout[(long)r * cols + c], inp[(long)r * cols + c]));
     dgamma[c] += s;
 }

@@ -18,7 +18,8 @@ extern "C" __global__ void snella_layernorm_forward(float* out, float* mean, flo
     float m = block_sum(s, sh) / C;
     float v = 0.0f;
     for (int i = threadIdx.x; i < C; i += blockDim.x) { float d = x[i] - m; v += d * d; }
-    float r = rsqrtf(block_sum(v, sh) / C + eps);
+    // 1/sqrt, not rsqrtf (2 ulp): the CPU's 1.0 / (v + eps).sqrt(), both IEEE-rounded without fast math.
+    float r = 1.0f / sqrtf(block_sum(v, sh) / C + eps);
     float* o = out + (long)row * C;
     for (int i = threadIdx.x; i < C; i += blockDim.x) o[i] = ln_normalize(x[i], m, r, w[i], b[i]);
     if (threadIdx.x == 0) { mean[row] = m; rstd[row] = r; }
@@ -47,7 +48,7 @@ extern "C" __global__ void snella_layernorm_backward(float* dinp, const float* d
     for (int i = threadIdx.x; i < C; i += blockDim.x) {
         float dn = g[i] * w[i];
         a += dn;
-        bsum += dn * (x[i] - m) * r;
+        bsum += dn * ((x[i] - m) * r);  // dn * xhat, xhat rounded first as on the CPU
     }
     a = block_sum(a, sh) / C;
     bsum = block_sum(bsum, sh) / C;
@@ -58,17 +59,19 @@ extern "C" __global__ void snella_layernorm_backward(float* dinp, const float* d
     }
 }
 
-// dw (C) += sum_rows g * xhat;  db (C) += sum_rows g   (either may be null)
+// dw (C) += sum_rows g * xhat;  db (C) += sum_rows g   (either may be null). Adds row after row into the
+// gradient itself, rounded one step at a time, exactly as the CPU loop does (bit-identical).
 extern "C" __global__ void snella_layernorm_backward_affine(float* dw, float* db, const float* dout, const float* inp,
                                                             const float* mean, const float* rstd, int N, int C) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= C) return;
-    float sw = 0.0f, sb = 0.0f;
+    float sw = dw ? dw[i] : 0.0f, sb = db ? db[i] : 0.0f;
     for (int r = 0; r < N; r++) {
         float g = dout[(long)r * C + i];
-        sw += g * (inp[(long)r * C + i] - mean[r]) * rstd[r];
-        sb += g;
+        float xh = __fmul_rn(__fsub_rn(inp[(long)r * C + i], mean[r]), rstd[r]);
+        sw = __fadd_rn(sw, __fmul_rn(g, xh));
+        sb = __fadd_rn(sb, g);
     }
-    if (dw) dw[i] += sw;
-    if (db) db[i] += sb;
+    if (dw) dw[i] = sw;
+    if (db) db[i] = sb;
 }

@@ -49,7 +49,9 @@ section "snella info"
 "$bin" info 2>&1 | tee "$OUT/info.log"
 
 section "snella selftest --device cuda"
-"$bin" selftest --device cuda 2>&1 | tee "$OUT/selftest.log"
+# Synchronise after every launch: a kernel that faults is then blamed by name, instead of the sticky
+# error failing every later check.
+SNELLA_SYNC_LAUNCH=1 "$bin" selftest --device cuda 2>&1 | tee "$OUT/selftest.log"
 status=${PIPESTATUS[0]}
 section "selftest exit status: $status"
 exit "$status"

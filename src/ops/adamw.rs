@@ -41,9 +41,25 @@ pub fn adamw(rt: &Runtime, param: Tensor, grad: Tensor, m: Tensor, v: Tensor, st
     match &rt.backend {
         Backend::Cpu => cpu::adamw(rt.f32_mut(param), rt.f32(grad), rt.f32_mut(m), rt.f32_mut(v), s),
         Backend::Cuda(cu) => {
-            let mut args = vec![KArg::Ptr(rt.ptr(param)), KArg::Ptr(rt.ptr(grad)), KArg::Ptr(rt.ptr(m)), KArg::Ptr(rt.ptr(v)), KArg::I64(param.numel as i64)];
-            args.extend(s.iter().map(|&x| KArg::F32(x)));
-            cu.launch("snella_adamw", grid_1d(param.numel, 256), &args)?
+            let [decay, one_m_b1, b2, one_m_b2, step_size, bc2_sqrt, eps] = s;
+            cu.launch(
+                "snella_adamw",
+                grid_1d(param.numel, 256),
+                &[
+                    KArg::Ptr(rt.ptr(param)),
+                    KArg::Ptr(rt.ptr(grad)),
+                    KArg::Ptr(rt.ptr(m)),
+                    KArg::Ptr(rt.ptr(v)),
+                    KArg::I64(param.numel as i64),
+                    KArg::F32(decay),
+                    KArg::F32(one_m_b1),
+                    KArg::F32(b2),
+                    KArg::F32(one_m_b2),
+                    KArg::F32(step_size),
+                    KArg::F32(bc2_sqrt),
+                    KArg::F32(eps),
+                ],
+            )?
         }
     }
     Ok(())

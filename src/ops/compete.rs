@@ -79,13 +79,13 @@ pub fn sparsify_forward(rt: &Runtime, ms: Tensor, t: Tensor, m: Tensor, s: f32, 
         }
         Backend::Cuda(cu) => {
             assert!(n < i32::MAX as usize);
-            let (state, hist) = (KArg::Ptr(rt.ptr(sc.state)), KArg::Ptr(rt.ptr(sc.hist)));
+            let (state, hist) = (rt.ptr(sc.state), rt.ptr(sc.hist));
             let one_block =
                 |threads: u32| LaunchConfig { grid_dim: (1, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
             cu.launch(
                 "snella_select_init",
                 one_block(256),
-                &[state, hist, KArg::I32(lo as i32), KArg::I32(hi as i32)],
+                &[KArg::Ptr(state), KArg::Ptr(hist), KArg::I32(lo as i32), KArg::I32(hi as i32)],
             )?;
             let mut hist_cfg = grid_1d(n, 256);
             hist_cfg.grid_dim.0 = hist_cfg.grid_dim.0.min(1024);
@@ -93,11 +93,12 @@ pub fn sparsify_forward(rt: &Runtime, ms: Tensor, t: Tensor, m: Tensor, s: f32, 
                 cu.launch(
                     "snella_select_histogram",
                     hist_cfg,
-                    &[KArg::Ptr(rt.ptr(m)), KArg::I64(n as i64), state, hist, KArg::I32(pass)],
+                    &[KArg::Ptr(rt.ptr(m)), KArg::I64(n as i64), KArg::Ptr(state), KArg::Ptr(hist), KArg::I32(pass)],
                 )?;
-                cu.launch("snella_select_narrow", one_block(256), &[state, hist, KArg::I32(pass)])?;
+                // Exactly 256 threads: one per bin.
+                cu.launch("snella_select_narrow", one_block(256), &[KArg::Ptr(state), KArg::Ptr(hist), KArg::I32(pass)])?;
             }
-            cu.launch("snella_select_threshold", one_block(32), &[KArg::Ptr(rt.ptr(t)), state, KArg::F32(w)])?;
+            cu.launch("snella_select_threshold", one_block(32), &[KArg::Ptr(rt.ptr(t)), KArg::Ptr(state), KArg::F32(w)])?;
             cu.launch(
                 "snella_sparsify_apply",
                 grid_1d(n, 256),

@@ -26,9 +26,6 @@ impl PatchGeom {
     pub fn patch_dim(&self) -> usize {
         self.c * self.p * self.p
     }
-    fn args(&self) -> [KArg; 5] {
-        [KArg::I32(self.b as i32), KArg::I32(self.c as i32), KArg::I32(self.h as i32), KArg::I32(self.w as i32), KArg::I32(self.p as i32)]
-    }
 }
 
 /// out[b·Np + gy·gw + gx, (c, py, px)] = img[b, c, gy·P + py, gx·P + px]: rows in the conv's output order
@@ -38,11 +35,9 @@ pub fn patchify(rt: &Runtime, out: Tensor, img: Tensor, g: PatchGeom) -> Result<
     assert!(out.numel >= g.b * g.patches() * g.patch_dim() && img.numel >= g.b * g.c * g.h * g.w);
     match &rt.backend {
         Backend::Cpu => cpu::patchify(rt.f32_mut(out), rt.f32(img), g),
-        Backend::Cuda(cu) => {
-            let mut a = vec![KArg::Ptr(rt.ptr(out)), KArg::Ptr(rt.ptr(img))];
-            a.extend(g.args());
-            cu.launch("snella_patchify", grid_1d(g.b * g.patches() * g.patch_dim(), 256), &a)?
-        }
+        Backend::Cuda(cu) => cu.launch("snella_patchify", grid_1d(g.b * g.patches() * g.patch_dim(), 256),
+            &[KArg::Ptr(rt.ptr(out)), KArg::Ptr(rt.ptr(img)), KArg::I32(g.b as i32), KArg::I32(g.c as i32),
+              KArg::I32(g.h as i32), KArg::I32(g.w as i32), KArg::I32(g.p as i32)])?,
     }
     Ok(())
 }
@@ -67,9 +62,9 @@ pub fn embed_backward(rt: &Runtime, dcls: Option<Tensor>, dpos: Option<Tensor>, 
     match &rt.backend {
         Backend::Cpu => cpu::embed_backward(dcls.map(|x| rt.f32_mut(x)), dpos.map(|x| rt.f32_mut(x)), dpatch.map(|x| rt.f32_mut(x)), rt.f32(dx), b, t, d),
         Backend::Cuda(cu) => {
-            let p = |x: Option<Tensor>| KArg::Ptr(x.map(|x| rt.ptr(x)).unwrap_or(0));
+            let p = |x: Option<Tensor>| x.map(|x| rt.ptr(x)).unwrap_or(0); // null: not wanted
             cu.launch("snella_embed_backward", grid_1d(t * d, 256),
-                &[p(dcls), p(dpos), p(dpatch), KArg::Ptr(rt.ptr(dx)), KArg::I32(b as i32), KArg::I32(t as i32), KArg::I32(d as i32)])?
+                &[KArg::Ptr(p(dcls)), KArg::Ptr(p(dpos)), KArg::Ptr(p(dpatch)), KArg::Ptr(rt.ptr(dx)), KArg::I32(b as i32), KArg::I32(t as i32), KArg::I32(d as i32)])?
         }
     }
     Ok(())

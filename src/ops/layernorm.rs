@@ -49,7 +49,7 @@ pub fn layernorm_backward(rt: &Runtime, dinp: Tensor, dw: Option<Tensor>, db: Op
     match &rt.backend {
         Backend::Cpu => cpu::backward(rt.f32_mut(dinp), dw.map(|t| rt.f32_mut(t)), db.map(|t| rt.f32_mut(t)), rt.f32(dout), rt.f32(inp), rt.f32(w), rt.f32(mean), rt.f32(rstd), c),
         Backend::Cuda(cu) => {
-            let opt = |t: Option<Tensor>| KArg::Ptr(t.map(|t| rt.ptr(t)).unwrap_or(0));
+            let opt = |t: Option<Tensor>| t.map(|t| rt.ptr(t)).unwrap_or(0); // null: not wanted
             cu.launch(
                 "snella_layernorm_backward",
                 grid_rows(n, 256, 0),
@@ -61,7 +61,7 @@ pub fn layernorm_backward(rt: &Runtime, dinp: Tensor, dw: Option<Tensor>, db: Op
                 cu.launch(
                     "snella_layernorm_backward_affine",
                     crate::runtime::cuda::grid_1d(c, 256),
-                    &[opt(dw), opt(db), KArg::Ptr(rt.ptr(dout)), KArg::Ptr(rt.ptr(inp)), KArg::Ptr(rt.ptr(mean)),
+                    &[KArg::Ptr(opt(dw)), KArg::Ptr(opt(db)), KArg::Ptr(rt.ptr(dout)), KArg::Ptr(rt.ptr(inp)), KArg::Ptr(rt.ptr(mean)),
                       KArg::Ptr(rt.ptr(rstd)), KArg::I32(n as i32), KArg::I32(c as i32)],
                 )?;
             }

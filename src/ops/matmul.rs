@@ -157,8 +157,15 @@ pub(crate) mod cuda {
     pub fn matmul(cu: &Cuda, prec: GemmPrecision, c: DevPtr, a: DevPtr, b: DevPtr, s: Matmul) -> Result<()> {
         let Matmul { m, n, k, ta, tb, batch, stride_a, stride_b, accumulate, alpha, .. } = s;
         let (lda, ldb, ldc) = s.lds();
+        let fits = |x: usize| x <= i32::MAX as usize;
+        assert!([m, n, k, batch, lda, ldb, ldc].into_iter().all(fits), "matmul: a dimension exceeds cuBLAS's int");
         let (lda, ldb, ldc) = (lda as i32, ldb as i32, ldc as i32);
-        // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: swap the operands.
+        // cuBLAS runs in the context current on this thread.
+        cu.bind()?;
+        // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: swap the operands. A row-major X
+        // (r, c) with row stride ld is the column-major Xᵀ (c, r) with the same ld, so B (k,n) / Bᵀ-stored
+        // (n,k) enter as op(B)ᵀ with OP_N / OP_T and ld = ldb (>= n / k), A likewise with lda (>= k / m),
+        // C as Cᵀ (n, m) with ldc >= n; stride 0 reuses one B for the whole batch.
         let op = |t: bool| if t { cb::cublasOperation_t::CUBLAS_OP_T } else { cb::cublasOperation_t::CUBLAS_OP_N };
         let beta: f32 = if accumulate { 1.0 } else { 0.0 };
         let compute = match prec {
