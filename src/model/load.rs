@@ -162,7 +162,7 @@ fn classify_names(names: &[String]) -> Option<Format> {
 // Reading
 // ---------------------------------------------------------------------------------------------------------
 
-/// Reads a checkpoint in any supported format and maps it to timm names (fused qkv rows [q;k;v], etc.).
+/// Reads a checkpoint in any supported format and maps it to timm names (fused qkv rows `[q; k; v]`, etc.).
 ///
 /// Names that have no timm counterpart are kept under their name in the file, so that
 /// [`adapt_to_config`] can list them. Register tokens (`reg_token`, HF `embeddings.register_tokens`) are an

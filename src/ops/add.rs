@@ -4,7 +4,7 @@ use crate::error::Result;
 use crate::runtime::cuda::{grid_1d, KArg};
 use crate::runtime::{Backend, Runtime, Tensor};
 
-/// out[r, c] += bias[c].                                                out: (rows, cols)   bias: (cols)
+/// `out[r, c] += bias[c]`.                                              out: (rows, cols)   bias: (cols)
 pub fn add_bias(rt: &Runtime, out: Tensor, bias: Tensor) -> Result<()> {
     let cols = bias.numel;
     assert_eq!(out.numel % cols, 0);
@@ -16,7 +16,7 @@ pub fn add_bias(rt: &Runtime, out: Tensor, bias: Tensor) -> Result<()> {
     Ok(())
 }
 
-/// dbias[c] += Σ_r dout[r, c].                                          dout: (rows, cols)   dbias: (cols)
+/// `dbias[c] += Σ_r dout[r, c]`.                                        dout: (rows, cols)   dbias: (cols)
 pub fn bias_backward(rt: &Runtime, dbias: Tensor, dout: Tensor) -> Result<()> {
     let cols = dbias.numel;
     match &rt.backend {
@@ -38,7 +38,7 @@ pub fn axpy(rt: &Runtime, dst: Tensor, src: Tensor, alpha: f32) -> Result<()> {
     Ok(())
 }
 
-/// out[r, c] (+)= inp[r, c] · gamma[c] (LayerScale; `accumulate` adds into out, e.g. the residual stream).
+/// `out[r, c] (+)= inp[r, c] · gamma[c]` (LayerScale; `accumulate` adds into out, e.g. the residual stream).
 /// out, inp: (rows, cols)   gamma: (cols)
 pub fn mul_cols(rt: &Runtime, out: Tensor, inp: Tensor, gamma: Tensor, accumulate: bool) -> Result<()> {
     assert_eq!(out.numel, inp.numel);
@@ -51,7 +51,7 @@ pub fn mul_cols(rt: &Runtime, out: Tensor, inp: Tensor, gamma: Tensor, accumulat
     Ok(())
 }
 
-/// dgamma[c] += Σ_r dout[r, c] · inp[r, c].                            dout, inp: (rows, cols)   dgamma: (cols)
+/// `dgamma[c] += Σ_r dout[r, c] · inp[r, c]`.                          dout, inp: (rows, cols)   dgamma: (cols)
 pub fn mul_cols_backward_gamma(rt: &Runtime, dgamma: Tensor, dout: Tensor, inp: Tensor) -> Result<()> {
     let cols = dgamma.numel;
     match &rt.backend {

@@ -4,11 +4,11 @@
 //!
 //! The quantile is torch.quantile (linear interpolation) as the official code ran it (torch ≤ 2.11):
 //! v = sort(|M|) ascending; rank = f32(s)·f32(n−1) computed in **fp32**; lo = trunc(rank), hi = ceil(rank),
-//! w = rank − lo; t = lerp(v[lo], v[hi], w) with torch's lerp (|w| < 0.5: v_lo + w·(v_hi − v_lo), else
+//! w = rank − lo; `t = lerp(v[lo], v[hi], w)` with torch's lerp (|w| < 0.5: v_lo + w·(v_hi − v_lo), else
 //! v_hi − (v_hi − v_lo)·(1 − w)). A NaN anywhere gives t = NaN (and then nothing is kept). Entries are
 //! kept when |M| > t, strictly: s = 0 still drops the minimum, s = 1 drops everything.
 //!
-//! On CUDA the two order statistics v[lo], v[hi] come from a radix select on the u32 bits of |M|
+//! On CUDA the two order statistics `v[lo]`, `v[hi]` come from a radix select on the u32 bits of |M|
 //! (non-negative floats order like their bits): 4 passes of 8 bits, each a histogram kernel over M and
 //! a one-block kernel that fixes one digit; t is computed and stored on the device, and the apply
 //! kernel reads it from there: no sort, no allocation, no host round trip.
@@ -59,7 +59,7 @@ pub fn lerp(lo: f32, hi: f32, w: f32) -> f32 {
     }
 }
 
-/// t[0] = quantile_linear(|M|, s) with the fp32 rank (spec c.1 / reference quantile_linear), M_s = M * |M| * 1[|M| > t] (strict).
+/// `t[0] = quantile_linear(|M|, s)` with the fp32 rank (spec c.1 / reference quantile_linear), `M_s = M * |M| * 1[|M| > t]` (strict).
 /// t: (1) stays on the device (no host round trip on CUDA). ms, m: (numel); ms may be m (in place).
 pub fn sparsify_forward(rt: &Runtime, ms: Tensor, t: Tensor, m: Tensor, s: f32, sc: &CompeteScratch) -> Result<()> {
     let n = m.numel;

@@ -42,7 +42,7 @@ pub fn patchify(rt: &Runtime, out: Tensor, img: Tensor, g: PatchGeom) -> Result<
     Ok(())
 }
 
-/// x[b, 0] = cls + pos[0];  x[b, 1 + p] = patch_out[b·Np + p] + pos[1 + p].
+/// `x[b, 0] = cls + pos[0]`;  `x[b, 1 + p] = patch_out[b·Np + p] + pos[1 + p]`.
 /// x: (B, T, D)   patch_out: (B·Np, D)   cls: (D)   pos: (T, D)
 pub fn embed_forward(rt: &Runtime, x: Tensor, patch_out: Tensor, cls: Tensor, pos: Tensor, b: usize, t: usize, d: usize) -> Result<()> {
     assert!(x.numel >= b * t * d && pos.numel == t * d && cls.numel == d);
@@ -55,7 +55,7 @@ pub fn embed_forward(rt: &Runtime, x: Tensor, patch_out: Tensor, cls: Tensor, po
     Ok(())
 }
 
-/// dcls += Σ_b dx[b, 0];  dpos += Σ_b dx[b];  dpatch[b·Np + p] = dx[b, 1 + p] (each when given).
+/// `dcls += Σ_b dx[b, 0]`;  `dpos += Σ_b dx[b]`;  `dpatch[b·Np + p] = dx[b, 1 + p]` (each when given).
 /// dx: (B, T, D)   dcls: (D)   dpos: (T, D)   dpatch: (B·Np, D)
 #[allow(clippy::too_many_arguments)]
 pub fn embed_backward(rt: &Runtime, dcls: Option<Tensor>, dpos: Option<Tensor>, dpatch: Option<Tensor>, dx: Tensor, b: usize, t: usize, d: usize) -> Result<()> {
@@ -70,7 +70,7 @@ pub fn embed_backward(rt: &Runtime, dcls: Option<Tensor>, dpos: Option<Tensor>, 
     Ok(())
 }
 
-/// out[b] = x[b, 0] (the cls rows).                                     out: (B, D)   x: (B, T, D)
+/// `out[b] = x[b, 0]` (the cls rows).                                   out: (B, D)   x: (B, T, D)
 pub fn cls_gather(rt: &Runtime, out: Tensor, x: Tensor, b: usize, t: usize, d: usize) -> Result<()> {
     match &rt.backend {
         Backend::Cpu => {
@@ -85,7 +85,7 @@ pub fn cls_gather(rt: &Runtime, out: Tensor, x: Tensor, b: usize, t: usize, d: u
     Ok(())
 }
 
-/// dx[b, 0] = dfeat[b], every other row of dx = 0.                       dx: (B, T, D)   dfeat: (B, D)
+/// `dx[b, 0] = dfeat[b]`, every other row of dx = 0.                     dx: (B, T, D)   dfeat: (B, D)
 pub fn cls_scatter(rt: &Runtime, dx: Tensor, dfeat: Tensor, b: usize, t: usize, d: usize) -> Result<()> {
     match &rt.backend {
         Backend::Cpu => {

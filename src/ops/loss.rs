@@ -4,7 +4,7 @@ use crate::error::Result;
 use crate::runtime::cuda::{grid_rows, KArg};
 use crate::runtime::{Backend, Runtime, Tensor};
 
-/// losses[b] = −log softmax(logits[b])[labels[b]]; dlogits = (softmax − onehot) / B when given.
+/// `losses[b] = −log softmax(logits[b])[labels[b]]`; dlogits = (softmax − onehot) / B when given.
 /// logits, dlogits: (B, V)   labels: (B) i32   losses: (B)
 pub fn cross_entropy(rt: &Runtime, losses: Tensor, dlogits: Option<Tensor>, logits: Tensor, labels: Tensor, v: usize) -> Result<()> {
     let b = logits.numel / v;

@@ -3,7 +3,7 @@ use crate::error::Result;
 use crate::runtime::cuda::{grid_1d, KArg};
 use crate::runtime::{Backend, Runtime, Tensor};
 
-/// grad[i] = 0 where mask[i] == 0.                                      grad: (n) f32   mask: (n) u8
+/// `grad[i] = 0` where `mask[i] == 0`.                                    grad: (n) f32   mask: (n) u8
 pub fn mask_grad(rt: &Runtime, grad: Tensor, mask: Tensor) -> Result<()> {
     assert_eq!(grad.numel, mask.numel);
     match &rt.backend {

@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use super::augment::Transform;
 use crate::error::{Error, Result};
 
-/// One decoded example: an RGB image as f32 in [0,1], CHW, and its label.
+/// One decoded example: an RGB image as f32 in `[0, 1]`, CHW, and its label.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Example {
     pub image: Vec<f32>,
