@@ -54,4 +54,19 @@ section "snella selftest --device cuda"
 SNELLA_SYNC_LAUNCH=1 "$bin" selftest --device cuda 2>&1 | tee "$OUT/selftest.log"
 status=${PIPESTATUS[0]}
 section "selftest exit status: $status"
+
+# Measurements (skip with BENCH=0): planned vs measured memory, then images/s of this engine and of the
+# PyTorch reference on the same card, in one run so their ratio is meaningful.
+if [ "${BENCH:-1}" = 1 ]; then
+    section "snella memory --measure (planned vs measured device memory, batch 8)"
+    timeout 300 "$bin" memory --measure --methods lora8,gps,snell32,snella32 --json "$OUT/memory.json" 2>&1 | tee "$OUT/memory.log"
+    section "snella bench (ViT-B/16, batch 64, fp32)"
+    timeout 240 "$bin" bench --models vit_b16 --batch 64 --methods full,lora8,snell32,snella32 --json "$OUT/bench.jsonl" 2>&1 | tee "$OUT/bench.log"
+    if [ -f "$root/.device/reference/bench.py" ]; then
+        section "PyTorch reference bench.py (same card, batch 64, fp32, no TF32)"
+        (cd "$root/.device/reference" && timeout 240 python3 bench.py --model vit_b16 --method full,lora8,snell32,snella32 --batch 64 --precision fp32) 2>&1 | tee "$OUT/bench_pytorch.jsonl"
+        section "PyTorch reference bench.py (batch 8, memory)"
+        (cd "$root/.device/reference" && timeout 240 python3 bench.py --model vit_b16,vit_l16,vit_h14 --method lora8,gps,snell32,snella32 --batch 8 --precision fp32) 2>&1 | tee "$OUT/bench_pytorch_b8.jsonl"
+    fi
+fi
 exit "$status"

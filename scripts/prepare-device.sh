@@ -19,5 +19,13 @@ else
     cp target/release/snella .device/snella
 fi
 chmod +x .device/snella
+# The PyTorch reference benchmark, for the side-by-side run on the same card (../shared does not travel).
+ref="$root/../shared/reference"
+if [ -d "$ref" ]; then
+    mkdir -p .device/reference
+    cp "$ref"/*.py .device/reference/
+else
+    echo "prepare-device: $ref not found: the PyTorch side-by-side will be skipped on the device" >&2
+fi
 git -C "$root" check-ignore -q .device/snella || echo "prepare-device: warning: .device is not ignored by git" >&2
 echo "prepare-device: .device/snella ($(du -h .device/snella | cut -f1)), built from $(git -C "$root" rev-parse --short HEAD)$(git -C "$root" diff --quiet || echo '+local changes')"

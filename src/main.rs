@@ -11,6 +11,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use snella::runtime::cuda::KERNELS_COMPILED;
 use snella::runtime::Cuda;
 use snella::model::Recompute;
+use snella::ops::GemmPrecision;
+use snella::report::speed;
 use snella::report::memory as mem;
 use snella::{selftest, Backend, Device, Error, Result};
 use std::path::PathBuf;
@@ -31,6 +33,8 @@ enum Command {
     /// Peak training memory of each model × method from the plan the engine allocates, beside the SNELL
     /// paper's figures (batch 8, fp32, 224 px); on a GPU with --measure, also measured by running steps.
     Memory(MemoryArgs),
+    /// Images/s of one training step per model × method on the device, with model TFLOP/s and MFU.
+    Bench(BenchArgs),
     /// Version, whether CUDA kernels are compiled into this binary, and what the CUDA probe finds.
     Info,
     /// Every CUDA kernel against its CPU reference on fresh random inputs (needs a GPU).
@@ -76,6 +80,47 @@ struct MemoryArgs {
     /// Run real training steps on the GPU and add the measured device memory (needs a GPU).
     #[arg(long)]
     measure: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[arg(long, value_delimiter = ',', default_value = "vit_b16")]
+    models: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_value = "full,lora8,gps,snell32,snella32")]
+    methods: Vec<String>,
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    #[arg(long, value_enum, default_value = "attention")]
+    recompute: Recompute,
+    /// Matrix products: fp32 (exact, the default), tf32 or bf16 tensor cores (CUDA only).
+    #[arg(long, value_enum, default_value = "fp32")]
+    gemm: GemmPrecision,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    #[arg(long, value_enum, default_value = "auto")]
+    device: DeviceArg,
+    /// Also write the rows as JSON lines.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DeviceArg {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl DeviceArg {
+    fn resolve(self) -> Device {
+        match self {
+            DeviceArg::Auto => Device::auto(),
+            DeviceArg::Cpu => Device::Cpu,
+            DeviceArg::Cuda => Device::Cuda,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -141,6 +186,10 @@ fn run(cmd: Command) -> Result<ExitCode> {
     match cmd {
         Command::Memory(a) => {
             memory(a)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(a) => {
+            bench(a)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Info => {
@@ -247,6 +296,42 @@ fn memory(a: MemoryArgs) -> Result<()> {
             mem::write_atomic(p, &t)?;
             println!("wrote {}", p.display());
         }
+    }
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    if a.batch == 0 || a.steps == 0 {
+        return Err(Error::invalid("--batch/--steps", "must be at least 1"));
+    }
+    let device = a.device.resolve();
+    let mut json = String::new();
+    println!(
+        "{:<9} {:<9} {:>5} {:<9} {:<5} {:>10} {:>9} {:>8} {:>6} {:>10} {:>11}  device",
+        "model", "method", "batch", "recompute", "gemm", "images/s", "step ms", "TFLOP/s", "MFU", "plan MiB", "device MiB"
+    );
+    for model in &a.models {
+        for method in &a.methods {
+            let r = match speed::step_speed(model, method, a.batch, a.recompute, Backend::new(device)?, a.gemm, a.warmup, a.steps) {
+                Ok(r) => r,
+                Err(e @ Error::OutOfMemory { .. }) => {
+                    eprintln!("snella: {model} {method}: {e}");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let opt = |x: Option<f64>, p: usize| x.map(|v| format!("{v:.p$}")).unwrap_or_else(|| "-".into());
+            println!(
+                "{:<9} {:<9} {:>5} {:<9} {:<5} {:>10.2} {:>9.2} {:>8.2} {:>6} {:>10.1} {:>11}  {}",
+                r.model, r.method, r.batch, format!("{:?}", r.recompute).to_lowercase(), format!("{:?}", r.gemm).to_lowercase(),
+                r.images_per_s, r.step_ms, r.tflops, opt(r.mfu.map(|m| 100.0 * m), 1), r.planned_mib, opt(r.device_mib, 1), r.device
+            );
+            json.push_str(&serde_json::to_string(&r).unwrap_or_default());
+            json.push('\n');
+        }
+    }
+    if let Some(p) = &a.json {
+        mem::write_atomic(p, &json)?;
     }
     Ok(())
 }
