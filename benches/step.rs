@@ -91,14 +91,15 @@ fn init(model: &Model, cfg: &ViTConfig) {
     for (i, name) in model.layout.params.names.iter().enumerate() {
         let p = &model.layout.params.list[i];
         let n = p.value.numel;
-        let val: Vec<f32> = if name.ends_with("norm1.weight") || name.ends_with("norm2.weight") || name == "norm.weight" {
-            vec![1.0; n]
-        } else if name.ends_with(".gamma") && name.starts_with("branch.") {
+        let ones = name.ends_with("norm1.weight")
+            || name.ends_with("norm2.weight")
+            || name == "norm.weight"
+            || name.ends_with(".alpha")
+            || (name.ends_with(".gamma") && name.starts_with("branch."));
+        let val: Vec<f32> = if ones {
             vec![1.0; n]
         } else if name.ends_with(".bias") || name.ends_with(".beta") {
             vec![0.0; n]
-        } else if name.ends_with(".alpha") {
-            vec![1.0; n]
         } else {
             let scale = if name.contains("_Qs") { 0.01 } else { 0.02 };
             (0..n).map(|j| scale * (((j * 2654435761 + i * 97) % 2001) as f32 / 1000.0 - 1.0)).collect()

@@ -184,7 +184,7 @@ pub fn dry_run(filter: Option<&str>) -> Result<bool> {
 
 fn run_checks(filter: Option<&str>, seed: Option<u64>, dev: Device) -> Result<bool> {
     let all = checks();
-    let chosen: Vec<&Check> = all.iter().filter(|c| filter.map_or(true, |f| c.name.contains(f))).collect();
+    let chosen: Vec<&Check> = all.iter().filter(|c| filter.is_none_or(|f| c.name.contains(f))).collect();
     if chosen.is_empty() {
         let names: Vec<&str> = all.iter().map(|c| c.name).collect();
         return Err(Error::invalid(

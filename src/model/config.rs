@@ -110,10 +110,10 @@ impl ViTConfig {
 
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::invalid("model config", m));
-        if self.patch_size == 0 || self.img_size.0 % self.patch_size != 0 || self.img_size.1 % self.patch_size != 0 {
+        if self.patch_size == 0 || !self.img_size.0.is_multiple_of(self.patch_size) || !self.img_size.1.is_multiple_of(self.patch_size) {
             return bad(format!("image size {:?} is not a multiple of patch size {}", self.img_size, self.patch_size));
         }
-        if self.num_heads == 0 || self.embed_dim % self.num_heads != 0 {
+        if self.num_heads == 0 || !self.embed_dim.is_multiple_of(self.num_heads) {
             return bad(format!("embed_dim {} is not a multiple of num_heads {}", self.embed_dim, self.num_heads));
         }
         if self.depth == 0 || self.mlp_hidden == 0 || self.num_classes == 0 || self.in_chans == 0 {

@@ -88,8 +88,9 @@ impl Params {
     }
 }
 
-/// The trainable tensors of one branch.
+/// The trainable tensors of one branch (plan handles: copied once per Linear call, so size is no concern).
 #[derive(Clone, Copy, Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum BranchParams {
     /// W = W0 + B·A: A (r, in), B (out, r).
     Lora { a: Param, b: Param, r: usize },

@@ -42,6 +42,7 @@ pub fn patchify(rt: &Runtime, out: Tensor, img: Tensor, g: PatchGeom) -> Result<
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 /// `x[b, 0] = cls + pos[0]`;  `x[b, 1 + p] = patch_out[b·Np + p] + pos[1 + p]`.
 /// x: (B, T, D)   patch_out: (B·Np, D)   cls: (D)   pos: (T, D)
 pub fn embed_forward(rt: &Runtime, x: Tensor, patch_out: Tensor, cls: Tensor, pos: Tensor, b: usize, t: usize, d: usize) -> Result<()> {

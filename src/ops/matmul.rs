@@ -230,7 +230,7 @@ mod tests {
         let s = Matmul::new(4, 5, 6, false, false).ld(18, 0, 9);
         let abuf = randn(4 * 18, 7, 1.0);
         let b = randn(30, 8, 1.0);
-        let mut cbuf = vec![0f32; 4 * 9];
+        let mut cbuf = [0f32; 4 * 9];
         cpu::matmul(&mut cbuf[4..], &abuf[6..], &b, s);
         let a: Vec<f32> = (0..4).flat_map(|r| abuf[r * 18 + 6..r * 18 + 12].to_vec()).collect();
         let want = cpu::matmul_f64(&a, &b, Matmul::new(4, 5, 6, false, false));

@@ -91,7 +91,7 @@ impl Allocator {
         let span = c.total_epochs.saturating_sub(c.final_warmup + c.init_warmup).max(1);
         let mul = 1.0 - (epoch - c.init_warmup) as f64 / span as f64;
         let v = (self.target_nonzero + (self.init_nonzero - self.target_nonzero) * mul.powi(3)).trunc();
-        (v, epoch % c.mask_interval == 0)
+        (v, epoch.is_multiple_of(c.mask_interval))
     }
 
     /// The EMA update, after every optimizer step, from the updated parameters and that step's gradients.

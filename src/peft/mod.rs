@@ -68,7 +68,7 @@ impl Method {
             Ok(r)
         };
         let even = |r: usize| -> Result<usize> {
-            if r % 2 != 0 {
+            if !r.is_multiple_of(2) {
                 return Err(Error::invalid("method", format!("kernel rank must be even (two pieces of r/2), got {r}")));
             }
             Ok(r)
