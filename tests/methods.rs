@@ -136,3 +136,21 @@ fn bad_batches_are_errors_not_panics() {
     assert!(model.set_param("blocks.0.nope", &[1.0]).unwrap_err().to_string().contains("blocks.0.nope"));
     assert!(model.set_param("head.bias", &[1.0]).unwrap_err().to_string().contains("head.bias"));
 }
+
+#[test]
+fn a_partial_batch_gives_the_same_gradients_as_a_model_planned_for_it() {
+    let cfg = tiny();
+    let (x, y) = batch(&cfg, 2);
+    for name in METHODS {
+        let grads = |planned: usize| {
+            let mut m = Model::new(Backend::Cpu, &cfg, Method::parse(name, 0.5).unwrap(), planned, Recompute::Attention).unwrap();
+            init(&m);
+            m.set_batch(&x, &y).unwrap();
+            let loss = m.forward().unwrap();
+            m.backward().unwrap();
+            let names: Vec<String> = m.layout.params.trainable().map(|(n, _)| n.to_string()).collect();
+            (loss, names.iter().map(|n| m.get_grad(n).unwrap()).collect::<Vec<_>>())
+        };
+        assert!(grads(5) == grads(2), "{name}: a batch of 2 in a model planned for 5 differs");
+    }
+}

@@ -811,7 +811,8 @@ impl Model {
             let dy = layer_scale_backward(rt, sl(w.dy, d), dres, blk.ls1, ac.proj_out.map(|t| sl(t, d)))?;
             self.linear_backward(&blk.proj, dh, dy, sl(ac.attn, d), bt)?;
             let dqkv = sl(w.dqkv, 3 * d);
-            attention_backward(rt, dqkv, dh, &buf, w.dscores, w.dtmp, heads)?;
+            let (dscores, dtmp) = (w.dscores.slice(0, b * cfg.num_heads * t * t), w.dtmp.slice(0, bt * d));
+            attention_backward(rt, dqkv, dh, &buf, dscores, dtmp, heads)?;
             self.linear_backward(&blk.qkv, dh, dqkv, sl(ac.ln1, d), bt)?;
             layernorm_backward(rt, dres, blk.norm1.0.grad, blk.norm1.1.grad, dh, x_in, blk.norm1.0.value, ac.ln1_mean, ac.ln1_rstd, d)?;
         }

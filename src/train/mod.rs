@@ -1,3 +1,10 @@
-//! Training data: labelled image sources (`data`) and the paper's augmentation pipelines (`augment`).
+//! Training: labelled image sources (`data`), the paper's augmentation pipelines (`augment`), the
+//! learning-rate schedule (`schedule`), recipes (`recipe`), the training loop (`trainer`), checkpoints
+//! (`checkpoint`) and exports of the fine-tuned weights (`export`).
 pub mod augment;
+pub mod checkpoint;
 pub mod data;
+pub mod export;
+pub mod recipe;
+pub mod schedule;
+pub mod trainer;

@@ -1,0 +1,373 @@
+//! Training checkpoints: the trainable set only (values, AdamW moments), the SNELLA allocator's EMAs, the
+//! per-layer sparsity, the step counters and the loader position — megabytes, never the frozen backbone.
+//!
+//! Format: one safetensors file. Tensors (all F32):
+//!  * `param.<name>`, `adamw.m.<name>`, `adamw.v.<name>` for every trainable parameter `<name>`;
+//!  * `alloc.ipt.<branch>.In_Qs`, `alloc.unc.<branch>.In_Qs`, `alloc.ipt.<branch>.Out_Qs`,
+//!    `alloc.unc.<branch>.Out_Qs` for every branch with allocator state.
+//!
+//! The safetensors `__metadata__` holds one key, `snella_checkpoint`, a JSON [`CheckpointMeta`]: format
+//! version, method name, model configuration, the training configuration and its hash, the AdamW step
+//! count, the per-branch sparsity (f32, exact), the [`TrainState`] (epoch, batches done in it, running
+//! sums) and an FNV-1a checksum of the tensor bytes (so a flipped byte is detected, not only truncation).
+//!
+//! Resume is exact: the data order and augmentation depend only on `(seed, epoch, index)`, so restoring
+//! this state and skipping the batches already done reproduces the uninterrupted run bit for bit.
+//!
+//! Files are written atomically ([`write_atomic`]): to a temporary file in the same folder, synced, then
+//! renamed over the target; on any error the temporary is removed and the target is untouched.
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{Error, Result};
+use crate::model::vit::BranchParams;
+use crate::model::{Model, ViTConfig};
+use crate::train::recipe::TrainConfig;
+
+/// Format version written into [`CheckpointMeta::version`].
+pub const CHECKPOINT_VERSION: u32 = 1;
+/// The `__metadata__` key holding the JSON metadata.
+pub const META_KEY: &str = "snella_checkpoint";
+
+/// Where a run stands: enough to continue it exactly.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainState {
+    /// The epoch in progress (0-based), or the next one to start when `step_in_epoch == 0`.
+    pub epoch: usize,
+    /// Batches of `epoch` already trained on (the loader skips them on resume).
+    pub step_in_epoch: usize,
+    /// Optimizer steps over the whole run.
+    pub global_step: u64,
+    /// Running sums of the epoch in progress: Σ (batch mean loss × batch size), correct top-1, images seen.
+    pub train_loss_sum: f64,
+    /// Correct top-1 predictions of the epoch in progress.
+    pub train_correct: u64,
+    /// Training images of the epoch in progress.
+    pub train_seen: u64,
+    /// Best test top-1 accuracy so far (fraction in [0, 1]) and its epoch.
+    pub best_acc: Option<f64>,
+    /// The epoch of `best_acc` (0-based).
+    pub best_epoch: Option<usize>,
+    /// Test loss and accuracy of the last evaluation.
+    pub last_loss: Option<f64>,
+    /// Test top-1 accuracy of the last evaluation (fraction).
+    pub last_acc: Option<f64>,
+    /// Wall-clock seconds spent training so far (all sessions).
+    pub elapsed_s: f64,
+}
+
+/// The JSON metadata of a checkpoint.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CheckpointMeta {
+    /// Always `"snella-checkpoint"`.
+    pub format: String,
+    /// [`CHECKPOINT_VERSION`] of the writer.
+    pub version: u32,
+    /// `Method::name()` of the model that wrote it (e.g. `snella32`).
+    pub method: String,
+    /// The model configuration.
+    pub model: ViTConfig,
+    /// The training configuration (absent when written without one) and its [`TrainConfig::hash`].
+    pub config: Option<TrainConfig>,
+    /// [`TrainConfig::hash`] of `config`.
+    pub config_hash: Option<String>,
+    /// AdamW step counter (`Model::step`).
+    pub adam_step: u64,
+    /// Per-branch ratio of zeroed entries (`Model::sparsity`), module order.
+    pub sparsity: Vec<f32>,
+    /// Where the run stood.
+    pub state: TrainState,
+    /// FNV-1a 64 of the bytes after the safetensors header, 16 hex digits.
+    pub checksum: String,
+}
+
+/// 64-bit FNV-1a over `bytes`, as 16 hex digits.
+pub fn fnv1a64(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Writes `bytes` to `path` atomically: a temporary `.<name>.tmp-<pid>` in the same folder, `fsync`, then
+/// a rename over `path`. On any error the temporary is removed, `path` is left as it was, and the error
+/// (`Error::Io`) names the path that failed.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::invalid("output path", format!("{} has no file name", path.display())))?
+        .to_string_lossy()
+        .into_owned();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    Ok(())
+}
+
+/// One tensor to serialise: dtype, shape and little-endian bytes.
+pub(crate) struct RawTensor {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+impl RawTensor {
+    pub fn f32(shape: Vec<usize>, data: &[f32]) -> RawTensor {
+        RawTensor { dtype: Dtype::F32, shape, bytes: data.iter().flat_map(|x| x.to_le_bytes()).collect() }
+    }
+    pub fn u32(shape: Vec<usize>, data: &[u32]) -> RawTensor {
+        RawTensor { dtype: Dtype::U32, shape, bytes: data.iter().flat_map(|x| x.to_le_bytes()).collect() }
+    }
+}
+
+/// Serialises tensors + string metadata to safetensors bytes.
+pub(crate) fn serialize(
+    tensors: &BTreeMap<String, RawTensor>,
+    meta: HashMap<String, String>,
+    what: &Path,
+) -> Result<Vec<u8>> {
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let v = safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.bytes)
+            .map_err(|e| Error::invalid("tensor", format!("'{name}': {e:?}")))?;
+        views.push((name.as_str(), v));
+    }
+    safetensors::serialize(views, &Some(meta)).map_err(|e| Error::format(what, format!("cannot serialise: {e:?}")))
+}
+
+/// Reads a safetensors file written by this module or `export`: (bytes, header length, metadata map).
+/// Errors: `Error::Io` (unreadable), `Error::Format` (truncated or corrupt, naming the file).
+pub(crate) fn read_safetensors_file(path: &Path) -> Result<(Vec<u8>, usize, HashMap<String, String>)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (n, meta) = SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::format(path, format!("not a valid safetensors file (truncated or corrupt?): {e:?}")))?;
+    SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::format(path, format!("not a valid safetensors file (truncated or corrupt?): {e:?}")))?;
+    let m = meta.metadata().clone().unwrap_or_default();
+    Ok((bytes, n, m))
+}
+
+/// F32 tensor data of a view, checked.
+pub(crate) fn view_f32(path: &Path, name: &str, v: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>> {
+    if v.dtype() != Dtype::F32 {
+        return Err(Error::format(path, format!("tensor '{name}' has dtype {:?}, expected F32", v.dtype())));
+    }
+    Ok(v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+}
+
+/// Every tensor a checkpoint of `model` holds: name → (device tensor, shape).
+fn checkpoint_tensors(model: &Model) -> Vec<(String, crate::runtime::Tensor, Vec<usize>)> {
+    let mut out = Vec::new();
+    let shape_of = |t: crate::runtime::Tensor| model.rt.plan.spec(t).shape.clone();
+    for (name, p) in model.layout.params.trainable() {
+        out.push((format!("param.{name}"), p.value, shape_of(p.value)));
+        out.push((format!("adamw.m.{name}"), p.m.unwrap(), shape_of(p.value)));
+        out.push((format!("adamw.v.{name}"), p.v.unwrap(), shape_of(p.value)));
+    }
+    for br in &model.layout.branches {
+        if let BranchParams::Kernel { ema: Some([ia, ua, ib, ub]), .. } = br.params {
+            let p = &br.prefix;
+            out.push((format!("alloc.ipt.{p}.In_Qs"), ia, shape_of(ia)));
+            out.push((format!("alloc.unc.{p}.In_Qs"), ua, shape_of(ua)));
+            out.push((format!("alloc.ipt.{p}.Out_Qs"), ib, shape_of(ib)));
+            out.push((format!("alloc.unc.{p}.Out_Qs"), ub, shape_of(ub)));
+        }
+    }
+    out
+}
+
+/// Writes a checkpoint of `model` (trainable set, AdamW state, allocator EMAs, sparsity, step count) and
+/// `state` to `path`, atomically (see [`write_atomic`]). `config` (optional) is stored with its hash so a
+/// resume can refuse another recipe.
+///
+/// Refuses (`Invalid { option: "checkpoint" }`) to write a trainable value that is NaN or infinite, so the
+/// file on disk is always a good state. Errors: `Error::Io` naming the path when it cannot be written
+/// (missing folder, read-only location...).
+pub fn save_checkpoint(path: &Path, model: &Model, state: &TrainState, config: Option<&TrainConfig>) -> Result<()> {
+    let mut tensors = BTreeMap::new();
+    for (name, t, shape) in checkpoint_tensors(model) {
+        let data = model.rt.download(t)?;
+        if let Some(pname) = name.strip_prefix("param.") {
+            if let Some(i) = data.iter().position(|x| !x.is_finite()) {
+                return Err(Error::invalid(
+                    "checkpoint",
+                    format!(
+                        "{} holds a non-finite value ({}) at index {i}; not writing {}",
+                        pname,
+                        data[i],
+                        path.display()
+                    ),
+                ));
+            }
+        }
+        tensors.insert(name, RawTensor::f32(shape, &data));
+    }
+    // The checksum covers the data section, which depends only on the tensors, so serialise twice: once to
+    // learn the data bytes (the header does not influence them), once with the checksum in the metadata.
+    let mut meta = CheckpointMeta {
+        format: "snella-checkpoint".into(),
+        version: CHECKPOINT_VERSION,
+        method: model.method.name(),
+        model: model.cfg.clone(),
+        config: config.cloned(),
+        config_hash: config.map(|c| c.hash()),
+        adam_step: model.step,
+        sparsity: model.sparsity.clone(),
+        state: state.clone(),
+        checksum: String::new(),
+    };
+    let mut data = Vec::new();
+    for t in tensors.values() {
+        data.extend_from_slice(&t.bytes);
+    }
+    meta.checksum = fnv1a64(&data);
+    drop(data);
+    let json = serde_json::to_string(&meta).map_err(|e| Error::invalid("checkpoint", e.to_string()))?;
+    let bytes = serialize(&tensors, HashMap::from([(META_KEY.to_string(), json)]), path)?;
+    write_atomic(path, &bytes)
+}
+
+/// Reads only the metadata of a checkpoint (and verifies the file is complete and its checksum matches).
+/// Errors: `Error::Io` (unreadable), `Error::Format` (not a checkpoint, truncated, corrupt).
+pub fn read_checkpoint_meta(path: &Path) -> Result<CheckpointMeta> {
+    let (bytes, n, map) = read_safetensors_file(path)?;
+    parse_meta(path, &bytes, n, &map)
+}
+
+fn parse_meta(path: &Path, bytes: &[u8], n: usize, map: &HashMap<String, String>) -> Result<CheckpointMeta> {
+    let json = map.get(META_KEY).ok_or_else(|| {
+        Error::format(path, "is a safetensors file but not a snella checkpoint (no 'snella_checkpoint' metadata)")
+    })?;
+    let meta: CheckpointMeta =
+        serde_json::from_str(json).map_err(|e| Error::format(path, format!("corrupt checkpoint metadata: {e}")))?;
+    if meta.format != "snella-checkpoint" || meta.version != CHECKPOINT_VERSION {
+        return Err(Error::format(
+            path,
+            format!(
+                "checkpoint format '{}' version {} (this build reads version {CHECKPOINT_VERSION})",
+                meta.format, meta.version
+            ),
+        ));
+    }
+    let sum = fnv1a64(&bytes[8 + n..]);
+    if sum != meta.checksum {
+        return Err(Error::format(
+            path,
+            format!("corrupt checkpoint: data checksum {sum} does not match the recorded {}", meta.checksum),
+        ));
+    }
+    Ok(meta)
+}
+
+/// Loads a checkpoint into `model`: every trainable value, AdamW moment, allocator EMA, the AdamW step
+/// count and the per-branch sparsity. Returns the metadata (with the [`TrainState`] to continue from).
+///
+/// With `config`, the checkpoint must have been written with the same trajectory-relevant recipe
+/// ([`TrainConfig::trajectory_json`]); a difference is `Invalid { option: "checkpoint" }` naming the fields.
+///
+/// Errors, all naming the file: `Error::Io` (unreadable), `Error::Format` (truncated, corrupt, not a
+/// checkpoint), `Invalid { option: "checkpoint" }` (another method or model configuration, naming both),
+/// `MissingTensor` / `UnexpectedTensors` / `ShapeMismatch`. On error the model may be partly overwritten
+/// only after all checks passed, i.e. never: every check runs before the first upload.
+pub fn load_checkpoint(path: &Path, model: &mut Model, config: Option<&TrainConfig>) -> Result<CheckpointMeta> {
+    let (bytes, n, map) = read_safetensors_file(path)?;
+    let meta = parse_meta(path, &bytes, n, &map)?;
+    let file = path.display().to_string();
+    let ours = model.method.name();
+    if meta.method != ours {
+        return Err(Error::invalid(
+            "checkpoint",
+            format!("{file} was written by method {} but this model trains {ours}", meta.method),
+        ));
+    }
+    if meta.model != model.cfg {
+        let a = serde_json::to_value(&meta.model).unwrap();
+        let b = serde_json::to_value(&model.cfg).unwrap();
+        return Err(Error::invalid(
+            "checkpoint",
+            format!("{file} is for another model configuration (differs in: {})", diff_fields(&a, &b)),
+        ));
+    }
+    if let (Some(cfg), Some(saved)) = (config, &meta.config) {
+        if cfg.hash() != meta.config_hash.clone().unwrap_or_default() {
+            let d = diff_fields(&saved.trajectory_json(), &cfg.trajectory_json());
+            if !d.is_empty() {
+                return Err(Error::invalid(
+                    "checkpoint",
+                    format!("{file} was written by another recipe (differs in: {d}); resume with the same settings"),
+                ));
+            }
+        }
+    }
+    if meta.sparsity.len() != model.sparsity.len() {
+        return Err(Error::format(
+            path,
+            format!("{} sparsity entries for {} branches", meta.sparsity.len(), model.sparsity.len()),
+        ));
+    }
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::format(path, format!("not a valid safetensors file (truncated or corrupt?): {e:?}")))?;
+    let want = checkpoint_tensors(model);
+    let mut data = Vec::with_capacity(want.len());
+    for (name, t, shape) in &want {
+        let v = st.tensor(name).map_err(|_| Error::MissingTensor { file: file.clone(), name: name.clone() })?;
+        if v.shape() != shape.as_slice() {
+            return Err(Error::ShapeMismatch {
+                file: file.clone(),
+                name: name.clone(),
+                got: v.shape().to_vec(),
+                want: shape.clone(),
+            });
+        }
+        data.push((*t, view_f32(path, name, &v)?));
+    }
+    let known: std::collections::HashSet<&str> = want.iter().map(|(n, _, _)| n.as_str()).collect();
+    let extra: Vec<String> = st.names().into_iter().filter(|n| !known.contains(n.as_str())).cloned().collect();
+    if !extra.is_empty() {
+        return Err(Error::UnexpectedTensors { file, names: extra });
+    }
+    for (t, d) in data {
+        model.rt.upload(t, &d)?;
+    }
+    model.step = meta.adam_step;
+    model.sparsity.copy_from_slice(&meta.sparsity);
+    Ok(meta)
+}
+
+/// Names of the top-level fields whose values differ between two JSON objects (comma-separated).
+fn diff_fields(a: &serde_json::Value, b: &serde_json::Value) -> String {
+    let empty = serde_json::Map::new();
+    let (ao, bo) = (a.as_object().unwrap_or(&empty), b.as_object().unwrap_or(&empty));
+    let mut keys: Vec<&String> = ao.keys().chain(bo.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| ao.get(*k) != bo.get(*k))
+        .map(|k| {
+            let show = |v: Option<&serde_json::Value>| v.map(|v| v.to_string()).unwrap_or_else(|| "absent".into());
+            format!("{k}: {} vs {}", show(ao.get(k)), show(bo.get(k)))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The conventional checkpoint file of a run folder: `<out_dir>/checkpoint.safetensors`.
+pub fn checkpoint_path(out_dir: &Path) -> PathBuf {
+    out_dir.join("checkpoint.safetensors")
+}

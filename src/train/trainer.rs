@@ -1,0 +1,614 @@
+//! The training loop of a [`TrainConfig`]: weights, model, data, optimizer schedule, SNELLA allocator,
+//! per-epoch evaluation, metrics, checkpoints and resume.
+//!
+//! One epoch `e`:
+//!  1. `lr = cosine_lr(e, ...)` (constant over the epoch, as the recipe steps the scheduler per epoch);
+//!  2. SNELLA: `(V, realloc) = allocator.schedule(e)`; if `realloc`, the per-layer ratios are reallocated
+//!     for the budget `V` from the EMA scores (before the epoch's first batch);
+//!  3. for every batch (order and augmentation fixed by `(seed, e)`): `set_batch`, `forward` (the loss must
+//!     be finite, else the run stops), `backward`, `adamw_step(lr, weight_decay)`, `allocator.update`;
+//!  4. evaluation on the test split (every `eval_every` epochs and at the last), one JSON line in
+//!     `<out_dir>/metrics.jsonl`, a checkpoint in `<out_dir>/checkpoint.safetensors`.
+//!
+//! Checkpoints are also written every `checkpoint_every` steps inside an epoch, and once before the first
+//! step, so a last good state always exists. [`Trainer::resume_from`] continues a run exactly.
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::error::{Error, Result};
+use crate::model::load::{adapt_to_config, infer_config, read_checkpoint, TensorMap, Weights};
+use crate::model::{Model, ViTConfig};
+use crate::peft::allocator::Allocator;
+use crate::peft::Method;
+use crate::runtime::Backend;
+use crate::train::checkpoint::{checkpoint_path, load_checkpoint, save_checkpoint, TrainState};
+use crate::train::data::{example_seed, subset, Dataset, Idx, ImageFolder, Loader, SplitMix64};
+use crate::train::export::kept_stats;
+use crate::train::recipe::{parse_device, DataFormat, TrainConfig};
+use crate::train::schedule::cosine_lr;
+use rand::RngCore;
+
+/// A boxed dataset, as the trainer's loaders hold them.
+pub type BoxDataset = Box<dyn Dataset>;
+
+/// Per-layer sparsity of one branch in a metrics line.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LayerSparsity {
+    /// Branch prefix, e.g. `branch.blocks.0.attn.q`.
+    pub branch: String,
+    /// Ratio s of zeroed entries in effect this epoch.
+    pub sparsity: f32,
+    /// Fraction of entries kept (|M| > t) at the end of the epoch.
+    pub kept: f64,
+}
+
+/// One line of `metrics.jsonl`: the epoch's numbers.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EpochMetrics {
+    /// 0-based epoch.
+    pub epoch: usize,
+    /// Optimizer steps over the run at the end of the epoch.
+    pub step: u64,
+    /// Learning rate used during the epoch.
+    pub lr: f64,
+    /// Mean cross-entropy and top-1 accuracy (fraction) over the epoch's training images (each measured
+    /// on the batch before its update).
+    pub train_loss: f64,
+    /// Training top-1 accuracy (fraction).
+    pub train_acc: f64,
+    /// Test mean cross-entropy and top-1 accuracy (absent when the epoch was not evaluated).
+    pub test_loss: Option<f64>,
+    /// Test top-1 accuracy (fraction).
+    pub test_acc: Option<f64>,
+    /// Wall-clock seconds of the epoch (training + evaluation).
+    pub seconds: f64,
+    /// Sparse methods: per-branch ratio and kept fraction; empty otherwise.
+    pub layers: Vec<LayerSparsity>,
+    /// Sparse methods: kept entries over all branches / all entries.
+    pub kept_total: Option<f64>,
+}
+
+/// What a run achieved.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Summary {
+    /// Method name, e.g. `snella32`.
+    pub method: String,
+    /// Whether every epoch ran (false when `max_steps` stopped it).
+    pub completed: bool,
+    /// Epochs fully run (over all sessions of the run).
+    pub epochs_done: usize,
+    /// Optimizer steps over the run.
+    pub steps: u64,
+    /// Best and last test top-1 accuracy (fractions), the best one's epoch, last test loss.
+    pub best_test_acc: Option<f64>,
+    /// Epoch (0-based) of `best_test_acc`.
+    pub best_epoch: Option<usize>,
+    /// Test accuracy of the last evaluation.
+    pub last_test_acc: Option<f64>,
+    /// Test loss of the last evaluation.
+    pub last_test_loss: Option<f64>,
+    /// Mean training loss of the last finished epoch.
+    pub last_train_loss: Option<f64>,
+    /// Wall-clock seconds of training over all sessions of the run (evaluation included).
+    pub seconds: f64,
+    /// Trainable scalars (the set AdamW updates).
+    pub trainable_params: usize,
+    /// `<out_dir>/checkpoint.safetensors`.
+    pub checkpoint: PathBuf,
+    /// `<out_dir>/metrics.jsonl`.
+    pub metrics: PathBuf,
+}
+
+/// A training run, ready to [`Trainer::run`].
+pub struct Trainer {
+    /// The recipe of the run (validated).
+    pub config: TrainConfig,
+    /// The model, planned for `config.batch`, on the configured device.
+    pub model: Model,
+    /// SNELLA's bi-level allocator (None for other methods).
+    pub allocator: Option<Allocator>,
+    /// Shuffled, augmented training batches (not dropping the last partial batch, as the recipe).
+    pub train_loader: Loader<BoxDataset>,
+    /// Test batches in dataset order, evaluation transform.
+    pub test_loader: Loader<BoxDataset>,
+    /// Where the run stands (restored by [`Trainer::resume_from`]).
+    pub state: TrainState,
+    /// What loading did (position table resized, head re-initialised, ...).
+    pub notes: Vec<String>,
+}
+
+/// Top-1 correct predictions of `b` rows of `v` logits.
+fn correct(logits: &[f32], labels: &[i32], v: usize) -> u64 {
+    labels
+        .iter()
+        .enumerate()
+        .filter(|(r, &y)| {
+            let row = &logits[r * v..(r + 1) * v];
+            let mut best = 0;
+            for (j, &x) in row.iter().enumerate() {
+                if x > row[best] {
+                    best = j;
+                }
+            }
+            best == y as usize
+        })
+        .count() as u64
+}
+
+/// Mean cross-entropy and top-1 accuracy (fraction in [0, 1]) of `model` over every batch of `loader`
+/// (its epoch 0; use an unshuffled loader with a deterministic transform). The model's batch must be at
+/// least the loader's. No parameter or optimizer state changes. Errors: data decoding, a label outside the
+/// model's classes, an empty dataset (`Invalid { option: "evaluation" }`).
+pub fn evaluate<D: Dataset>(model: &mut Model, loader: &Loader<D>) -> Result<(f64, f64)> {
+    evaluate_with(model, loader, &ProgressBar::hidden())
+}
+
+fn evaluate_with<D: Dataset>(model: &mut Model, loader: &Loader<D>, bar: &ProgressBar) -> Result<(f64, f64)> {
+    let v = model.cfg.num_classes;
+    let (mut loss, mut right, mut n) = (0.0f64, 0u64, 0u64);
+    for batch in loader.epoch(0) {
+        let batch = batch?;
+        let b = model.set_batch(&batch.images, &batch.labels)?;
+        let l = model.forward()?;
+        loss += l as f64 * b as f64;
+        right += correct(&model.logits()?, &batch.labels, v);
+        n += b as u64;
+        bar.inc(b as u64);
+    }
+    if n == 0 {
+        return Err(Error::invalid("evaluation", "the test set is empty"));
+    }
+    Ok((loss / n as f64, right as f64 / n as f64))
+}
+
+/// `n` draws of N(0, std²) truncated to [−2, 2] (absolute, as timm's trunc_normal_), from `rng`.
+fn trunc_normal(rng: &mut SplitMix64, n: usize, std: f64) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n);
+    let unit = |r: &mut SplitMix64| (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    while out.len() < n {
+        let u1 = 1.0 - unit(rng);
+        let u2 = unit(rng);
+        let r = (-2.0 * u1.ln()).sqrt();
+        for z in [r * (std::f64::consts::TAU * u2).cos(), r * (std::f64::consts::TAU * u2).sin()] {
+            let x = z * std;
+            if out.len() < n && (-2.0..=2.0).contains(&x) {
+                out.push(x as f32);
+            }
+        }
+    }
+    out
+}
+
+/// A random (untrained) backbone in timm names for `cfg`: Linear/patch weights, position table and head
+/// ~ trunc_normal(0.02), cls token ~ N(0, 1e-6²), biases 0, LayerNorm weights 1, LayerScale γ = 0.1.
+/// For tests and smoke runs without a checkpoint; deterministic in `seed`.
+pub fn random_backbone(cfg: &ViTConfig, seed: u64) -> TensorMap {
+    let mut out = TensorMap::new();
+    for (k, (name, shape)) in cfg.param_shapes().into_iter().enumerate() {
+        let n: usize = shape.iter().product();
+        let mut rng = SplitMix64::new(example_seed(seed, 0xBAC4_B0AE, k as u64));
+        let data = if name.ends_with(".bias") {
+            vec![0.0; n]
+        } else if name.ends_with("norm1.weight") || name.ends_with("norm2.weight") || name == "norm.weight" {
+            vec![1.0; n]
+        } else if name.ends_with(".gamma") {
+            vec![0.1; n]
+        } else if name == "cls_token" {
+            trunc_normal(&mut rng, n, 1e-6)
+        } else {
+            trunc_normal(&mut rng, n, 0.02)
+        };
+        out.insert(name, (shape, data));
+    }
+    out
+}
+
+/// Initialises what the method adds to the backbone: the branches as the official code does
+/// ([`Model::init_branches`]: kernel factors ~ kaiming_uniform(a=√5), α = γ = 1, β = 0; LoRA A and B
+/// ~ N(0, 0.02²)), and for GPS a fixed random `density` of every block weight as its update mask.
+/// Deterministic in `seed`.
+pub fn init_method(model: &Model, seed: u64) -> Result<()> {
+    model.init_branches(seed)?;
+    if let Method::Gps { density } = model.method {
+        for (k, name) in model.layout.params.names.iter().enumerate() {
+            let p = model.layout.params.list[k];
+            if p.mask.is_some() {
+                let mut rng = SplitMix64::new(example_seed(seed, 0x6E5_3A5C, k as u64));
+                let mask: Vec<u8> = (0..p.value.numel)
+                    .map(|_| ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < density as f64)
+                    .map(u8::from)
+                    .collect();
+                model.set_gps_mask(name, &mask)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Opens the train and test splits of `cfg.data`, with the configured subsets (class-stratified, seeded).
+pub fn open_data(cfg: &TrainConfig) -> Result<(BoxDataset, BoxDataset)> {
+    let (train, test): (BoxDataset, BoxDataset) = match cfg.resolved_data_format() {
+        DataFormat::Idx => {
+            (Box::new(Idx::open_standard(&cfg.data, true)?), Box::new(Idx::open_standard(&cfg.data, false)?))
+        }
+        _ => (
+            Box::new(ImageFolder::open_split(&cfg.data, &cfg.train_split)?),
+            Box::new(ImageFolder::open_split(&cfg.data, &cfg.test_split)?),
+        ),
+    };
+    if train.class_names() != test.class_names() {
+        return Err(Error::invalid(
+            "data",
+            format!(
+                "the '{}' split has classes {:?} but the '{}' split has {:?}",
+                cfg.train_split,
+                train.class_names(),
+                cfg.test_split,
+                test.class_names()
+            ),
+        ));
+    }
+    let train: BoxDataset = match cfg.train_subset {
+        Some(n) => Box::new(subset(train, n, cfg.seed, true)),
+        None => train,
+    };
+    let test: BoxDataset = match cfg.test_subset {
+        Some(n) => Box::new(subset(test, n, cfg.seed ^ 0x7E57, true)),
+        None => test,
+    };
+    if train.is_empty() || test.is_empty() {
+        return Err(Error::invalid("data", format!("{} has an empty split", cfg.data.display())));
+    }
+    Ok((train, test))
+}
+
+/// The model configuration and the backbone weights (adapted to it) a recipe asks for, and notes.
+pub fn load_backbone(cfg: &TrainConfig, num_classes: usize) -> Result<(ViTConfig, Weights, Vec<String>)> {
+    let img = (cfg.image_size, cfg.image_size);
+    match &cfg.weights {
+        Some(path) => {
+            let w = read_checkpoint(path)?;
+            let mut vc = if cfg.model == "infer" {
+                infer_config(&w, cfg.num_heads.unwrap_or(0), img)?
+            } else {
+                let mut c = ViTConfig::by_name(&cfg.model, num_classes)?;
+                if let Some(h) = cfg.num_heads {
+                    c.num_heads = h;
+                }
+                c
+            };
+            vc.img_size = img;
+            vc.num_classes = num_classes;
+            vc.validate().map_err(|e| Error::invalid("image_size", e.to_string()))?;
+            let (w, notes) = adapt_to_config(w, &vc, cfg.seed)?;
+            Ok((vc, w, notes))
+        }
+        None => {
+            if cfg.model == "infer" {
+                return Err(Error::invalid("model", "'infer' needs weights"));
+            }
+            let mut vc = ViTConfig::by_name(&cfg.model, num_classes)?;
+            if let Some(h) = cfg.num_heads {
+                vc.num_heads = h;
+            }
+            vc.img_size = img;
+            vc.validate().map_err(|e| Error::invalid("image_size", e.to_string()))?;
+            let t = random_backbone(&vc, cfg.seed);
+            let note = format!("no weights given: random backbone (seed {})", cfg.seed);
+            Ok((vc, Weights { tensors: t, source: PathBuf::from("<random>") }, vec![note]))
+        }
+    }
+}
+
+fn bar(progress: bool, len: u64, prefix: String) -> ProgressBar {
+    if !progress {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{prefix:>14} [{bar:30}] {pos}/{len} img  {per_sec:>12}  {elapsed_precise} ETA {eta_precise}  {msg}",
+        )
+        .unwrap()
+        .progress_chars("=> "),
+    );
+    pb.set_prefix(prefix);
+    pb
+}
+
+impl Trainer {
+    /// Builds everything a run needs: checks the recipe (values and paths), sets the CPU thread count,
+    /// opens the data, loads and adapts the backbone (position table resized with `PosResize::Torch`,
+    /// head re-initialised for the dataset's classes), plans the model for `batch` on the device,
+    /// initialises the branches, and creates `out_dir`.
+    ///
+    /// Errors: `Invalid` for bad options (naming them), `Io`/`Format` for unreadable data or weights,
+    /// `NoCuda` / `OutOfMemory` from the device.
+    pub fn new(config: TrainConfig) -> Result<Trainer> {
+        config.validate()?;
+        config.validate_paths()?;
+        if config.threads > 0 {
+            // The global pool can be set once per process; later runs keep the first setting.
+            let _ = rayon::ThreadPoolBuilder::new().num_threads(config.threads).build_global();
+        }
+        let method = config.method()?;
+        let (train, test) = open_data(&config)?;
+        let (vc, weights, mut notes) = load_backbone(&config, train.num_classes())?;
+        let backend = Backend::new(parse_device(&config.device)?)?;
+        let model = Model::new(backend, &vc, method, config.batch, config.recompute()?)?;
+        model.load_backbone(&weights)?;
+        drop(weights);
+        init_method(&model, config.seed)?;
+        let allocator = match method {
+            Method::Kernel(k) if k.sparse && k.allocator => Some(Allocator::new(&model, config.allocator())?),
+            _ => None,
+        };
+        let train_loader = Loader::new(train, config.train_transform()?, config.batch, true, config.seed, false)?;
+        let test_loader = Loader::new(test, config.eval_transform()?, config.batch, false, config.seed, false)?;
+        std::fs::create_dir_all(&config.out_dir).map_err(|e| Error::io(&config.out_dir, e))?;
+        notes.push(format!(
+            "{} on {:?}: {} train / {} test images, {} classes, {} trainable parameters",
+            model.method.name(),
+            model.rt.device(),
+            train_loader.dataset().len(),
+            test_loader.dataset().len(),
+            vc.num_classes,
+            Trainer::count_trainable(&model)
+        ));
+        Ok(Trainer { config, model, allocator, train_loader, test_loader, state: TrainState::default(), notes })
+    }
+
+    fn count_trainable(model: &Model) -> usize {
+        model.layout.params.trainable().map(|(_, p)| p.value.numel).sum()
+    }
+
+    /// Trainable scalars of the model.
+    pub fn trainable_params(&self) -> usize {
+        Trainer::count_trainable(&self.model)
+    }
+
+    /// `<out_dir>/checkpoint.safetensors`.
+    pub fn checkpoint_path(&self) -> PathBuf {
+        checkpoint_path(&self.config.out_dir)
+    }
+
+    /// `<out_dir>/metrics.jsonl`.
+    pub fn metrics_path(&self) -> PathBuf {
+        self.config.out_dir.join("metrics.jsonl")
+    }
+
+    /// Restores a checkpoint written by a run of the same recipe (see `checkpoint::load_checkpoint` for the
+    /// checks) and drops the lines of `metrics.jsonl` for epochs that will be run again. [`Trainer::run`]
+    /// then continues from the saved epoch and batch.
+    pub fn resume_from(&mut self, path: &Path) -> Result<()> {
+        let meta = load_checkpoint(path, &mut self.model, Some(&self.config))?;
+        self.state = meta.state;
+        let mp = self.metrics_path();
+        if let Ok(text) = std::fs::read_to_string(&mp) {
+            let keep: Vec<&str> = text
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v["epoch"].as_u64())
+                        .is_some_and(|e| (e as usize) < self.state.epoch)
+                })
+                .collect();
+            let mut s = keep.join("\n");
+            if !s.is_empty() {
+                s.push('\n');
+            }
+            crate::train::checkpoint::write_atomic(&mp, s.as_bytes())?;
+        }
+        self.notes.push(format!(
+            "resumed from {} at epoch {} batch {} (step {})",
+            path.display(),
+            self.state.epoch,
+            self.state.step_in_epoch,
+            self.state.global_step
+        ));
+        Ok(())
+    }
+
+    fn save(&self) -> Result<()> {
+        save_checkpoint(&self.checkpoint_path(), &self.model, &self.state, Some(&self.config))
+    }
+
+    fn nan_error(&self, what: &str, epoch: usize, step: u64) -> Error {
+        Error::invalid(
+            "training",
+            format!(
+                "{what} became NaN or infinite at epoch {epoch} step {step} (lr {:e}); the last good checkpoint is {}",
+                cosine_lr(
+                    epoch,
+                    self.config.lr,
+                    self.config.epochs,
+                    self.config.warmup_epochs,
+                    self.config.warmup_lr,
+                    self.config.min_lr
+                ),
+                self.checkpoint_path().display()
+            ),
+        )
+    }
+
+    /// Runs the remaining epochs (all of them for a fresh trainer). With `progress`, indicatif bars on
+    /// stderr show images/s and the ETA of every epoch and evaluation.
+    ///
+    /// Errors: a loss (or a parameter) that becomes NaN/inf stops the run with
+    /// `Invalid { option: "training", msg: "loss became NaN ... at epoch E step S ...; the last good
+    /// checkpoint is <path>" }`, leaving that checkpoint untouched; data, device and I/O errors as they come.
+    pub fn run(&mut self, progress: bool) -> Result<Summary> {
+        let c = self.config.clone();
+        let session = Instant::now();
+        let base_elapsed = self.state.elapsed_s;
+        let v = self.model.cfg.num_classes;
+        let sparse = matches!(self.model.method, Method::Kernel(k) if k.sparse);
+        if self.state.global_step == 0 && self.state.step_in_epoch == 0 && self.state.epoch == 0 {
+            self.save()?; // the state before any update: a last good checkpoint always exists
+        }
+        let n_train = self.train_loader.dataset().len();
+        let nb = self.train_loader.num_batches();
+        let mut last_train_loss = None;
+        while self.state.epoch < c.epochs {
+            let epoch = self.state.epoch;
+            let t0 = Instant::now();
+            let lr = cosine_lr(epoch, c.lr, c.epochs, c.warmup_epochs, c.warmup_lr, c.min_lr);
+            if self.state.step_in_epoch == 0 {
+                if let Some(a) = &self.allocator {
+                    let (budget, realloc) = a.schedule(epoch);
+                    if realloc {
+                        a.reallocate(&mut self.model, budget)?;
+                    }
+                }
+                self.state.train_loss_sum = 0.0;
+                self.state.train_correct = 0;
+                self.state.train_seen = 0;
+            }
+            let order = self.train_loader.order(epoch);
+            let pb = bar(progress, n_train as u64, format!("epoch {}/{}", epoch + 1, c.epochs));
+            pb.set_position(self.state.train_seen);
+            pb.reset_eta();
+            for bi in self.state.step_in_epoch..nb {
+                let idx = &order[bi * c.batch..((bi + 1) * c.batch).min(n_train)];
+                let batch = self.train_loader.make_batch(epoch, idx)?;
+                let b = self.model.set_batch(&batch.images, &batch.labels)?;
+                let loss = self.model.forward()?;
+                if !loss.is_finite() {
+                    pb.abandon();
+                    return Err(self.nan_error("loss", epoch, self.state.global_step + 1));
+                }
+                let right = correct(&self.model.logits()?, &batch.labels, v);
+                self.model.backward()?;
+                self.model.adamw_step(lr, c.weight_decay)?;
+                if let Some(a) = &self.allocator {
+                    a.update(&self.model)?;
+                }
+                let s = &mut self.state;
+                s.step_in_epoch = bi + 1;
+                s.global_step += 1;
+                s.train_loss_sum += loss as f64 * b as f64;
+                s.train_correct += right;
+                s.train_seen += b as u64;
+                pb.inc(b as u64);
+                pb.set_message(format!("loss {:.4} lr {lr:.2e}", s.train_loss_sum / s.train_seen as f64));
+                if c.max_steps.is_some_and(|m| self.state.global_step >= m) {
+                    pb.abandon();
+                    self.state.elapsed_s = base_elapsed + session.elapsed().as_secs_f64();
+                    return Ok(self.summary(false, last_train_loss));
+                }
+                if c.checkpoint_every > 0 && self.state.global_step.is_multiple_of(c.checkpoint_every) && bi + 1 < nb {
+                    self.state.elapsed_s = base_elapsed + session.elapsed().as_secs_f64();
+                    self.save_or_nan(epoch)?;
+                }
+            }
+            pb.finish_and_clear();
+            let train_loss = self.state.train_loss_sum / self.state.train_seen.max(1) as f64;
+            let train_acc = self.state.train_correct as f64 / self.state.train_seen.max(1) as f64;
+            last_train_loss = Some(train_loss);
+            let (test_loss, test_acc) = if (epoch + 1).is_multiple_of(c.eval_every) || epoch + 1 == c.epochs {
+                let eb = bar(progress, self.test_loader.dataset().len() as u64, "eval".into());
+                let (l, a) = evaluate_with(&mut self.model, &self.test_loader, &eb)?;
+                eb.finish_and_clear();
+                if !l.is_finite() {
+                    return Err(self.nan_error("test loss", epoch, self.state.global_step));
+                }
+                self.state.last_loss = Some(l);
+                self.state.last_acc = Some(a);
+                if self.state.best_acc.is_none_or(|b| a > b) {
+                    self.state.best_acc = Some(a);
+                    self.state.best_epoch = Some(epoch);
+                }
+                (Some(l), Some(a))
+            } else {
+                (None, None)
+            };
+            let (layers, kept_total) = if sparse {
+                let st = kept_stats(&self.model)?;
+                let (k, t) = st.iter().fold((0usize, 0usize), |acc, r| (acc.0 + r.2, acc.1 + r.3));
+                let layers = st
+                    .into_iter()
+                    .map(|(branch, s, k, t)| LayerSparsity { branch, sparsity: s, kept: k as f64 / t as f64 })
+                    .collect();
+                (layers, Some(k as f64 / t.max(1) as f64))
+            } else {
+                (Vec::new(), None)
+            };
+            let m = EpochMetrics {
+                epoch,
+                step: self.state.global_step,
+                lr,
+                train_loss,
+                train_acc,
+                test_loss,
+                test_acc,
+                seconds: t0.elapsed().as_secs_f64(),
+                layers,
+                kept_total,
+            };
+            self.append_metrics(&m)?;
+            if progress {
+                eprintln!(
+                    "epoch {:>3}/{}  lr {lr:.2e}  train loss {train_loss:.4} acc {:.2}%  {}  {:.1}s",
+                    epoch + 1,
+                    c.epochs,
+                    100.0 * train_acc,
+                    match (test_loss, test_acc) {
+                        (Some(l), Some(a)) => format!("test loss {l:.4} acc {:.2}%", 100.0 * a),
+                        _ => "not evaluated".into(),
+                    },
+                    m.seconds
+                );
+            }
+            self.state.epoch = epoch + 1;
+            self.state.step_in_epoch = 0;
+            self.state.elapsed_s = base_elapsed + session.elapsed().as_secs_f64();
+            self.save_or_nan(epoch)?;
+        }
+        self.state.elapsed_s = base_elapsed + session.elapsed().as_secs_f64();
+        Ok(self.summary(true, last_train_loss))
+    }
+
+    /// Saves a checkpoint; a non-finite parameter becomes the training NaN error (the file is untouched).
+    fn save_or_nan(&self, epoch: usize) -> Result<()> {
+        match self.save() {
+            Err(Error::Invalid { option, msg }) if option == "checkpoint" => Err(Error::invalid(
+                "training",
+                format!(
+                    "a parameter became NaN or infinite at epoch {epoch} step {} ({msg}); the last good checkpoint is {}",
+                    self.state.global_step,
+                    self.checkpoint_path().display()
+                ),
+            )),
+            r => r,
+        }
+    }
+
+    fn append_metrics(&self, m: &EpochMetrics) -> Result<()> {
+        let p = self.metrics_path();
+        let line = serde_json::to_string(m).map_err(|e| Error::invalid("metrics", e.to_string()))?;
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&p).map_err(|e| Error::io(&p, e))?;
+        writeln!(f, "{line}").map_err(|e| Error::io(&p, e))
+    }
+
+    fn summary(&self, completed: bool, last_train_loss: Option<f64>) -> Summary {
+        Summary {
+            method: self.model.method.name(),
+            completed,
+            epochs_done: self.state.epoch,
+            steps: self.state.global_step,
+            best_test_acc: self.state.best_acc,
+            best_epoch: self.state.best_epoch,
+            last_test_acc: self.state.last_acc,
+            last_test_loss: self.state.last_loss,
+            last_train_loss,
+            seconds: self.state.elapsed_s,
+            trainable_params: self.trainable_params(),
+            checkpoint: self.checkpoint_path(),
+            metrics: self.metrics_path(),
+        }
+    }
+}
