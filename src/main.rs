@@ -13,6 +13,8 @@ use snella::runtime::Cuda;
 use snella::model::Recompute;
 use snella::ops::GemmPrecision;
 use snella::report::speed;
+use snella::train::recipe::TrainConfig;
+use snella::train::{checkpoint, export, trainer};
 use snella::report::memory as mem;
 use snella::{selftest, Backend, Device, Error, Result};
 use std::path::PathBuf;
@@ -33,6 +35,12 @@ enum Command {
     /// Peak training memory of each model × method from the plan the engine allocates, beside the SNELL
     /// paper's figures (batch 8, fp32, 224 px); on a GPU with --measure, also measured by running steps.
     Memory(MemoryArgs),
+    /// Fine-tunes a ViT with a recipe (TOML; `--set key=value` overrides), writing checkpoints and metrics.
+    Train(TrainArgs),
+    /// Evaluates a checkpoint on its recipe's test split (or the data given with --set data=...).
+    Eval(CheckpointArgs),
+    /// Exports a checkpoint: merged timm-format weights W0 + ΔW, and the compact sparse delta.
+    Export(ExportArgs),
     /// Images/s of one training step per model × method on the device, with model TFLOP/s and MFU.
     Bench(BenchArgs),
     /// Version, whether CUDA kernels are compiled into this binary, and what the CUDA probe finds.
@@ -80,6 +88,46 @@ struct MemoryArgs {
     /// Run real training steps on the GPU and add the measured device memory (needs a GPU).
     #[arg(long)]
     measure: bool,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// The recipe (see recipes/); without one, the defaults of the paper's recipe and --set.
+    recipe: Option<PathBuf>,
+    /// Overrides, e.g. `--set lr=5e-4 --set data=path/to/folder --set method=snella32`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Continue the run from its own `<out_dir>/checkpoint.safetensors` (bit-identical to an uninterrupted run).
+    #[arg(long)]
+    resume: bool,
+    /// Continue from another checkpoint of the same recipe.
+    #[arg(long, value_name = "CHECKPOINT")]
+    resume_from: Option<PathBuf>,
+    /// No progress bars (metrics still go to <out_dir>/metrics.jsonl).
+    #[arg(long)]
+    quiet: bool,
+    /// After training, export merged weights and the sparse delta into <out_dir>/export.
+    #[arg(long)]
+    export: bool,
+}
+
+#[derive(Args)]
+struct CheckpointArgs {
+    /// A checkpoint written by `snella train`.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Overrides of the checkpoint's recipe, e.g. `--set data=... --set device=cpu`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    #[command(flatten)]
+    ck: CheckpointArgs,
+    /// Folder for merged.safetensors and the sparse delta (created; existing files are replaced atomically).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -190,6 +238,24 @@ fn run(cmd: Command) -> Result<ExitCode> {
         }
         Command::Bench(a) => {
             bench(a)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Train(a) => {
+            train(a)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval(a) => {
+            let (mut t, _) = trainer_from_checkpoint(&a)?;
+            let (loss, acc) = trainer::evaluate(&mut t.model, &t.test_loader)?;
+            println!("test loss {loss:.4}  top-1 {:.2}%  ({} images)", 100.0 * acc, t.test_loader.dataset().len());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Export(a) => {
+            let (t, _) = trainer_from_checkpoint(&a.ck)?;
+            std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
+            for p in export::export_all(&t.model, &a.out)? {
+                println!("wrote {}", p.display());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Info => {
@@ -334,4 +400,50 @@ fn bench(a: BenchArgs) -> Result<()> {
         mem::write_atomic(p, &json)?;
     }
     Ok(())
+}
+
+/// `key=value` pairs of `--set`.
+fn overrides(set: &[String]) -> Result<Vec<(&str, &str)>> {
+    set.iter()
+        .map(|kv| kv.split_once('=').ok_or_else(|| Error::invalid("--set", format!("'{kv}' is not KEY=VALUE"))))
+        .collect()
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    let mut cfg = match &a.recipe {
+        Some(p) => TrainConfig::load(p)?,
+        None => TrainConfig::default(),
+    };
+    cfg.apply_overrides(&overrides(&a.set)?)?;
+    let mut t = trainer::Trainer::new(cfg)?;
+    for n in &t.notes {
+        eprintln!("snella: {n}");
+    }
+    let resume = a.resume_from.clone().or_else(|| a.resume.then(|| t.checkpoint_path()));
+    if let Some(path) = resume {
+        t.resume_from(&path)?;
+        eprintln!("snella: resumed from {}", path.display());
+    }
+    let summary = t.run(!a.quiet)?;
+    println!("{}", serde_json::to_string_pretty(&summary).unwrap_or_default());
+    if a.export {
+        let dir = t.config.out_dir.join("export");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        for p in export::export_all(&t.model, &dir)? {
+            println!("wrote {}", p.display());
+        }
+    }
+    Ok(())
+}
+
+/// A trainer built from the recipe stored in a checkpoint (with overrides), holding the checkpoint's state.
+fn trainer_from_checkpoint(a: &CheckpointArgs) -> Result<(trainer::Trainer, checkpoint::CheckpointMeta)> {
+    let meta = checkpoint::read_checkpoint_meta(&a.checkpoint)?;
+    let mut cfg = meta.config.clone().ok_or_else(|| {
+        Error::invalid("--checkpoint", format!("{} holds no recipe (it was not written by `snella train`)", a.checkpoint.display()))
+    })?;
+    cfg.apply_overrides(&overrides(&a.set)?)?;
+    let mut t = trainer::Trainer::new(cfg)?;
+    let meta = checkpoint::load_checkpoint(&a.checkpoint, &mut t.model, None)?;
+    Ok((t, meta))
 }
