@@ -41,9 +41,8 @@ fn main() {
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     println!("cargo:rerun-if-env-changed=SNELLA_CUDA_ARCHS");
 
-    let mut sources: Vec<PathBuf> = fs::read_dir(&cuda_dir)
-        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default();
+    let mut sources: Vec<PathBuf> =
+        fs::read_dir(&cuda_dir).map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
     sources.retain(|p| p.extension().is_some_and(|e| e == "cu"));
     sources.sort();
     for p in fs::read_dir(&cuda_dir).into_iter().flatten().flatten() {

@@ -18,7 +18,15 @@ fn env_list(key: &str, default: &str) -> Vec<String> {
 /// A small ViT for CPU benches: 64 px, patch 8, width 192, depth 4.
 fn bench_config(name: &str) -> ViTConfig {
     match name {
-        "small" => ViTConfig { img_size: (64, 64), patch_size: 8, embed_dim: 192, depth: 4, num_heads: 3, mlp_hidden: 768, ..ViTConfig::by_name("tiny", 100).unwrap() },
+        "small" => ViTConfig {
+            img_size: (64, 64),
+            patch_size: 8,
+            embed_dim: 192,
+            depth: 4,
+            num_heads: 3,
+            mlp_hidden: 768,
+            ..ViTConfig::by_name("tiny", 100).unwrap()
+        },
         other => ViTConfig::by_name(other, 100).expect("model name"),
     }
 }
@@ -27,8 +35,12 @@ fn step(c: &mut Criterion) {
     let device = Device::auto();
     let gpu = device == Device::Cuda;
     let models = env_list("SNELLA_BENCH_MODELS", if gpu { "vit_b16,vit_l16,vit_h14" } else { "tiny,small" });
-    let methods = env_list("SNELLA_BENCH_METHODS", if gpu { "full,lora8,gps,snell32,snella32" } else { "full,lora8,gps,snell8,snella8" });
-    let batch: usize = std::env::var("SNELLA_BENCH_BATCH").ok().and_then(|b| b.parse().ok()).unwrap_or(if gpu { 8 } else { 4 });
+    let methods = env_list(
+        "SNELLA_BENCH_METHODS",
+        if gpu { "full,lora8,gps,snell32,snella32" } else { "full,lora8,gps,snell8,snella8" },
+    );
+    let batch: usize =
+        std::env::var("SNELLA_BENCH_BATCH").ok().and_then(|b| b.parse().ok()).unwrap_or(if gpu { 8 } else { 4 });
     let recompute = match std::env::var("SNELLA_BENCH_RECOMPUTE").as_deref() {
         Ok("none") => Recompute::None,
         Ok("norms") => Recompute::Norms,
@@ -55,8 +67,10 @@ fn step(c: &mut Criterion) {
             let images: Vec<f32> = (0..batch * per).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
             let labels: Vec<i32> = (0..batch).map(|i| (i % cfg.num_classes) as i32).collect();
             model.set_batch(&images, &labels).unwrap();
-            let alloc = matches!(method, Method::Kernel(k) if k.allocator)
-                .then(|| Allocator::new(&model, AllocatorConfig { init_ratio: 0.5, target_ratio: 0.5, ..Default::default() }).unwrap());
+            let alloc = matches!(method, Method::Kernel(k) if k.allocator).then(|| {
+                Allocator::new(&model, AllocatorConfig { init_ratio: 0.5, target_ratio: 0.5, ..Default::default() })
+                    .unwrap()
+            });
             group.bench_function(format!("{model_name}/{method_name}/b{batch}"), |b| {
                 b.iter(|| {
                     let loss = model.forward().unwrap();
@@ -79,7 +93,12 @@ fn step(c: &mut Criterion) {
                 device_used.map(|u| format!(", device above baseline {:.1} MiB", mib(u))).unwrap_or_default()
             );
             for (pool, u) in report {
-                println!("    {:<12} planned {:>10.2} MiB  peak {:>10.2} MiB", pool.name(), mib(u.planned), mib(u.peak));
+                println!(
+                    "    {:<12} planned {:>10.2} MiB  peak {:>10.2} MiB",
+                    pool.name(),
+                    mib(u.planned),
+                    mib(u.peak)
+                );
             }
         }
     }

@@ -16,7 +16,10 @@ fn synthetic(batches: usize, b: usize, px: usize) -> impl Iterator<Item = (Vec<f
         let images = labels
             .iter()
             .enumerate()
-            .flat_map(|(i, &y)| (0..3 * px * px).map(move |j| if y == 1 { 0.8 } else { -0.8 } + 0.1 * (((i * 31 + j * 7) % 11) as f32 / 5.0 - 1.0)))
+            .flat_map(|(i, &y)| {
+                (0..3 * px * px)
+                    .map(move |j| if y == 1 { 0.8 } else { -0.8 } + 0.1 * (((i * 31 + j * 7) % 11) as f32 / 5.0 - 1.0))
+            })
             .collect();
         (images, labels)
     })
@@ -35,11 +38,18 @@ fn main() -> snella::Result<()> {
     for (i, name) in model.layout.params.names.clone().iter().enumerate() {
         let n = model.layout.params.list[i].value.numel;
         let ones = name.ends_with("norm1.weight") || name.ends_with("norm2.weight") || name == "norm.weight";
-        let v: Vec<f32> = if ones { vec![1.0; n] } else { (0..n).map(|j| 0.02 * (((j * 7919 + i) % 2001) as f32 / 1000.0 - 1.0)).collect() };
+        let v: Vec<f32> = if ones {
+            vec![1.0; n]
+        } else {
+            (0..n).map(|j| 0.02 * (((j * 7919 + i) % 2001) as f32 / 1000.0 - 1.0)).collect()
+        };
         model.set_param(name, &v)?;
     }
     model.init_branches(0)?;
-    let alloc = Allocator::new(&model, AllocatorConfig { init_ratio: 0.0, target_ratio: 0.5, total_epochs: epochs, ..Default::default() })?;
+    let alloc = Allocator::new(
+        &model,
+        AllocatorConfig { init_ratio: 0.0, target_ratio: 0.5, total_epochs: epochs, ..Default::default() },
+    )?;
     for epoch in 0..epochs {
         let (budget, realloc) = alloc.schedule(epoch);
         if realloc {
@@ -49,7 +59,9 @@ fn main() -> snella::Result<()> {
             Some(p) => {
                 let data = ImageFolder::open(std::path::Path::new(p))?;
                 let loader = Loader::new(data, Transform::DirectResize { size: 32 }, b, true, 0, false)?;
-                Box::new(loader.epoch(epoch).collect::<snella::Result<Vec<_>>>()?.into_iter().map(|x| (x.images, x.labels)))
+                Box::new(
+                    loader.epoch(epoch).collect::<snella::Result<Vec<_>>>()?.into_iter().map(|x| (x.images, x.labels)),
+                )
             }
             None => Box::new(synthetic(8, b, 32)),
         };

@@ -58,11 +58,13 @@ impl GoldenCase {
         for (k, v) in st.tensors() {
             match v.dtype() {
                 Dtype::F32 => {
-                    let data: Vec<f32> = v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+                    let data: Vec<f32> =
+                        v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
                     tensors.insert(k, (v.shape().to_vec(), data));
                 }
                 Dtype::I64 if k == "input.labels" => {
-                    labels = v.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as i32).collect();
+                    labels =
+                        v.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as i32).collect();
                 }
                 d => return Err(Error::format(&spath, format!("tensor {k}: unexpected dtype {d:?}"))),
             }
@@ -127,7 +129,8 @@ impl GoldenCase {
         if let Some(sp) = self.manifest["method"]["sparsity_per_branch"].as_object() {
             for br in &model.layout.branches {
                 let s = sp.get(&br.prefix).and_then(|v| v.as_f64());
-                model.sparsity[br.id] = s.ok_or_else(|| Error::format(&self.path, format!("no sparsity for {}", br.prefix)))? as f32;
+                model.sparsity[br.id] =
+                    s.ok_or_else(|| Error::format(&self.path, format!("no sparsity for {}", br.prefix)))? as f32;
             }
         }
         model.set_batch(self.get("input.images")?, &self.labels)?;
@@ -136,7 +139,10 @@ impl GoldenCase {
 
     /// The trainable tensor names of the manifest.
     pub fn trainable(&self) -> Vec<String> {
-        self.manifest["trainable"].as_array().map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()).unwrap_or_default()
+        self.manifest["trainable"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            .unwrap_or_default()
     }
 
     /// The manifest's tolerance for a key: `max|x − ref| <= atol`.
@@ -182,7 +188,15 @@ impl Compare {
 /// AdamW's first steps, lr·g/(|g| + eps), turn the rounding error of a gradient entry with |g| ≈ eps into a
 /// change of up to about 1% of lr, for about one element in 10⁴. So: every entry within `atol` except at most
 /// ⌈n/10⁴⌉ outliers, each within 1% of lr per step; the outliers are counted in the key so they show.
-pub fn compare_adamw(key: &str, got: &[f32], want: &[f32], atol: f64, skip: &[(usize, usize)], lr: f64, steps: usize) -> Compare {
+pub fn compare_adamw(
+    key: &str,
+    got: &[f32],
+    want: &[f32],
+    atol: f64,
+    skip: &[(usize, usize)],
+    lr: f64,
+    steps: usize,
+) -> Compare {
     let mut diffs: Vec<(f64, usize)> = got
         .iter()
         .zip(want)
@@ -195,7 +209,11 @@ pub fn compare_adamw(key: &str, got: &[f32], want: &[f32], atol: f64, skip: &[(u
     let outliers: Vec<(f64, usize)> = diffs.iter().copied().take_while(|d| d.0 > atol).collect();
     let mut c = compare(key, got, want, atol, skip);
     if !outliers.is_empty() && outliers.len() <= allowed && outliers.iter().all(|d| d.0 <= 0.01 * lr * steps as f64) {
-        c.key = format!("{key} ({} AdamW outlier(s) <= 1% lr/step at {:?})", outliers.len(), outliers.iter().map(|d| d.1).collect::<Vec<_>>());
+        c.key = format!(
+            "{key} ({} AdamW outlier(s) <= 1% lr/step at {:?})",
+            outliers.len(),
+            outliers.iter().map(|d| d.1).collect::<Vec<_>>()
+        );
         c.max_abs = diffs.get(outliers.len()).map(|d| d.0).unwrap_or(0.0);
     }
     c

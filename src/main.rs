@@ -8,14 +8,14 @@
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use snella::runtime::cuda::KERNELS_COMPILED;
-use snella::runtime::Cuda;
 use snella::model::Recompute;
 use snella::ops::GemmPrecision;
+use snella::report::memory as mem;
 use snella::report::speed;
+use snella::runtime::cuda::KERNELS_COMPILED;
+use snella::runtime::Cuda;
 use snella::train::recipe::TrainConfig;
 use snella::train::{checkpoint, export, trainer};
-use snella::report::memory as mem;
 use snella::{selftest, Backend, Device, Error, Result};
 use std::path::PathBuf;
 
@@ -323,7 +323,9 @@ fn memory(a: MemoryArgs) -> Result<()> {
         .methods
         .iter()
         .map(|m| match a.rank {
-            Some(r) if !m.chars().any(|c| c.is_ascii_digit()) && !matches!(m.as_str(), "full" | "linear" | "gps") => format!("{m}{r}"),
+            Some(r) if !m.chars().any(|c| c.is_ascii_digit()) && !matches!(m.as_str(), "full" | "linear" | "gps") => {
+                format!("{m}{r}")
+            }
             _ => m.clone(),
         })
         .collect();
@@ -357,7 +359,11 @@ fn memory(a: MemoryArgs) -> Result<()> {
     print!("{}", mem::table(&rows));
     println!();
     print!("{}", mem::reductions(&rows));
-    for (path, text) in [(&a.json, a.json.as_ref().map(|_| serde_json::to_string_pretty(&rows).unwrap_or_default())), (&a.csv, a.csv.as_ref().map(|_| mem::csv(&rows))), (&a.svg, a.svg.as_ref().map(|_| mem::svg(&rows)))] {
+    for (path, text) in [
+        (&a.json, a.json.as_ref().map(|_| serde_json::to_string_pretty(&rows).unwrap_or_default())),
+        (&a.csv, a.csv.as_ref().map(|_| mem::csv(&rows))),
+        (&a.svg, a.svg.as_ref().map(|_| mem::svg(&rows))),
+    ] {
         if let (Some(p), Some(t)) = (path, text) {
             mem::write_atomic(p, &t)?;
             println!("wrote {}", p.display());
@@ -374,11 +380,30 @@ fn bench(a: BenchArgs) -> Result<()> {
     let mut json = String::new();
     println!(
         "{:<9} {:<9} {:>5} {:<9} {:<5} {:>10} {:>9} {:>8} {:>6} {:>10} {:>11}  device",
-        "model", "method", "batch", "recompute", "gemm", "images/s", "step ms", "TFLOP/s", "MFU", "plan MiB", "device MiB"
+        "model",
+        "method",
+        "batch",
+        "recompute",
+        "gemm",
+        "images/s",
+        "step ms",
+        "TFLOP/s",
+        "MFU",
+        "plan MiB",
+        "device MiB"
     );
     for model in &a.models {
         for method in &a.methods {
-            let r = match speed::step_speed(model, method, a.batch, a.recompute, Backend::new(device)?, a.gemm, a.warmup, a.steps) {
+            let r = match speed::step_speed(
+                model,
+                method,
+                a.batch,
+                a.recompute,
+                Backend::new(device)?,
+                a.gemm,
+                a.warmup,
+                a.steps,
+            ) {
                 Ok(r) => r,
                 Err(e @ Error::OutOfMemory { .. }) => {
                     eprintln!("snella: {model} {method}: {e}");
@@ -389,8 +414,18 @@ fn bench(a: BenchArgs) -> Result<()> {
             let opt = |x: Option<f64>, p: usize| x.map(|v| format!("{v:.p$}")).unwrap_or_else(|| "-".into());
             println!(
                 "{:<9} {:<9} {:>5} {:<9} {:<5} {:>10.2} {:>9.2} {:>8.2} {:>6} {:>10.1} {:>11}  {}",
-                r.model, r.method, r.batch, format!("{:?}", r.recompute).to_lowercase(), format!("{:?}", r.gemm).to_lowercase(),
-                r.images_per_s, r.step_ms, r.tflops, opt(r.mfu.map(|m| 100.0 * m), 1), r.planned_mib, opt(r.device_mib, 1), r.device
+                r.model,
+                r.method,
+                r.batch,
+                format!("{:?}", r.recompute).to_lowercase(),
+                format!("{:?}", r.gemm).to_lowercase(),
+                r.images_per_s,
+                r.step_ms,
+                r.tflops,
+                opt(r.mfu.map(|m| 100.0 * m), 1),
+                r.planned_mib,
+                opt(r.device_mib, 1),
+                r.device
             );
             json.push_str(&serde_json::to_string(&r).unwrap_or_default());
             json.push('\n');
@@ -440,7 +475,10 @@ fn train(a: TrainArgs) -> Result<()> {
 fn trainer_from_checkpoint(a: &CheckpointArgs) -> Result<(trainer::Trainer, checkpoint::CheckpointMeta)> {
     let meta = checkpoint::read_checkpoint_meta(&a.checkpoint)?;
     let mut cfg = meta.config.clone().ok_or_else(|| {
-        Error::invalid("--checkpoint", format!("{} holds no recipe (it was not written by `snella train`)", a.checkpoint.display()))
+        Error::invalid(
+            "--checkpoint",
+            format!("{} holds no recipe (it was not written by `snella train`)", a.checkpoint.display()),
+        )
     })?;
     cfg.apply_overrides(&overrides(&a.set)?)?;
     let mut t = trainer::Trainer::new(cfg)?;

@@ -35,6 +35,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use crate::error::{Error, Result};
+use crate::golden::{golden_dir, GoldenCase};
+use crate::model::Recompute;
 use crate::ops::adamw::{adamw, AdamWStep};
 use crate::ops::add::{add_bias, axpy, bias_backward, mul_cols, mul_cols_backward_gamma, scale_copy};
 use crate::ops::attention::{attention_backward, attention_forward, permute_heads, AttentionBuffers, Heads};
@@ -48,8 +50,6 @@ use crate::ops::loss::cross_entropy;
 use crate::ops::mask::mask_grad;
 use crate::ops::softmax::{softmax_backward, softmax_forward};
 use crate::ops::{matmul, GemmPrecision, Matmul};
-use crate::golden::{golden_dir, GoldenCase};
-use crate::model::Recompute;
 use crate::peft::allocator::{Allocator, AllocatorConfig};
 use crate::peft::Method;
 use crate::runtime::{Backend, Cuda, DType, Device, Plan, Pool, Runtime, Tensor};

@@ -79,8 +79,17 @@ fn memory_prints_the_plan_beside_the_paper_and_writes_every_format() {
     std::fs::create_dir_all(&dir).unwrap();
     let (json, csv, svg) = (dir.join("m.json"), dir.join("m.csv"), dir.join("m.svg"));
     let out = snella(&[
-        "memory", "--models", "vit_b16", "--methods", "lora8,gps,snell32,snella32", "--json", json.to_str().unwrap(),
-        "--csv", csv.to_str().unwrap(), "--svg", svg.to_str().unwrap(),
+        "memory",
+        "--models",
+        "vit_b16",
+        "--methods",
+        "lora8,gps,snell32,snella32",
+        "--json",
+        json.to_str().unwrap(),
+        "--csv",
+        csv.to_str().unwrap(),
+        "--svg",
+        svg.to_str().unwrap(),
     ]);
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", text(&out.stderr));

@@ -4,20 +4,31 @@
 use snella::golden::{compare, compare_adamw, golden_dir, list_cases, Compare, GoldenCase};
 use snella::model::vit::BranchParams;
 use snella::model::{Model, Recompute};
+use snella::ops::kmerge::KernelKind;
 use snella::peft::allocator::{Allocator, AllocatorConfig};
 use snella::peft::{KernelMethod, Method};
-use snella::ops::kmerge::KernelKind;
 use snella::Backend;
 
 fn model_with_allocator(case: &GoldenCase) -> Model {
     let m = &case.manifest["method"];
     let r = m["r"].as_u64().unwrap() as usize;
     let mixture = m["kind"].as_str() == Some("snella");
-    let method = Method::Kernel(KernelMethod { kernel: KernelKind::PiecewiseLinear, r, mixture, sparse: true, sparsity: 0.0, allocator: true });
+    let method = Method::Kernel(KernelMethod {
+        kernel: KernelKind::PiecewiseLinear,
+        r,
+        mixture,
+        sparse: true,
+        sparsity: 0.0,
+        allocator: true,
+    });
     let cfg = case.vit_config();
     let mut model = Model::new(Backend::Cpu, &cfg, method, case.labels.len(), Recompute::default()).unwrap();
     for name in model.layout.params.names.clone() {
-        let key = if case.tensors.contains_key(&format!("param.{name}")) { format!("param.{name}") } else { format!("frozen.{name}") };
+        let key = if case.tensors.contains_key(&format!("param.{name}")) {
+            format!("param.{name}")
+        } else {
+            format!("frozen.{name}")
+        };
         model.set_param(&name, case.get(&key).unwrap()).unwrap();
     }
     model.set_batch(case.get("input.images").unwrap(), &case.labels).unwrap();
@@ -68,7 +79,8 @@ fn allocator_run_matches_the_reference() {
             if re {
                 let r = alloc.reallocate(&mut model, budget).unwrap();
                 check(&case, &mut all, &format!("alloc.epoch{e}.scores"), &r.scores);
-                let want: Vec<i32> = ep["alloc"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap() as i32).collect();
+                let want: Vec<i32> =
+                    ep["alloc"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap() as i32).collect();
                 assert_eq!(r.alloc, want, "{name}: integer allocation of epoch {e}");
             }
             let want_sp: Vec<f64> = ep["sparsity"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
@@ -85,17 +97,37 @@ fn allocator_run_matches_the_reference() {
         }
         check(&case, &mut all, "alloc.loss", &losses);
         for br in &model.layout.branches {
-            let BranchParams::Kernel { ema: Some([ia, ua, ib, ub]), .. } = br.params else { panic!("no allocator state") };
+            let BranchParams::Kernel { ema: Some([ia, ua, ib, ub]), .. } = br.params else {
+                panic!("no allocator state")
+            };
             for (leaf, ipt, unc) in [("In_Qs", ia, ua), ("Out_Qs", ib, ub)] {
-                check(&case, &mut all, &format!("alloc.final.exp_avg_ipt.{}.{leaf}", br.prefix), &model.rt.download(ipt).unwrap());
-                check(&case, &mut all, &format!("alloc.final.exp_avg_unc.{}.{leaf}", br.prefix), &model.rt.download(unc).unwrap());
+                check(
+                    &case,
+                    &mut all,
+                    &format!("alloc.final.exp_avg_ipt.{}.{leaf}", br.prefix),
+                    &model.rt.download(ipt).unwrap(),
+                );
+                check(
+                    &case,
+                    &mut all,
+                    &format!("alloc.final.exp_avg_unc.{}.{leaf}", br.prefix),
+                    &model.rt.download(unc).unwrap(),
+                );
             }
         }
         let steps = losses.len();
         for n in case.manifest["trainable"].as_array().unwrap() {
             let n = n.as_str().unwrap();
             let key = format!("alloc.final.param.{n}");
-            let c = compare_adamw(&key, &model.get_param(n).unwrap(), case.get(&key).unwrap(), case.atol(&key).unwrap(), &[], f("lr"), steps);
+            let c = compare_adamw(
+                &key,
+                &model.get_param(n).unwrap(),
+                case.get(&key).unwrap(),
+                case.atol(&key).unwrap(),
+                &[],
+                f("lr"),
+                steps,
+            );
             println!("{:<16} {}", case.name, c.line());
             all.push(c);
         }

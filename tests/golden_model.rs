@@ -24,7 +24,14 @@ fn check(case: &GoldenCase, out: &mut Vec<Compare>, key: &str, got: &[f32], skip
 
 /// Noise elements (exactly zero in exact arithmetic) compared on their own, with the manifest's rule:
 /// gradients to ~1e-6 absolute, AdamW results to 2·lr per step.
-fn check_noise(case: &GoldenCase, out: &mut Vec<Compare>, key: &str, got: &[f32], ranges: &[(usize, usize)], atol: f64) {
+fn check_noise(
+    case: &GoldenCase,
+    out: &mut Vec<Compare>,
+    key: &str,
+    got: &[f32],
+    ranges: &[(usize, usize)],
+    atol: f64,
+) {
     let want = case.get(key).unwrap();
     for &(a, b) in ranges {
         let c = compare(&format!("{key}[{a}..{b}] (noise)"), &got[a..b], &want[a..b], atol, &[]);
@@ -111,7 +118,8 @@ fn adamw_on_golden_gradients_matches_step1() {
             rt.upload(p, p0).unwrap();
             rt.upload(g, case.get(&format!("grad.{n}")).unwrap()).unwrap();
             let decay = case.manifest["weight_decay"][&n].as_bool().unwrap();
-            let st = AdamWStep { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: if decay { wd } else { 0.0 }, t: 1 };
+            let st =
+                AdamWStep { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: if decay { wd } else { 0.0 }, t: 1 };
             adamw(&rt, p, g, m, v, st).unwrap();
             let got = rt.download(p).unwrap();
             let want = case.get(&format!("adamw.step1.{n}")).unwrap();
@@ -120,7 +128,11 @@ fn adamw_on_golden_gradients_matches_step1() {
             let ulp = |x: f32| f32::from_bits(x.abs().to_bits() + 1) - x.abs();
             for (i, ((&a, &b), &x0)) in got.iter().zip(want).zip(p0).enumerate() {
                 let scale = b.abs().max(x0.abs()).max((b - x0).abs());
-                assert!((a - b).abs() <= 2.0 * ulp(scale), "{name}: adamw.step1.{n}[{i}]: {a} vs {b} (1 ulp = {:e})", ulp(scale));
+                assert!(
+                    (a - b).abs() <= 2.0 * ulp(scale),
+                    "{name}: adamw.step1.{n}[{i}]: {a} vs {b} (1 ulp = {:e})",
+                    ulp(scale)
+                );
             }
         }
     }

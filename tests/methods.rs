@@ -15,7 +15,11 @@ fn tiny() -> ViTConfig {
 fn init(model: &Model) {
     for (i, name) in model.layout.params.names.iter().enumerate() {
         let n = model.layout.params.list[i].value.numel;
-        let ones = name.ends_with("norm1.weight") || name.ends_with("norm2.weight") || name == "norm.weight" || name.ends_with(".alpha") || (name.ends_with(".gamma") && name.starts_with("branch."));
+        let ones = name.ends_with("norm1.weight")
+            || name.ends_with("norm2.weight")
+            || name == "norm.weight"
+            || name.ends_with(".alpha")
+            || (name.ends_with(".gamma") && name.starts_with("branch."));
         let v: Vec<f32> = if ones {
             vec![1.0; n]
         } else if name.ends_with(".beta") {
@@ -42,21 +46,40 @@ fn optimizer_state_exists_only_for_the_trainable_set_and_no_merged_matrix_is_kep
         let trainable: Vec<&str> = layout.params.trainable().map(|(n, _)| n).collect();
         for t in &plan.tensors {
             match t.pool {
-                Pool::Grads => assert!(trainable.iter().any(|n| t.name == format!("grad.{n}")), "{name}: gradient {} of a frozen tensor", t.name),
+                Pool::Grads => assert!(
+                    trainable.iter().any(|n| t.name == format!("grad.{n}")),
+                    "{name}: gradient {} of a frozen tensor",
+                    t.name
+                ),
                 Pool::Optimizer => {
-                    let owner = ["adamw.m.", "adamw.v.", "alloc.ipt.", "alloc.unc.", "gps.mask."].iter().find_map(|p| t.name.strip_prefix(p));
+                    let owner = ["adamw.m.", "adamw.v.", "alloc.ipt.", "alloc.unc.", "gps.mask."]
+                        .iter()
+                        .find_map(|p| t.name.strip_prefix(p));
                     let owner = owner.unwrap_or_else(|| panic!("{name}: unexpected optimizer tensor {}", t.name));
                     assert!(trainable.contains(&owner), "{name}: optimizer state {} of a frozen tensor", t.name);
                 }
-                Pool::Activations => assert!(!t.name.contains(".M") && !t.name.contains("branch.scratch"), "{name}: {} kept between forward and backward", t.name),
+                Pool::Activations => assert!(
+                    !t.name.contains(".M") && !t.name.contains("branch.scratch"),
+                    "{name}: {} kept between forward and backward",
+                    t.name
+                ),
                 _ => {}
             }
         }
         if method.has_branches() || matches!(method, Method::Linear) {
             // The kept activations do not depend on the PEFT method: branches add nothing to them (but the
             // table of per-branch thresholds, one float each).
-            let act: usize = plan.tensors.iter().filter(|t| t.pool == Pool::Activations && t.name != "act.branch.thresholds").map(|t| t.bytes()).sum();
-            assert_eq!(*peft_activations.get_or_insert(act), act, "{name}: activations differ from the other PEFT methods");
+            let act: usize = plan
+                .tensors
+                .iter()
+                .filter(|t| t.pool == Pool::Activations && t.name != "act.branch.thresholds")
+                .map(|t| t.bytes())
+                .sum();
+            assert_eq!(
+                *peft_activations.get_or_insert(act),
+                act,
+                "{name}: activations differ from the other PEFT methods"
+            );
         }
         let counts = [Pool::Trainable, Pool::Grads].map(|p| plan.pool_bytes(p));
         assert_eq!(counts[0], counts[1], "{name}: one gradient per trainable tensor");
@@ -76,7 +99,13 @@ fn a_step_touches_no_more_than_the_plan() {
         model.backward().unwrap();
         model.adamw_step(1e-3, 0.05).unwrap();
         for (pool, u) in model.rt.pool_report() {
-            assert!(u.peak <= u.planned && u.allocated == u.planned, "{name}: {} peak {} > planned {}", pool.name(), u.peak, u.planned);
+            assert!(
+                u.peak <= u.planned && u.allocated == u.planned,
+                "{name}: {} peak {} > planned {}",
+                pool.name(),
+                u.peak,
+                u.planned
+            );
         }
     }
 }
@@ -143,7 +172,9 @@ fn a_partial_batch_gives_the_same_gradients_as_a_model_planned_for_it() {
     let (x, y) = batch(&cfg, 2);
     for name in METHODS {
         let grads = |planned: usize| {
-            let mut m = Model::new(Backend::Cpu, &cfg, Method::parse(name, 0.5).unwrap(), planned, Recompute::Attention).unwrap();
+            let mut m =
+                Model::new(Backend::Cpu, &cfg, Method::parse(name, 0.5).unwrap(), planned, Recompute::Attention)
+                    .unwrap();
             init(&m);
             m.set_batch(&x, &y).unwrap();
             let loss = m.forward().unwrap();

@@ -23,7 +23,10 @@ fn assets() -> Option<std::path::PathBuf> {
 fn read_ref(path: &Path) -> std::collections::HashMap<String, Vec<f32>> {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors().into_iter().map(|(k, v)| (k, v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())).collect()
+    st.tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()))
+        .collect()
 }
 
 #[test]
@@ -67,7 +70,11 @@ fn a_timm_vit_b16_file_loads_and_runs() {
         .enumerate()
         .map(|(i, (name, shape))| {
             let n: usize = shape.iter().product();
-            let v = if name.contains("norm") && name.ends_with("weight") { vec![1.0; n] } else { (0..n).map(|j| 0.02 * (((j * 31 + i) % 101) as f32 / 50.0 - 1.0)).collect() };
+            let v = if name.contains("norm") && name.ends_with("weight") {
+                vec![1.0; n]
+            } else {
+                (0..n).map(|j| 0.02 * (((j * 31 + i) % 101) as f32 / 50.0 - 1.0)).collect()
+            };
             (name, (shape, v))
         })
         .collect();

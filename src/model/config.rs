@@ -30,7 +30,8 @@ pub enum Position {
 }
 
 impl Position {
-    pub const ALL: [Position; 6] = [Position::Q, Position::K, Position::V, Position::Proj, Position::Fc1, Position::Fc2];
+    pub const ALL: [Position; 6] =
+        [Position::Q, Position::K, Position::V, Position::Proj, Position::Fc1, Position::Fc2];
     pub fn name(self) -> &'static str {
         match self {
             Position::Q => "q",
@@ -110,7 +111,10 @@ impl ViTConfig {
 
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::invalid("model config", m));
-        if self.patch_size == 0 || !self.img_size.0.is_multiple_of(self.patch_size) || !self.img_size.1.is_multiple_of(self.patch_size) {
+        if self.patch_size == 0
+            || !self.img_size.0.is_multiple_of(self.patch_size)
+            || !self.img_size.1.is_multiple_of(self.patch_size)
+        {
             return bad(format!("image size {:?} is not a multiple of patch size {}", self.img_size, self.patch_size));
         }
         if self.num_heads == 0 || !self.embed_dim.is_multiple_of(self.num_heads) {

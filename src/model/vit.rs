@@ -25,7 +25,9 @@ use crate::runtime::{Backend, DType, Plan, Pool, Runtime, Tensor};
 
 /// How much of a block's forward the backward recomputes instead of keeping (each level includes the ones
 /// before it). Recomputed tensors live in one shared scratch buffer instead of one per layer.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 pub enum Recompute {
     /// Keep every activation.
     None,
@@ -96,7 +98,15 @@ pub enum BranchParams {
     Lora { a: Param, b: Param, r: usize },
     /// M from In_Qs (2, in, r/2), Out_Qs (2, out, r/2) and optionally α, γ, β; `ema` holds the allocator's
     /// importance and uncertainty EMAs of In_Qs and Out_Qs (same shapes) when the allocator runs.
-    Kernel { a: Param, b: Param, mix: Option<[Param; 3]>, kind: KernelKind, sparse: bool, d: usize, ema: Option<[Tensor; 4]> },
+    Kernel {
+        a: Param,
+        b: Param,
+        mix: Option<[Param; 3]>,
+        kind: KernelKind,
+        sparse: bool,
+        d: usize,
+        ema: Option<[Tensor; 4]>,
+    },
 }
 
 /// The branch on one Linear (q, k and v have one each on the fused qkv Linear).
@@ -258,7 +268,8 @@ pub fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, recompute: Recompu
     //    backward MLP part), and the patches before block 0 when the patch embedding is frozen;
     //  - `wide_b` holds the recomputed qkv (attention part) and fc1 output (MLP part) at `Recompute::Block`.
     let heads = plan.f32("work.heads", &[(4 * b * h * t * hd).max(bt * f)], s);
-    let wide_a = plan.f32("work.wide_a", &[bt * wide.max(f).max(if full { 0 } else { cfg.patch_dim() * np / t + 1 })], s);
+    let wide_a =
+        plan.f32("work.wide_a", &[bt * wide.max(f).max(if full { 0 } else { cfg.patch_dim() * np / t + 1 })], s);
     let wide_b = (recompute >= Recompute::Block).then(|| plan.f32("work.wide_b", &[bt * 3 * d.max(f.div_ceil(3))], s));
     let quarter = b * h * t * hd;
     let work = Work {
@@ -277,10 +288,16 @@ pub fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, recompute: Recompu
         dcls: plan.f32("work.dcls", &[b, d], s),
         dlogits: plan.f32("work.dlogits", &[b, v], s),
     };
-    let patches = if full { plan.f32("act.patches", &[b * np, cfg.patch_dim()], Pool::Activations) } else { wide_a.slice(0, b * np * cfg.patch_dim()) };
+    let patches = if full {
+        plan.f32("act.patches", &[b * np, cfg.patch_dim()], Pool::Activations)
+    } else {
+        wide_a.slice(0, b * np * cfg.patch_dim())
+    };
     // Shared buffers of the activations the backward recomputes (one for all layers; ln serves LN1 and LN2,
     // which are never needed at the same time).
-    let shared = |plan: &mut Plan, level: Recompute, name: &str, shape: &[usize]| (recompute >= level).then(|| plan.f32(format!("work.recompute.{name}"), shape, s));
+    let shared = |plan: &mut Plan, level: Recompute, name: &str, shape: &[usize]| {
+        (recompute >= level).then(|| plan.f32(format!("work.recompute.{name}"), shape, s))
+    };
     let r_ln = shared(&mut plan, Recompute::Norms, "ln", &[bt, d]);
     let r_gelu = (recompute >= Recompute::Norms).then(|| wide_a.slice(0, bt * f));
     let r_probs = shared(&mut plan, Recompute::Attention, "probs", &[b, h, t, t]);
@@ -329,7 +346,8 @@ pub fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, recompute: Recompu
                         let a = params.add(&mut plan, &format!("{prefix}.In_Qs"), &[2, n_in, hd], true);
                         let bb = params.add(&mut plan, &format!("{prefix}.Out_Qs"), &[2, n_out, hd], true);
                         let mix = k.mixture.then(|| {
-                            ["alpha", "gamma", "beta"].map(|leaf| params.add(&mut plan, &format!("{prefix}.{leaf}"), &[1], true))
+                            ["alpha", "gamma", "beta"]
+                                .map(|leaf| params.add(&mut plan, &format!("{prefix}.{leaf}"), &[1], true))
                         });
                         let ema = (k.sparse && k.allocator).then(|| {
                             let o = Pool::Optimizer;
@@ -384,7 +402,8 @@ pub fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, recompute: Recompu
     let mut blocks = Vec::new();
     for l in 0..cfg.depth {
         let p = |n: &str| by_name[&format!("blocks.{l}.{n}")];
-        let bl = |pos: Position| branches.iter().filter(|br| br.block == l && br.pos == pos).cloned().collect::<Vec<_>>();
+        let bl =
+            |pos: Position| branches.iter().filter(|br| br.block == l && br.pos == pos).cloned().collect::<Vec<_>>();
         let lin = |w: &str, bias: &str, n_in: usize, n_out: usize, br: Vec<Branch>, scratch: usize| Linear {
             w: p(w),
             b: p(bias),
@@ -397,7 +416,9 @@ pub fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, recompute: Recompu
         qkv_br.extend(bl(Position::K));
         qkv_br.extend(bl(Position::V));
         let pre = format!("act.blocks.{l}");
-        let mut keep = |name: &str, shape: &[usize], shared: Option<Tensor>| shared.unwrap_or_else(|| plan.f32(format!("{pre}.{name}"), shape, a));
+        let mut keep = |name: &str, shape: &[usize], shared: Option<Tensor>| {
+            shared.unwrap_or_else(|| plan.f32(format!("{pre}.{name}"), shape, a))
+        };
         let acts = BlockActs {
             ln1: keep("ln1", &[bt, d], r_ln),
             ln1_mean: keep("ln1_mean", &[bt], None),
@@ -480,7 +501,11 @@ impl Model {
             Err(Error::OutOfMemory { need_mib, free_mib, .. }) => {
                 let max_batch = (1..batch)
                     .rev()
-                    .find(|&bb| plan_model(cfg, &method, bb, recompute).map(|(p, _)| crate::runtime::mib(p.total_bytes()) + 12.0 < free_mib).unwrap_or(false))
+                    .find(|&bb| {
+                        plan_model(cfg, &method, bb, recompute)
+                            .map(|(p, _)| crate::runtime::mib(p.total_bytes()) + 12.0 < free_mib)
+                            .unwrap_or(false)
+                    })
                     .unwrap_or(0);
                 return Err(Error::OutOfMemory { need_mib, free_mib, max_batch });
             }
@@ -500,7 +525,10 @@ impl Model {
     }
 
     pub fn param(&self, name: &str) -> Result<&Param> {
-        self.layout.params.get(name).ok_or_else(|| Error::invalid("parameter", format!("the model has no parameter '{name}'")))
+        self.layout
+            .params
+            .get(name)
+            .ok_or_else(|| Error::invalid("parameter", format!("the model has no parameter '{name}'")))
     }
 
     pub fn get_param(&self, name: &str) -> Result<Vec<f32>> {
@@ -518,7 +546,8 @@ impl Model {
     pub fn load_backbone(&self, w: &crate::model::load::Weights) -> Result<()> {
         for (name, shape) in self.cfg.param_shapes() {
             let file = w.source.display().to_string();
-            let (got, data) = w.tensors.get(&name).ok_or_else(|| Error::MissingTensor { file: file.clone(), name: name.clone() })?;
+            let (got, data) =
+                w.tensors.get(&name).ok_or_else(|| Error::MissingTensor { file: file.clone(), name: name.clone() })?;
             if *got != shape {
                 return Err(Error::ShapeMismatch { file, name, got: got.clone(), want: shape });
             }
@@ -549,7 +578,9 @@ impl Model {
                 }
                 BranchParams::Lora { a, b, .. } => {
                     for p in [a, b] {
-                        let v: Vec<f32> = (0..p.value.numel).map(|_| 0.02 * rng.sample::<f32, _>(rand_distr::StandardNormal)).collect();
+                        let v: Vec<f32> = (0..p.value.numel)
+                            .map(|_| 0.02 * rng.sample::<f32, _>(rand_distr::StandardNormal))
+                            .collect();
                         self.rt.upload(p.value, &v)?;
                     }
                 }
@@ -568,7 +599,10 @@ impl Model {
         let p = self.param(name)?;
         let m = p.mask.ok_or_else(|| Error::invalid("parameter", format!("'{name}' has no GPS mask")))?;
         if mask.len() != m.numel {
-            return Err(Error::invalid("gps mask", format!("{} values for {name} of {} elements", mask.len(), m.numel)));
+            return Err(Error::invalid(
+                "gps mask",
+                format!("{} values for {name} of {} elements", mask.len(), m.numel),
+            ));
         }
         match &self.rt.backend {
             Backend::Cpu => self.rt.u8_mut(m).copy_from_slice(mask),
@@ -584,7 +618,13 @@ impl Model {
         if b == 0 || b > self.batch || images.len() != b * per {
             return Err(Error::invalid(
                 "batch",
-                format!("{} labels and {} image values for a model planned for batch {} of {} values per image", b, images.len(), self.batch, per),
+                format!(
+                    "{} labels and {} image values for a model planned for batch {} of {} values per image",
+                    b,
+                    images.len(),
+                    self.batch,
+                    per
+                ),
             ));
         }
         if let Some(&bad) = labels.iter().find(|&&y| y < 0 || y as usize >= self.cfg.num_classes) {
@@ -601,7 +641,14 @@ impl Model {
         let b = self.require_batch()?;
         self.forward_logits(b)?;
         let lo = &self.layout;
-        cross_entropy(&self.rt, lo.losses.slice(0, b), Some(lo.work.dlogits.slice(0, b * self.cfg.num_classes)), lo.logits.slice(0, b * self.cfg.num_classes), lo.labels.slice(0, b), self.cfg.num_classes)?;
+        cross_entropy(
+            &self.rt,
+            lo.losses.slice(0, b),
+            Some(lo.work.dlogits.slice(0, b * self.cfg.num_classes)),
+            lo.logits.slice(0, b * self.cfg.num_classes),
+            lo.labels.slice(0, b),
+            self.cfg.num_classes,
+        )?;
         let losses = self.rt.download(lo.losses.slice(0, b))?;
         Ok(losses.iter().sum::<f32>() / b as f32)
     }
@@ -629,7 +676,13 @@ impl Model {
         patchify(rt, lo.patches, lo.images, g)?;
         // The patch projection (B·Np, D) goes through work.dy, free until block 0's proj.
         let pout = lo.work.dy.slice(0, b * np * d);
-        matmul(rt, pout, lo.patches, pget("patch_embed.proj.weight"), Matmul::new(b * np, d, cfg.patch_dim(), false, true))?;
+        matmul(
+            rt,
+            pout,
+            lo.patches,
+            pget("patch_embed.proj.weight"),
+            Matmul::new(b * np, d, cfg.patch_dim(), false, true),
+        )?;
         add_bias(rt, pout, pget("patch_embed.proj.bias"))?;
         embed_forward(rt, lo.resid[0], pout, pget("cls_token"), pget("pos_embed"), b, t, d)?;
 
@@ -637,14 +690,34 @@ impl Model {
         for (l, blk) in lo.blocks.iter().enumerate() {
             let (x, xo, ac) = (lo.resid[l].slice(0, bt * d), lo.resid[l + 1].slice(0, bt * d), &blk.acts);
             let sl = |t: Tensor, w: usize| t.slice(0, bt * w);
-            layernorm_forward(rt, sl(ac.ln1, d), ac.ln1_mean, ac.ln1_rstd, x, blk.norm1.0.value, blk.norm1.1.value, d, cfg.eps)?;
+            layernorm_forward(
+                rt,
+                sl(ac.ln1, d),
+                ac.ln1_mean,
+                ac.ln1_rstd,
+                x,
+                blk.norm1.0.value,
+                blk.norm1.1.value,
+                d,
+                cfg.eps,
+            )?;
             self.linear_forward(&blk.qkv, sl(ac.qkv, 3 * d), sl(ac.ln1, d), bt)?;
             let buf = lo.work.attention(ac.probs.slice(0, b * cfg.num_heads * t * t));
             attention_forward(rt, sl(ac.attn, d), sl(ac.qkv, 3 * d), &buf, heads)?;
             let y = ac.proj_out.map(|t| sl(t, d)).unwrap_or(sl(lo.work.dy, d));
             self.linear_forward(&blk.proj, y, sl(ac.attn, d), bt)?;
             residual(rt, sl(ac.x_mid, d), x, y, blk.ls1)?;
-            layernorm_forward(rt, sl(ac.ln2, d), ac.ln2_mean, ac.ln2_rstd, sl(ac.x_mid, d), blk.norm2.0.value, blk.norm2.1.value, d, cfg.eps)?;
+            layernorm_forward(
+                rt,
+                sl(ac.ln2, d),
+                ac.ln2_mean,
+                ac.ln2_rstd,
+                sl(ac.x_mid, d),
+                blk.norm2.0.value,
+                blk.norm2.1.value,
+                d,
+                cfg.eps,
+            )?;
             self.linear_forward(&blk.fc1, sl(ac.fc1, cfg.mlp_hidden), sl(ac.ln2, d), bt)?;
             gelu_forward(rt, sl(ac.gelu, cfg.mlp_hidden), sl(ac.fc1, cfg.mlp_hidden))?;
             let y = ac.fc2_out.map(|t| sl(t, d)).unwrap_or(sl(lo.work.dy, d));
@@ -654,7 +727,17 @@ impl Model {
         // Only the cls rows reach the loss: the final norm runs on them alone (LayerNorm is per row).
         let (cls_in, feats) = (lo.cls_in.slice(0, b * d), lo.feats.slice(0, b * d));
         cls_gather(rt, cls_in, lo.resid[cfg.depth], b, t, d)?;
-        layernorm_forward(rt, feats, lo.lnf_mean, lo.lnf_rstd, cls_in, pget("norm.weight"), pget("norm.bias"), d, cfg.eps)?;
+        layernorm_forward(
+            rt,
+            feats,
+            lo.lnf_mean,
+            lo.lnf_rstd,
+            cls_in,
+            pget("norm.weight"),
+            pget("norm.bias"),
+            d,
+            cfg.eps,
+        )?;
         let logits = lo.logits.slice(0, b * v);
         matmul(rt, logits, feats, pget("head.weight"), Matmul::new(b, v, d, false, true))?;
         add_bias(rt, logits, pget("head.bias"))
@@ -687,9 +770,27 @@ impl Model {
                     if let Some((x, _, rows)) = grad {
                         // ∂L/∂W = dyᵀ·x (out, in); ∂L/∂B += ∂W·Aᵀ; ∂L/∂A += Bᵀ·∂W
                         let dw = sc.dms.slice(0, n_out * n_in);
-                        matmul(rt, dw, dy.unwrap(), x, Matmul::new(n_out, n_in, rows, true, false).ld(lin.n_out, 0, 0))?;
-                        matmul(rt, b.grad.unwrap(), dw, a.value, Matmul::new(n_out, r, n_in, false, true).accumulate())?;
-                        matmul(rt, a.grad.unwrap(), b.value, dw, Matmul::new(r, n_in, n_out, true, false).accumulate())?;
+                        matmul(
+                            rt,
+                            dw,
+                            dy.unwrap(),
+                            x,
+                            Matmul::new(n_out, n_in, rows, true, false).ld(lin.n_out, 0, 0),
+                        )?;
+                        matmul(
+                            rt,
+                            b.grad.unwrap(),
+                            dw,
+                            a.value,
+                            Matmul::new(n_out, r, n_in, false, true).accumulate(),
+                        )?;
+                        matmul(
+                            rt,
+                            a.grad.unwrap(),
+                            b.value,
+                            dw,
+                            Matmul::new(r, n_in, n_out, true, false).accumulate(),
+                        )?;
                     }
                 }
                 BranchParams::Kernel { a, b, mix, kind, sparse, d, .. } => {
@@ -700,7 +801,14 @@ impl Model {
                     merge_forward(rt, m, &f, kind, merge)?;
                     let t = self.layout.thresholds.slice(br.id, 1);
                     let applied = if sparse {
-                        sparsify_forward(rt, ms, t, m, self.sparsity[br.id], sc.compete.as_ref().expect("compete scratch"))?;
+                        sparsify_forward(
+                            rt,
+                            ms,
+                            t,
+                            m,
+                            self.sparsity[br.id],
+                            sc.compete.as_ref().expect("compete scratch"),
+                        )?;
                         ms
                     } else {
                         m
@@ -709,7 +817,13 @@ impl Model {
                     if let Some((x, _, rows)) = grad {
                         // ∂L/∂M_s = xᵀ·dy (in, out), then ∂L/∂M = ∂L/∂M_s·|M|·mask in place, then the factors.
                         let dms = sc.dms.slice(0, n_in * n_out);
-                        matmul(rt, dms, x, dy.unwrap(), Matmul::new(n_in, n_out, rows, true, false).ld(0, lin.n_out, 0))?;
+                        matmul(
+                            rt,
+                            dms,
+                            x,
+                            dy.unwrap(),
+                            Matmul::new(n_in, n_out, rows, true, false).ld(0, lin.n_out, 0),
+                        )?;
                         if sparse {
                             sparsify_backward(rt, dms, dms, m, t)?;
                         }
@@ -764,7 +878,18 @@ impl Model {
         let dcls = w.dcls.slice(0, b * d);
         rt.zero(dcls)?;
         let (nw, nb) = (p("norm.weight"), p("norm.bias"));
-        layernorm_backward(rt, dcls, nw.grad, nb.grad, dfeat, lo.cls_in.slice(0, b * d), nw.value, lo.lnf_mean, lo.lnf_rstd, d)?;
+        layernorm_backward(
+            rt,
+            dcls,
+            nw.grad,
+            nb.grad,
+            dfeat,
+            lo.cls_in.slice(0, b * d),
+            nw.value,
+            lo.lnf_mean,
+            lo.lnf_rstd,
+            d,
+        )?;
         let dres = sl(w.dres, d);
         cls_scatter(rt, dres, dcls, b, t, d)?;
 
@@ -775,7 +900,16 @@ impl Model {
             let x_in = lo.resid[l].slice(0, bt * d);
             // MLP: x_out = x_mid + ls2 ⊙ fc2(GELU(fc1(LN2(x_mid)))). First rebuild what was not kept.
             if rc >= Recompute::Norms {
-                layernorm_apply(rt, sl(ac.ln2, d), sl(ac.x_mid, d), ac.ln2_mean, ac.ln2_rstd, blk.norm2.0.value, blk.norm2.1.value, d)?;
+                layernorm_apply(
+                    rt,
+                    sl(ac.ln2, d),
+                    sl(ac.x_mid, d),
+                    ac.ln2_mean,
+                    ac.ln2_rstd,
+                    blk.norm2.0.value,
+                    blk.norm2.1.value,
+                    d,
+                )?;
             }
             if rc >= Recompute::Block {
                 self.linear_forward(&blk.fc1, sl(ac.fc1, fh), sl(ac.ln2, d), bt)?;
@@ -789,10 +923,30 @@ impl Model {
             gelu_backward(rt, du, sl(ac.fc1, fh), du)?;
             let dh = sl(w.dh, d);
             self.linear_backward(&blk.fc1, dh, du, sl(ac.ln2, d), bt)?;
-            layernorm_backward(rt, dres, blk.norm2.0.grad, blk.norm2.1.grad, dh, sl(ac.x_mid, d), blk.norm2.0.value, ac.ln2_mean, ac.ln2_rstd, d)?;
+            layernorm_backward(
+                rt,
+                dres,
+                blk.norm2.0.grad,
+                blk.norm2.1.grad,
+                dh,
+                sl(ac.x_mid, d),
+                blk.norm2.0.value,
+                ac.ln2_mean,
+                ac.ln2_rstd,
+                d,
+            )?;
             // Attention: x_mid = x_in + ls1 ⊙ proj(attn(qkv(LN1(x_in)))).
             if rc >= Recompute::Norms {
-                layernorm_apply(rt, sl(ac.ln1, d), x_in, ac.ln1_mean, ac.ln1_rstd, blk.norm1.0.value, blk.norm1.1.value, d)?;
+                layernorm_apply(
+                    rt,
+                    sl(ac.ln1, d),
+                    x_in,
+                    ac.ln1_mean,
+                    ac.ln1_rstd,
+                    blk.norm1.0.value,
+                    blk.norm1.1.value,
+                    d,
+                )?;
             }
             let qkv = sl(ac.qkv, 3 * d);
             if rc >= Recompute::Block {
@@ -814,10 +968,22 @@ impl Model {
             let (dscores, dtmp) = (w.dscores.slice(0, b * cfg.num_heads * t * t), w.dtmp.slice(0, bt * d));
             attention_backward(rt, dqkv, dh, &buf, dscores, dtmp, heads)?;
             self.linear_backward(&blk.qkv, dh, dqkv, sl(ac.ln1, d), bt)?;
-            layernorm_backward(rt, dres, blk.norm1.0.grad, blk.norm1.1.grad, dh, x_in, blk.norm1.0.value, ac.ln1_mean, ac.ln1_rstd, d)?;
+            layernorm_backward(
+                rt,
+                dres,
+                blk.norm1.0.grad,
+                blk.norm1.1.grad,
+                dh,
+                x_in,
+                blk.norm1.0.value,
+                ac.ln1_mean,
+                ac.ln1_rstd,
+                d,
+            )?;
         }
         // Embedding: cls token, position table and (full fine-tuning) the patch projection.
-        let (cls, pos, pw, pb) = (p("cls_token"), p("pos_embed"), p("patch_embed.proj.weight"), p("patch_embed.proj.bias"));
+        let (cls, pos, pw, pb) =
+            (p("cls_token"), p("pos_embed"), p("patch_embed.proj.weight"), p("patch_embed.proj.bias"));
         // ∂L/∂(patch projection) (B·Np, D) goes through work.dy, free once block 0 is done.
         let dpatch = pw.grad.map(|_| w.dy.slice(0, b * np * d));
         embed_backward(rt, cls.grad, pos.grad, dpatch, dres, b, t, d)?;
@@ -838,7 +1004,14 @@ impl Model {
             if let Some(mask) = p.mask {
                 mask_grad(&self.rt, g, mask)?;
             }
-            let st = AdamWStep { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: if p.decay { weight_decay } else { 0.0 }, t: self.step };
+            let st = AdamWStep {
+                lr,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: if p.decay { weight_decay } else { 0.0 },
+                t: self.step,
+            };
             adamw(&self.rt, p.value, g, p.m.unwrap(), p.v.unwrap(), st)?;
         }
         Ok(())
@@ -861,7 +1034,13 @@ fn residual(rt: &Runtime, out: Tensor, x: Tensor, y: Tensor, ls: Option<Param>) 
 }
 
 /// Gradient into a LayerScale'd branch: dy = dres ⊙ γ (or dres itself); dγ += Σ dres ⊙ y when γ trains.
-fn layer_scale_backward(rt: &Runtime, dy: Tensor, dres: Tensor, ls: Option<Param>, y: Option<Tensor>) -> Result<Tensor> {
+fn layer_scale_backward(
+    rt: &Runtime,
+    dy: Tensor,
+    dres: Tensor,
+    ls: Option<Param>,
+    y: Option<Tensor>,
+) -> Result<Tensor> {
     match ls {
         None => Ok(dres),
         Some(g) => {

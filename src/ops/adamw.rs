@@ -90,7 +90,8 @@ mod tests {
         let p0 = randn(n, 1, 1.0);
         let grads: Vec<Vec<f32>> = (0..3).map(|k| randn(n, 10 + k, 1.0)).collect();
         let (mut p, mut m, mut v) = (p0.clone(), vec![0f32; n], vec![0f32; n]);
-        let (mut p64, mut m64, mut v64): (Vec<f64>, Vec<f64>, Vec<f64>) = (p0.iter().map(|&x| x as f64).collect(), vec![0.0; n], vec![0.0; n]);
+        let (mut p64, mut m64, mut v64): (Vec<f64>, Vec<f64>, Vec<f64>) =
+            (p0.iter().map(|&x| x as f64).collect(), vec![0.0; n], vec![0.0; n]);
         for (k, g) in grads.iter().enumerate() {
             let st = AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.05, t: k as u64 + 1 };
             cpu::adamw(&mut p, g, &mut m, &mut v, st.scalars());

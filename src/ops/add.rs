@@ -10,8 +10,11 @@ pub fn add_bias(rt: &Runtime, out: Tensor, bias: Tensor) -> Result<()> {
     assert_eq!(out.numel % cols, 0);
     match &rt.backend {
         Backend::Cpu => cpu::add_bias(rt.f32_mut(out), rt.f32(bias)),
-        Backend::Cuda(cu) => cu.launch("snella_add_bias", grid_1d(out.numel, 256),
-            &[KArg::Ptr(rt.ptr(out)), KArg::Ptr(rt.ptr(bias)), KArg::I64(out.numel as i64), KArg::I32(cols as i32)])?,
+        Backend::Cuda(cu) => cu.launch(
+            "snella_add_bias",
+            grid_1d(out.numel, 256),
+            &[KArg::Ptr(rt.ptr(out)), KArg::Ptr(rt.ptr(bias)), KArg::I64(out.numel as i64), KArg::I32(cols as i32)],
+        )?,
     }
     Ok(())
 }
@@ -21,8 +24,16 @@ pub fn bias_backward(rt: &Runtime, dbias: Tensor, dout: Tensor) -> Result<()> {
     let cols = dbias.numel;
     match &rt.backend {
         Backend::Cpu => cpu::bias_backward(rt.f32_mut(dbias), rt.f32(dout)),
-        Backend::Cuda(cu) => cu.launch("snella_bias_backward", grid_1d(cols, 128),
-            &[KArg::Ptr(rt.ptr(dbias)), KArg::Ptr(rt.ptr(dout)), KArg::I32((dout.numel / cols) as i32), KArg::I32(cols as i32)])?,
+        Backend::Cuda(cu) => cu.launch(
+            "snella_bias_backward",
+            grid_1d(cols, 128),
+            &[
+                KArg::Ptr(rt.ptr(dbias)),
+                KArg::Ptr(rt.ptr(dout)),
+                KArg::I32((dout.numel / cols) as i32),
+                KArg::I32(cols as i32),
+            ],
+        )?,
     }
     Ok(())
 }
@@ -32,8 +43,11 @@ pub fn axpy(rt: &Runtime, dst: Tensor, src: Tensor, alpha: f32) -> Result<()> {
     assert_eq!(dst.numel, src.numel);
     match &rt.backend {
         Backend::Cpu => cpu::axpy(rt.f32_mut(dst), rt.f32(src), alpha),
-        Backend::Cuda(cu) => cu.launch("snella_axpy", grid_1d(dst.numel, 256),
-            &[KArg::Ptr(rt.ptr(dst)), KArg::Ptr(rt.ptr(src)), KArg::F32(alpha), KArg::I64(dst.numel as i64)])?,
+        Backend::Cuda(cu) => cu.launch(
+            "snella_axpy",
+            grid_1d(dst.numel, 256),
+            &[KArg::Ptr(rt.ptr(dst)), KArg::Ptr(rt.ptr(src)), KArg::F32(alpha), KArg::I64(dst.numel as i64)],
+        )?,
     }
     Ok(())
 }
@@ -44,9 +58,18 @@ pub fn mul_cols(rt: &Runtime, out: Tensor, inp: Tensor, gamma: Tensor, accumulat
     assert_eq!(out.numel, inp.numel);
     match &rt.backend {
         Backend::Cpu => cpu::mul_cols(rt.f32_mut(out), rt.f32(inp), rt.f32(gamma), accumulate),
-        Backend::Cuda(cu) => cu.launch("snella_mul_cols", grid_1d(out.numel, 256),
-            &[KArg::Ptr(rt.ptr(out)), KArg::Ptr(rt.ptr(inp)), KArg::Ptr(rt.ptr(gamma)), KArg::I64(out.numel as i64),
-              KArg::I32(gamma.numel as i32), KArg::I32(accumulate as i32)])?,
+        Backend::Cuda(cu) => cu.launch(
+            "snella_mul_cols",
+            grid_1d(out.numel, 256),
+            &[
+                KArg::Ptr(rt.ptr(out)),
+                KArg::Ptr(rt.ptr(inp)),
+                KArg::Ptr(rt.ptr(gamma)),
+                KArg::I64(out.numel as i64),
+                KArg::I32(gamma.numel as i32),
+                KArg::I32(accumulate as i32),
+            ],
+        )?,
     }
     Ok(())
 }
@@ -56,8 +79,17 @@ pub fn mul_cols_backward_gamma(rt: &Runtime, dgamma: Tensor, dout: Tensor, inp: 
     let cols = dgamma.numel;
     match &rt.backend {
         Backend::Cpu => cpu::mul_cols_backward_gamma(rt.f32_mut(dgamma), rt.f32(dout), rt.f32(inp)),
-        Backend::Cuda(cu) => cu.launch("snella_mul_cols_backward_gamma", grid_1d(cols, 128),
-            &[KArg::Ptr(rt.ptr(dgamma)), KArg::Ptr(rt.ptr(dout)), KArg::Ptr(rt.ptr(inp)), KArg::I32((dout.numel / cols) as i32), KArg::I32(cols as i32)])?,
+        Backend::Cuda(cu) => cu.launch(
+            "snella_mul_cols_backward_gamma",
+            grid_1d(cols, 128),
+            &[
+                KArg::Ptr(rt.ptr(dgamma)),
+                KArg::Ptr(rt.ptr(dout)),
+                KArg::Ptr(rt.ptr(inp)),
+                KArg::I32((dout.numel / cols) as i32),
+                KArg::I32(cols as i32),
+            ],
+        )?,
     }
     Ok(())
 }
@@ -67,8 +99,11 @@ pub fn scale_copy(rt: &Runtime, dst: Tensor, src: Tensor, alpha: f32) -> Result<
     assert_eq!(dst.numel, src.numel);
     match &rt.backend {
         Backend::Cpu => rt.f32_mut(dst).iter_mut().zip(rt.f32(src)).for_each(|(d, &s)| *d = alpha * s),
-        Backend::Cuda(cu) => cu.launch("snella_scale_copy", grid_1d(dst.numel, 256),
-            &[KArg::Ptr(rt.ptr(dst)), KArg::Ptr(rt.ptr(src)), KArg::F32(alpha), KArg::I64(dst.numel as i64)])?,
+        Backend::Cuda(cu) => cu.launch(
+            "snella_scale_copy",
+            grid_1d(dst.numel, 256),
+            &[KArg::Ptr(rt.ptr(dst)), KArg::Ptr(rt.ptr(src)), KArg::F32(alpha), KArg::I64(dst.numel as i64)],
+        )?,
     }
     Ok(())
 }
@@ -101,7 +136,13 @@ pub(crate) mod cpu {
     pub fn mul_cols_backward_gamma(dgamma: &mut [f32], dout: &[f32], inp: &[f32]) {
         let cols = dgamma.len();
         for (c, d) in dgamma.iter_mut().enumerate() {
-            *d += dout.iter().skip(c).step_by(cols).zip(inp.iter().skip(c).step_by(cols)).map(|(g, x)| g * x).sum::<f32>();
+            *d += dout
+                .iter()
+                .skip(c)
+                .step_by(cols)
+                .zip(inp.iter().skip(c).step_by(cols))
+                .map(|(g, x)| g * x)
+                .sum::<f32>();
         }
     }
 }
@@ -129,7 +170,8 @@ mod tests {
         assert_close("mul_cols", &o, &want, 1e-7);
         let mut dg = vec![0f32; cols];
         super::cpu::mul_cols_backward_gamma(&mut dg, &x, &x);
-        let want: Vec<f64> = (0..cols).map(|c| (0..rows).map(|r| (x[r * cols + c] as f64).powi(2)).sum::<f64>()).collect();
+        let want: Vec<f64> =
+            (0..cols).map(|c| (0..rows).map(|r| (x[r * cols + c] as f64).powi(2)).sum::<f64>()).collect();
         assert_close("mul_cols_backward_gamma", &dg, &want, 1e-6);
     }
 }

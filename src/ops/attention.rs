@@ -30,8 +30,16 @@ pub fn permute_heads(rt: &Runtime, dst: Tensor, src: Tensor, s: Heads, ld: usize
         Backend::Cuda(cu) => cu.launch(
             "snella_permute_heads",
             grid_1d(s.b * s.n * s.d(), 256),
-            &[KArg::Ptr(rt.ptr(dst)), KArg::Ptr(rt.ptr(src)), KArg::I32(s.b as i32), KArg::I32(s.n as i32),
-              KArg::I32(s.h as i32), KArg::I32(s.hd as i32), KArg::I32(ld as i32), KArg::I32(to_heads as i32)],
+            &[
+                KArg::Ptr(rt.ptr(dst)),
+                KArg::Ptr(rt.ptr(src)),
+                KArg::I32(s.b as i32),
+                KArg::I32(s.n as i32),
+                KArg::I32(s.h as i32),
+                KArg::I32(s.hd as i32),
+                KArg::I32(ld as i32),
+                KArg::I32(to_heads as i32),
+            ],
         )?,
     }
     Ok(())
@@ -65,11 +73,19 @@ pub fn attention_forward(rt: &Runtime, out: Tensor, qkv: Tensor, buf: &Attention
 
 /// Gradients of attention: dqkv (B, N, 3D) from dout (B, N, D), given the forward's probs, q, k, v.
 /// `dscores` (B,H,N,N) and `dtmp` (B,H,N,hd) are scratch; q, k, v must hold the forward's values.
-pub fn attention_backward(rt: &Runtime, dqkv: Tensor, dout: Tensor, buf: &AttentionBuffers, dscores: Tensor, dtmp: Tensor, s: Heads) -> Result<()> {
+pub fn attention_backward(
+    rt: &Runtime,
+    dqkv: Tensor,
+    dout: Tensor,
+    buf: &AttentionBuffers,
+    dscores: Tensor,
+    dtmp: Tensor,
+    s: Heads,
+) -> Result<()> {
     let (d, bh, n, hd) = (s.d(), s.b * s.h, s.n, s.hd);
     let scale = (hd as f32).powf(-0.5);
     permute_heads(rt, dtmp, dout, s, d, true)?; // dO (BH, N, hd)
-    // dP = dO·vᵀ (BH,N,N); dv = Pᵀ·dO (BH,N,hd), written into buf.o (the forward output is no longer needed).
+                                                // dP = dO·vᵀ (BH,N,N); dv = Pᵀ·dO (BH,N,hd), written into buf.o (the forward output is no longer needed).
     matmul(rt, dscores, dtmp, buf.v, Matmul::new(n, n, hd, false, true).batched(bh))?;
     matmul(rt, buf.o, buf.probs, dtmp, Matmul::new(n, hd, n, true, false).batched(bh))?;
     permute_heads(rt, dqkv.slice(2 * d, dqkv.numel - 2 * d), buf.o, s, 3 * d, false)?;

@@ -96,9 +96,17 @@ pub fn sparsify_forward(rt: &Runtime, ms: Tensor, t: Tensor, m: Tensor, s: f32, 
                     &[KArg::Ptr(rt.ptr(m)), KArg::I64(n as i64), KArg::Ptr(state), KArg::Ptr(hist), KArg::I32(pass)],
                 )?;
                 // Exactly 256 threads: one per bin.
-                cu.launch("snella_select_narrow", one_block(256), &[KArg::Ptr(state), KArg::Ptr(hist), KArg::I32(pass)])?;
+                cu.launch(
+                    "snella_select_narrow",
+                    one_block(256),
+                    &[KArg::Ptr(state), KArg::Ptr(hist), KArg::I32(pass)],
+                )?;
             }
-            cu.launch("snella_select_threshold", one_block(32), &[KArg::Ptr(rt.ptr(t)), KArg::Ptr(state), KArg::F32(w)])?;
+            cu.launch(
+                "snella_select_threshold",
+                one_block(32),
+                &[KArg::Ptr(rt.ptr(t)), KArg::Ptr(state), KArg::F32(w)],
+            )?;
             cu.launch(
                 "snella_sparsify_apply",
                 grid_1d(n, 256),

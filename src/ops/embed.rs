@@ -35,9 +35,19 @@ pub fn patchify(rt: &Runtime, out: Tensor, img: Tensor, g: PatchGeom) -> Result<
     assert!(out.numel >= g.b * g.patches() * g.patch_dim() && img.numel >= g.b * g.c * g.h * g.w);
     match &rt.backend {
         Backend::Cpu => cpu::patchify(rt.f32_mut(out), rt.f32(img), g),
-        Backend::Cuda(cu) => cu.launch("snella_patchify", grid_1d(g.b * g.patches() * g.patch_dim(), 256),
-            &[KArg::Ptr(rt.ptr(out)), KArg::Ptr(rt.ptr(img)), KArg::I32(g.b as i32), KArg::I32(g.c as i32),
-              KArg::I32(g.h as i32), KArg::I32(g.w as i32), KArg::I32(g.p as i32)])?,
+        Backend::Cuda(cu) => cu.launch(
+            "snella_patchify",
+            grid_1d(g.b * g.patches() * g.patch_dim(), 256),
+            &[
+                KArg::Ptr(rt.ptr(out)),
+                KArg::Ptr(rt.ptr(img)),
+                KArg::I32(g.b as i32),
+                KArg::I32(g.c as i32),
+                KArg::I32(g.h as i32),
+                KArg::I32(g.w as i32),
+                KArg::I32(g.p as i32),
+            ],
+        )?,
     }
     Ok(())
 }
@@ -45,13 +55,32 @@ pub fn patchify(rt: &Runtime, out: Tensor, img: Tensor, g: PatchGeom) -> Result<
 #[allow(clippy::too_many_arguments)]
 /// `x[b, 0] = cls + pos[0]`;  `x[b, 1 + p] = patch_out[b·Np + p] + pos[1 + p]`.
 /// x: (B, T, D)   patch_out: (B·Np, D)   cls: (D)   pos: (T, D)
-pub fn embed_forward(rt: &Runtime, x: Tensor, patch_out: Tensor, cls: Tensor, pos: Tensor, b: usize, t: usize, d: usize) -> Result<()> {
+pub fn embed_forward(
+    rt: &Runtime,
+    x: Tensor,
+    patch_out: Tensor,
+    cls: Tensor,
+    pos: Tensor,
+    b: usize,
+    t: usize,
+    d: usize,
+) -> Result<()> {
     assert!(x.numel >= b * t * d && pos.numel == t * d && cls.numel == d);
     match &rt.backend {
         Backend::Cpu => cpu::embed_forward(rt.f32_mut(x), rt.f32(patch_out), rt.f32(cls), rt.f32(pos), b, t, d),
-        Backend::Cuda(cu) => cu.launch("snella_embed_forward", grid_1d(b * t * d, 256),
-            &[KArg::Ptr(rt.ptr(x)), KArg::Ptr(rt.ptr(patch_out)), KArg::Ptr(rt.ptr(cls)), KArg::Ptr(rt.ptr(pos)),
-              KArg::I32(b as i32), KArg::I32(t as i32), KArg::I32(d as i32)])?,
+        Backend::Cuda(cu) => cu.launch(
+            "snella_embed_forward",
+            grid_1d(b * t * d, 256),
+            &[
+                KArg::Ptr(rt.ptr(x)),
+                KArg::Ptr(rt.ptr(patch_out)),
+                KArg::Ptr(rt.ptr(cls)),
+                KArg::Ptr(rt.ptr(pos)),
+                KArg::I32(b as i32),
+                KArg::I32(t as i32),
+                KArg::I32(d as i32),
+            ],
+        )?,
     }
     Ok(())
 }
@@ -59,13 +88,41 @@ pub fn embed_forward(rt: &Runtime, x: Tensor, patch_out: Tensor, cls: Tensor, po
 /// `dcls += Σ_b dx[b, 0]`;  `dpos += Σ_b dx[b]`;  `dpatch[b·Np + p] = dx[b, 1 + p]` (each when given).
 /// dx: (B, T, D)   dcls: (D)   dpos: (T, D)   dpatch: (B·Np, D)
 #[allow(clippy::too_many_arguments)]
-pub fn embed_backward(rt: &Runtime, dcls: Option<Tensor>, dpos: Option<Tensor>, dpatch: Option<Tensor>, dx: Tensor, b: usize, t: usize, d: usize) -> Result<()> {
+pub fn embed_backward(
+    rt: &Runtime,
+    dcls: Option<Tensor>,
+    dpos: Option<Tensor>,
+    dpatch: Option<Tensor>,
+    dx: Tensor,
+    b: usize,
+    t: usize,
+    d: usize,
+) -> Result<()> {
     match &rt.backend {
-        Backend::Cpu => cpu::embed_backward(dcls.map(|x| rt.f32_mut(x)), dpos.map(|x| rt.f32_mut(x)), dpatch.map(|x| rt.f32_mut(x)), rt.f32(dx), b, t, d),
+        Backend::Cpu => cpu::embed_backward(
+            dcls.map(|x| rt.f32_mut(x)),
+            dpos.map(|x| rt.f32_mut(x)),
+            dpatch.map(|x| rt.f32_mut(x)),
+            rt.f32(dx),
+            b,
+            t,
+            d,
+        ),
         Backend::Cuda(cu) => {
             let p = |x: Option<Tensor>| x.map(|x| rt.ptr(x)).unwrap_or(0); // null: not wanted
-            cu.launch("snella_embed_backward", grid_1d(t * d, 256),
-                &[KArg::Ptr(p(dcls)), KArg::Ptr(p(dpos)), KArg::Ptr(p(dpatch)), KArg::Ptr(rt.ptr(dx)), KArg::I32(b as i32), KArg::I32(t as i32), KArg::I32(d as i32)])?
+            cu.launch(
+                "snella_embed_backward",
+                grid_1d(t * d, 256),
+                &[
+                    KArg::Ptr(p(dcls)),
+                    KArg::Ptr(p(dpos)),
+                    KArg::Ptr(p(dpatch)),
+                    KArg::Ptr(rt.ptr(dx)),
+                    KArg::I32(b as i32),
+                    KArg::I32(t as i32),
+                    KArg::I32(d as i32),
+                ],
+            )?
         }
     }
     Ok(())
@@ -80,8 +137,18 @@ pub fn cls_gather(rt: &Runtime, out: Tensor, x: Tensor, b: usize, t: usize, d: u
                 o[i * d..(i + 1) * d].copy_from_slice(&x[i * t * d..i * t * d + d]);
             }
         }
-        Backend::Cuda(cu) => cu.launch("snella_cls_rows", grid_1d(b * t * d, 256),
-            &[KArg::Ptr(rt.ptr(out)), KArg::Ptr(rt.ptr(x)), KArg::I32(b as i32), KArg::I32(t as i32), KArg::I32(d as i32), KArg::I32(0)])?,
+        Backend::Cuda(cu) => cu.launch(
+            "snella_cls_rows",
+            grid_1d(b * t * d, 256),
+            &[
+                KArg::Ptr(rt.ptr(out)),
+                KArg::Ptr(rt.ptr(x)),
+                KArg::I32(b as i32),
+                KArg::I32(t as i32),
+                KArg::I32(d as i32),
+                KArg::I32(0),
+            ],
+        )?,
     }
     Ok(())
 }
@@ -96,8 +163,18 @@ pub fn cls_scatter(rt: &Runtime, dx: Tensor, dfeat: Tensor, b: usize, t: usize, 
                 dx[i * t * d..i * t * d + d].copy_from_slice(&f[i * d..(i + 1) * d]);
             }
         }
-        Backend::Cuda(cu) => cu.launch("snella_cls_rows", grid_1d(b * t * d, 256),
-            &[KArg::Ptr(rt.ptr(dfeat)), KArg::Ptr(rt.ptr(dx)), KArg::I32(b as i32), KArg::I32(t as i32), KArg::I32(d as i32), KArg::I32(1)])?,
+        Backend::Cuda(cu) => cu.launch(
+            "snella_cls_rows",
+            grid_1d(b * t * d, 256),
+            &[
+                KArg::Ptr(rt.ptr(dfeat)),
+                KArg::Ptr(rt.ptr(dx)),
+                KArg::I32(b as i32),
+                KArg::I32(t as i32),
+                KArg::I32(d as i32),
+                KArg::I32(1),
+            ],
+        )?,
     }
     Ok(())
 }
@@ -135,7 +212,15 @@ pub(crate) mod cpu {
         }
     }
 
-    pub fn embed_backward(mut dcls: Option<&mut [f32]>, mut dpos: Option<&mut [f32]>, mut dpatch: Option<&mut [f32]>, dx: &[f32], b: usize, t: usize, d: usize) {
+    pub fn embed_backward(
+        mut dcls: Option<&mut [f32]>,
+        mut dpos: Option<&mut [f32]>,
+        mut dpatch: Option<&mut [f32]>,
+        dx: &[f32],
+        b: usize,
+        t: usize,
+        d: usize,
+    ) {
         for ti in 0..t {
             for i in 0..d {
                 let mut s = 0f32;

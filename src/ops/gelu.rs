@@ -72,15 +72,22 @@ mod tests {
         let mut dx = vec![0f32; 1000];
         super::cpu::forward(&mut y, &x);
         super::cpu::backward(&mut dx, &x, &g);
-        let y64: Vec<f64> = x.iter().map(|&x| {
-            let x = x as f64;
-            0.5 * x * (1.0 + libm_erf(x / 2f64.sqrt()))
-        }).collect();
-        let dx64: Vec<f64> = x.iter().zip(&g).map(|(&x, &g)| {
-            let x = x as f64;
-            let cdf = 0.5 * (1.0 + libm_erf(x / 2f64.sqrt()));
-            g as f64 * (cdf + x * (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt())
-        }).collect();
+        let y64: Vec<f64> = x
+            .iter()
+            .map(|&x| {
+                let x = x as f64;
+                0.5 * x * (1.0 + libm_erf(x / 2f64.sqrt()))
+            })
+            .collect();
+        let dx64: Vec<f64> = x
+            .iter()
+            .zip(&g)
+            .map(|(&x, &g)| {
+                let x = x as f64;
+                let cdf = 0.5 * (1.0 + libm_erf(x / 2f64.sqrt()));
+                g as f64 * (cdf + x * (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt())
+            })
+            .collect();
         assert_close("gelu out", &y, &y64, 1e-6);
         assert_close("gelu dinp", &dx, &dx64, 1e-6);
     }

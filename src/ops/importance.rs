@@ -7,14 +7,34 @@ use crate::runtime::{Backend, Runtime, Tensor};
 /// I = |p·g| (NaN → 0);  Ī = β1·Ī + (1−β1)·I;  Ū = β2·Ū + (1−β2)·|I − Ī| (with the new Ī).
 /// Each product and sum is rounded separately (no fused multiply-add), as PyTorch's tensor-scalar ops do.
 /// ipt, unc, p, g: (n)
-pub fn importance_update(rt: &Runtime, ipt: Tensor, unc: Tensor, p: Tensor, g: Tensor, beta1: f64, beta2: f64) -> Result<()> {
+pub fn importance_update(
+    rt: &Runtime,
+    ipt: Tensor,
+    unc: Tensor,
+    p: Tensor,
+    g: Tensor,
+    beta1: f64,
+    beta2: f64,
+) -> Result<()> {
     assert!(ipt.numel == p.numel && unc.numel == p.numel && g.numel == p.numel);
     let s = [beta1 as f32, (1.0 - beta1) as f32, beta2 as f32, (1.0 - beta2) as f32];
     match &rt.backend {
         Backend::Cpu => cpu::importance_update(rt.f32_mut(ipt), rt.f32_mut(unc), rt.f32(p), rt.f32(g), s),
-        Backend::Cuda(cu) => cu.launch("snella_importance_update", grid_1d(p.numel, 256),
-            &[KArg::Ptr(rt.ptr(ipt)), KArg::Ptr(rt.ptr(unc)), KArg::Ptr(rt.ptr(p)), KArg::Ptr(rt.ptr(g)), KArg::I64(p.numel as i64),
-              KArg::F32(s[0]), KArg::F32(s[1]), KArg::F32(s[2]), KArg::F32(s[3])])?,
+        Backend::Cuda(cu) => cu.launch(
+            "snella_importance_update",
+            grid_1d(p.numel, 256),
+            &[
+                KArg::Ptr(rt.ptr(ipt)),
+                KArg::Ptr(rt.ptr(unc)),
+                KArg::Ptr(rt.ptr(p)),
+                KArg::Ptr(rt.ptr(g)),
+                KArg::I64(p.numel as i64),
+                KArg::F32(s[0]),
+                KArg::F32(s[1]),
+                KArg::F32(s[2]),
+                KArg::F32(s[3]),
+            ],
+        )?,
     }
     Ok(())
 }

@@ -6,16 +6,37 @@ use crate::runtime::{Backend, Runtime, Tensor};
 /// out = (inp - mean)·rstd·w + b per row; saves mean and rstd for the backward.
 /// out, inp: (N, C)   mean, rstd: (N)   w, b: (C)
 #[allow(clippy::too_many_arguments)]
-pub fn layernorm_forward(rt: &Runtime, out: Tensor, mean: Tensor, rstd: Tensor, inp: Tensor, w: Tensor, b: Tensor, c: usize, eps: f32) -> Result<()> {
+pub fn layernorm_forward(
+    rt: &Runtime,
+    out: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    inp: Tensor,
+    w: Tensor,
+    b: Tensor,
+    c: usize,
+    eps: f32,
+) -> Result<()> {
     let n = inp.numel / c;
     assert!(out.numel == inp.numel && mean.numel >= n && rstd.numel >= n && w.numel == c && b.numel == c);
     match &rt.backend {
-        Backend::Cpu => cpu::forward(rt.f32_mut(out), rt.f32_mut(mean), rt.f32_mut(rstd), rt.f32(inp), rt.f32(w), rt.f32(b), c, eps),
+        Backend::Cpu => {
+            cpu::forward(rt.f32_mut(out), rt.f32_mut(mean), rt.f32_mut(rstd), rt.f32(inp), rt.f32(w), rt.f32(b), c, eps)
+        }
         Backend::Cuda(cu) => cu.launch(
             "snella_layernorm_forward",
             grid_rows(n, 256, 0),
-            &[KArg::Ptr(rt.ptr(out)), KArg::Ptr(rt.ptr(mean)), KArg::Ptr(rt.ptr(rstd)), KArg::Ptr(rt.ptr(inp)),
-              KArg::Ptr(rt.ptr(w)), KArg::Ptr(rt.ptr(b)), KArg::I32(n as i32), KArg::I32(c as i32), KArg::F32(eps)],
+            &[
+                KArg::Ptr(rt.ptr(out)),
+                KArg::Ptr(rt.ptr(mean)),
+                KArg::Ptr(rt.ptr(rstd)),
+                KArg::Ptr(rt.ptr(inp)),
+                KArg::Ptr(rt.ptr(w)),
+                KArg::Ptr(rt.ptr(b)),
+                KArg::I32(n as i32),
+                KArg::I32(c as i32),
+                KArg::F32(eps),
+            ],
         )?,
     }
     Ok(())
@@ -25,7 +46,16 @@ pub fn layernorm_forward(rt: &Runtime, out: Tensor, mean: Tensor, rstd: Tensor, 
 /// `layernorm_forward` (same expression), so the backward can drop the normalised activations.
 /// out, inp: (N, C)   mean, rstd: (N)   w, b: (C)
 #[allow(clippy::too_many_arguments)]
-pub fn layernorm_apply(rt: &Runtime, out: Tensor, inp: Tensor, mean: Tensor, rstd: Tensor, w: Tensor, b: Tensor, c: usize) -> Result<()> {
+pub fn layernorm_apply(
+    rt: &Runtime,
+    out: Tensor,
+    inp: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    w: Tensor,
+    b: Tensor,
+    c: usize,
+) -> Result<()> {
     let n = inp.numel / c;
     assert!(out.numel == inp.numel && mean.numel >= n && rstd.numel >= n && w.numel == c && b.numel == c);
     match &rt.backend {
@@ -33,8 +63,16 @@ pub fn layernorm_apply(rt: &Runtime, out: Tensor, inp: Tensor, mean: Tensor, rst
         Backend::Cuda(cu) => cu.launch(
             "snella_layernorm_apply",
             crate::runtime::cuda::grid_1d(inp.numel, 256),
-            &[KArg::Ptr(rt.ptr(out)), KArg::Ptr(rt.ptr(inp)), KArg::Ptr(rt.ptr(mean)), KArg::Ptr(rt.ptr(rstd)),
-              KArg::Ptr(rt.ptr(w)), KArg::Ptr(rt.ptr(b)), KArg::I64(inp.numel as i64), KArg::I32(c as i32)],
+            &[
+                KArg::Ptr(rt.ptr(out)),
+                KArg::Ptr(rt.ptr(inp)),
+                KArg::Ptr(rt.ptr(mean)),
+                KArg::Ptr(rt.ptr(rstd)),
+                KArg::Ptr(rt.ptr(w)),
+                KArg::Ptr(rt.ptr(b)),
+                KArg::I64(inp.numel as i64),
+                KArg::I32(c as i32),
+            ],
         )?,
     }
     Ok(())
@@ -43,26 +81,63 @@ pub fn layernorm_apply(rt: &Runtime, out: Tensor, inp: Tensor, mean: Tensor, rst
 /// dinp += LN'ᵀ·dout; dw += Σ_rows dout·x̂ and db += Σ_rows dout when given (trainable affine).
 /// dinp, dout, inp: (N, C)   mean, rstd: (N)   w, dw, db: (C)
 #[allow(clippy::too_many_arguments)]
-pub fn layernorm_backward(rt: &Runtime, dinp: Tensor, dw: Option<Tensor>, db: Option<Tensor>, dout: Tensor, inp: Tensor, w: Tensor, mean: Tensor, rstd: Tensor, c: usize) -> Result<()> {
+pub fn layernorm_backward(
+    rt: &Runtime,
+    dinp: Tensor,
+    dw: Option<Tensor>,
+    db: Option<Tensor>,
+    dout: Tensor,
+    inp: Tensor,
+    w: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    c: usize,
+) -> Result<()> {
     let n = inp.numel / c;
     assert!(dinp.numel == inp.numel && dout.numel == inp.numel);
     match &rt.backend {
-        Backend::Cpu => cpu::backward(rt.f32_mut(dinp), dw.map(|t| rt.f32_mut(t)), db.map(|t| rt.f32_mut(t)), rt.f32(dout), rt.f32(inp), rt.f32(w), rt.f32(mean), rt.f32(rstd), c),
+        Backend::Cpu => cpu::backward(
+            rt.f32_mut(dinp),
+            dw.map(|t| rt.f32_mut(t)),
+            db.map(|t| rt.f32_mut(t)),
+            rt.f32(dout),
+            rt.f32(inp),
+            rt.f32(w),
+            rt.f32(mean),
+            rt.f32(rstd),
+            c,
+        ),
         Backend::Cuda(cu) => {
             let opt = |t: Option<Tensor>| t.map(|t| rt.ptr(t)).unwrap_or(0); // null: not wanted
             cu.launch(
                 "snella_layernorm_backward",
                 grid_rows(n, 256, 0),
-                &[KArg::Ptr(rt.ptr(dinp)), KArg::Ptr(rt.ptr(dout)), KArg::Ptr(rt.ptr(inp)), KArg::Ptr(rt.ptr(w)),
-                  KArg::Ptr(rt.ptr(mean)), KArg::Ptr(rt.ptr(rstd)), KArg::I32(n as i32), KArg::I32(c as i32)],
+                &[
+                    KArg::Ptr(rt.ptr(dinp)),
+                    KArg::Ptr(rt.ptr(dout)),
+                    KArg::Ptr(rt.ptr(inp)),
+                    KArg::Ptr(rt.ptr(w)),
+                    KArg::Ptr(rt.ptr(mean)),
+                    KArg::Ptr(rt.ptr(rstd)),
+                    KArg::I32(n as i32),
+                    KArg::I32(c as i32),
+                ],
             )?;
             if dw.is_some() || db.is_some() {
                 // Column sums over rows: a second kernel, one thread per channel, deterministic order.
                 cu.launch(
                     "snella_layernorm_backward_affine",
                     crate::runtime::cuda::grid_1d(c, 256),
-                    &[KArg::Ptr(opt(dw)), KArg::Ptr(opt(db)), KArg::Ptr(rt.ptr(dout)), KArg::Ptr(rt.ptr(inp)), KArg::Ptr(rt.ptr(mean)),
-                      KArg::Ptr(rt.ptr(rstd)), KArg::I32(n as i32), KArg::I32(c as i32)],
+                    &[
+                        KArg::Ptr(opt(dw)),
+                        KArg::Ptr(opt(db)),
+                        KArg::Ptr(rt.ptr(dout)),
+                        KArg::Ptr(rt.ptr(inp)),
+                        KArg::Ptr(rt.ptr(mean)),
+                        KArg::Ptr(rt.ptr(rstd)),
+                        KArg::I32(n as i32),
+                        KArg::I32(c as i32),
+                    ],
                 )?;
             }
         }
@@ -72,7 +147,16 @@ pub fn layernorm_backward(rt: &Runtime, dinp: Tensor, dw: Option<Tensor>, db: Op
 
 pub(crate) mod cpu {
     #[allow(clippy::too_many_arguments)]
-    pub fn forward(out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], inp: &[f32], w: &[f32], b: &[f32], c: usize, eps: f32) {
+    pub fn forward(
+        out: &mut [f32],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+        inp: &[f32],
+        w: &[f32],
+        b: &[f32],
+        c: usize,
+        eps: f32,
+    ) {
         for (r, (x, o)) in inp.chunks(c).zip(out.chunks_mut(c)).enumerate() {
             let m = x.iter().sum::<f32>() / c as f32;
             let v = x.iter().map(|&v| (v - m) * (v - m)).sum::<f32>() / c as f32;
@@ -100,7 +184,17 @@ pub(crate) mod cpu {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub fn backward(dinp: &mut [f32], mut dw: Option<&mut [f32]>, mut db: Option<&mut [f32]>, dout: &[f32], inp: &[f32], w: &[f32], mean: &[f32], rstd: &[f32], c: usize) {
+    pub fn backward(
+        dinp: &mut [f32],
+        mut dw: Option<&mut [f32]>,
+        mut db: Option<&mut [f32]>,
+        dout: &[f32],
+        inp: &[f32],
+        w: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        c: usize,
+    ) {
         for r in 0..inp.len() / c {
             let (x, g, dx) = (&inp[r * c..][..c], &dout[r * c..][..c], &mut dinp[r * c..][..c]);
             let (m, s) = (mean[r], rstd[r]);
@@ -165,12 +259,27 @@ mod tests {
         let obj = |x: &[f64], w: &[f64], b: &[f64]| fwd(x, w, b).iter().zip(&g64).map(|(a, b)| a * b).sum::<f64>();
         let h = 1e-6;
         let num = |which: usize, len: usize| -> Vec<f64> {
-            (0..len).map(|i| {
-                let (mut xp, mut wp, mut bp) = (x64.clone(), w64.clone(), b64.clone());
-                let (mut xm, mut wm, mut bm) = (x64.clone(), w64.clone(), b64.clone());
-                match which { 0 => { xp[i] += h; xm[i] -= h } 1 => { wp[i] += h; wm[i] -= h } _ => { bp[i] += h; bm[i] -= h } }
-                (obj(&xp, &wp, &bp) - obj(&xm, &wm, &bm)) / (2.0 * h)
-            }).collect()
+            (0..len)
+                .map(|i| {
+                    let (mut xp, mut wp, mut bp) = (x64.clone(), w64.clone(), b64.clone());
+                    let (mut xm, mut wm, mut bm) = (x64.clone(), w64.clone(), b64.clone());
+                    match which {
+                        0 => {
+                            xp[i] += h;
+                            xm[i] -= h
+                        }
+                        1 => {
+                            wp[i] += h;
+                            wm[i] -= h
+                        }
+                        _ => {
+                            bp[i] += h;
+                            bm[i] -= h
+                        }
+                    }
+                    (obj(&xp, &wp, &bp) - obj(&xm, &wm, &bm)) / (2.0 * h)
+                })
+                .collect()
         };
         assert_close("layernorm dinp", &dx, &num(0, n * c), 1e-5);
         assert_close("layernorm dw", &dw, &num(1, c), 1e-5);

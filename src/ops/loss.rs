@@ -6,23 +6,44 @@ use crate::runtime::{Backend, Runtime, Tensor};
 
 /// `losses[b] = −log softmax(logits[b])[labels[b]]`; dlogits = (softmax − onehot) / B when given.
 /// logits, dlogits: (B, V)   labels: (B) i32   losses: (B)
-pub fn cross_entropy(rt: &Runtime, losses: Tensor, dlogits: Option<Tensor>, logits: Tensor, labels: Tensor, v: usize) -> Result<()> {
+pub fn cross_entropy(
+    rt: &Runtime,
+    losses: Tensor,
+    dlogits: Option<Tensor>,
+    logits: Tensor,
+    labels: Tensor,
+    v: usize,
+) -> Result<()> {
     let b = logits.numel / v;
     assert!(losses.numel >= b && labels.numel >= b);
     match &rt.backend {
-        Backend::Cpu => cpu::cross_entropy(rt.f32_mut(losses), dlogits.map(|t| rt.f32_mut(t)), rt.f32(logits), rt.i32(labels), v),
+        Backend::Cpu => {
+            cpu::cross_entropy(rt.f32_mut(losses), dlogits.map(|t| rt.f32_mut(t)), rt.f32(logits), rt.i32(labels), v)
+        }
         Backend::Cuda(cu) => cu.launch(
             "snella_cross_entropy",
             grid_rows(b, 256, 0),
-            &[KArg::Ptr(rt.ptr(losses)), KArg::Ptr(dlogits.map(|t| rt.ptr(t)).unwrap_or(0)), KArg::Ptr(rt.ptr(logits)),
-              KArg::Ptr(rt.ptr(labels)), KArg::I32(b as i32), KArg::I32(v as i32)],
+            &[
+                KArg::Ptr(rt.ptr(losses)),
+                KArg::Ptr(dlogits.map(|t| rt.ptr(t)).unwrap_or(0)),
+                KArg::Ptr(rt.ptr(logits)),
+                KArg::Ptr(rt.ptr(labels)),
+                KArg::I32(b as i32),
+                KArg::I32(v as i32),
+            ],
         )?,
     }
     Ok(())
 }
 
 pub(crate) mod cpu {
-    pub fn cross_entropy(losses: &mut [f32], mut dlogits: Option<&mut [f32]>, logits: &[f32], labels: &[i32], v: usize) {
+    pub fn cross_entropy(
+        losses: &mut [f32],
+        mut dlogits: Option<&mut [f32]>,
+        logits: &[f32],
+        labels: &[i32],
+        v: usize,
+    ) {
         let b = logits.len() / v;
         for r in 0..b {
             let x = &logits[r * v..][..v];

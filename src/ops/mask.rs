@@ -9,10 +9,17 @@ pub fn mask_grad(rt: &Runtime, grad: Tensor, mask: Tensor) -> Result<()> {
     match &rt.backend {
         Backend::Cpu => {
             let m = rt.u8_mut(mask);
-            rt.f32_mut(grad).iter_mut().zip(m.iter()).for_each(|(g, &k)| if k == 0 { *g = 0.0 });
+            rt.f32_mut(grad).iter_mut().zip(m.iter()).for_each(|(g, &k)| {
+                if k == 0 {
+                    *g = 0.0
+                }
+            });
         }
-        Backend::Cuda(cu) => cu.launch("snella_mask_grad", grid_1d(grad.numel, 256),
-            &[KArg::Ptr(rt.ptr(grad)), KArg::Ptr(rt.ptr(mask)), KArg::I64(grad.numel as i64)])?,
+        Backend::Cuda(cu) => cu.launch(
+            "snella_mask_grad",
+            grid_1d(grad.numel, 256),
+            &[KArg::Ptr(rt.ptr(grad)), KArg::Ptr(rt.ptr(mask)), KArg::I64(grad.numel as i64)],
+        )?,
     }
     Ok(())
 }

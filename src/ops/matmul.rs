@@ -44,7 +44,21 @@ pub struct Matmul {
 impl Matmul {
     /// One product C (m,n) = op(A) · op(B).
     pub fn new(m: usize, n: usize, k: usize, ta: bool, tb: bool) -> Matmul {
-        Matmul { m, n, k, ta, tb, batch: 1, stride_a: m * k, stride_b: k * n, accumulate: false, alpha: 1.0, lda: 0, ldb: 0, ldc: 0 }
+        Matmul {
+            m,
+            n,
+            k,
+            ta,
+            tb,
+            batch: 1,
+            stride_a: m * k,
+            stride_b: k * n,
+            accumulate: false,
+            alpha: 1.0,
+            lda: 0,
+            ldb: 0,
+            ldc: 0,
+        }
     }
     /// Row strides of the stored A, B, C (0 = dense); only for unbatched products.
     pub fn ld(mut self, lda: usize, ldb: usize, ldc: usize) -> Matmul {
@@ -89,9 +103,21 @@ pub fn matmul(rt: &Runtime, c: Tensor, a: Tensor, b: Tensor, spec: Matmul) -> Re
     assert!(batch == 1 || (spec.lda == 0 && spec.ldb == 0 && spec.ldc == 0), "matmul: row strides only for batch 1");
     let rows_a = if ta { k } else { m };
     let rows_b = if tb { n } else { k };
-    assert!(a.numel >= stride_a * (batch - 1) + (rows_a - 1) * lda + m * k / rows_a, "matmul: A has {} elements, too few for {batch}x{m}x{k}", a.numel);
-    assert!(b.numel >= stride_b * (batch - 1) + (rows_b - 1) * ldb + k * n / rows_b, "matmul: B has {} elements, too few for {batch}x{k}x{n}", b.numel);
-    assert!(c.numel >= batch * m * n - m * n + (m - 1) * ldc + n, "matmul: C has {} elements, too few for {batch}x{m}x{n}", c.numel);
+    assert!(
+        a.numel >= stride_a * (batch - 1) + (rows_a - 1) * lda + m * k / rows_a,
+        "matmul: A has {} elements, too few for {batch}x{m}x{k}",
+        a.numel
+    );
+    assert!(
+        b.numel >= stride_b * (batch - 1) + (rows_b - 1) * ldb + k * n / rows_b,
+        "matmul: B has {} elements, too few for {batch}x{k}x{n}",
+        b.numel
+    );
+    assert!(
+        c.numel >= batch * m * n - m * n + (m - 1) * ldc + n,
+        "matmul: C has {} elements, too few for {batch}x{m}x{n}",
+        c.numel
+    );
     match &rt.backend {
         Backend::Cpu => cpu::matmul(rt.f32_mut(c), rt.f32(a), rt.f32(b), spec),
         Backend::Cuda(cu) => cuda::matmul(cu, rt.gemm_precision(), rt.ptr(c), rt.ptr(a), rt.ptr(b), spec)?,
@@ -116,12 +142,25 @@ pub(crate) mod cpu {
             // gemm computes dst = alpha·dst + beta·lhs·rhs (its names are the other way round).
             unsafe {
                 gemm::gemm(
-                    m, n, k,
-                    cp.as_mut_ptr(), 1, ldc as isize, accumulate,
-                    ap.as_ptr(), a_cs, a_rs,
-                    bp.as_ptr(), b_cs, b_rs,
-                    1.0, alpha,
-                    false, false, false, par,
+                    m,
+                    n,
+                    k,
+                    cp.as_mut_ptr(),
+                    1,
+                    ldc as isize,
+                    accumulate,
+                    ap.as_ptr(),
+                    a_cs,
+                    a_rs,
+                    bp.as_ptr(),
+                    b_cs,
+                    b_rs,
+                    1.0,
+                    alpha,
+                    false,
+                    false,
+                    false,
+                    par,
                 );
             }
         }
@@ -177,20 +216,35 @@ pub(crate) mod cuda {
         let status = unsafe {
             cb::cublasGemmStridedBatchedEx(
                 cu.blas,
-                op(tb), op(ta),
-                n as i32, m as i32, k as i32,
+                op(tb),
+                op(ta),
+                n as i32,
+                m as i32,
+                k as i32,
                 &alpha as *const f32 as *const _,
-                b as *const _, f32t, ldb, stride_b as i64,
-                a as *const _, f32t, lda, stride_a as i64,
+                b as *const _,
+                f32t,
+                ldb,
+                stride_b as i64,
+                a as *const _,
+                f32t,
+                lda,
+                stride_a as i64,
                 &beta as *const f32 as *const _,
-                c as *mut _, f32t, ldc, (m * n) as i64,
+                c as *mut _,
+                f32t,
+                ldc,
+                (m * n) as i64,
                 batch as i32,
                 compute,
                 cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         };
         if status != cb::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-            return Err(Error::cuda(format!("cublasGemmStridedBatchedEx {m}x{n}x{k} batch {batch}"), format!("{status:?}")));
+            return Err(Error::cuda(
+                format!("cublasGemmStridedBatchedEx {m}x{n}x{k} batch {batch}"),
+                format!("{status:?}"),
+            ));
         }
         if cfg!(debug_assertions) {
             cu.sync()?;

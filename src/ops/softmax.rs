@@ -13,7 +13,13 @@ pub fn softmax_forward(rt: &Runtime, out: Tensor, inp: Tensor, cols: usize, scal
         Backend::Cuda(cu) => cu.launch(
             "snella_softmax_forward",
             grid_rows(inp.numel / cols, 256, 0),
-            &[KArg::Ptr(rt.ptr(out)), KArg::Ptr(rt.ptr(inp)), KArg::I32((inp.numel / cols) as i32), KArg::I32(cols as i32), KArg::F32(scale)],
+            &[
+                KArg::Ptr(rt.ptr(out)),
+                KArg::Ptr(rt.ptr(inp)),
+                KArg::I32((inp.numel / cols) as i32),
+                KArg::I32(cols as i32),
+                KArg::F32(scale),
+            ],
         )?,
     }
     Ok(())
@@ -29,7 +35,14 @@ pub fn softmax_backward(rt: &Runtime, dinp: Tensor, out: Tensor, dout: Tensor, c
         Backend::Cuda(cu) => cu.launch(
             "snella_softmax_backward",
             grid_rows(out.numel / cols, 256, 0),
-            &[KArg::Ptr(rt.ptr(dinp)), KArg::Ptr(rt.ptr(out)), KArg::Ptr(rt.ptr(dout)), KArg::I32((out.numel / cols) as i32), KArg::I32(cols as i32), KArg::F32(scale)],
+            &[
+                KArg::Ptr(rt.ptr(dinp)),
+                KArg::Ptr(rt.ptr(out)),
+                KArg::Ptr(rt.ptr(dout)),
+                KArg::I32((out.numel / cols) as i32),
+                KArg::I32(cols as i32),
+                KArg::F32(scale),
+            ],
         )?,
     }
     Ok(())

@@ -30,7 +30,16 @@ pub struct AllocatorConfig {
 
 impl Default for AllocatorConfig {
     fn default() -> Self {
-        AllocatorConfig { init_ratio: 0.0, target_ratio: 0.9, init_warmup: 0, final_warmup: 0, mask_interval: 1, beta1: 0.85, beta2: 0.85, total_epochs: 100 }
+        AllocatorConfig {
+            init_ratio: 0.0,
+            target_ratio: 0.9,
+            init_warmup: 0,
+            final_warmup: 0,
+            mask_interval: 1,
+            beta1: 0.85,
+            beta2: 0.85,
+            total_epochs: 100,
+        }
     }
 }
 
@@ -57,9 +66,16 @@ pub struct Allocator {
 impl Allocator {
     /// An allocator over the branches of `model` (a sparse kernel method planned with the allocator).
     pub fn new(model: &Model, cfg: AllocatorConfig) -> Result<Allocator> {
-        let ok = model.layout.branches.iter().all(|b| matches!(b.params, BranchParams::Kernel { sparse: true, ema: Some(_), .. }));
+        let ok = model
+            .layout
+            .branches
+            .iter()
+            .all(|b| matches!(b.params, BranchParams::Kernel { sparse: true, ema: Some(_), .. }));
         if model.layout.branches.is_empty() || !ok {
-            return Err(Error::invalid("allocator", format!("method {} has no sparse kernel branches with allocator state", model.method.name())));
+            return Err(Error::invalid(
+                "allocator",
+                format!("method {} has no sparse kernel branches with allocator state", model.method.name()),
+            ));
         }
         for (name, v) in [("init_ratio", cfg.init_ratio), ("target_ratio", cfg.target_ratio)] {
             if !(0.0..=1.0).contains(&v) {
@@ -153,7 +169,8 @@ impl Allocator {
     pub fn reallocate(&self, model: &mut Model, volume: f64) -> Result<Reallocation> {
         let scores = self.scores(model)?;
         let alloc = Allocator::split_budget(&scores, volume, &self.caps)?;
-        let sparsity: Vec<f64> = alloc.iter().zip(&self.caps).map(|(&a, &c)| (1.0 - a as f64 / c).clamp(0.0, 1.0)).collect();
+        let sparsity: Vec<f64> =
+            alloc.iter().zip(&self.caps).map(|(&a, &c)| (1.0 - a as f64 / c).clamp(0.0, 1.0)).collect();
         for (i, &s) in sparsity.iter().enumerate() {
             model.sparsity[i] = s as f32;
         }

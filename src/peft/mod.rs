@@ -41,16 +41,44 @@ pub enum Method {
 
 impl Method {
     pub fn snella(r: usize, sparsity: f32) -> Method {
-        Method::Kernel(KernelMethod { kernel: KernelKind::PiecewiseLinear, r, mixture: true, sparse: true, sparsity, allocator: true })
+        Method::Kernel(KernelMethod {
+            kernel: KernelKind::PiecewiseLinear,
+            r,
+            mixture: true,
+            sparse: true,
+            sparsity,
+            allocator: true,
+        })
     }
     pub fn snell(r: usize, sparsity: f32) -> Method {
-        Method::Kernel(KernelMethod { kernel: KernelKind::PiecewiseLinear, r, mixture: false, sparse: true, sparsity, allocator: false })
+        Method::Kernel(KernelMethod {
+            kernel: KernelKind::PiecewiseLinear,
+            r,
+            mixture: false,
+            sparse: true,
+            sparsity,
+            allocator: false,
+        })
     }
     pub fn mixk(r: usize) -> Method {
-        Method::Kernel(KernelMethod { kernel: KernelKind::PiecewiseLinear, r, mixture: true, sparse: false, sparsity: 0.0, allocator: false })
+        Method::Kernel(KernelMethod {
+            kernel: KernelKind::PiecewiseLinear,
+            r,
+            mixture: true,
+            sparse: false,
+            sparsity: 0.0,
+            allocator: false,
+        })
     }
     pub fn klora(r: usize) -> Method {
-        Method::Kernel(KernelMethod { kernel: KernelKind::PiecewiseLinear, r, mixture: false, sparse: false, sparsity: 0.0, allocator: false })
+        Method::Kernel(KernelMethod {
+            kernel: KernelKind::PiecewiseLinear,
+            r,
+            mixture: false,
+            sparse: false,
+            sparsity: 0.0,
+            allocator: false,
+        })
     }
 
     /// Parses `full`, `linear`, `lora8`, `snell32`, `snella32`, `mixk8`, `klora8`, `gps` (rank suffix
@@ -105,7 +133,11 @@ impl Method {
                     (true, false) => "mixk",
                     (false, false) => "klora",
                 };
-                let kern = if k.kernel == KernelKind::PiecewiseLinear { String::new() } else { format!("-{:?}", k.kernel).to_lowercase() };
+                let kern = if k.kernel == KernelKind::PiecewiseLinear {
+                    String::new()
+                } else {
+                    format!("-{:?}", k.kernel).to_lowercase()
+                };
                 format!("{base}{}{kern}", k.r)
             }
         }

@@ -51,12 +51,27 @@ pub struct MemoryRow {
 
 /// Plans every (model, method) at `batch` and returns the rows. `num_classes` sizes the head (100, as the
 /// PyTorch benchmark).
-pub fn memory_rows(models: &[String], methods: &[String], batch: usize, sparsity: f32, num_classes: usize, recompute: Recompute) -> Result<Vec<MemoryRow>> {
+pub fn memory_rows(
+    models: &[String],
+    methods: &[String],
+    batch: usize,
+    sparsity: f32,
+    num_classes: usize,
+    recompute: Recompute,
+) -> Result<Vec<MemoryRow>> {
     memory_rows_at(models, methods, batch, sparsity, num_classes, recompute, None)
 }
 
 /// [`memory_rows`] at another input resolution (square, in pixels; the position table is resized).
-pub fn memory_rows_at(models: &[String], methods: &[String], batch: usize, sparsity: f32, num_classes: usize, recompute: Recompute, resolution: Option<usize>) -> Result<Vec<MemoryRow>> {
+pub fn memory_rows_at(
+    models: &[String],
+    methods: &[String],
+    batch: usize,
+    sparsity: f32,
+    num_classes: usize,
+    recompute: Recompute,
+    resolution: Option<usize>,
+) -> Result<Vec<MemoryRow>> {
     let mut rows = Vec::new();
     for model in models {
         let mut cfg = ViTConfig::by_name(model, num_classes)?;
@@ -98,7 +113,8 @@ pub fn table(rows: &[MemoryRow]) -> String {
     }
     writeln!(s, " {:>10} {:>10} {:>8} {:>12}", "total MiB", "paper MB", "ours/pap", "measured MiB").unwrap();
     for r in rows {
-        write!(s, "{:<9} {:<9} {:<9} {:>5}", r.model, r.method, format!("{:?}", r.recompute).to_lowercase(), r.batch).unwrap();
+        write!(s, "{:<9} {:<9} {:<9} {:>5}", r.model, r.method, format!("{:?}", r.recompute).to_lowercase(), r.batch)
+            .unwrap();
         for (_, v) in &r.pools_mib {
             write!(s, " {:>11.1}", v).unwrap();
         }
@@ -121,14 +137,28 @@ pub fn reductions(rows: &[MemoryRow]) -> String {
         v
     });
     for m in models {
-        let Some(gps) = rows.iter().find(|r| r.model == m && r.method == "gps" && r.recompute == Recompute::None).or_else(|| rows.iter().find(|r| r.model == m && r.method == "gps")) else { continue };
+        let Some(gps) = rows
+            .iter()
+            .find(|r| r.model == m && r.method == "gps" && r.recompute == Recompute::None)
+            .or_else(|| rows.iter().find(|r| r.model == m && r.method == "gps"))
+        else {
+            continue;
+        };
         for r in rows.iter().filter(|r| r.model == m && r.method != "gps") {
             let paper = match (paper_mb(m, "gps"), PAPER_MB.iter().find(|x| x.0 == m && x.1 == r.method).map(|x| x.2)) {
                 (Some(g), Some(x)) => format!("  (paper {}: {:.1}%)", r.method, 100.0 * (1.0 - x / g)),
                 _ => String::new(),
             };
             let rc = |x: Recompute| format!("{x:?}").to_lowercase();
-            writeln!(s, "{m} {:<9} {:<9} uses {:5.1}% less than gps ({}){paper}", r.method, rc(r.recompute), 100.0 * (1.0 - r.total_mib / gps.total_mib), rc(gps.recompute)).unwrap();
+            writeln!(
+                s,
+                "{m} {:<9} {:<9} uses {:5.1}% less than gps ({}){paper}",
+                r.method,
+                rc(r.recompute),
+                100.0 * (1.0 - r.total_mib / gps.total_mib),
+                rc(gps.recompute)
+            )
+            .unwrap();
         }
     }
     s
@@ -146,7 +176,8 @@ pub fn csv(rows: &[MemoryRow]) -> String {
         for (_, v) in &r.pools_mib {
             write!(s, ",{v:.3}").unwrap();
         }
-        writeln!(s, ",{:.3},{},{},{}", r.total_mib, opt(r.paper_mb), opt(r.ratio_to_paper), opt(r.measured_mib)).unwrap();
+        writeln!(s, ",{:.3},{},{},{}", r.total_mib, opt(r.paper_mb), opt(r.ratio_to_paper), opt(r.measured_mib))
+            .unwrap();
     }
     s
 }
@@ -174,10 +205,12 @@ pub fn svg(rows: &[MemoryRow]) -> String {
     let y = |v: f64| h - pad - (h - 2.0 * pad) * v / max;
     let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n");
     writeln!(s, "<text x=\"{}\" y=\"20\" text-anchor=\"middle\" font-size=\"15\">Peak training memory (MiB), planned; ticks: SNELL paper</text>", w / 2.0).unwrap();
-    writeln!(s, "<line x1=\"{pad}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>", h - pad, w - pad, h - pad).unwrap();
+    writeln!(s, "<line x1=\"{pad}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>", h - pad, w - pad, h - pad)
+        .unwrap();
     for (gi, m) in models.iter().enumerate() {
         let x0 = pad + gi as f64 * gw + gw * 0.1;
-        writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{m}</text>", x0 + gw * 0.4, h - pad + 18.0).unwrap();
+        writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{m}</text>", x0 + gw * 0.4, h - pad + 18.0)
+            .unwrap();
         for (mi, me) in methods.iter().enumerate() {
             let Some(r) = rows.iter().find(|r| r.model == *m && label(r) == *me) else { continue };
             let x = x0 + mi as f64 * bw;
@@ -185,14 +218,28 @@ pub fn svg(rows: &[MemoryRow]) -> String {
             writeln!(s, "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{c}\"><title>{m} {me}: {:.0} MiB</title></rect>",
                 y(r.total_mib), bw * 0.9, h - pad - y(r.total_mib), r.total_mib).unwrap();
             if let Some(p) = r.paper_mb {
-                writeln!(s, "<line x1=\"{x:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"black\" stroke-width=\"2\"/>", y(p), x + bw * 0.9, y(p)).unwrap();
+                writeln!(
+                    s,
+                    "<line x1=\"{x:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"black\" stroke-width=\"2\"/>",
+                    y(p),
+                    x + bw * 0.9,
+                    y(p)
+                )
+                .unwrap();
             }
         }
     }
     for (mi, me) in methods.iter().enumerate() {
         let x = pad + mi as f64 * 150.0;
-        writeln!(s, "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{me}</text>",
-            h - 25.0, colors[mi % colors.len()], x + 16.0, h - 15.0).unwrap();
+        writeln!(
+            s,
+            "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{me}</text>",
+            h - 25.0,
+            colors[mi % colors.len()],
+            x + 16.0,
+            h - 15.0
+        )
+        .unwrap();
     }
     s.push_str("</svg>\n");
     s
@@ -201,7 +248,13 @@ pub fn svg(rows: &[MemoryRow]) -> String {
 /// Runs `steps` real training steps of a row's configuration on `backend` and returns (touched MiB: the
 /// pools' high-water marks, device MiB above the post-setup baseline — None on the CPU). On a GPU the
 /// second number is what the plan claims to be: every byte of the step comes from the pools.
-pub fn measure(row: &MemoryRow, backend: crate::runtime::Backend, steps: usize, sparsity: f32, num_classes: usize) -> Result<(f64, Option<f64>)> {
+pub fn measure(
+    row: &MemoryRow,
+    backend: crate::runtime::Backend,
+    steps: usize,
+    sparsity: f32,
+    num_classes: usize,
+) -> Result<(f64, Option<f64>)> {
     let mut cfg = ViTConfig::by_name(&row.model, num_classes)?;
     cfg.img_size = (row.resolution, row.resolution);
     let method = Method::parse(&row.method, sparsity)?;
@@ -238,7 +291,15 @@ mod tests {
 
     #[test]
     fn rows_have_the_paper_columns() {
-        let rows = memory_rows(&["tiny".into()], &["lora8".into(), "snella8".into(), "gps".into()], 2, 0.5, 10, Recompute::Attention).unwrap();
+        let rows = memory_rows(
+            &["tiny".into()],
+            &["lora8".into(), "snella8".into(), "gps".into()],
+            2,
+            0.5,
+            10,
+            Recompute::Attention,
+        )
+        .unwrap();
         assert_eq!(rows.len(), 3);
         assert!(rows.iter().all(|r| r.total_mib > 0.0 && r.paper_mb.is_none()));
         assert!(table(&rows).contains("snella8"));

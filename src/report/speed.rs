@@ -32,9 +32,11 @@ pub struct SpeedRow {
 
 /// FLOPs of one forward pass: the matrix products of patch embedding, blocks and head.
 pub fn forward_flops(cfg: &ViTConfig, b: usize) -> f64 {
-    let (d, f, t, h, hd) = (cfg.embed_dim as f64, cfg.mlp_hidden as f64, cfg.tokens() as f64, cfg.num_heads as f64, cfg.head_dim() as f64);
+    let (d, f, t, h, hd) =
+        (cfg.embed_dim as f64, cfg.mlp_hidden as f64, cfg.tokens() as f64, cfg.num_heads as f64, cfg.head_dim() as f64);
     let bt = b as f64 * t;
-    let block = 2.0 * bt * d * (3.0 * d) + 2.0 * 2.0 * b as f64 * h * t * t * hd + 2.0 * bt * d * d + 2.0 * 2.0 * bt * d * f;
+    let block =
+        2.0 * bt * d * (3.0 * d) + 2.0 * 2.0 * b as f64 * h * t * t * hd + 2.0 * bt * d * d + 2.0 * 2.0 * bt * d * f;
     let embed = 2.0 * (b * cfg.num_patches() * cfg.patch_dim()) as f64 * d;
     embed + cfg.depth as f64 * block + 2.0 * b as f64 * d * cfg.num_classes as f64
 }
@@ -58,7 +60,16 @@ pub fn peak_flops(device: &str, gemm: GemmPrecision) -> Option<f64> {
 
 /// Times `steps` training steps after `warmup` ones (the step reads the loss back, which synchronises).
 #[allow(clippy::too_many_arguments)]
-pub fn step_speed(model_name: &str, method_name: &str, batch: usize, recompute: Recompute, backend: Backend, gemm: GemmPrecision, warmup: usize, steps: usize) -> Result<SpeedRow> {
+pub fn step_speed(
+    model_name: &str,
+    method_name: &str,
+    batch: usize,
+    recompute: Recompute,
+    backend: Backend,
+    gemm: GemmPrecision,
+    warmup: usize,
+    steps: usize,
+) -> Result<SpeedRow> {
     let cfg = ViTConfig::by_name(model_name, 100)?;
     let method = Method::parse(method_name, 0.5)?;
     let device = match &backend {
@@ -85,7 +96,9 @@ pub fn step_speed(model_name: &str, method_name: &str, batch: usize, recompute: 
     let labels: Vec<i32> = (0..batch).map(|i| (i % cfg.num_classes) as i32).collect();
     model.set_batch(&images, &labels)?;
     let alloc = match method {
-        Method::Kernel(k) if k.allocator => Some(Allocator::new(&model, AllocatorConfig { init_ratio: 0.5, target_ratio: 0.5, ..Default::default() })?),
+        Method::Kernel(k) if k.allocator => {
+            Some(Allocator::new(&model, AllocatorConfig { init_ratio: 0.5, target_ratio: 0.5, ..Default::default() })?)
+        }
         _ => None,
     };
     let mut run = |n: usize| -> Result<()> {
@@ -135,7 +148,8 @@ mod tests {
 
     #[test]
     fn a_cpu_step_is_timed() {
-        let r = step_speed("tiny", "snella8", 2, Recompute::Attention, Backend::Cpu, GemmPrecision::Fp32, 1, 2).unwrap();
+        let r =
+            step_speed("tiny", "snella8", 2, Recompute::Attention, Backend::Cpu, GemmPrecision::Fp32, 1, 2).unwrap();
         assert!(r.images_per_s > 0.0 && r.mfu.is_none() && r.device == "cpu");
     }
 }

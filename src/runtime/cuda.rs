@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::cublas::sys as cublas_sys;
-use cudarc::driver::{result as drv, sys as drv_sys, CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    result as drv, sys as drv_sys, CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg,
+};
 
 use crate::error::{Error, Result};
 
@@ -61,7 +63,8 @@ impl Cuda {
         let stream = ctx.default_stream();
         let blas = cudarc::cublas::result::create_handle().map_err(|e| Error::cuda("cublasCreate", e))?;
         unsafe {
-            cudarc::cublas::result::set_stream(blas, stream.cu_stream() as _).map_err(|e| Error::cuda("cublasSetStream", e))?;
+            cudarc::cublas::result::set_stream(blas, stream.cu_stream() as _)
+                .map_err(|e| Error::cuda("cublasSetStream", e))?;
         }
         let mut functions = HashMap::new();
         for (module_name, bytes, names) in fatbins::FATBINS {
@@ -99,10 +102,19 @@ impl Cuda {
         }
         let threads = blk.0 as u64 * blk.1 as u64 * blk.2 as u64;
         // 48 KiB: more dynamic shared memory needs cuFuncSetAttribute, which no kernel here uses.
-        if threads == 0 || threads > 1024 || g.0 > i32::MAX as u32 || g.1 > 65535 || g.2 > 65535 || cfg.shared_mem_bytes > 48 << 10 {
+        if threads == 0
+            || threads > 1024
+            || g.0 > i32::MAX as u32
+            || g.1 > 65535
+            || g.2 > 65535
+            || cfg.shared_mem_bytes > 48 << 10
+        {
             return Err(Error::cuda(
                 name,
-                format!("launch out of the device limits: grid {g:?}, block {blk:?}, {} B dynamic shared memory", cfg.shared_mem_bytes),
+                format!(
+                    "launch out of the device limits: grid {g:?}, block {blk:?}, {} B dynamic shared memory",
+                    cfg.shared_mem_bytes
+                ),
             ));
         }
         let f = self.function(name)?;
@@ -147,14 +159,16 @@ impl Cuda {
 
     pub fn upload<T>(&self, dst: DevPtr, src: &[T]) -> Result<()> {
         self.bind()?;
-        unsafe { drv::memcpy_htod_async(dst, src, self.stream.cu_stream()) }.map_err(|e| Error::cuda("memcpy HtoD", e))?;
+        unsafe { drv::memcpy_htod_async(dst, src, self.stream.cu_stream()) }
+            .map_err(|e| Error::cuda("memcpy HtoD", e))?;
         self.sync()
     }
 
     pub fn download<T>(&self, dst: &mut [T], src: DevPtr) -> Result<()> {
         self.bind()?;
         self.sync()?;
-        unsafe { drv::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }.map_err(|e| Error::cuda("memcpy DtoH", e))?;
+        unsafe { drv::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }
+            .map_err(|e| Error::cuda("memcpy DtoH", e))?;
         self.sync()
     }
 
@@ -310,8 +324,9 @@ mod tests {
                     .map(|p| {
                         // The type is everything before the parameter name (the last identifier).
                         let name_at = p.rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).map_or(0, |i| i + 1);
-                        kind_of_c_type(&p[..name_at])
-                            .unwrap_or_else(|| panic!("{}: {name}: parameter type of `{p}` has no KArg", path.display()))
+                        kind_of_c_type(&p[..name_at]).unwrap_or_else(|| {
+                            panic!("{}: {name}: parameter type of `{p}` has no KArg", path.display())
+                        })
                     })
                     .collect();
                 assert!(sigs.insert(name.clone(), kinds).is_none(), "kernel {name} defined twice");
@@ -351,7 +366,8 @@ mod tests {
                 let open = at + i + ".launch".len();
                 at = open;
                 let parts = split_top(inside_parens(&src, open));
-                let Some(name) = parts.first().and_then(|p| p.strip_prefix('"')).and_then(|p| p.strip_suffix('"')) else {
+                let Some(name) = parts.first().and_then(|p| p.strip_prefix('"')).and_then(|p| p.strip_suffix('"'))
+                else {
                     errors.push(format!("{rel}: a launch whose kernel name is not a string literal: {parts:?}"));
                     continue;
                 };
@@ -362,7 +378,9 @@ mod tests {
                 };
                 let list = parts.get(2).map(|s| s.as_str()).unwrap_or("");
                 let Some(items) = list.strip_prefix("&[").and_then(|l| l.strip_suffix(']')) else {
-                    errors.push(format!("{rel}: {name}: the arguments must be a literal `&[KArg::..(..), ..]`, got `{list}`"));
+                    errors.push(format!(
+                        "{rel}: {name}: the arguments must be a literal `&[KArg::..(..), ..]`, got `{list}`"
+                    ));
                     continue;
                 };
                 let got: Vec<String> = split_top(items)

@@ -219,9 +219,8 @@ impl Runtime {
             Backend::Cpu => {
                 self.touch(t);
                 let Arena::Cpu(v) = &self.arenas[t.pool.index()] else { unreachable!() };
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut((v.as_ptr() as *mut i32).add(t.offset / 4), t.numel)
-                };
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut((v.as_ptr() as *mut i32).add(t.offset / 4), t.numel) };
                 dst.copy_from_slice(data);
             }
             Backend::Cuda(c) => c.upload(self.ptr(t), data)?,
@@ -256,7 +255,9 @@ impl Runtime {
     pub fn zero_pool(&self, pool: Pool) -> Result<()> {
         let bytes = self.plan.pool_bytes(pool);
         match &self.arenas[pool.index()] {
-            Arena::Cpu(_) => self.f32_mut(Tensor { id: u32::MAX, pool, offset: 0, numel: bytes / 4, dtype: DType::F32 }).fill(0.0),
+            Arena::Cpu(_) => {
+                self.f32_mut(Tensor { id: u32::MAX, pool, offset: 0, numel: bytes / 4, dtype: DType::F32 }).fill(0.0)
+            }
             Arena::Cuda(p) => self.cuda().memset(*p, 0, bytes)?,
         }
         Ok(())

@@ -141,8 +141,7 @@ impl Plan {
         } else {
             (0, self.ends[pool.index()])
         };
-        let spec =
-            TensorSpec { name: name.into(), shape: shape.to_vec(), dtype, pool, scope, offset };
+        let spec = TensorSpec { name: name.into(), shape: shape.to_vec(), dtype, pool, scope, offset };
         let end = align(offset + spec.bytes());
         if pool == Pool::Scratch {
             self.scope_ends[scope] = end;
@@ -220,8 +219,15 @@ impl Plan {
     pub fn tensor_table(&self, pool: Pool) -> String {
         let mut s = String::new();
         for t in self.tensors.iter().filter(|t| t.pool == pool) {
-            writeln!(s, "{:<48} {:<20} {:?} scope {:<3} {:>10.3} MiB", t.name, format!("{:?}", t.shape), t.dtype,
-                t.scope, mib(t.bytes()))
+            writeln!(
+                s,
+                "{:<48} {:<20} {:?} scope {:<3} {:>10.3} MiB",
+                t.name,
+                format!("{:?}", t.shape),
+                t.dtype,
+                t.scope,
+                mib(t.bytes())
+            )
             .unwrap();
         }
         s
