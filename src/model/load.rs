@@ -693,7 +693,17 @@ pub fn adapt_to_config_with(w: Weights, cfg: &ViTConfig, seed: u64, mode: PosRes
                 "head re-initialised for {} classes ({why}): weight ~ trunc_normal(std 0.02, [-2, 2]), bias 0, seed {seed}",
                 cfg.num_classes
             ));
-            t.insert("head.weight".into(), (want_hw.clone(), trunc_normal(want_hw.iter().product(), 0.02, seed)));
+            t.insert(
+                "head.weight".into(),
+                (want_hw.clone(), {
+                    use rand::SeedableRng;
+                    trunc_normal(
+                        &mut rand::rngs::StdRng::seed_from_u64(seed ^ 0x5EED_1E55_0F4E_AD00),
+                        want_hw.iter().product(),
+                        0.02,
+                    )
+                }),
+            );
             t.insert("head.bias".into(), (want_hb.clone(), vec![0.0; cfg.num_classes]));
         }
     }
@@ -729,14 +739,15 @@ pub fn adapt_to_config_with(w: Weights, cfg: &ViTConfig, seed: u64, mode: PosRes
     Ok((Weights { tensors: out, source }, notes))
 }
 
-/// `n` draws of N(0, std²) truncated to [-2, 2] (timm's `trunc_normal_(std=std)`: the cut is absolute).
-fn trunc_normal(n: usize, std: f64, seed: u64) -> Vec<f32> {
-    let mut rng = SplitMix64(seed ^ 0x5EED_1E55_0F4E_AD00);
+/// `n` draws of N(0, std²) truncated to [-2, 2] (timm's `trunc_normal_(std=std)`: the cut is absolute), by
+/// Box–Muller from `rng`. Used for the head re-initialisation here and the trainer's random backbones.
+pub fn trunc_normal(rng: &mut impl rand::RngCore, n: usize, std: f64) -> Vec<f32> {
+    let unit = |r: &mut dyn rand::RngCore| (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
         // Box–Muller on (0, 1] × [0, 1).
-        let u1 = 1.0 - rng.next_f64();
-        let u2 = rng.next_f64();
+        let u1 = 1.0 - unit(rng);
+        let u2 = unit(rng);
         let r = (-2.0 * u1.ln()).sqrt();
         for z in [r * (std::f64::consts::TAU * u2).cos(), r * (std::f64::consts::TAU * u2).sin()] {
             let x = z * std;
@@ -746,20 +757,6 @@ fn trunc_normal(n: usize, std: f64, seed: u64) -> Vec<f32> {
         }
     }
     out
-}
-
-struct SplitMix64(u64);
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
 }
 
 // ---------------------------------------------------------------------------------------------------------

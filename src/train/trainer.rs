@@ -19,6 +19,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::error::{Error, Result};
+use crate::model::load::trunc_normal;
 use crate::model::load::{adapt_to_config, infer_config, read_checkpoint, TensorMap, Weights};
 use crate::model::{Model, ViTConfig};
 use crate::peft::allocator::Allocator;
@@ -162,24 +163,6 @@ fn evaluate_with<D: Dataset>(model: &mut Model, loader: &Loader<D>, bar: &Progre
         return Err(Error::invalid("evaluation", "the test set is empty"));
     }
     Ok((loss / n as f64, right as f64 / n as f64))
-}
-
-/// `n` draws of N(0, std²) truncated to [−2, 2] (absolute, as timm's trunc_normal_), from `rng`.
-fn trunc_normal(rng: &mut SplitMix64, n: usize, std: f64) -> Vec<f32> {
-    let mut out = Vec::with_capacity(n);
-    let unit = |r: &mut SplitMix64| (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-    while out.len() < n {
-        let u1 = 1.0 - unit(rng);
-        let u2 = unit(rng);
-        let r = (-2.0 * u1.ln()).sqrt();
-        for z in [r * (std::f64::consts::TAU * u2).cos(), r * (std::f64::consts::TAU * u2).sin()] {
-            let x = z * std;
-            if out.len() < n && (-2.0..=2.0).contains(&x) {
-                out.push(x as f32);
-            }
-        }
-    }
-    out
 }
 
 /// A random (untrained) backbone in timm names for `cfg`: Linear/patch weights, position table and head
