@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::model::Recompute;
 use crate::ops::kmerge::KernelKind;
+use crate::ops::GemmPrecision;
 use crate::peft::allocator::AllocatorConfig;
 use crate::peft::Method;
 use crate::runtime::Device;
@@ -98,6 +99,9 @@ pub struct TrainConfig {
     pub device: String,
     /// Activation recomputation: `none`, `norms`, `attention` (default), `block`.
     pub recompute: String,
+    /// Precision of the matrix products: `fp32` (exact, default), or on CUDA `tf32` / `bf16` tensor cores
+    /// (fp32 storage, reduced-precision products). bf16 storage of weights and activations is not built.
+    pub gemm: String,
     /// CPU threads for the run (0: one per core).
     pub threads: usize,
 
@@ -158,6 +162,7 @@ impl Default for TrainConfig {
             seed: 0,
             device: "auto".into(),
             recompute: "attention".into(),
+            gemm: "fp32".into(),
             threads: 0,
             data: PathBuf::from("data"),
             data_format: DataFormat::Auto,
@@ -201,6 +206,16 @@ pub fn parse_recompute(s: &str) -> Result<Recompute> {
         "attention" => Recompute::Attention,
         "block" => Recompute::Block,
         _ => return Err(Error::invalid("recompute", format!("unknown level '{s}' (none, norms, attention, block)"))),
+    })
+}
+
+/// Parses `fp32`, `tf32`, `bf16` (case-insensitive). Error: `Invalid { option: "gemm" }`.
+pub fn parse_gemm(s: &str) -> Result<GemmPrecision> {
+    Ok(match s.trim().to_ascii_lowercase().as_str() {
+        "fp32" => GemmPrecision::Fp32,
+        "tf32" => GemmPrecision::Tf32,
+        "bf16" => GemmPrecision::Bf16,
+        _ => return Err(Error::invalid("gemm", format!("unknown precision '{s}' (fp32, tf32, bf16)"))),
     })
 }
 
@@ -324,6 +339,7 @@ impl TrainConfig {
             "seed",
             "device",
             "recompute",
+            "gemm",
             "threads",
             "data",
             "data_format",
@@ -408,6 +424,7 @@ impl TrainConfig {
             return Err(Error::invalid("device", format!("unknown device '{}' (cpu, cuda, auto)", self.device)));
         }
         parse_recompute(&self.recompute)?;
+        parse_gemm(&self.gemm)?;
         if self.train_split.is_empty() || self.test_split.is_empty() {
             return Err(Error::invalid("train_split", "split names must not be empty"));
         }
@@ -557,6 +574,11 @@ impl TrainConfig {
             ));
         }
         Ok(t)
+    }
+
+    /// The precision of the matrix products. Error: `Invalid { option: "gemm" }`.
+    pub fn gemm(&self) -> Result<GemmPrecision> {
+        parse_gemm(&self.gemm)
     }
 
     /// The recompute level. Error: `Invalid { option: "recompute" }`.

@@ -322,6 +322,7 @@ impl Trainer {
         let (vc, weights, mut notes) = load_backbone(&config, train.num_classes())?;
         let backend = Backend::new(parse_device(&config.device)?)?;
         let model = Model::new(backend, &vc, method, config.batch, config.recompute()?)?;
+        model.rt.set_gemm_precision(config.gemm()?);
         model.load_backbone(&weights)?;
         drop(weights);
         init_method(&model, config.seed)?;
