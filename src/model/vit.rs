@@ -260,17 +260,16 @@ pub fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, recompute: Recompu
     plan.add_cublas_workspace();
     let s = Pool::Scratch;
     let hd = cfg.head_dim();
-    let wide = 3 * d.max(f / 3 + 1).max(f.div_ceil(3));
     // Buffers that are never live at the same time share storage (hand-placed, llm.c style):
     //  - `heads` holds q|k|v|o during attention (forward, and backward's attention part), and ∂L/∂u during the
     //    backward's MLP part, which ends before the attention part starts;
     //  - `wide_a` holds ∂L/∂qkv (attention part of the backward), the recomputed GELU output (forward MLP and
     //    backward MLP part), and the patches before block 0 when the patch embedding is frozen;
     //  - `wide_b` holds the recomputed qkv (attention part) and fc1 output (MLP part) at `Recompute::Block`.
+    let patches_len = if full { 0 } else { b * np * cfg.patch_dim() };
     let heads = plan.f32("work.heads", &[(4 * b * h * t * hd).max(bt * f)], s);
-    let wide_a =
-        plan.f32("work.wide_a", &[bt * wide.max(f).max(if full { 0 } else { cfg.patch_dim() * np / t + 1 })], s);
-    let wide_b = (recompute >= Recompute::Block).then(|| plan.f32("work.wide_b", &[bt * 3 * d.max(f.div_ceil(3))], s));
+    let wide_a = plan.f32("work.wide_a", &[(bt * 3 * d).max(bt * f).max(patches_len)], s);
+    let wide_b = (recompute >= Recompute::Block).then(|| plan.f32("work.wide_b", &[(bt * 3 * d).max(bt * f)], s));
     let quarter = b * h * t * hd;
     let work = Work {
         dres: plan.f32("work.dres", &[bt, d], s),
