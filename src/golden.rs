@@ -119,8 +119,13 @@ impl GoldenCase {
 
     /// A model of the case on `backend`, with the case's initial parameters, per-branch ratios and batch.
     pub fn build_model(&self, backend: Backend, recompute: Recompute) -> Result<Model> {
+        self.build_model_with(backend, recompute, self.method()?)
+    }
+
+    /// [`GoldenCase::build_model`] with another method of the same parameters (e.g. with branch dropout).
+    pub fn build_model_with(&self, backend: Backend, recompute: Recompute, method: Method) -> Result<Model> {
         let cfg = self.vit_config();
-        let mut model = Model::new(backend, &cfg, self.method()?, self.labels.len(), recompute)?;
+        let mut model = Model::new(backend, &cfg, method, self.labels.len(), recompute)?;
         for name in model.layout.params.names.clone() {
             let p = format!("param.{name}");
             let key = if self.tensors.contains_key(&p) { p } else { format!("frozen.{name}") };

@@ -145,6 +145,11 @@ pub fn checks() -> Vec<Check> {
         Check { name: "model_mixk_tiny", tol: 1e-4, run: |cx| model_step(cx, "mixk_tiny", Recompute::Attention) },
         Check { name: "model_lora8_tiny", tol: 1e-4, run: |cx| model_step(cx, "lora8_tiny", Recompute::Attention) },
         Check { name: "model_full_tiny", tol: 1e-4, run: |cx| model_step(cx, "full_tiny", Recompute::Attention) },
+        // The official recipe's regularisation: branch dropout and drop-path (the unmerged branch path) and
+        // block drop-path; the masks are hashes of (seed, step, index), the same on both devices.
+        Check { name: "model_snella_tiny_dropout", tol: 1e-4, run: model_step_dropout },
+        Check { name: "dropout", tol: 0.0, run: |cx| dropout_check(cx, 1) },
+        Check { name: "drop_path", tol: 0.0, run: |cx| dropout_check(cx, 997) },
     ]
 }
 
@@ -1158,6 +1163,59 @@ fn model_step(cx: &mut Case, case: &str, recompute: Recompute) -> Result<()> {
     }
     if let Some(a) = &alloc {
         cx.compare_values("allocator scores", &a.scores(&cpu)?, &a.scores(&dev)?, None);
+    }
+    dev.rt.sync()
+}
+
+/// Dropout (group 1) or drop-path (one decision per `group` elements), out of place and in place.
+fn dropout_check(cx: &mut Case, group: usize) -> Result<()> {
+    let n = if group == 1 { 37 * 1013 } else { 37 * group };
+    let mut p = Plan::new();
+    let x = p.f32("x", &[n], Pool::Activations);
+    let y = p.f32("y", &[n], Pool::Activations);
+    let z = p.f32("z (in place)", &[n], Pool::Activations);
+    let tw = cx.twin(p)?;
+    let v = cx.input(&tw, x, 1.0)?;
+    tw.upload(z, &v)?;
+    tw.poison(&[y])?;
+    let seed = cx.below(1 << 30) as u64;
+    tw.run(|rt| {
+        if group == 1 {
+            crate::ops::dropout::dropout(rt, y, x, 0.3, seed, 5)?;
+            crate::ops::dropout::dropout(rt, z, z, 0.3, seed, 5)
+        } else {
+            crate::ops::dropout::drop_path(rt, y, x, group, 0.3, seed, 5)?;
+            crate::ops::dropout::drop_path(rt, z, z, group, 0.3, seed, 5)
+        }
+    })?;
+    cx.compare(&tw, y)?;
+    cx.compare(&tw, z)
+}
+
+/// [`model_step`] of snella_tiny with branch dropout 0.1, branch drop-path 0.1 and block drop-path 0.1.
+fn model_step_dropout(cx: &mut Case) -> Result<()> {
+    let g = GoldenCase::load(&golden_dir(), "snella_tiny")?;
+    let Method::Kernel(k) = g.method()? else { unreachable!() };
+    let method = Method::Kernel(crate::peft::KernelMethod { dropout: 0.1, drop_path: 0.1, ..k });
+    let mut cpu = g.build_model_with(Backend::Cpu, Recompute::Attention, method)?;
+    let mut dev = g.build_model_with(Backend::new(cx.dev)?, Recompute::Attention, method)?;
+    for m in [&mut cpu, &mut dev] {
+        m.block_drop_path = 0.1;
+        m.reg_seed = 7;
+    }
+    for step in 0..2 {
+        let (lc, ld) = (cpu.forward()?, dev.forward()?);
+        cx.compare_values(format!("step{step}.loss"), &[lc], &[ld], None);
+        cpu.backward()?;
+        dev.backward()?;
+        for n in g.trainable() {
+            if n.ends_with("attn.k.beta") {
+                continue; // ~0 by softmax's shift invariance: rounding noise on both devices
+            }
+            cx.compare_values(format!("step{step}.grad.{n}"), &cpu.get_grad(&n)?, &dev.get_grad(&n)?, None);
+        }
+        cpu.adamw_step(1e-3, 0.05)?;
+        dev.adamw_step(1e-3, 0.05)?;
     }
     dev.rt.sync()
 }

@@ -20,6 +20,8 @@ fn model_with_allocator(case: &GoldenCase) -> Model {
         sparse: true,
         sparsity: 0.0,
         allocator: true,
+        dropout: 0.0,
+        drop_path: 0.0,
     });
     let cfg = case.vit_config();
     let mut model = Model::new(Backend::Cpu, &cfg, method, case.labels.len(), Recompute::default()).unwrap();

@@ -13,6 +13,7 @@ use crate::ops::adamw::{adamw, AdamWStep};
 use crate::ops::add::{add_bias, axpy, bias_backward, mul_cols, mul_cols_backward_gamma, scale_copy};
 use crate::ops::attention::{attention_backward, attention_forward, permute_heads, AttentionBuffers, Heads};
 use crate::ops::compete::{add_transposed, sparsify_backward, sparsify_forward, CompeteScratch};
+use crate::ops::dropout::{drop_path, dropout};
 use crate::ops::embed::{cls_gather, cls_scatter, embed_backward, embed_forward, patchify, PatchGeom};
 use crate::ops::gelu::{gelu_backward, gelu_forward};
 use crate::ops::kmerge::{merge_backward, merge_forward, Factors, KernelKind, MergeScratch};
@@ -203,6 +204,10 @@ pub struct Work {
     pub o: Tensor,
     pub dscores: Tensor,
     pub dtmp: Tensor,
+    /// Branch dropout/drop-path (kernel methods with those rates only): the dropped-out branch input and a
+    /// per-branch copy (drop-path, then the input gradient through the branch).   (BT, max(D, F)) each
+    pub reg_x: Option<Tensor>,
+    pub reg_xb: Option<Tensor>,
     /// Head: final-norm cls rows, gradients.                (B, D), (B, V)
     pub dfeat: Tensor,
     pub dcls: Tensor,
@@ -267,6 +272,7 @@ pub fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, recompute: Recompu
     //    backward MLP part), and the patches before block 0 when the patch embedding is frozen;
     //  - `wide_b` holds the recomputed qkv (attention part) and fc1 output (MLP part) at `Recompute::Block`.
     let patches_len = if full { 0 } else { b * np * cfg.patch_dim() };
+    let regularised = matches!(method, Method::Kernel(k) if k.regularised());
     let heads = plan.f32("work.heads", &[(4 * b * h * t * hd).max(bt * f)], s);
     let wide_a = plan.f32("work.wide_a", &[(bt * 3 * d).max(bt * f).max(patches_len)], s);
     let wide_b = (recompute >= Recompute::Block).then(|| plan.f32("work.wide_b", &[(bt * 3 * d).max(bt * f)], s));
@@ -283,6 +289,8 @@ pub fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, recompute: Recompu
         o: heads.slice(3 * quarter, quarter),
         dscores: plan.f32("work.attn.dscores", &[b, h, t, t], s),
         dtmp: plan.f32("work.attn.dtmp", &[b, h, t, hd], s),
+        reg_x: regularised.then(|| plan.f32("work.reg_x", &[bt, d.max(f)], s)),
+        reg_xb: regularised.then(|| plan.f32("work.reg_xb", &[bt, d.max(f)], s)),
         dfeat: plan.f32("work.dfeat", &[b, d], s),
         dcls: plan.f32("work.dcls", &[b, d], s),
         dlogits: plan.f32("work.dlogits", &[b, v], s),
@@ -490,6 +498,14 @@ pub struct Model {
     pub step: u64,
     /// Images in the last forward.
     last_b: usize,
+    /// Training mode: dropout and drop-path apply (evaluation turns it off).
+    pub training: bool,
+    /// Stochastic depth of the blocks' residual branches: rate of the last block, linearly from 0 at the
+    /// first (timm's `drop_path_rate`; the official recipe uses 0.1). 0 = off.
+    pub block_drop_path: f32,
+    /// Seed of every dropout and drop-path mask (mixed with the step count, so each step draws new masks
+    /// and its backward regenerates its forward's).
+    pub reg_seed: u64,
 }
 
 impl Model {
@@ -514,7 +530,19 @@ impl Model {
             Method::Kernel(k) if k.sparse => vec![k.sparsity; layout.branches.len()],
             _ => vec![0.0; layout.branches.len()],
         };
-        Ok(Model { cfg: cfg.clone(), method, batch, rt, layout, sparsity, step: 0, last_b: 0 })
+        Ok(Model {
+            cfg: cfg.clone(),
+            method,
+            batch,
+            rt,
+            layout,
+            sparsity,
+            step: 0,
+            last_b: 0,
+            training: true,
+            block_drop_path: 0.0,
+            reg_seed: 0,
+        })
     }
 
     /// Sets a parameter (or a branch parameter) by name.
@@ -705,6 +733,9 @@ impl Model {
             attention_forward(rt, sl(ac.attn, d), sl(ac.qkv, 3 * d), &buf, heads)?;
             let y = ac.proj_out.map(|t| sl(t, d)).unwrap_or(sl(lo.work.dy, d));
             self.linear_forward(&blk.proj, y, sl(ac.attn, d), bt)?;
+            if let Some(p) = self.block_drop(l) {
+                drop_path(rt, y, y, t * d, p, self.step_seed(), l as u64 * 16 + 10)?;
+            }
             residual(rt, sl(ac.x_mid, d), x, y, blk.ls1)?;
             layernorm_forward(
                 rt,
@@ -721,6 +752,9 @@ impl Model {
             gelu_forward(rt, sl(ac.gelu, cfg.mlp_hidden), sl(ac.fc1, cfg.mlp_hidden))?;
             let y = ac.fc2_out.map(|t| sl(t, d)).unwrap_or(sl(lo.work.dy, d));
             self.linear_forward(&blk.fc2, y, sl(ac.gelu, cfg.mlp_hidden), bt)?;
+            if let Some(p) = self.block_drop(l) {
+                drop_path(rt, y, y, t * d, p, self.step_seed(), l as u64 * 16 + 11)?;
+            }
             residual(rt, xo, sl(ac.x_mid, d), y, blk.ls2)?;
         }
         // Only the cls rows reach the loss: the final norm runs on them alone (LayerNorm is per row).
@@ -745,6 +779,9 @@ impl Model {
     /// y = x·Wᵀ + b with W = W0 + (branches merged in).        y: (rows, out)  x: (rows, in)
     fn linear_forward(&self, lin: &Linear, y: Tensor, x: Tensor, rows: usize) -> Result<()> {
         let rt = &self.rt;
+        if self.branch_regularised() && !lin.branches.is_empty() {
+            return self.linear_unmerged(lin, y, x, rows, None);
+        }
         let w = if lin.branches.is_empty() { lin.w.value } else { self.build_merged_weight(lin, None)? };
         matmul(rt, y, x, w, Matmul::new(rows, lin.n_out, lin.n_in, false, true))?;
         add_bias(rt, y, lin.b.value)
@@ -792,42 +829,11 @@ impl Model {
                         )?;
                     }
                 }
-                BranchParams::Kernel { a, b, mix, kind, sparse, d, .. } => {
-                    let f = Factors { a: a.value, b: b.value, mix: mix.map(|m| m.map(|p| p.value)), n_in, n_out, d };
-                    let m = sc.m.slice(0, n_in * n_out);
-                    let ms = sc.ms.slice(0, n_in * n_out);
-                    let merge = sc.merge.as_ref().expect("kernel branch scratch");
-                    merge_forward(rt, m, &f, kind, merge)?;
-                    let t = self.layout.thresholds.slice(br.id, 1);
-                    let applied = if sparse {
-                        sparsify_forward(
-                            rt,
-                            ms,
-                            t,
-                            m,
-                            self.sparsity[br.id],
-                            sc.compete.as_ref().expect("compete scratch"),
-                        )?;
-                        ms
-                    } else {
-                        m
-                    };
+                BranchParams::Kernel { .. } => {
+                    let applied = self.build_branch_matrix(br, sc)?;
                     add_transposed(rt, dst, w0, applied, n_in, n_out)?;
-                    if let Some((x, _, rows)) = grad {
-                        // ∂L/∂M_s = xᵀ·dy (in, out), then ∂L/∂M = ∂L/∂M_s·|M|·mask in place, then the factors.
-                        let dms = sc.dms.slice(0, n_in * n_out);
-                        matmul(
-                            rt,
-                            dms,
-                            x,
-                            dy.unwrap(),
-                            Matmul::new(n_in, n_out, rows, true, false).ld(0, lin.n_out, 0),
-                        )?;
-                        if sparse {
-                            sparsify_backward(rt, dms, dms, m, t)?;
-                        }
-                        let dmix = mix.map(|m| m.map(|p| p.grad.unwrap()));
-                        merge_backward(rt, a.grad.unwrap(), b.grad.unwrap(), dmix, dms, &f, kind, merge)?;
+                    if let Some((x, dy, rows)) = grad {
+                        self.branch_factor_backward(lin, br, sc, x, dy, rows)?;
                     }
                 }
             }
@@ -835,10 +841,150 @@ impl Model {
         Ok(w)
     }
 
+    /// M (and, sparse, t and M_s) of a kernel branch in its scratch; returns the matrix the branch applies
+    /// (M_s, or M for dense kinds).                                        (in, out)
+    fn build_branch_matrix(&self, br: &Branch, sc: &BranchScratch) -> Result<Tensor> {
+        let BranchParams::Kernel { a, b, mix, kind, sparse, d, .. } = br.params else {
+            unreachable!("LoRA branches are merged as B·A")
+        };
+        let (n_in, n_out) = (br.n_in, br.n_out);
+        let f = Factors { a: a.value, b: b.value, mix: mix.map(|m| m.map(|p| p.value)), n_in, n_out, d };
+        let (m, ms) = (sc.m.slice(0, n_in * n_out), sc.ms.slice(0, n_in * n_out));
+        merge_forward(&self.rt, m, &f, kind, sc.merge.as_ref().expect("kernel branch scratch"))?;
+        if !sparse {
+            return Ok(m);
+        }
+        let t = self.layout.thresholds.slice(br.id, 1);
+        sparsify_forward(&self.rt, ms, t, m, self.sparsity[br.id], sc.compete.as_ref().expect("compete scratch"))?;
+        Ok(ms)
+    }
+
+    /// The factor gradients of a kernel branch whose M (and t) `build_branch_matrix` just built:
+    /// ∂L/∂M_s = xᵀ·dy (in, out), then ∂L/∂M = ∂L/∂M_s·|M|·mask in place, then ∂A, ∂B (and α, γ, β).
+    /// x: (rows, in) the branch input   dy: the Linear's output gradient (rows, out_total), this branch's columns
+    fn branch_factor_backward(
+        &self,
+        lin: &Linear,
+        br: &Branch,
+        sc: &BranchScratch,
+        x: Tensor,
+        dy: Tensor,
+        rows: usize,
+    ) -> Result<()> {
+        let BranchParams::Kernel { a, b, mix, kind, sparse, d, .. } = br.params else { unreachable!() };
+        let (rt, n_in, n_out) = (&self.rt, br.n_in, br.n_out);
+        let f = Factors { a: a.value, b: b.value, mix: mix.map(|m| m.map(|p| p.value)), n_in, n_out, d };
+        let dy = dy.slice(br.row0, dy.numel - br.row0);
+        let dms = sc.dms.slice(0, n_in * n_out);
+        matmul(rt, dms, x, dy, Matmul::new(n_in, n_out, rows, true, false).ld(0, lin.n_out, 0))?;
+        if sparse {
+            sparsify_backward(rt, dms, dms, sc.m.slice(0, n_in * n_out), self.layout.thresholds.slice(br.id, 1))?;
+        }
+        let dmix = mix.map(|m| m.map(|p| p.grad.unwrap()));
+        merge_backward(
+            rt,
+            a.grad.unwrap(),
+            b.grad.unwrap(),
+            dmix,
+            dms,
+            &f,
+            kind,
+            sc.merge.as_ref().expect("merge scratch"),
+        )
+    }
+
+    /// Whether the kernel branches run unmerged this pass (training with branch dropout or drop-path).
+    fn branch_regularised(&self) -> bool {
+        self.training && matches!(self.method, Method::Kernel(k) if k.regularised())
+    }
+
+    /// Seed of this step's masks (the AdamW step count moves on after the backward, so forward and backward
+    /// of one step share it).
+    fn step_seed(&self) -> u64 {
+        self.reg_seed ^ (self.step + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+
+    /// A Linear whose kernel branches carry dropout/drop-path, as the official TuningModule:
+    /// y = x·W0ᵀ + b + Σ_branches DropPath(Dropout(x)·M_s) (one dropout mask shared by q, k, v; no dropout on
+    /// proj's input). Forward with `dy = None` (writes `out` = y); with `dy = Some` the backward: `out` = ∂L/∂x
+    /// (overwritten) and the factor gradients accumulated. The masks are regenerated, never stored.
+    fn linear_unmerged(&self, lin: &Linear, out: Tensor, x: Tensor, rows: usize, dy: Option<Tensor>) -> Result<()> {
+        let Method::Kernel(k) = self.method else { unreachable!() };
+        let rt = &self.rt;
+        let sc = &self.layout.branch_scratch[lin.scratch];
+        let (block, pos) = (lin.branches[0].block as u64, lin.branches[0].pos);
+        let seed = self.step_seed();
+        let per_sample = self.cfg.tokens() * lin.n_in;
+        match dy {
+            None => {
+                matmul(rt, out, x, lin.w.value, Matmul::new(rows, lin.n_out, lin.n_in, false, true))?;
+                add_bias(rt, out, lin.b.value)?;
+            }
+            Some(g) => matmul(rt, out, g, lin.w.value, Matmul::new(rows, lin.n_in, lin.n_out, false, false))?,
+        }
+        // The branch input: dropped out (q/k/v share one mask), except proj's.
+        let xd = self.layout.work.reg_x.expect("regularisation scratch").slice(0, rows * lin.n_in);
+        let xb = self.layout.work.reg_xb.expect("regularisation scratch").slice(0, rows * lin.n_in);
+        let slot = match pos {
+            Position::Q | Position::K | Position::V => 0,
+            Position::Proj => 1,
+            Position::Fc1 => 2,
+            Position::Fc2 => 3,
+        };
+        let input_stream = (pos != Position::Proj && k.dropout > 0.0).then_some(block * 16 + slot);
+        match input_stream {
+            Some(st) => dropout(rt, xd, x, k.dropout, seed, st)?,
+            None => scale_copy(rt, xd, x, 1.0)?,
+        }
+        for br in &lin.branches {
+            let applied = self.build_branch_matrix(br, sc)?;
+            let path_stream = block * 16 + 4 + br.pos as u64;
+            // The branch input of this branch: drop-path scales whole samples (the same as scaling its output).
+            if k.drop_path > 0.0 {
+                drop_path(rt, xb, xd, per_sample, k.drop_path, seed, path_stream)?;
+            } else {
+                scale_copy(rt, xb, xd, 1.0)?;
+            }
+            let cols = Matmul::new(rows, br.n_out, br.n_in, false, false);
+            match dy {
+                None => matmul(
+                    rt,
+                    out.slice(br.row0, out.numel - br.row0),
+                    xb,
+                    applied,
+                    cols.ld(0, 0, lin.n_out).accumulate(),
+                )?,
+                Some(g) => {
+                    self.branch_factor_backward(lin, br, sc, xb, g, rows)?;
+                    // ∂L/∂x through the branch: dy·M_sᵀ, then the drop-path and dropout masks, added to ∂L/∂x.
+                    let g = g.slice(br.row0, g.numel - br.row0);
+                    matmul(rt, xb, g, applied, Matmul::new(rows, br.n_in, br.n_out, false, true).ld(lin.n_out, 0, 0))?;
+                    if k.drop_path > 0.0 {
+                        drop_path(rt, xb, xb, per_sample, k.drop_path, seed, path_stream)?;
+                    }
+                    if let Some(st) = input_stream {
+                        dropout(rt, xb, xb, k.dropout, seed, st)?;
+                    }
+                    axpy(rt, out, xb, 1.0)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stochastic depth of block `l`'s residual branches: its rate (linear from 0 at the first block), or None.
+    fn block_drop(&self, l: usize) -> Option<f32> {
+        let rate = if self.cfg.depth > 1 { self.block_drop_path * l as f32 / (self.cfg.depth - 1) as f32 } else { 0.0 };
+        (self.training && rate > 0.0).then_some(rate)
+    }
+
     /// Backward of a Linear: dx = dy·W (overwrites dx), weight/bias/branch gradients accumulated.
     /// dy: (rows, out)  x: (rows, in)  dx: (rows, in)
     fn linear_backward(&self, lin: &Linear, dx: Tensor, dy: Tensor, x: Tensor, rows: usize) -> Result<()> {
         let rt = &self.rt;
+        if self.branch_regularised() && !lin.branches.is_empty() {
+            return self.linear_unmerged(lin, dx, x, rows, Some(dy));
+        }
         let w = if lin.branches.is_empty() { lin.w.value } else { self.build_merged_weight(lin, Some((x, dy, rows)))? };
         if let Some(gw) = lin.w.grad {
             matmul(rt, gw, dy, x, Matmul::new(lin.n_out, lin.n_in, rows, true, false).accumulate())?;
@@ -916,7 +1062,8 @@ impl Model {
             if rc >= Recompute::Norms {
                 gelu_forward(rt, sl(ac.gelu, fh), sl(ac.fc1, fh))?;
             }
-            let dy = layer_scale_backward(rt, sl(w.dy, d), dres, blk.ls2, ac.fc2_out.map(|t| sl(t, d)))?;
+            let drop = |which: u64| self.block_drop(l).map(|p| (p, self.step_seed(), l as u64 * 16 + which, t * d));
+            let dy = residual_branch_backward(rt, sl(w.dy, d), dres, blk.ls2, ac.fc2_out.map(|t| sl(t, d)), drop(11))?;
             let du = sl(w.du, fh);
             self.linear_backward(&blk.fc2, du, dy, sl(ac.gelu, fh), bt)?;
             gelu_backward(rt, du, sl(ac.fc1, fh), du)?;
@@ -961,7 +1108,7 @@ impl Model {
                 permute_heads(rt, buf.k, qkv.slice(d, qkv.numel - d), heads, 3 * d, true)?;
                 permute_heads(rt, buf.v, qkv.slice(2 * d, qkv.numel - 2 * d), heads, 3 * d, true)?;
             }
-            let dy = layer_scale_backward(rt, sl(w.dy, d), dres, blk.ls1, ac.proj_out.map(|t| sl(t, d)))?;
+            let dy = residual_branch_backward(rt, sl(w.dy, d), dres, blk.ls1, ac.proj_out.map(|t| sl(t, d)), drop(10))?;
             self.linear_backward(&blk.proj, dh, dy, sl(ac.attn, d), bt)?;
             let dqkv = sl(w.dqkv, 3 * d);
             let (dscores, dtmp) = (w.dscores.slice(0, b * cfg.num_heads * t * t), w.dtmp.slice(0, bt * d));
@@ -1032,22 +1179,33 @@ fn residual(rt: &Runtime, out: Tensor, x: Tensor, y: Tensor, ls: Option<Param>) 
     }
 }
 
-/// Gradient into a LayerScale'd branch: dy = dres ⊙ γ (or dres itself); dγ += Σ dres ⊙ y when γ trains.
-fn layer_scale_backward(
+/// Gradient into a residual branch x_out = x + DropPath(γ ⊙ y): dy = DropPath(dres ⊙ γ) (or dres itself);
+/// dγ += Σ dres ⊙ y when γ trains (y as saved: after the drop-path, which the forward applied to it).
+/// `drop` = (rate, seed, stream, elements per sample) of the forward's drop-path.
+fn residual_branch_backward(
     rt: &Runtime,
     dy: Tensor,
     dres: Tensor,
     ls: Option<Param>,
     y: Option<Tensor>,
+    drop: Option<(f32, u64, u64, usize)>,
 ) -> Result<Tensor> {
-    match ls {
-        None => Ok(dres),
+    let out = match ls {
+        None if drop.is_none() => return Ok(dres),
+        None => {
+            scale_copy(rt, dy, dres, 1.0)?;
+            dy
+        }
         Some(g) => {
             if let (Some(gg), Some(y)) = (g.grad, y) {
                 mul_cols_backward_gamma(rt, gg, dres, y)?;
             }
             mul_cols(rt, dy, dres, g.value, false)?;
-            Ok(dy)
+            dy
         }
+    };
+    if let Some((p, seed, stream, per_sample)) = drop {
+        drop_path(rt, out, out, per_sample, p, seed, stream)?;
     }
+    Ok(out)
 }

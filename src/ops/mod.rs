@@ -4,6 +4,7 @@ pub mod adamw;
 pub mod add;
 pub mod attention;
 pub mod compete;
+pub mod dropout;
 pub mod embed;
 pub mod gelu;
 pub mod importance;

@@ -21,6 +21,21 @@ pub struct KernelMethod {
     pub sparsity: f32,
     /// Keep the bi-level allocator's EMA importance (SNELLA; optional for SNELL).
     pub allocator: bool,
+    /// Dropout on the branch input (one mask shared by q, k, v; none on proj), as the official
+    /// `additional_drop` (0.1 in the released scripts; 0 = off). With either rate > 0 a branch runs as its own
+    /// product x_d·M_s instead of being merged into W0.
+    #[serde(default)]
+    pub dropout: f32,
+    /// Drop-path on every branch output (official `TuningModule.drop_path`, 0.1 in the scripts; 0 = off).
+    #[serde(default)]
+    pub drop_path: f32,
+}
+
+impl KernelMethod {
+    /// Whether the branches run unmerged (dropout or drop-path on them).
+    pub fn regularised(&self) -> bool {
+        self.dropout > 0.0 || self.drop_path > 0.0
+    }
 }
 
 /// What a training run adapts.
@@ -48,6 +63,8 @@ impl Method {
             sparse: true,
             sparsity,
             allocator: true,
+            dropout: 0.0,
+            drop_path: 0.0,
         })
     }
     pub fn snell(r: usize, sparsity: f32) -> Method {
@@ -58,6 +75,8 @@ impl Method {
             sparse: true,
             sparsity,
             allocator: false,
+            dropout: 0.0,
+            drop_path: 0.0,
         })
     }
     pub fn mixk(r: usize) -> Method {
@@ -68,6 +87,8 @@ impl Method {
             sparse: false,
             sparsity: 0.0,
             allocator: false,
+            dropout: 0.0,
+            drop_path: 0.0,
         })
     }
     pub fn klora(r: usize) -> Method {
@@ -78,6 +99,8 @@ impl Method {
             sparse: false,
             sparsity: 0.0,
             allocator: false,
+            dropout: 0.0,
+            drop_path: 0.0,
         })
     }
 

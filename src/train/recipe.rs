@@ -99,6 +99,12 @@ pub struct TrainConfig {
     pub device: String,
     /// Activation recomputation: `none`, `norms`, `attention` (default), `block`.
     pub recompute: String,
+    /// Dropout on the kernel branches' input and drop-path on their outputs (the official recipe: 0.1 and 0.1;
+    /// default 0 = off, which lets the branches merge into W0 for speed).
+    pub branch_dropout: f64,
+    pub branch_drop_path: f64,
+    /// Stochastic depth of the blocks (timm `drop_path_rate`, linear over depth; the official recipe: 0.1).
+    pub drop_path: f64,
     /// Precision of the matrix products: `fp32` (exact, default), or on CUDA `tf32` / `bf16` tensor cores
     /// (fp32 storage, reduced-precision products). bf16 storage of weights and activations is not built.
     pub gemm: String,
@@ -163,6 +169,9 @@ impl Default for TrainConfig {
             device: "auto".into(),
             recompute: "attention".into(),
             gemm: "fp32".into(),
+            branch_dropout: 0.0,
+            branch_drop_path: 0.0,
+            drop_path: 0.0,
             threads: 0,
             data: PathBuf::from("data"),
             data_format: DataFormat::Auto,
@@ -340,6 +349,9 @@ impl TrainConfig {
             "device",
             "recompute",
             "gemm",
+            "branch_dropout",
+            "branch_drop_path",
+            "drop_path",
             "threads",
             "data",
             "data_format",
@@ -425,6 +437,15 @@ impl TrainConfig {
         }
         parse_recompute(&self.recompute)?;
         parse_gemm(&self.gemm)?;
+        for (name, v) in [
+            ("branch_dropout", self.branch_dropout),
+            ("branch_drop_path", self.branch_drop_path),
+            ("drop_path", self.drop_path),
+        ] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(Error::invalid(name, format!("must be in [0, 1), got {v}")));
+            }
+        }
         if self.train_split.is_empty() || self.test_split.is_empty() {
             return Err(Error::invalid("train_split", "split names must not be empty"));
         }
@@ -533,6 +554,8 @@ impl TrainConfig {
         let kernel = parse_kernel(&self.kernel)?;
         if let Method::Kernel(k) = &mut method {
             k.kernel = kernel;
+            k.dropout = self.branch_dropout as f32;
+            k.drop_path = self.branch_drop_path as f32;
             if k.r / 2 > crate::ops::kmerge::MAX_D {
                 return Err(Error::invalid(
                     "rank",

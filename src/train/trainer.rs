@@ -148,6 +148,14 @@ pub fn evaluate<D: Dataset>(model: &mut Model, loader: &Loader<D>) -> Result<(f6
 }
 
 fn evaluate_with<D: Dataset>(model: &mut Model, loader: &Loader<D>, bar: &ProgressBar) -> Result<(f64, f64)> {
+    // Evaluation mode: no dropout or drop-path (restored afterwards, also on error).
+    let training = std::mem::replace(&mut model.training, false);
+    let r = evaluate_batches(model, loader, bar);
+    model.training = training;
+    r
+}
+
+fn evaluate_batches<D: Dataset>(model: &mut Model, loader: &Loader<D>, bar: &ProgressBar) -> Result<(f64, f64)> {
     let v = model.cfg.num_classes;
     let (mut loss, mut right, mut n) = (0.0f64, 0u64, 0u64);
     for batch in loader.epoch(0) {
@@ -321,8 +329,10 @@ impl Trainer {
         let (train, test) = open_data(&config)?;
         let (vc, weights, mut notes) = load_backbone(&config, train.num_classes())?;
         let backend = Backend::new(parse_device(&config.device)?)?;
-        let model = Model::new(backend, &vc, method, config.batch, config.recompute()?)?;
+        let mut model = Model::new(backend, &vc, method, config.batch, config.recompute()?)?;
         model.rt.set_gemm_precision(config.gemm()?);
+        model.block_drop_path = config.drop_path as f32;
+        model.reg_seed = config.seed;
         model.load_backbone(&weights)?;
         drop(weights);
         init_method(&model, config.seed)?;
