@@ -45,59 +45,29 @@ pub trait Dataset: Send + Sync {
     }
 }
 
-impl<D: Dataset + ?Sized> Dataset for &D {
-    fn len(&self) -> usize {
-        (**self).len()
-    }
-    fn num_classes(&self) -> usize {
-        (**self).num_classes()
-    }
-    fn class_names(&self) -> &[String] {
-        (**self).class_names()
-    }
-    fn get(&self, i: usize) -> Result<Example> {
-        (**self).get(i)
-    }
-    fn label(&self, i: usize) -> Result<usize> {
-        (**self).label(i)
-    }
+/// References and smart pointers to a dataset are datasets (a loader can borrow or share one).
+macro_rules! forward_dataset {
+    ($($ptr:ty),*) => {$(
+        impl<D: Dataset + ?Sized> Dataset for $ptr {
+            fn len(&self) -> usize {
+                (**self).len()
+            }
+            fn num_classes(&self) -> usize {
+                (**self).num_classes()
+            }
+            fn class_names(&self) -> &[String] {
+                (**self).class_names()
+            }
+            fn get(&self, i: usize) -> Result<Example> {
+                (**self).get(i)
+            }
+            fn label(&self, i: usize) -> Result<usize> {
+                (**self).label(i)
+            }
+        }
+    )*};
 }
-
-impl<D: Dataset + ?Sized> Dataset for Arc<D> {
-    fn len(&self) -> usize {
-        (**self).len()
-    }
-    fn num_classes(&self) -> usize {
-        (**self).num_classes()
-    }
-    fn class_names(&self) -> &[String] {
-        (**self).class_names()
-    }
-    fn get(&self, i: usize) -> Result<Example> {
-        (**self).get(i)
-    }
-    fn label(&self, i: usize) -> Result<usize> {
-        (**self).label(i)
-    }
-}
-
-impl<D: Dataset + ?Sized> Dataset for Box<D> {
-    fn len(&self) -> usize {
-        (**self).len()
-    }
-    fn num_classes(&self) -> usize {
-        (**self).num_classes()
-    }
-    fn class_names(&self) -> &[String] {
-        (**self).class_names()
-    }
-    fn get(&self, i: usize) -> Result<Example> {
-        (**self).get(i)
-    }
-    fn label(&self, i: usize) -> Result<usize> {
-        (**self).label(i)
-    }
-}
+forward_dataset!(&D, Arc<D>, Box<D>);
 
 fn out_of_range(i: usize, len: usize) -> Error {
     Error::invalid("dataset index", format!("{i} is out of range for a dataset of {len} items"))
