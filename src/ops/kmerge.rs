@@ -426,21 +426,39 @@ pub(crate) mod cpu {
         pub b2: [f32; PIECES],
     }
 
+    /// ‖x_h,i‖² of every row i and piece h of a factor (2, n, d), summed in order: computed once per merge
+    /// instead of once per (i, j) pair, with the same additions, so the values are the same.
+    pub fn row_norms(x: &[f32], n: usize, d: usize) -> Vec<[f32; PIECES]> {
+        (0..n)
+            .map(|i| {
+                let mut r = [0f32; PIECES];
+                for (h, r) in r.iter_mut().enumerate() {
+                    *r = x[(h * n + i) * d..][..d].iter().fold(0f32, |s, &u| s + u * u);
+                }
+                r
+            })
+            .collect()
+    }
+
+    /// The per-piece dot products of (A_h,i, B_h,j), with the squared norms from `row_norms`.
     #[inline]
-    pub fn pair(a: &[f32], b: &[f32], i: usize, j: usize, n_in: usize, n_out: usize, d: usize) -> Pair {
-        let mut q = Pair { p: [0.0; PIECES], a2: [0.0; PIECES], b2: [0.0; PIECES] };
+    #[allow(clippy::too_many_arguments)]
+    pub fn pair(
+        a: &[f32],
+        b: &[f32],
+        an: &[[f32; PIECES]],
+        bn: &[[f32; PIECES]],
+        i: usize,
+        j: usize,
+        n_in: usize,
+        n_out: usize,
+        d: usize,
+    ) -> Pair {
+        let mut q = Pair { p: [0.0; PIECES], a2: an[i], b2: bn[j] };
         for h in 0..PIECES {
             let x = &a[(h * n_in + i) * d..][..d];
             let y = &b[(h * n_out + j) * d..][..d];
-            let (mut p, mut a2, mut b2) = (0f32, 0f32, 0f32);
-            for (&u, &v) in x.iter().zip(y) {
-                p += u * v;
-                a2 += u * u;
-                b2 += v * v;
-            }
-            q.p[h] = p;
-            q.a2[h] = a2;
-            q.b2[h] = b2;
+            q.p[h] = x.iter().zip(y).fold(0f32, |s, (&u, &v)| s + u * v);
         }
         q
     }
@@ -483,9 +501,10 @@ pub(crate) mod cpu {
 
     /// m (n_in, n_out) = K(A, B).
     pub fn forward(m: &mut [f32], a: &[f32], b: &[f32], n_in: usize, n_out: usize, d: usize, kind: KernelKind) {
+        let (an, bn) = (row_norms(a, n_in, d), row_norms(b, n_out, d));
         m.par_chunks_mut(n_out).enumerate().for_each(|(i, row)| {
             for (j, o) in row.iter_mut().enumerate() {
-                *o = value(kind, &pair(a, b, i, j, n_in, n_out, d), d);
+                *o = value(kind, &pair(a, b, &an, &bn, i, j, n_in, n_out, d), d);
             }
         });
     }
@@ -561,9 +580,10 @@ pub(crate) mod cpu {
         kind: KernelKind,
     ) {
         let r = (2 * d) as f32;
+        let (an, bn) = (row_norms(a, n_in, d), row_norms(b, n_out, d));
         g.par_chunks_mut(n_out).zip(r0.par_chunks_mut(n_out)).enumerate().for_each(|(i, (gr, r0r))| {
             for j in 0..n_out {
-                let q = pair(a, b, i, j, n_in, n_out, d);
+                let q = pair(a, b, &an, &bn, i, j, n_in, n_out, d);
                 let gv = gr[j];
                 gr[j] = match kind {
                     KernelKind::PiecewiseLinear => {
