@@ -369,8 +369,9 @@ pub fn read_sparse_delta(path: &Path) -> Result<SparseDelta> {
         |name: &str| st.tensor(name).map_err(|_| Error::MissingTensor { file: file.clone(), name: name.to_string() });
     let mut branches = Vec::new();
     for b in meta.branches {
-        if b.dense {
-            let full = view_f32(path, &format!("{}.values", b.prefix), &get(&format!("{}.values", b.prefix))?)?;
+        let values_name = format!("{}.values", b.prefix);
+        let (indices, values) = if b.dense {
+            let full = view_f32(path, &values_name, &get(&values_name)?)?;
             if full.len() != b.n_out * b.n_in {
                 return Err(Error::format(
                     path,
@@ -390,37 +391,38 @@ pub fn read_sparse_delta(path: &Path) -> Result<SparseDelta> {
                     format!("{}: {} non-zero values, metadata says {}", b.prefix, values.len(), b.nnz),
                 ));
             }
-            branches.push(DeltaBranch {
-                prefix: b.prefix,
-                target: b.target,
-                row0: b.row0,
-                n_out: b.n_out,
-                n_in: b.n_in,
-                kept: b.kept,
-                indices,
-                values,
-            });
-            continue;
-        }
-        let iv = get(&format!("{}.indices", b.prefix))?;
-        if iv.dtype() != safetensors::Dtype::U32 {
-            return Err(Error::format(path, format!("{}.indices has dtype {:?}, expected U32", b.prefix, iv.dtype())));
-        }
-        let indices: Vec<u32> =
-            iv.data().chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        let values = view_f32(path, &format!("{}.values", b.prefix), &get(&format!("{}.values", b.prefix))?)?;
-        if indices.len() != b.nnz || values.len() != b.nnz {
-            return Err(Error::format(
-                path,
-                format!("{}: {} indices and {} values, metadata says {}", b.prefix, indices.len(), values.len(), b.nnz),
-            ));
-        }
-        if let Some(&bad) = indices.iter().find(|&&i| i as usize >= b.n_out * b.n_in) {
-            return Err(Error::format(
-                path,
-                format!("{}: index {bad} outside its {}x{} block", b.prefix, b.n_out, b.n_in),
-            ));
-        }
+            (indices, values)
+        } else {
+            let iv = get(&format!("{}.indices", b.prefix))?;
+            if iv.dtype() != safetensors::Dtype::U32 {
+                return Err(Error::format(
+                    path,
+                    format!("{}.indices has dtype {:?}, expected U32", b.prefix, iv.dtype()),
+                ));
+            }
+            let indices: Vec<u32> =
+                iv.data().chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let values = view_f32(path, &values_name, &get(&values_name)?)?;
+            if indices.len() != b.nnz || values.len() != b.nnz {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "{}: {} indices and {} values, metadata says {}",
+                        b.prefix,
+                        indices.len(),
+                        values.len(),
+                        b.nnz
+                    ),
+                ));
+            }
+            if let Some(&bad) = indices.iter().find(|&&i| i as usize >= b.n_out * b.n_in) {
+                return Err(Error::format(
+                    path,
+                    format!("{}: index {bad} outside its {}x{} block", b.prefix, b.n_out, b.n_in),
+                ));
+            }
+            (indices, values)
+        };
         branches.push(DeltaBranch {
             prefix: b.prefix,
             target: b.target,
