@@ -5,10 +5,10 @@
 //!   cargo bench --bench step                      (auto device)
 //!   SNELLA_BENCH_MODELS=vit_b16 SNELLA_BENCH_BATCH=64 cargo bench --bench step   (a GPU run)
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use snella::mib;
 use snella::model::{Model, Recompute, ViTConfig};
 use snella::peft::allocator::{Allocator, AllocatorConfig};
 use snella::peft::Method;
-use snella::runtime::mib;
 use snella::{Backend, Device};
 
 fn env_list(key: &str, default: &str) -> Vec<String> {
@@ -82,10 +82,10 @@ fn step(c: &mut Criterion) {
                     loss
                 })
             });
-            let report = model.rt.pool_report();
+            let report = model.pool_report();
             let planned: usize = report.iter().map(|(_, u)| u.planned).sum();
             let peak: usize = report.iter().map(|(_, u)| u.peak).sum();
-            let device_used = model.rt.device_used_above_baseline().unwrap();
+            let device_used = model.device_used_above_baseline().unwrap();
             println!(
                 "memory {model_name} {method_name} b{batch}: planned {:.1} MiB, touched {:.1} MiB{}",
                 mib(planned),
@@ -107,9 +107,8 @@ fn step(c: &mut Criterion) {
 
 /// Sane random-ish weights (values only need to keep the step finite).
 fn init(model: &Model, cfg: &ViTConfig) {
-    for (i, name) in model.layout.params.names.iter().enumerate() {
-        let p = &model.layout.params.list[i];
-        let n = p.value.numel;
+    for (i, name) in model.param_names().iter().enumerate() {
+        let n = model.param_len(name).unwrap();
         let ones = name.ends_with("norm1.weight")
             || name.ends_with("norm2.weight")
             || name == "norm.weight"

@@ -3,14 +3,13 @@
 //!   cargo run --release --example cuda_vs_cpu_step
 use snella::model::{Model, Recompute, ViTConfig};
 use snella::peft::Method;
-use snella::runtime::Cuda;
 use snella::{Backend, Device};
 
 fn step(device: Device, cfg: &ViTConfig) -> snella::Result<f32> {
     let mut model = Model::new(Backend::new(device)?, cfg, Method::snella(8, 0.5), 4, Recompute::Attention)?;
     // The same deterministic weights on both devices.
-    for (i, name) in model.layout.params.names.clone().iter().enumerate() {
-        let n = model.layout.params.list[i].value.numel;
+    for (i, name) in model.param_names().iter().enumerate() {
+        let n = model.param_len(name)?;
         let v: Vec<f32> = (0..n).map(|j| 0.05 * (((j * 7919 + i * 31) % 2001) as f32 / 1000.0 - 1.0)).collect();
         model.set_param(name, &v)?;
     }
@@ -28,8 +27,8 @@ fn main() -> snella::Result<()> {
     let cfg = ViTConfig::by_name("tiny", 10)?;
     let cpu = step(Device::Cpu, &cfg)?;
     println!("cpu  loss {cpu:.7}");
-    match Cuda::probe() {
-        Ok(()) => {
+    match snella::cuda_available() {
+        Ok(_) => {
             let gpu = step(Device::Cuda, &cfg)?;
             println!("cuda loss {gpu:.7}   |cuda - cpu| = {:.2e}", (gpu - cpu).abs());
         }

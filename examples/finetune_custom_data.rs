@@ -35,8 +35,8 @@ fn main() -> snella::Result<()> {
     let (b, epochs) = (8, 3);
     let mut model = Model::new(Backend::new(Device::auto())?, &cfg, Method::snella(8, 0.0), b, Recompute::Attention)?;
     // A real run loads a backbone (snella::model::load); this one starts from small deterministic weights.
-    for (i, name) in model.layout.params.names.clone().iter().enumerate() {
-        let n = model.layout.params.list[i].value.numel;
+    for (i, name) in model.param_names().iter().enumerate() {
+        let n = model.param_len(name)?;
         let ones = name.ends_with("norm1.weight") || name.ends_with("norm2.weight") || name == "norm.weight";
         let v: Vec<f32> = if ones {
             vec![1.0; n]
@@ -74,7 +74,7 @@ fn main() -> snella::Result<()> {
             model.adamw_step(1e-3, 0.05)?;
             alloc.update(&model)?;
         }
-        let sp: Vec<String> = model.sparsity.iter().map(|s| format!("{s:.2}")).collect();
+        let sp: Vec<String> = model.sparsity().iter().map(|s| format!("{s:.2}")).collect();
         println!("epoch {epoch}: mean loss {:.4}, per-layer sparsity [{}]", sum / n as f32, sp.join(" "));
     }
     Ok(())

@@ -1,6 +1,6 @@
 //! Prints the memory plan of every method for a model and batch size, without a GPU:
 //! `cargo run --release --example memory_plan -- vit_b16 8 [none|norms|attention|block]`
-use snella::model::{plan_model, Recompute, ViTConfig};
+use snella::model::{plan, Recompute, ViTConfig};
 use snella::peft::Method;
 use snella::Pool;
 
@@ -17,7 +17,7 @@ fn main() -> snella::Result<()> {
     };
     for name in ["full", "linear", "lora8", "gps", "snell32", "snella32"] {
         let method = Method::parse(name, 0.5)?;
-        let (plan, _) = plan_model(&cfg, &method, batch, recompute)?;
+        let plan = plan(&cfg, &method, batch, recompute)?;
         println!("== {model} {name} batch {batch}\n{}", plan.table());
         if name == "snella32" && std::env::var_os("SNELLA_PLAN_TENSORS").is_some() {
             for pool in Pool::ALL {

@@ -11,7 +11,7 @@
 //! let cfg = ViTConfig::by_name("tiny", 10)?;
 //! let method = Method::snella(8, 0.5);
 //! let mut model = Model::new(Backend::new(Device::Cpu)?, &cfg, method, 2, Recompute::Attention)?;
-//! print!("{}", model.rt.plan.table()); // every pool, sized before anything runs
+//! print!("{}", model.plan().table()); // every pool, sized before anything runs
 //! model.init_branches(0)?; // official init; load real weights with model::load
 //! let images = vec![0.1f32; 2 * 3 * 32 * 32]; // (B, C, H, W)
 //! model.set_batch(&images, &[3, 7])?;
@@ -25,15 +25,52 @@
 //!
 //! Where things are: `ARCHITECTURE.md`. The command line (`snella memory`, `selftest`, ...) is a client
 //! of this library.
+#![warn(missing_docs)]
+
 pub mod error;
 pub mod golden;
+#[cfg(test)]
+mod golden_parity;
 pub mod model;
-pub mod ops;
+mod ops;
 pub mod peft;
 pub mod report;
-pub mod runtime;
+mod runtime;
 pub mod selftest;
 pub mod train;
 
 pub use error::{Error, Result};
-pub use runtime::{Backend, Device, Plan, Pool, Runtime, Tensor};
+pub use ops::kmerge::KernelKind;
+pub use ops::GemmPrecision;
+pub use runtime::{mib, Backend, DType, Device, Plan, Pool, PoolUsage, TensorSpec};
+
+/// Whether a usable GPU is present: `Ok(name)` of device 0 (the driver, a device, cuBLAS and this binary's
+/// kernels are all there), or `Err(reason)` saying what is missing. Never panics, also without a driver.
+pub fn cuda_available() -> std::result::Result<String, String> {
+    runtime::Cuda::probe()?;
+    runtime::Cuda::device_name()
+}
+
+/// The GPU that [`Device::Cuda`] runs on, as its driver reports it.
+#[derive(Clone, Debug)]
+pub struct GpuInfo {
+    /// Device name, e.g. `NVIDIA H100 80GB HBM3`.
+    pub name: String,
+    /// Device memory in bytes.
+    pub total_bytes: usize,
+    /// Free device memory in bytes, measured after this process created its context.
+    pub free_bytes: usize,
+}
+
+/// Opens device 0 and reports its name and memory.
+///
+/// # Errors
+/// [`Error::NoCuda`] naming what is missing; [`Error::Cuda`] when the context cannot be created.
+pub fn gpu_info() -> Result<GpuInfo> {
+    let c = runtime::Cuda::new()?;
+    let (free_bytes, total_bytes) = c.mem_info()?;
+    Ok(GpuInfo { name: c.name.clone(), total_bytes, free_bytes })
+}
+
+/// Whether this build embeds the CUDA kernels (nvcc was found when it was compiled).
+pub const KERNELS_COMPILED: bool = runtime::cuda::KERNELS_COMPILED;

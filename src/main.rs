@@ -9,14 +9,11 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use snella::model::Recompute;
-use snella::ops::GemmPrecision;
 use snella::report::memory as mem;
 use snella::report::speed;
-use snella::runtime::cuda::KERNELS_COMPILED;
-use snella::runtime::Cuda;
 use snella::train::recipe::TrainConfig;
 use snella::train::{checkpoint, export, trainer};
-use snella::{selftest, Backend, Device, Error, Result};
+use snella::{cuda_available, gpu_info, selftest, Backend, Device, Error, GemmPrecision, Result, KERNELS_COMPILED};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -264,12 +261,12 @@ fn run(cmd: Command) -> Result<ExitCode> {
         }
         Command::Selftest(a) => {
             if a.list {
-                for c in selftest::checks() {
-                    println!("{:<40} tol {:.0e}", c.name, c.tol);
+                for (name, tol) in selftest::check_list() {
+                    println!("{name:<40} tol {tol:.0e}");
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            if let Err(why) = Cuda::probe() {
+            if let Err(why) = cuda_available() {
                 return Err(match a.device {
                     SelftestDevice::Cuda => Error::NoCuda(why),
                     // Plain `snella selftest`: say what it needs as well as what was probed.
@@ -291,17 +288,22 @@ fn info() {
     } else {
         println!("CUDA kernels compiled in: no (built without nvcc; run scripts/install-nvcc.sh and rebuild)");
     }
-    match Cuda::probe() {
+    match cuda_available() {
         Err(why) => {
             println!("CUDA probe: unavailable: {why}");
             println!("device: cpu (every command falls back to the CPU; --device cuda is an error)");
         }
-        Ok(()) => {
+        Ok(_) => {
             println!("CUDA probe: ok (driver, device and cuBLAS found)");
-            match Cuda::new().and_then(|c| Ok((c.mem_info()?, c.name.clone()))) {
-                Ok(((free, total), name)) => {
+            match gpu_info() {
+                Ok(g) => {
                     let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
-                    println!("GPU 0: {name}, {:.1} GiB total, {:.1} GiB free", gib(total), gib(free));
+                    println!(
+                        "GPU 0: {}, {:.1} GiB total, {:.1} GiB free",
+                        g.name,
+                        gib(g.total_bytes),
+                        gib(g.free_bytes)
+                    );
                 }
                 Err(e) => println!("GPU 0: could not be initialised: {e}"),
             }
@@ -330,7 +332,7 @@ fn memory(a: MemoryArgs) -> Result<()> {
         })
         .collect();
     let measure = if a.measure {
-        Cuda::probe().map_err(|why| Error::NoCuda(format!("{why} (--measure runs real steps on the GPU)")))?;
+        cuda_available().map_err(|why| Error::NoCuda(format!("{why} (--measure runs real steps on the GPU)")))?;
         true
     } else {
         false

@@ -1,7 +1,7 @@
 //! `snella selftest`: every CUDA kernel against its CPU reference, on fresh random inputs.
 //!
-//! Each [`Check`] builds a small [`Plan`] (or a few), makes two runtimes from it (the CPU reference and the device
-//! under test, together a [`Twin`]), uploads the same random inputs to both, poisons every output on both
+//! Each `Check` builds a small `Plan` (or a few), makes two runtimes from it (the CPU reference and the device
+//! under test, together a `Twin`), uploads the same random inputs to both, poisons every output on both
 //! sides (`0xFF` bytes, a NaN, so an output the kernel forgets to write fails), runs the op on both and
 //! compares each output by `max |dev − cpu| / max |cpu|`. A NaN or infinity on either side fails the check.
 //! Sizes are odd (not multiples of 32) and larger than one thread block, so tails and multi-block grids run.
@@ -23,11 +23,11 @@
 //!     cx.compare(&tw, y)                                      // one entry per output
 //! }
 //! ```
-//! and add one line to [`checks`]: `Check { name: "my_op", tol: 1e-5, run: my_op }`. The tolerance
+//! and add one line to `checks`: `Check { name: "my_op", tol: 1e-5, run: my_op }`. The tolerance
 //! applies to every output; one output that needs another (a scalar summed over many entries) is
-//! compared with [`Case::compare_tol`]; a tolerance of 0 demands bit-exact results. Outputs the op
+//! compared with `Case::compare_tol`; a tolerance of 0 demands bit-exact results. Outputs the op
 //! accumulates into (`+=`) get random inputs instead of poison. To test one op in isolation from the
-//! ones before it, compute its inputs on the CPU and copy them across with [`Twin::copy_to_dev`].
+//! ones before it, compute its inputs on the CPU and copy them across with `Twin::copy_to_dev`.
 //! A check whose shapes or options vary takes a non-capturing closure:
 //! `run: |cx| my_op_with(cx, true)`.
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -55,18 +55,18 @@ use crate::peft::Method;
 use crate::runtime::{Backend, Cuda, DType, Device, Plan, Pool, Runtime, Tensor};
 
 /// One comparison of an op (or a small group of its variants) between the CPU and the device.
-pub struct Check {
+pub(crate) struct Check {
     /// Unique name; `--filter` matches a substring of it.
-    pub name: &'static str,
+    pub(crate) name: &'static str,
     /// Largest allowed `max |dev − cpu| / max |cpu|` of each output (unless `Case::compare_tol`
     /// gives that output its own); 0 means bit-exact.
-    pub tol: f64,
-    pub run: fn(&mut Case) -> Result<()>,
+    pub(crate) tol: f64,
+    pub(crate) run: fn(&mut Case) -> Result<()>,
 }
 
 /// The registry: one entry per op variant. Add new checks here (see the module docs).
 #[rustfmt::skip]
-pub fn checks() -> Vec<Check> {
+pub(crate) fn checks() -> Vec<Check> {
     use GemmPrecision::{Bf16, Fp32, Tf32};
     vec![
         Check { name: "matmul_nn", tol: 1e-5, run: |cx| matmul_variants(cx, &[(false, false)], Fp32) },
@@ -157,6 +157,11 @@ pub fn checks() -> Vec<Check> {
 // Running the registry
 // ---------------------------------------------------------------------------------------------------
 
+/// The names of every check with its tolerance (max |dev − cpu| / max |cpu|; 0 = bit-exact), in run order.
+pub fn check_list() -> Vec<(&'static str, f64)> {
+    checks().iter().map(|c| (c.name, c.tol)).collect()
+}
+
 /// Runs every check whose name contains `filter` on the GPU, one printed line each, with fresh seeds.
 /// `Ok(false)` when any check fails; `Err(Error::NoCuda)` when there is no usable GPU.
 pub fn run_all(filter: Option<&str>) -> Result<bool> {
@@ -245,7 +250,7 @@ struct Verdict {
 
 /// Runs one check and judges every output against its own tolerance (the check's unless overridden).
 fn run_one(check: &Check, seed: u64, dev: Device) -> std::result::Result<Verdict, String> {
-    let mut cx = Case { seed, rng: Rng::new(seed), dev, compared: Vec::new() };
+    let mut cx = Case { rng: Rng::new(seed), dev, compared: Vec::new() };
     // An op's shape assertion is a panic; report it as this check's failure and go on with the others.
     match catch_unwind(AssertUnwindSafe(|| (check.run)(&mut cx))) {
         Ok(Ok(())) => {}
@@ -310,8 +315,7 @@ fn fresh_seed() -> u64 {
 // ---------------------------------------------------------------------------------------------------
 
 /// The state of one running check: its seeded random source and the comparisons made so far.
-pub struct Case {
-    pub seed: u64,
+pub(crate) struct Case {
     rng: Rng,
     /// The device under test (Cuda; Cpu in a dry run).
     dev: Device,
@@ -319,67 +323,67 @@ pub struct Case {
 }
 
 /// One output's comparison.
-pub struct Compared {
-    pub name: String,
+pub(crate) struct Compared {
+    pub(crate) name: String,
     /// max |dev − cpu| / max |cpu| (infinite when a value is not finite).
-    pub rel: f64,
+    pub(crate) rel: f64,
     /// Set when a value is NaN or infinite, saying on which side.
-    pub note: Option<String>,
+    pub(crate) note: Option<String>,
     /// This output's tolerance when it differs from the check's.
-    pub tol: Option<f64>,
+    pub(crate) tol: Option<f64>,
 }
 
 /// The CPU reference and the device under test, each with its own allocation of the same plan.
-pub struct Twin {
-    pub cpu: Runtime,
-    pub dev: Runtime,
+pub(crate) struct Twin {
+    pub(crate) cpu: Runtime,
+    pub(crate) dev: Runtime,
 }
 
 impl Case {
     /// Allocates `plan` on the CPU and on the device under test.
-    pub fn twin(&self, plan: Plan) -> Result<Twin> {
+    pub(crate) fn twin(&self, plan: Plan) -> Result<Twin> {
         let cpu = Runtime::new(Backend::Cpu, plan.clone())?;
         let dev = Runtime::new(Backend::new(self.dev)?, plan)?;
         Ok(Twin { cpu, dev })
     }
 
     /// `n` values from N(0, scale²).
-    pub fn randn(&mut self, n: usize, scale: f32) -> Vec<f32> {
+    pub(crate) fn randn(&mut self, n: usize, scale: f32) -> Vec<f32> {
         (0..n).map(|_| self.rng.normal() * scale).collect()
     }
 
     /// A uniform integer in [0, n).
-    pub fn below(&mut self, n: usize) -> usize {
+    pub(crate) fn below(&mut self, n: usize) -> usize {
         self.rng.below(n)
     }
 
     /// A uniform value in [lo, hi).
-    pub fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
+    pub(crate) fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
         lo + (hi - lo) * self.rng.uniform()
     }
 
     /// Fills `t` on both sides with the same N(0, scale²) values and returns them.
-    pub fn input(&mut self, tw: &Twin, t: Tensor, scale: f32) -> Result<Vec<f32>> {
+    pub(crate) fn input(&mut self, tw: &Twin, t: Tensor, scale: f32) -> Result<Vec<f32>> {
         let v = self.randn(t.numel, scale);
         tw.upload(t, &v)?;
         Ok(v)
     }
 
     /// Downloads `t` from both sides and records the comparison under the tensor's plan name.
-    pub fn compare(&mut self, tw: &Twin, t: Tensor) -> Result<()> {
+    pub(crate) fn compare(&mut self, tw: &Twin, t: Tensor) -> Result<()> {
         let name = tw.cpu.plan.spec(t).name.clone();
         self.compare_as(tw, t, name)
     }
 
     /// [`Case::compare`] under another name (for slices of a tensor, or one tensor compared twice).
-    pub fn compare_as(&mut self, tw: &Twin, t: Tensor, name: impl Into<String>) -> Result<()> {
+    pub(crate) fn compare_as(&mut self, tw: &Twin, t: Tensor, name: impl Into<String>) -> Result<()> {
         let (want, got) = (tw.cpu.download(t)?, tw.dev.download(t)?);
         self.compare_values(name, &want, &got, None);
         Ok(())
     }
 
     /// [`Case::compare`] with this output's own tolerance instead of the check's.
-    pub fn compare_tol(&mut self, tw: &Twin, t: Tensor, tol: f64) -> Result<()> {
+    pub(crate) fn compare_tol(&mut self, tw: &Twin, t: Tensor, tol: f64) -> Result<()> {
         let name = tw.cpu.plan.spec(t).name.clone();
         let (want, got) = (tw.cpu.download(t)?, tw.dev.download(t)?);
         self.compare_values(name, &want, &got, Some(tol));
@@ -387,14 +391,14 @@ impl Case {
     }
 
     /// Records a comparison of host values (e.g. counts read back by an op); `tol` overrides the check's.
-    pub fn compare_values(&mut self, name: impl Into<String>, want: &[f32], got: &[f32], tol: Option<f64>) {
+    pub(crate) fn compare_values(&mut self, name: impl Into<String>, want: &[f32], got: &[f32], tol: Option<f64>) {
         let (rel, note) = compare_values(want, got);
         self.compared.push(Compared { name: name.into(), rel, note, tol });
     }
 }
 
 /// max |got − want| / max |want| (absolute when want is all zero), and a note if a value is not finite.
-pub fn compare_values(want: &[f32], got: &[f32]) -> (f64, Option<String>) {
+pub(crate) fn compare_values(want: &[f32], got: &[f32]) -> (f64, Option<String>) {
     if want.len() != got.len() {
         return (f64::INFINITY, Some(format!("length {} vs {}", got.len(), want.len())));
     }
@@ -421,18 +425,18 @@ pub fn compare_values(want: &[f32], got: &[f32]) -> (f64, Option<String>) {
 }
 
 impl Twin {
-    pub fn upload(&self, t: Tensor, data: &[f32]) -> Result<()> {
+    pub(crate) fn upload(&self, t: Tensor, data: &[f32]) -> Result<()> {
         self.cpu.upload(t, data)?;
         self.dev.upload(t, data)
     }
 
-    pub fn upload_i32(&self, t: Tensor, data: &[i32]) -> Result<()> {
+    pub(crate) fn upload_i32(&self, t: Tensor, data: &[i32]) -> Result<()> {
         self.cpu.upload_i32(t, data)?;
         self.dev.upload_i32(t, data)
     }
 
     /// Bytes into a u8 tensor (masks) on both sides.
-    pub fn upload_u8(&self, t: Tensor, data: &[u8]) -> Result<()> {
+    pub(crate) fn upload_u8(&self, t: Tensor, data: &[u8]) -> Result<()> {
         assert!(
             t.dtype == DType::U8 && t.numel == data.len(),
             "upload_u8: {} bytes for a u8 tensor of {}",
@@ -449,7 +453,7 @@ impl Twin {
     }
 
     /// Sets every byte of each tensor to 0xFF on both sides (a NaN in f32): outputs the op must write.
-    pub fn poison(&self, ts: &[Tensor]) -> Result<()> {
+    pub(crate) fn poison(&self, ts: &[Tensor]) -> Result<()> {
         for &t in ts {
             self.cpu.fill_bytes(t, 0xFF)?;
             self.dev.fill_bytes(t, 0xFF)?;
@@ -458,17 +462,17 @@ impl Twin {
     }
 
     /// Copies the CPU's values of `t` to the device (inputs computed by a CPU op, shared exactly).
-    pub fn copy_to_dev(&self, t: Tensor) -> Result<()> {
+    pub(crate) fn copy_to_dev(&self, t: Tensor) -> Result<()> {
         self.dev.upload(t, &self.cpu.download(t)?)
     }
 
-    pub fn set_gemm_precision(&self, p: GemmPrecision) {
+    pub(crate) fn set_gemm_precision(&self, p: GemmPrecision) {
         self.cpu.set_gemm_precision(p);
         self.dev.set_gemm_precision(p);
     }
 
     /// Runs the op on the CPU, then on the device, and waits for the device.
-    pub fn run(&self, f: impl Fn(&Runtime) -> Result<()>) -> Result<()> {
+    pub(crate) fn run(&self, f: impl Fn(&Runtime) -> Result<()>) -> Result<()> {
         f(&self.cpu)?;
         f(&self.dev)?;
         self.dev.sync()

@@ -88,7 +88,7 @@ fn checkpoint_holds_only_the_trainable_set() {
     let p = dir.path().join("c.safetensors");
     save_checkpoint(&p, &t.model, &TrainState::default(), None).unwrap();
     let (tensors, _) = checkpoint_bits(&p);
-    let trainable: usize = t.model.layout.params.trainable().map(|(_, p)| p.value.numel).sum();
+    let trainable: usize = t.model.trainable_names().iter().map(|n| t.model.param_len(n).unwrap()).sum();
     let emas: usize = tensors.iter().filter(|(k, _)| k.starts_with("alloc.")).map(|(_, v)| v.len() / 4).sum::<usize>();
     let stored: usize = tensors.values().map(|v| v.len()).sum();
     assert_eq!(stored, 4 * (3 * trainable + emas), "values + m + v + allocator EMAs");
@@ -102,7 +102,7 @@ fn checkpoint_holds_only_the_trainable_set() {
     let pl = dir.path().join("l.safetensors");
     save_checkpoint(&pl, &lin.model, &TrainState::default(), None).unwrap();
     let lsize = std::fs::metadata(&pl).unwrap().len() as usize;
-    let backbone = lin.model.cfg.num_params() * 4;
+    let backbone = lin.model.config().num_params() * 4;
     assert!(lsize < 3 * 4 * (10 * 32 + 10 + 32) + 16 * 1024 && lsize * 10 < backbone, "{lsize} vs backbone {backbone}");
     // And it round-trips.
     let mut t2 = Trainer::new(recipe(&weights, &data, &dir.path().join("o2"), "snella8", 1)).unwrap();

@@ -21,7 +21,7 @@ fn info_exits_zero_and_reports_kernels_and_probe() {
 
 #[test]
 fn selftest_without_gpu_is_a_one_line_error() {
-    if snella::runtime::Cuda::probe().is_ok() {
+    if snella::cuda_available().is_ok() {
         println!("skipping: this machine has a GPU (the selftest itself runs in tests/cuda_vs_cpu.rs)");
         return;
     }

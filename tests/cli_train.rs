@@ -17,7 +17,7 @@ fn train_resume_eval_export() {
     let (dir, weights, data) = fixture(48, 20);
     let out = dir.path().join("run");
     let path = dir.path().join("r.toml");
-    std::fs::write(&path, recipe(&weights, &data, &out, "snella8", 2).to_toml()).unwrap();
+    std::fs::write(&path, recipe(&weights, &data, &out, "snella8", 2).to_toml().unwrap()).unwrap();
     let r = path.to_str().unwrap();
     // Stop after 4 of 12 steps (as if killed), then resume to the end.
     let first = snella(&["train", r, "--quiet", "--set", "max_steps=4"]);

@@ -302,8 +302,9 @@ fn idx_round_trip_raw_and_gzipped() {
     assert_eq!(test.get(1).unwrap().label, 6);
     assert!(raw.get(6).is_err());
 
-    let named =
-        raw.with_class_names(snella::train::data::FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect());
+    let named = raw
+        .with_class_names(snella::train::data::FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect())
+        .unwrap();
     assert_eq!(named.class_names()[9], "Ankle boot");
 
     // A missing standard file is an Io error naming the expected file.
@@ -465,7 +466,7 @@ fn loader_batches_and_final_short_batch() {
     }
     // The batch equals the transform applied to each example (DirectResize draws nothing).
     let ex = ds.get(21).unwrap();
-    let want = Transform::DirectResize { size }.apply(&ex, &mut snella::train::data::SplitMix64::new(0));
+    let want = Transform::DirectResize { size }.apply(&ex, &mut rand::thread_rng()).unwrap();
     let last = &batches[4];
     assert_eq!(&last.images[192..384], &want[..]);
 

@@ -51,7 +51,7 @@ fn round_trip(method: &str) {
     let exported = read_checkpoint(&path).unwrap();
     let merged = merged_weights(&t.model).unwrap();
     assert_eq!(exported.tensors, merged, "the file holds exactly the merged weights");
-    assert_eq!(exported.tensors.keys().len(), t.model.cfg.param_shapes().len());
+    assert_eq!(exported.tensors.keys().len(), t.model.config().param_shapes().len());
     // The update is really in there: the first qkv weight moved (branch methods and full fine-tuning).
     let base = read_checkpoint(&weights).unwrap();
     let moved = |n: &str| exported.tensors[n].1 != base.tensors[n].1;
@@ -59,7 +59,7 @@ fn round_trip(method: &str) {
     assert!(moved("head.weight"));
 
     // A method-less model with the exported weights computes the trained model's logits.
-    let mut plain = Model::new(Backend::Cpu, &t.model.cfg, Method::Linear, 8, Recompute::Attention).unwrap();
+    let mut plain = Model::new(Backend::Cpu, t.model.config(), Method::Linear, 8, Recompute::Attention).unwrap();
     for (name, (_, v)) in &exported.tensors {
         plain.set_param(name, v).unwrap();
     }
@@ -101,7 +101,7 @@ fn delta_round_trip(method: &str, exact: bool, sparsity: f64) {
     write_sparse_delta(&p, &delta).unwrap();
     let back = read_sparse_delta(&p).unwrap();
     assert_eq!(back, delta, "file round trip");
-    assert_eq!(back.branches.len(), t.model.layout.branches.len());
+    assert_eq!(back.branches.len(), t.model.branch_names().len());
     assert!(
         back.dense.contains_key("head.weight")
             && back.dense.contains_key("head.bias")
@@ -109,7 +109,7 @@ fn delta_round_trip(method: &str, exact: bool, sparsity: f64) {
     );
 
     // Pre-trained backbone + delta == merged export.
-    let (mut base, _) = adapt_to_config(read_checkpoint(&weights).unwrap(), &t.model.cfg, 0).unwrap();
+    let (mut base, _) = adapt_to_config(read_checkpoint(&weights).unwrap(), t.model.config(), 0).unwrap();
     apply_sparse_delta(&mut base, &back).unwrap();
     let merged = merged_weights(&t.model).unwrap();
     for (name, (shape, want)) in &merged {
@@ -138,7 +138,7 @@ fn delta_round_trip(method: &str, exact: bool, sparsity: f64) {
         assert!(size >= want + head && size < want + head + 64 * 1024, "{size} bytes, {want} + {head} of data");
     }
     // A delta for another shape is refused without touching the weights.
-    let (mut other, _) = adapt_to_config(read_checkpoint(&weights).unwrap(), &t.model.cfg, 0).unwrap();
+    let (mut other, _) = adapt_to_config(read_checkpoint(&weights).unwrap(), t.model.config(), 0).unwrap();
     let before = other.clone();
     let mut bad = back.clone();
     bad.branches[0].n_in += 1;
@@ -223,7 +223,8 @@ fn export_run() {
         eprintln!("wrote {} ({} bytes)", p.display(), std::fs::metadata(p).unwrap().len());
     }
     let exported = read_checkpoint(&written[0]).unwrap();
-    let mut plain = Model::new(Backend::Cpu, &t.model.cfg, Method::Linear, cfg.batch, Recompute::Attention).unwrap();
+    let mut plain =
+        Model::new(Backend::Cpu, t.model.config(), Method::Linear, cfg.batch, Recompute::Attention).unwrap();
     plain.load_backbone(&exported).unwrap();
     let n = cfg.batch.min(t.test_loader.dataset().len());
     let batch = t.test_loader.make_batch(0, &(0..n).collect::<Vec<_>>()).unwrap();

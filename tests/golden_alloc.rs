@@ -2,12 +2,10 @@
 //! the integer allocations and the ratios (exactly), the losses along the run, the final EMA importance and
 //! parameters, and the manifest's allocator unit vectors (budget → allocation from the final EMA state).
 use snella::golden::{compare, compare_adamw, golden_dir, list_cases, Compare, GoldenCase};
-use snella::model::vit::BranchParams;
 use snella::model::{Model, Recompute};
-use snella::ops::kmerge::KernelKind;
 use snella::peft::allocator::{Allocator, AllocatorConfig};
 use snella::peft::{KernelMethod, Method};
-use snella::Backend;
+use snella::{Backend, KernelKind};
 
 fn model_with_allocator(case: &GoldenCase) -> Model {
     let m = &case.manifest["method"];
@@ -25,7 +23,7 @@ fn model_with_allocator(case: &GoldenCase) -> Model {
     });
     let cfg = case.vit_config();
     let mut model = Model::new(Backend::Cpu, &cfg, method, case.labels.len(), Recompute::default()).unwrap();
-    for name in model.layout.params.names.clone() {
+    for name in model.param_names() {
         let key = if case.tensors.contains_key(&format!("param.{name}")) {
             format!("param.{name}")
         } else {
@@ -86,7 +84,7 @@ fn allocator_run_matches_the_reference() {
                 assert_eq!(r.alloc, want, "{name}: integer allocation of epoch {e}");
             }
             let want_sp: Vec<f64> = ep["sparsity"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
-            let got_sp: Vec<f64> = model.sparsity.iter().map(|&s| s as f64).collect();
+            let got_sp: Vec<f64> = model.sparsity().iter().map(|&s| s as f64).collect();
             for (g, w) in got_sp.iter().zip(&want_sp) {
                 assert_eq!(*g as f32, *w as f32, "{name}: sparsity of epoch {e}: {got_sp:?} vs {want_sp:?}");
             }
@@ -98,23 +96,12 @@ fn allocator_run_matches_the_reference() {
             }
         }
         check(&case, &mut all, "alloc.loss", &losses);
-        for br in &model.layout.branches {
-            let BranchParams::Kernel { ema: Some([ia, ua, ib, ub]), .. } = br.params else {
-                panic!("no allocator state")
-            };
-            for (leaf, ipt, unc) in [("In_Qs", ia, ua), ("Out_Qs", ib, ub)] {
-                check(
-                    &case,
-                    &mut all,
-                    &format!("alloc.final.exp_avg_ipt.{}.{leaf}", br.prefix),
-                    &model.rt.download(ipt).unwrap(),
-                );
-                check(
-                    &case,
-                    &mut all,
-                    &format!("alloc.final.exp_avg_unc.{}.{leaf}", br.prefix),
-                    &model.rt.download(unc).unwrap(),
-                );
+        for prefix in model.branch_names() {
+            for leaf in ["In_Qs", "Out_Qs"] {
+                for (ema, key) in [("ipt", "exp_avg_ipt"), ("unc", "exp_avg_unc")] {
+                    let got = model.read_tensor(&format!("alloc.{ema}.{prefix}.{leaf}")).unwrap();
+                    check(&case, &mut all, &format!("alloc.final.{key}.{prefix}.{leaf}"), &got);
+                }
             }
         }
         let steps = losses.len();

@@ -1,7 +1,7 @@
 //! What each method trains and keeps: the plan holds optimizer state for the trainable set only, no merged
 //! matrix outlives its layer, GPS updates only its mask, a linear probe moves only the head and cls token,
 //! and a step never touches more memory than the plan.
-use snella::model::{plan_model, Model, Recompute, ViTConfig};
+use snella::model::{plan, Model, Recompute, ViTConfig};
 use snella::peft::Method;
 use snella::{Backend, Pool};
 
@@ -13,8 +13,8 @@ fn tiny() -> ViTConfig {
 
 /// Deterministic small weights, LayerNorm scales 1, α = γ = 1.
 fn init(model: &Model) {
-    for (i, name) in model.layout.params.names.iter().enumerate() {
-        let n = model.layout.params.list[i].value.numel;
+    for (i, name) in model.param_names().iter().enumerate() {
+        let n = model.param_len(name).unwrap();
         let ones = name.ends_with("norm1.weight")
             || name.ends_with("norm2.weight")
             || name == "norm.weight"
@@ -42,9 +42,10 @@ fn optimizer_state_exists_only_for_the_trainable_set_and_no_merged_matrix_is_kep
     let mut peft_activations = None;
     for name in METHODS {
         let method = Method::parse(name, 0.5).unwrap();
-        let (plan, layout) = plan_model(&cfg, &method, 8, Recompute::Attention).unwrap();
-        let trainable: Vec<&str> = layout.params.trainable().map(|(n, _)| n).collect();
-        for t in &plan.tensors {
+        let plan = plan(&cfg, &method, 8, Recompute::Attention).unwrap();
+        let trainable: Vec<&str> =
+            plan.tensors().iter().filter(|t| t.pool == Pool::Trainable).map(|t| t.name.as_str()).collect();
+        for t in plan.tensors() {
             match t.pool {
                 Pool::Grads => assert!(
                     trainable.iter().any(|n| t.name == format!("grad.{n}")),
@@ -70,7 +71,7 @@ fn optimizer_state_exists_only_for_the_trainable_set_and_no_merged_matrix_is_kep
             // The kept activations do not depend on the PEFT method: branches add nothing to them (but the
             // table of per-branch thresholds, one float each).
             let act: usize = plan
-                .tensors
+                .tensors()
                 .iter()
                 .filter(|t| t.pool == Pool::Activations && t.name != "act.branch.thresholds")
                 .map(|t| t.bytes())
@@ -98,7 +99,7 @@ fn a_step_touches_no_more_than_the_plan() {
         assert!(loss.is_finite(), "{name}: loss {loss}");
         model.backward().unwrap();
         model.adamw_step(1e-3, 0.05).unwrap();
-        for (pool, u) in model.rt.pool_report() {
+        for (pool, u) in model.pool_report() {
             assert!(
                 u.peak <= u.planned && u.allocated == u.planned,
                 "{name}: {} peak {} > planned {}",
@@ -120,11 +121,9 @@ fn gps_updates_only_its_mask_and_the_linear_probe_only_the_head() {
     let w = "blocks.0.mlp.fc1.weight";
     let before = model.get_param(w).unwrap();
     let mask: Vec<u8> = (0..before.len()).map(|i| (i % 10 == 3) as u8).collect();
-    for name in model.layout.params.names.clone() {
-        if let Some(m) = model.param(&name).unwrap().mask {
-            let v: Vec<u8> = if name == w { mask.clone() } else { vec![0; m.numel] };
-            model.set_gps_mask(&name, &v).unwrap();
-        }
+    for name in model.gps_mask_names() {
+        let v: Vec<u8> = if name == w { mask.clone() } else { vec![0; model.param_len(&name).unwrap()] };
+        model.set_gps_mask(&name, &v).unwrap();
     }
     model.set_batch(&x, &y).unwrap();
     model.forward().unwrap();
@@ -141,7 +140,7 @@ fn gps_updates_only_its_mask_and_the_linear_probe_only_the_head() {
     // Linear probe: only head and cls token train.
     probe = Model::new(Backend::Cpu, &cfg, Method::Linear, 2, Recompute::None).unwrap();
     init(&probe);
-    let names: Vec<String> = probe.layout.params.trainable().map(|(n, _)| n.to_string()).collect();
+    let names: Vec<String> = probe.trainable_names();
     assert_eq!(names, ["cls_token", "head.weight", "head.bias"]);
     let before = probe.get_param("blocks.0.attn.qkv.weight").unwrap();
     probe.set_batch(&x, &y).unwrap();
@@ -179,7 +178,7 @@ fn a_partial_batch_gives_the_same_gradients_as_a_model_planned_for_it() {
             m.set_batch(&x, &y).unwrap();
             let loss = m.forward().unwrap();
             m.backward().unwrap();
-            let names: Vec<String> = m.layout.params.trainable().map(|(n, _)| n.to_string()).collect();
+            let names: Vec<String> = m.trainable_names();
             (loss, names.iter().map(|n| m.get_grad(n).unwrap()).collect::<Vec<_>>())
         };
         assert!(grads(5) == grads(2), "{name}: a batch of 2 in a model planned for 5 differs");

@@ -36,7 +36,7 @@ fn dinov2_small_matches_the_onnx_graph() {
     let w = read_checkpoint(&dir.join("dinov2_vits14.safetensors")).unwrap();
     let (table_shape, table) = w.tensors["pos_embed"].clone();
     assert_eq!(table_shape, [1, 1 + 37 * 37, 384], "the 518-px table is kept");
-    let resized = resize_pos_embed(&table, 384, (37, 37), (16, 16), PosResize::Torch);
+    let resized = resize_pos_embed(&table, 384, (37, 37), (16, 16), PosResize::Torch).unwrap();
     let want = &reference["position_embeddings_224"];
     let pos_err = resized.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     println!("224-px position table: max |ours - graph| = {pos_err:.2e}");

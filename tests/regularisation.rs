@@ -4,9 +4,8 @@
 //! from step to step, and evaluation turns them off.
 use snella::golden::{compare, golden_dir, GoldenCase};
 use snella::model::{Model, Recompute, ViTConfig};
-use snella::ops::kmerge::KernelKind;
 use snella::peft::{KernelMethod, Method};
-use snella::Backend;
+use snella::{Backend, KernelKind};
 
 fn with_rates(method: Method, dropout: f32, drop_path: f32) -> Method {
     match method {
@@ -56,8 +55,8 @@ fn tiny_ls() -> ViTConfig {
 fn model(method: Method, block_drop_path: f32) -> Model {
     let cfg = tiny_ls();
     let mut m = Model::new(Backend::Cpu, &cfg, method, 3, Recompute::Attention).unwrap();
-    for (i, name) in m.layout.params.names.clone().iter().enumerate() {
-        let n = m.layout.params.list[i].value.numel;
+    for (i, name) in m.param_names().iter().enumerate() {
+        let n = m.param_len(name).unwrap();
         let one = name.ends_with("norm1.weight") || name.ends_with("norm2.weight") || name == "norm.weight";
         let v: Vec<f32> = if one {
             vec![1.0; n]
@@ -68,15 +67,15 @@ fn model(method: Method, block_drop_path: f32) -> Model {
     }
     m.init_branches(5).unwrap();
     // Factors scaled up so the branches matter at this size.
-    for br in m.layout.branches.clone() {
+    for prefix in m.branch_names() {
         for leaf in ["In_Qs", "Out_Qs"] {
-            let n = format!("{}.{leaf}", br.prefix);
+            let n = format!("{prefix}.{leaf}");
             let v: Vec<f32> = m.get_param(&n).unwrap().iter().map(|x| x * 20.0).collect();
             m.set_param(&n, &v).unwrap();
         }
     }
-    m.block_drop_path = block_drop_path;
-    m.reg_seed = 42;
+    m.set_block_drop_path(block_drop_path).unwrap();
+    m.set_regularisation_seed(42);
     let per = 3 * 32 * 32;
     let x: Vec<f32> = (0..3 * per).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
     m.set_batch(&x, &[1, 4, 7]).unwrap();
@@ -153,12 +152,12 @@ fn masks_change_each_step_and_evaluation_turns_them_off() {
     let mut m = model(Method::Kernel(k), 0.5);
     let a = m.forward().unwrap();
     assert_eq!(a, m.forward().unwrap(), "the same step draws the same masks");
-    m.step += 1;
+    m.set_step_count(m.step_count() + 1);
     let b = m.forward().unwrap();
     assert_ne!(a, b, "a new step draws new masks");
-    m.training = false;
+    m.set_training(false);
     let e1 = m.forward().unwrap();
-    m.step += 1;
+    m.set_step_count(m.step_count() + 1);
     assert_eq!(e1, m.forward().unwrap(), "evaluation is deterministic: no masks");
     // Evaluation equals the same model without regularisation (the merged path).
     let mut plain = model(Method::Kernel(KernelMethod { dropout: 0.0, drop_path: 0.0, ..k }), 0.0);

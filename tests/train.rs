@@ -43,7 +43,7 @@ fn recipe_defaults_parse_and_overrides() {
     assert_eq!((c.lr, c.batch, c.target_ratio), (5e-4, 16, 0.3));
     assert_eq!(c.method().unwrap().name(), "snella32-rbf");
     // TOML round trip.
-    assert_eq!(TrainConfig::from_toml(&c.to_toml()).unwrap(), c);
+    assert_eq!(TrainConfig::from_toml(&c.to_toml().unwrap()).unwrap(), c);
 
     let mut c = TrainConfig::default();
     c.apply_overrides(&[
@@ -190,8 +190,8 @@ fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
     assert_eq!(meta.state.global_step, 0);
     let mut t2 = Trainer::new(cfg).unwrap();
     t2.resume_from(&ck).unwrap();
-    for (name, _) in t2.model.layout.params.trainable() {
-        assert!(t2.model.get_param(name).unwrap().iter().all(|x| x.is_finite()), "{name}");
+    for name in t2.model.trainable_names() {
+        assert!(t2.model.get_param(&name).unwrap().iter().all(|x| x.is_finite()), "{name}");
     }
     // No temporary files left behind.
     let leftovers: Vec<_> = std::fs::read_dir(&out)
@@ -229,7 +229,7 @@ fn linear_probe_and_image_folder_run() {
     cfg.eval_transform = "eval".into();
     cfg.batch = 4;
     let mut t = Trainer::new(cfg).unwrap();
-    assert_eq!(t.model.cfg.num_classes, 2);
+    assert_eq!(t.model.config().num_classes, 2);
     let s = t.run(false).unwrap();
     assert!(s.completed && s.last_test_acc.is_some());
     assert_eq!(s.trainable_params, 2 * 32 + 2 + 32, "head + cls token");

@@ -6,32 +6,48 @@ use crate::error::{Error, Result};
 pub struct ViTConfig {
     /// (height, width) in pixels.
     pub img_size: (usize, usize),
+    /// Side of the square patches in pixels; divides both image sides.
     pub patch_size: usize,
+    /// Input channels (3 for RGB).
     pub in_chans: usize,
+    /// Token width D.
     pub embed_dim: usize,
+    /// Number of transformer blocks.
     pub depth: usize,
+    /// Attention heads; divides `embed_dim`.
     pub num_heads: usize,
+    /// Hidden width of the MLP (fc1 outputs).
     pub mlp_hidden: usize,
+    /// Classes of the head (rows of `head.weight`).
     pub num_classes: usize,
     /// DINOv2-style LayerScale (`ls1.gamma`, `ls2.gamma`).
     pub layer_scale: bool,
+    /// LayerNorm epsilon (timm: 1e-6).
     pub eps: f32,
 }
 
 /// The Linear layers of a block that a method can adapt, in the official module order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub enum Position {
+    /// The query rows `[0, D)` of the fused `attn.qkv`.
     Q,
+    /// The key rows `[D, 2D)` of `attn.qkv`.
     K,
+    /// The value rows `[2D, 3D)` of `attn.qkv`.
     V,
+    /// The attention output projection `attn.proj`.
     Proj,
+    /// The first MLP Linear `mlp.fc1` (D → hidden).
     Fc1,
+    /// The second MLP Linear `mlp.fc2` (hidden → D).
     Fc2,
 }
 
 impl Position {
+    /// Every position, in the official module order.
     pub const ALL: [Position; 6] =
         [Position::Q, Position::K, Position::V, Position::Proj, Position::Fc1, Position::Fc2];
+    /// Short name: `q`, `k`, `v`, `proj`, `fc1`, `fc2`.
     pub fn name(self) -> &'static str {
         match self {
             Position::Q => "q",
@@ -52,6 +68,9 @@ impl Position {
 impl ViTConfig {
     /// A configuration by name: vit_b16, vit_l16, vit_h14 (timm sizes, 224 px), dinov2_s14 (224 px; its
     /// checkpoint's 518-px position table is interpolated), and `tiny` for tests.
+    ///
+    /// # Errors
+    /// `Invalid { option: "model" }` for an unknown name.
     pub fn by_name(name: &str, num_classes: usize) -> Result<ViTConfig> {
         let base = |img, p, d, depth, h, mlp, ls| ViTConfig {
             img_size: (img, img),
@@ -80,9 +99,15 @@ impl ViTConfig {
         })
     }
 
+    /// Patch grid (rows, columns); (0, 0) when `patch_size` is 0 (an invalid configuration, see
+    /// [`ViTConfig::validate`]).
     pub fn grid(&self) -> (usize, usize) {
-        (self.img_size.0 / self.patch_size, self.img_size.1 / self.patch_size)
+        match self.patch_size {
+            0 => (0, 0),
+            p => (self.img_size.0 / p, self.img_size.1 / p),
+        }
     }
+    /// Patches per image: grid rows × columns.
     pub fn num_patches(&self) -> usize {
         let (h, w) = self.grid();
         h * w
@@ -91,8 +116,9 @@ impl ViTConfig {
     pub fn tokens(&self) -> usize {
         self.num_patches() + 1
     }
+    /// Width of one attention head: `embed_dim / num_heads` (0 when `num_heads` is 0).
     pub fn head_dim(&self) -> usize {
-        self.embed_dim / self.num_heads
+        self.embed_dim.checked_div(self.num_heads).unwrap_or(0)
     }
     /// Elements of one patch: C·P·P.
     pub fn patch_dim(&self) -> usize {
@@ -109,19 +135,32 @@ impl ViTConfig {
         }
     }
 
+    /// Checks that the sizes describe a buildable ViT.
+    ///
+    /// # Errors
+    /// `Invalid { option: "model config" }` naming the field: an empty image, a patch size that does not
+    /// divide the image, heads that do not divide `embed_dim`, a zero size or class count, or an `eps` that is
+    /// negative or not finite.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::invalid("model config", m));
+        if self.img_size.0 == 0 || self.img_size.1 == 0 {
+            return bad(format!("img_size {:?} is empty", self.img_size));
+        }
         if self.patch_size == 0
             || !self.img_size.0.is_multiple_of(self.patch_size)
             || !self.img_size.1.is_multiple_of(self.patch_size)
         {
             return bad(format!("image size {:?} is not a multiple of patch size {}", self.img_size, self.patch_size));
         }
+        if self.embed_dim == 0 || self.depth == 0 || self.mlp_hidden == 0 || self.num_classes == 0 || self.in_chans == 0
+        {
+            return bad("embed_dim, depth, mlp_hidden, num_classes and in_chans must be positive".into());
+        }
         if self.num_heads == 0 || !self.embed_dim.is_multiple_of(self.num_heads) {
             return bad(format!("embed_dim {} is not a multiple of num_heads {}", self.embed_dim, self.num_heads));
         }
-        if self.depth == 0 || self.mlp_hidden == 0 || self.num_classes == 0 || self.in_chans == 0 {
-            return bad("depth, mlp_hidden, num_classes and in_chans must be positive".into());
+        if !(self.eps.is_finite() && self.eps >= 0.0) {
+            return bad(format!("eps {} must be a finite non-negative number", self.eps));
         }
         Ok(())
     }

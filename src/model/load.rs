@@ -19,7 +19,9 @@ pub type TensorMap = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 /// A backbone in timm names, fp32, row-major, each with its shape.
 #[derive(Clone, PartialEq)]
 pub struct Weights {
+    /// Tensors by timm name: (shape, row-major f32 values).
     pub tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    /// The file they were read from (named in errors).
     pub source: PathBuf,
 }
 
@@ -67,6 +69,10 @@ pub enum Format {
 /// the names decide: `embeddings.*`/`encoder.layer.*` is Hugging Face (DINOv2 when the layers use `norm1`,
 /// `mlp.fc1` or `layer_scale1`, ViT when they use `layernorm_before`), `blocks.*`/`cls_token`/`patch_embed.*`
 /// is timm. Pickled PyTorch files are refused with a conversion hint.
+///
+/// # Errors
+/// `Io` when the file cannot be read; `Format` (naming the file) for pickles, a bad safetensors header or
+/// tensor names of no known layout.
 pub fn detect(path: &Path) -> Result<Format> {
     let ext = path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase());
     if let Some("pth" | "pt" | "bin" | "ckpt" | "tar" | "pkl") = ext.as_deref() {
@@ -158,6 +164,11 @@ fn classify_names(names: &[String]) -> Option<Format> {
     timm.then_some(Format::Timm)
 }
 
+/// Whether `n` values fill a tensor of `shape` exactly (false when the shape's size overflows).
+fn fills(shape: &[usize], n: usize) -> bool {
+    shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) == Some(n)
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Reading
 // ---------------------------------------------------------------------------------------------------------
@@ -167,6 +178,10 @@ fn classify_names(names: &[String]) -> Option<Format> {
 /// Names that have no timm counterpart are kept under their name in the file, so that
 /// [`adapt_to_config`] can list them. Register tokens (`reg_token`, HF `embeddings.register_tokens`) are an
 /// error: ViTs with registers are not supported.
+///
+/// # Errors
+/// `Io` (unreadable), `Format` (truncated or corrupt file, unsupported dtype, register tokens, two tensors
+/// mapping to one name), `MissingTensor` / `ShapeMismatch` (an incomplete q/k/v triple), all naming the file.
 pub fn read_checkpoint(path: &Path) -> Result<Weights> {
     let tensors = match detect(path)? {
         Format::GoogleNpz => map_npz(read_npz(path)?, path)?,
@@ -218,7 +233,7 @@ fn read_safetensors(path: &Path) -> Result<TensorMap> {
             }
         };
         let shape = view.shape().to_vec();
-        if shape.iter().product::<usize>() != data.len() {
+        if !fills(&shape, data.len()) {
             return Err(Error::format(path, format!("tensor '{name}': {} values for shape {shape:?}", data.len())));
         }
         out.insert(name, (shape, data));
@@ -606,6 +621,9 @@ fn ignorable(name: &str) -> Option<&'static str> {
 
 /// Checks and adapts `w` to `cfg`, resizing a position table of another grid with
 /// [`PosResize::Torch`] (timm 0.5.4's `resize_pos_embed`); see [`adapt_to_config_with`].
+///
+/// # Errors
+/// As [`adapt_to_config_with`].
 pub fn adapt_to_config(w: Weights, cfg: &ViTConfig, seed: u64) -> Result<(Weights, Vec<String>)> {
     adapt_to_config_with(w, cfg, seed, PosResize::Torch)
 }
@@ -620,13 +638,17 @@ pub fn adapt_to_config(w: Weights, cfg: &ViTConfig, seed: u64) -> Result<(Weight
 ///  - tensors the model does not use are an error `UnexpectedTensors` listing them, except the known ignorable
 ///    ones (HF mask token and pooler, Google's `pre_logits`, `fc_norm`), which are dropped with a note.
 ///
-/// A missing tensor → `Error::MissingTensor` naming file and tensor; a wrong shape → `Error::ShapeMismatch`
-/// with both shapes. The result holds exactly the tensors of `cfg.param_shapes()`.
+/// The result holds exactly the tensors of `cfg.param_shapes()`, and notes saying what was changed.
+///
+/// # Errors
+/// An invalid `cfg` (`Invalid`); a tensor whose values do not fill its shape or register tokens (`Format`);
+/// a missing tensor (`MissingTensor` naming file and tensor); a wrong shape (`ShapeMismatch` with both
+/// shapes); tensors the model does not use (`UnexpectedTensors`).
 pub fn adapt_to_config_with(w: Weights, cfg: &ViTConfig, seed: u64, mode: PosResize) -> Result<(Weights, Vec<String>)> {
     cfg.validate()?;
     check_no_registers(&w)?;
     for (name, (shape, data)) in &w.tensors {
-        if shape.iter().product::<usize>() != data.len() {
+        if !fills(shape, data.len()) {
             return Err(Error::format(
                 &w.source,
                 format!("tensor '{name}': {} values for shape {shape:?}", data.len()),
@@ -661,7 +683,7 @@ pub fn adapt_to_config_with(w: Weights, cfg: &ViTConfig, seed: u64, mode: PosRes
                 return Err(mismatch("pos_embed", shape, &want_pos));
             };
             let to = cfg.grid();
-            let resized = resize_pos_embed(data, d, (g, g), to, mode);
+            let resized = resize_pos_embed(data, d, (g, g), to, mode)?;
             notes.push(format!(
                 "pos_embed resized from a {g}x{g} to a {}x{} grid ({}); cls row kept",
                 to.0,
@@ -741,7 +763,7 @@ pub fn adapt_to_config_with(w: Weights, cfg: &ViTConfig, seed: u64, mode: PosRes
 
 /// `n` draws of N(0, std²) truncated to [-2, 2] (timm's `trunc_normal_(std=std)`: the cut is absolute), by
 /// Box–Muller from `rng`. Used for the head re-initialisation here and the trainer's random backbones.
-pub fn trunc_normal(rng: &mut impl rand::RngCore, n: usize, std: f64) -> Vec<f32> {
+pub(crate) fn trunc_normal(rng: &mut impl rand::RngCore, n: usize, std: f64) -> Vec<f32> {
     let unit = |r: &mut dyn rand::RngCore| (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
@@ -768,6 +790,11 @@ pub fn trunc_normal(rng: &mut impl rand::RngCore, n: usize, std: f64) -> Vec<f32
 /// (`blocks.0.ls1.gamma`), classes (rows of `head.weight`, or 0 when the checkpoint has no head: set your own
 /// before use). Heads come from `num_heads` since checkpoints do not store them, the image size from
 /// `img_size` (the position table is resized to its grid by [`adapt_to_config`]). LayerNorm eps is timm's 1e-6.
+///
+/// # Errors
+/// `MissingTensor` (no patch embedding, blocks or fc1), `Format` (a patch embedding or fc1 weight of the
+/// wrong rank, non-square patches), `Invalid` (the inferred sizes with `num_heads` and `img_size` do not
+/// form a valid configuration).
 pub fn infer_config(w: &Weights, num_heads: usize, img_size: (usize, usize)) -> Result<ViTConfig> {
     let file = w.file();
     let get = |name: &str| {
@@ -794,9 +821,14 @@ pub fn infer_config(w: &Weights, num_heads: usize, img_size: (usize, usize)) -> 
         get(&format!("blocks.{i}.attn.qkv.weight"))?;
     }
     let fc1 = get("blocks.0.mlp.fc1.weight")?;
-    let mlp_hidden = fc1[0];
+    let [mlp_hidden, _] = fc1[..] else {
+        return Err(Error::format(
+            &w.source,
+            format!("blocks.0.mlp.fc1.weight has shape {fc1:?}, expected (hidden, D)"),
+        ));
+    };
     let layer_scale = w.tensors.contains_key("blocks.0.ls1.gamma");
-    let num_classes = w.tensors.get("head.weight").map(|t| t.0[0]).unwrap_or(0);
+    let num_classes = w.tensors.get("head.weight").and_then(|t| t.0.first().copied()).unwrap_or(0);
     let cfg = ViTConfig {
         img_size,
         patch_size: p,
@@ -821,9 +853,13 @@ pub fn infer_config(w: &Weights, num_heads: usize, img_size: (usize, usize)) -> 
 /// Writes weights in timm names as safetensors (F32, metadata `format: pt`), atomically: the bytes go to
 /// `<path>.tmp`, which is renamed over `path` once complete; on any error the temporary is removed and `path` is
 /// untouched.
+///
+/// # Errors
+/// `Invalid { option: "tensor" }` naming a tensor whose values do not fill its shape; `Io` naming the path
+/// that could not be written.
 pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> Result<()> {
     for (name, (shape, data)) in tensors {
-        if shape.iter().product::<usize>() != data.len() {
+        if !fills(shape, data.len()) {
             return Err(Error::invalid("tensor", format!("'{name}' has {} values for shape {shape:?}", data.len())));
         }
     }

@@ -4,5 +4,6 @@ pub mod load;
 pub mod vit;
 
 pub use config::{Position, ViTConfig};
-pub use vit::{plan_model, Model, Recompute};
+pub(crate) use vit::plan_model;
+pub use vit::{plan, Model, Recompute};
 pub mod posembed;

@@ -22,6 +22,7 @@
 //!
 //! All arithmetic is done in f64 and rounded once to f32, so results agree with PyTorch's float32 kernels
 //! to about 1e-6 relative.
+use crate::error::{Error, Result};
 
 /// Which interpolation reproduces which reference code; see the module documentation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -36,6 +37,7 @@ pub enum PosResize {
 }
 
 impl PosResize {
+    /// A human-readable description of the interpolation, for notes and logs.
     pub fn name(self) -> &'static str {
         match self {
             PosResize::Torch => "bicubic (torch, align_corners=False, A=-0.75)",
@@ -130,20 +132,32 @@ fn taps_for(input: usize, output: usize, mode: PosResize) -> Taps {
 /// [`PosResize::TorchAntialias`] (newer timm) and [`PosResize::Dinov2Offset`] (DINOv2's own +0.1 offset).
 /// The cls row is kept as is. An unchanged grid returns the table unchanged (bit for bit).
 ///
-/// Panics if `table.len() != (1 + from.0*from.1) * d` or a grid side is zero: callers check shapes first.
+/// `table` is `(1 + from.0·from.1) · d` f32 values; the result is `(1 + to.0·to.1) · d`.
+///
+/// # Errors
+/// `Invalid { option: "pos_embed" }` when a grid side or `d` is zero, or `table.len()` does not match
+/// `from` and `d`.
 pub fn resize_pos_embed(
     table: &[f32],
     d: usize,
     from: (usize, usize),
     to: (usize, usize),
     mode: PosResize,
-) -> Vec<f32> {
+) -> Result<Vec<f32>> {
     let (gh, gw) = from;
     let (th, tw) = to;
-    assert!(gh > 0 && gw > 0 && th > 0 && tw > 0, "resize_pos_embed: empty grid {from:?} -> {to:?}");
-    assert_eq!(table.len(), (1 + gh * gw) * d, "resize_pos_embed: table length vs grid {from:?} and dim {d}");
+    if gh == 0 || gw == 0 || th == 0 || tw == 0 || d == 0 {
+        return Err(Error::invalid("pos_embed", format!("cannot resize a {from:?} grid of width {d} to {to:?}")));
+    }
+    let want = gh.checked_mul(gw).and_then(|n| n.checked_add(1)).and_then(|n| n.checked_mul(d));
+    if want != Some(table.len()) {
+        return Err(Error::invalid(
+            "pos_embed",
+            format!("{} values do not form a (1, 1 + {gh}·{gw}, {d}) table", table.len()),
+        ));
+    }
     if from == to {
-        return table.to_vec();
+        return Ok(table.to_vec());
     }
     let rows = taps_for(gh, th, mode);
     let cols = taps_for(gw, tw, mode);
@@ -166,7 +180,7 @@ pub fn resize_pos_embed(
             out.extend(acc.iter().map(|&a| a as f32));
         }
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -187,7 +201,7 @@ mod tests {
         let d = 3;
         let table: Vec<f32> = (0..(1 + 4 * 5) * d).map(|x| (x as f32 * 0.37).sin()).collect();
         for mode in [PosResize::Torch, PosResize::TorchAntialias, PosResize::Dinov2Offset] {
-            assert_eq!(resize_pos_embed(&table, d, (4, 5), (4, 5), mode), table);
+            assert_eq!(resize_pos_embed(&table, d, (4, 5), (4, 5), mode).unwrap(), table);
         }
         // The plain kernel at integer positions is a unit impulse, so same-size sampling is exact, too.
         let taps = bicubic_taps(6, 6, 1.0);
@@ -203,7 +217,7 @@ mod tests {
         let want = [[0.0223f32, 2.2098], [1.6703, 3.8578], [4.4062, 6.5938], [7.1422, 9.3298], [8.7903, 10.9778]];
         let mut table = vec![-1.0f32];
         table.extend((0..12).map(|x| x as f32));
-        let out = resize_pos_embed(&table, 1, (3, 4), (5, 2), PosResize::Torch);
+        let out = resize_pos_embed(&table, 1, (3, 4), (5, 2), PosResize::Torch).unwrap();
         assert_eq!(out[0], -1.0);
         for r in 0..5 {
             for c in 0..2 {

@@ -21,8 +21,9 @@ use crate::ops::layernorm::{layernorm_apply, layernorm_backward, layernorm_forwa
 use crate::ops::loss::cross_entropy;
 use crate::ops::mask::mask_grad;
 use crate::ops::matmul::{matmul, Matmul};
+use crate::ops::GemmPrecision;
 use crate::peft::{decays, Method};
-use crate::runtime::{Backend, DType, Plan, Pool, Runtime, Tensor};
+use crate::runtime::{Backend, DType, Device, Plan, Pool, PoolUsage, Runtime, Tensor};
 
 /// How much of a block's forward the backward recomputes instead of keeping (each level includes the ones
 /// before it). Recomputed tensors live in one shared scratch buffer instead of one per layer.
@@ -43,21 +44,21 @@ pub enum Recompute {
 
 /// A parameter: its value, and for trainable ones the gradient and AdamW moments.
 #[derive(Clone, Copy, Debug)]
-pub struct Param {
-    pub value: Tensor,
-    pub grad: Option<Tensor>,
-    pub m: Option<Tensor>,
-    pub v: Option<Tensor>,
-    pub decay: bool,
+pub(crate) struct Param {
+    pub(crate) value: Tensor,
+    pub(crate) grad: Option<Tensor>,
+    pub(crate) m: Option<Tensor>,
+    pub(crate) v: Option<Tensor>,
+    pub(crate) decay: bool,
     /// GPS: the fixed update mask (u8, same shape) of a block Linear weight.
-    pub mask: Option<Tensor>,
+    pub(crate) mask: Option<Tensor>,
 }
 
 /// Every parameter by name, in plan order.
 #[derive(Default)]
-pub struct Params {
-    pub names: Vec<String>,
-    pub list: Vec<Param>,
+pub(crate) struct Params {
+    pub(crate) names: Vec<String>,
+    pub(crate) list: Vec<Param>,
     index: HashMap<String, usize>,
 }
 
@@ -81,12 +82,12 @@ impl Params {
         p
     }
 
-    pub fn get(&self, name: &str) -> Option<&Param> {
+    pub(crate) fn get(&self, name: &str) -> Option<&Param> {
         self.index.get(name).map(|&i| &self.list[i])
     }
 
     /// (name, param) of the trainable set.
-    pub fn trainable(&self) -> impl Iterator<Item = (&str, &Param)> {
+    pub(crate) fn trainable(&self) -> impl Iterator<Item = (&str, &Param)> {
         self.names.iter().map(String::as_str).zip(&self.list).filter(|(_, p)| p.grad.is_some())
     }
 }
@@ -94,7 +95,7 @@ impl Params {
 /// The trainable tensors of one branch (plan handles: copied once per Linear call, so size is no concern).
 #[derive(Clone, Copy, Debug)]
 #[allow(clippy::large_enum_variant)]
-pub enum BranchParams {
+pub(crate) enum BranchParams {
     /// W = W0 + B·A: A (r, in), B (out, r).
     Lora { a: Param, b: Param, r: usize },
     /// M from In_Qs (2, in, r/2), Out_Qs (2, out, r/2) and optionally α, γ, β; `ema` holds the allocator's
@@ -112,106 +113,106 @@ pub enum BranchParams {
 
 /// The branch on one Linear (q, k and v have one each on the fused qkv Linear).
 #[derive(Clone, Debug)]
-pub struct Branch {
-    pub prefix: String,
-    pub block: usize,
-    pub pos: Position,
+pub(crate) struct Branch {
+    pub(crate) prefix: String,
+    pub(crate) block: usize,
+    pub(crate) pos: Position,
     /// Index among all branches (module order); indexes `Model::sparsity` and the threshold table.
-    pub id: usize,
+    pub(crate) id: usize,
     /// First output row of the Linear's weight that this branch adapts (q: 0, k: D, v: 2D).
-    pub row0: usize,
-    pub n_in: usize,
-    pub n_out: usize,
-    pub params: BranchParams,
+    pub(crate) row0: usize,
+    pub(crate) n_in: usize,
+    pub(crate) n_out: usize,
+    pub(crate) params: BranchParams,
 }
 
 /// Scratch of the branches of one Linear shape; the scopes of the three shapes alias each other.
-pub struct BranchScratch {
+pub(crate) struct BranchScratch {
     /// The merged weight W0 + M_sᵀ of the whole Linear (out_total, in).
-    pub w: Tensor,
+    pub(crate) w: Tensor,
     /// M and M_s (in, out) of one branch.
-    pub m: Tensor,
-    pub ms: Tensor,
+    pub(crate) m: Tensor,
+    pub(crate) ms: Tensor,
     /// ∂L/∂M_s (in, out), then ∂L/∂M in place; for LoRA ∂L/∂W (out, in).
-    pub dms: Tensor,
-    pub merge: Option<MergeScratch>,
-    pub compete: Option<CompeteScratch>,
+    pub(crate) dms: Tensor,
+    pub(crate) merge: Option<MergeScratch>,
+    pub(crate) compete: Option<CompeteScratch>,
 }
 
 /// A block Linear: y = x·Wᵀ + b (+ branches).  w: (out, in)  b: (out)
-pub struct Linear {
-    pub w: Param,
-    pub b: Param,
-    pub n_in: usize,
-    pub n_out: usize,
-    pub branches: Vec<Branch>,
+pub(crate) struct Linear {
+    pub(crate) w: Param,
+    pub(crate) b: Param,
+    pub(crate) n_in: usize,
+    pub(crate) n_out: usize,
+    pub(crate) branches: Vec<Branch>,
     /// Which `Layout::branch_scratch` entry serves this Linear.
-    pub scratch: usize,
+    pub(crate) scratch: usize,
 }
 
 /// What the backward needs from one block's forward.
-pub struct BlockActs {
+pub(crate) struct BlockActs {
     /// LayerNorm 1 output and statistics.                (BT, D), (BT), (BT)
-    pub ln1: Tensor,
-    pub ln1_mean: Tensor,
-    pub ln1_rstd: Tensor,
+    pub(crate) ln1: Tensor,
+    pub(crate) ln1_mean: Tensor,
+    pub(crate) ln1_rstd: Tensor,
     /// Fused q|k|v projection.                            (BT, 3D)
-    pub qkv: Tensor,
+    pub(crate) qkv: Tensor,
     /// Attention probabilities.                           (B, H, T, T)
-    pub probs: Tensor,
+    pub(crate) probs: Tensor,
     /// Merged heads (input of proj).                      (BT, D)
-    pub attn: Tensor,
+    pub(crate) attn: Tensor,
     /// Residual stream after attention.                   (BT, D)
-    pub x_mid: Tensor,
-    pub ln2: Tensor,
-    pub ln2_mean: Tensor,
-    pub ln2_rstd: Tensor,
+    pub(crate) x_mid: Tensor,
+    pub(crate) ln2: Tensor,
+    pub(crate) ln2_mean: Tensor,
+    pub(crate) ln2_rstd: Tensor,
     /// fc1 output before GELU, and after.                  (BT, F), (BT, F)
-    pub fc1: Tensor,
-    pub gelu: Tensor,
+    pub(crate) fc1: Tensor,
+    pub(crate) gelu: Tensor,
     /// Outputs of proj and fc2 before LayerScale, kept only when γ trains.   (BT, D)
-    pub proj_out: Option<Tensor>,
-    pub fc2_out: Option<Tensor>,
+    pub(crate) proj_out: Option<Tensor>,
+    pub(crate) fc2_out: Option<Tensor>,
 }
 
-pub struct Block {
-    pub norm1: (Param, Param),
-    pub qkv: Linear,
-    pub proj: Linear,
-    pub ls1: Option<Param>,
-    pub norm2: (Param, Param),
-    pub fc1: Linear,
-    pub fc2: Linear,
-    pub ls2: Option<Param>,
-    pub acts: BlockActs,
+pub(crate) struct Block {
+    pub(crate) norm1: (Param, Param),
+    pub(crate) qkv: Linear,
+    pub(crate) proj: Linear,
+    pub(crate) ls1: Option<Param>,
+    pub(crate) norm2: (Param, Param),
+    pub(crate) fc1: Linear,
+    pub(crate) fc2: Linear,
+    pub(crate) ls2: Option<Param>,
+    pub(crate) acts: BlockActs,
 }
 
 /// Buffers reused by every layer (persistent scratch, scope 0).
-pub struct Work {
+pub(crate) struct Work {
     /// ∂L/∂ residual stream, running from the head down.  (BT, D)
-    pub dres: Tensor,
+    pub(crate) dres: Tensor,
     /// A Linear output or its gradient.                    (BT, D)
-    pub dy: Tensor,
+    pub(crate) dy: Tensor,
     /// Input gradient of a Linear.                          (BT, D)
-    pub dh: Tensor,
-    pub dqkv: Tensor,
+    pub(crate) dh: Tensor,
+    pub(crate) dqkv: Tensor,
     /// (BT, F): ∂L/∂(GELU output), then ∂L/∂(fc1 output) in place.
-    pub du: Tensor,
+    pub(crate) du: Tensor,
     /// Head-major q, k, v and attention output.             (B, H, T, hd) each
-    pub q: Tensor,
-    pub k: Tensor,
-    pub v: Tensor,
-    pub o: Tensor,
-    pub dscores: Tensor,
-    pub dtmp: Tensor,
+    pub(crate) q: Tensor,
+    pub(crate) k: Tensor,
+    pub(crate) v: Tensor,
+    pub(crate) o: Tensor,
+    pub(crate) dscores: Tensor,
+    pub(crate) dtmp: Tensor,
     /// Branch dropout/drop-path (kernel methods with those rates only): the dropped-out branch input and a
     /// per-branch copy (drop-path, then the input gradient through the branch).   (BT, max(D, F)) each
-    pub reg_x: Option<Tensor>,
-    pub reg_xb: Option<Tensor>,
+    pub(crate) reg_x: Option<Tensor>,
+    pub(crate) reg_xb: Option<Tensor>,
     /// Head: final-norm cls rows, gradients.                (B, D), (B, V)
-    pub dfeat: Tensor,
-    pub dcls: Tensor,
-    pub dlogits: Tensor,
+    pub(crate) dfeat: Tensor,
+    pub(crate) dcls: Tensor,
+    pub(crate) dlogits: Tensor,
 }
 
 impl Work {
@@ -222,35 +223,36 @@ impl Work {
 }
 
 /// Every tensor handle of a planned model.
-pub struct Layout {
-    pub params: Params,
-    pub blocks: Vec<Block>,
-    pub branch_scratch: Vec<BranchScratch>,
-    pub work: Work,
+pub(crate) struct Layout {
+    pub(crate) params: Params,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) branch_scratch: Vec<BranchScratch>,
+    pub(crate) work: Work,
     /// Images (B, C, H, W), labels (B) i32, per-sample losses (B), logits (B, V).
-    pub images: Tensor,
-    pub labels: Tensor,
-    pub losses: Tensor,
-    pub logits: Tensor,
+    pub(crate) images: Tensor,
+    pub(crate) labels: Tensor,
+    pub(crate) losses: Tensor,
+    pub(crate) logits: Tensor,
     /// Patches (B·Np, C·P·P): an activation when the patch embedding trains, scratch otherwise.
-    pub patches: Tensor,
+    pub(crate) patches: Tensor,
     /// Residual stream entering each block and after the last: (L+1) × (BT, D).
-    pub resid: Vec<Tensor>,
+    pub(crate) resid: Vec<Tensor>,
     /// Final norm: cls rows in, normalised out, statistics.  (B, D), (B, D), (B), (B)
-    pub cls_in: Tensor,
-    pub feats: Tensor,
-    pub lnf_mean: Tensor,
-    pub lnf_rstd: Tensor,
+    pub(crate) cls_in: Tensor,
+    pub(crate) feats: Tensor,
+    pub(crate) lnf_mean: Tensor,
+    pub(crate) lnf_rstd: Tensor,
     /// Threshold t of every sparse branch from the last forward.   (branches)
-    pub thresholds: Tensor,
-    pub branches: Vec<Branch>,
-    pub recompute: Recompute,
+    pub(crate) thresholds: Tensor,
+    pub(crate) branches: Vec<Branch>,
+    pub(crate) recompute: Recompute,
 }
 
 /// Plans every tensor of a training step of `cfg` under `method` at batch `b`, keeping activations as
 /// `recompute` says.
-pub fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, recompute: Recompute) -> Result<(Plan, Layout)> {
+pub(crate) fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, recompute: Recompute) -> Result<(Plan, Layout)> {
     cfg.validate()?;
+    method.validate()?;
     if b == 0 {
         return Err(Error::invalid("batch", "must be at least 1"));
     }
@@ -484,32 +486,43 @@ pub fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, recompute: Recompu
     Ok((plan, layout))
 }
 
-/// A ViT with its method, planned for a batch size and allocated on a device.
+/// A ViT with its fine-tuning method, planned for a batch size and allocated on a device: the unit a
+/// caller trains. The cycle of a step is [`Model::set_batch`], [`Model::forward`] (the loss),
+/// [`Model::backward`] (the gradients of the trainable set), [`Model::adamw_step`]. Parameters use timm's
+/// names (`blocks.0.attn.qkv.weight`, ...); branch factors are `<linear>[.q|.k|.v].<leaf>` (see
+/// [`Model::param_names`]).
 pub struct Model {
-    pub cfg: ViTConfig,
-    pub method: Method,
+    pub(crate) cfg: ViTConfig,
+    pub(crate) method: Method,
     /// Planned batch size; a step may use fewer images.
-    pub batch: usize,
-    pub rt: Runtime,
-    pub layout: Layout,
+    pub(crate) batch: usize,
+    pub(crate) rt: Runtime,
+    pub(crate) layout: Layout,
     /// Fraction of entries zeroed per branch (sparse kernel methods), indexed by `Branch::id`.
-    pub sparsity: Vec<f32>,
+    pub(crate) sparsity: Vec<f32>,
     /// AdamW step count (1-based after the first step).
-    pub step: u64,
+    pub(crate) step: u64,
     /// Images in the last forward.
     last_b: usize,
+    /// Whether a forward ran on the current batch (the backward needs its activations).
+    forward_done: bool,
     /// Training mode: dropout and drop-path apply (evaluation turns it off).
-    pub training: bool,
+    pub(crate) training: bool,
     /// Stochastic depth of the blocks' residual branches: rate of the last block, linearly from 0 at the
     /// first (timm's `drop_path_rate`; the official recipe uses 0.1). 0 = off.
-    pub block_drop_path: f32,
+    pub(crate) block_drop_path: f32,
     /// Seed of every dropout and drop-path mask (mixed with the step count, so each step draws new masks
     /// and its backward regenerates its forward's).
-    pub reg_seed: u64,
+    pub(crate) reg_seed: u64,
 }
 
 impl Model {
-    /// Plans and allocates the model; parameters start at zero (load or initialise them next).
+    /// Plans and allocates the model for steps of up to `batch` images; every parameter starts at zero
+    /// (load a backbone with [`Model::load_backbone`], then [`Model::init_branches`]).
+    ///
+    /// # Errors
+    /// An invalid configuration, method or batch (`Invalid` naming it); [`Error::OutOfMemory`] with the
+    /// largest batch that fits when the plan exceeds free device memory; CUDA errors.
     pub fn new(backend: Backend, cfg: &ViTConfig, method: Method, batch: usize, recompute: Recompute) -> Result<Model> {
         let (plan, layout) = plan_model(cfg, &method, batch, recompute)?;
         let rt = match Runtime::new(backend, plan) {
@@ -539,29 +552,41 @@ impl Model {
             sparsity,
             step: 0,
             last_b: 0,
+            forward_done: false,
             training: true,
             block_drop_path: 0.0,
             reg_seed: 0,
         })
     }
 
-    /// Sets a parameter (or a branch parameter) by name.
+    /// Sets a parameter (or a branch parameter) by name; `data` is row-major with the parameter's shape.
+    ///
+    /// # Errors
+    /// No parameter of that name, or `data` of the wrong length (both named in the message).
     pub fn set_param(&self, name: &str, data: &[f32]) -> Result<()> {
         let p = self.param(name)?;
         self.rt.upload(p.value, data)
     }
 
-    pub fn param(&self, name: &str) -> Result<&Param> {
+    pub(crate) fn param(&self, name: &str) -> Result<&Param> {
         self.layout
             .params
             .get(name)
             .ok_or_else(|| Error::invalid("parameter", format!("the model has no parameter '{name}'")))
     }
 
+    /// The current value of a parameter, row-major.
+    ///
+    /// # Errors
+    /// No parameter of that name; a failed device copy.
     pub fn get_param(&self, name: &str) -> Result<Vec<f32>> {
         self.rt.download(self.param(name)?.value)
     }
 
+    /// ∂loss/∂parameter from the last [`Model::backward`] (same shape as the parameter).
+    ///
+    /// # Errors
+    /// No parameter of that name, or a frozen one (it has no gradient).
     pub fn get_grad(&self, name: &str) -> Result<Vec<f32>> {
         let p = self.param(name)?;
         let g = p.grad.ok_or_else(|| Error::invalid("parameter", format!("'{name}' is frozen and has no gradient")))?;
@@ -569,7 +594,10 @@ impl Model {
     }
 
     /// Sets every backbone tensor from `w` (timm names, adapted to this model's configuration by
-    /// `load::adapt_to_config`). A missing or mis-shaped tensor is an error naming it and the file.
+    /// [`crate::model::load::adapt_to_config`]).
+    ///
+    /// # Errors
+    /// [`Error::MissingTensor`] / [`Error::ShapeMismatch`] naming the tensor and the file.
     pub fn load_backbone(&self, w: &crate::model::load::Weights) -> Result<()> {
         for (name, shape) in self.cfg.param_shapes() {
             let file = w.source.display().to_string();
@@ -586,6 +614,9 @@ impl Model {
     /// Initialises every branch as the official code does: kernel factors (2, n, r/2) ~ kaiming_uniform(a=√5),
     /// i.e. U(±1/√(n·r/2)); α = γ = 1, β = 0; LoRA A (r, in) and B (out, r) ~ N(0, 0.02²) (the official model
     /// re-initialises every Linear, LoRA's included, with trunc_normal(0.02)). Deterministic by `seed`.
+    ///
+    /// # Errors
+    /// A failed device copy.
     pub fn init_branches(&self, seed: u64) -> Result<()> {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -616,12 +647,19 @@ impl Model {
         Ok(())
     }
 
-    /// The final-norm cls features (b, D) of the last forward (what the head reads).
+    /// The final-norm cls features (b, D) of the last forward (what the head reads); empty before one.
+    ///
+    /// # Errors
+    /// A failed device copy.
     pub fn features(&self) -> Result<Vec<f32>> {
         self.rt.download(self.layout.feats.slice(0, self.last_b * self.cfg.embed_dim))
     }
 
-    /// Sets the GPS update mask of a weight (1 = updated).
+    /// Sets the GPS update mask of a weight: one byte per entry, row-major, 1 = updated (see
+    /// [`Model::gps_mask_names`]).
+    ///
+    /// # Errors
+    /// No parameter of that name, one without a mask, or a mask of the wrong length.
     pub fn set_gps_mask(&self, name: &str, mask: &[u8]) -> Result<()> {
         let p = self.param(name)?;
         let m = p.mask.ok_or_else(|| Error::invalid("parameter", format!("'{name}' has no GPS mask")))?;
@@ -638,7 +676,12 @@ impl Model {
         Ok(())
     }
 
-    /// Uploads a batch of `b <= batch` images (b, C, H, W) and labels.
+    /// Uploads a batch of `b` images, 1 <= b <= [`Model::batch_size`]: `images` (b, C, H, W) row-major f32
+    /// (normalised as the backbone expects), `labels` (b) in `0..num_classes`. Returns b.
+    ///
+    /// # Errors
+    /// `Invalid { option: "batch" }` for a wrong count or length, `Invalid { option: "labels" }` for a label
+    /// out of range.
     pub fn set_batch(&mut self, images: &[f32], labels: &[i32]) -> Result<usize> {
         let per = self.cfg.in_chans * self.cfg.img_size.0 * self.cfg.img_size.1;
         let b = labels.len();
@@ -660,10 +703,14 @@ impl Model {
         self.rt.upload(self.layout.images.slice(0, b * per), images)?;
         self.rt.upload_i32(self.layout.labels.slice(0, b), labels)?;
         self.last_b = b;
+        self.forward_done = false;
         Ok(b)
     }
 
     /// Forward pass over the uploaded batch: returns the mean cross-entropy, keeps what the backward needs.
+    ///
+    /// # Errors
+    /// No batch uploaded; device failures.
     pub fn forward(&mut self) -> Result<f32> {
         let b = self.require_batch()?;
         self.forward_logits(b)?;
@@ -677,10 +724,14 @@ impl Model {
             self.cfg.num_classes,
         )?;
         let losses = self.rt.download(lo.losses.slice(0, b))?;
+        self.forward_done = true;
         Ok(losses.iter().sum::<f32>() / b as f32)
     }
 
-    /// Logits (b, V) of the last forward.
+    /// Logits (b, V) of the last forward; empty before one.
+    ///
+    /// # Errors
+    /// A failed device copy.
     pub fn logits(&self) -> Result<Vec<f32>> {
         self.rt.download(self.layout.logits.slice(0, self.last_b * self.cfg.num_classes))
     }
@@ -995,8 +1046,15 @@ impl Model {
         matmul(rt, dx, dy, w, Matmul::new(rows, lin.n_in, lin.n_out, false, false))
     }
 
-    /// Backward pass of the last forward: gradients of the trainable set (zeroed first).
+    /// Backward pass of the last forward: gradients of the trainable set (zeroed first), read them with
+    /// [`Model::get_grad`].
+    ///
+    /// # Errors
+    /// No forward on the current batch; device failures.
     pub fn backward(&mut self) -> Result<()> {
+        if !self.forward_done {
+            return Err(Error::invalid("backward", "no forward on the current batch (call forward first)"));
+        }
         let b = self.require_batch()?;
         let (rt, lo, cfg) = (&self.rt, &self.layout, &self.cfg);
         let (d, t, v, fh) = (cfg.embed_dim, cfg.tokens(), cfg.num_classes, cfg.mlp_hidden);
@@ -1142,8 +1200,20 @@ impl Model {
         Ok(())
     }
 
-    /// One AdamW step on the trainable set (GPS: masked gradients, no decay on the masked weights).
+    /// One AdamW step on the trainable set with the gradients of the last backward (β = 0.9, 0.999,
+    /// ε = 1e-8, torch's operation order; decay on tensors of ≥ 2 dimensions but biases, pos_embed and
+    /// cls_token, as the official `set_weight_decay`). GPS masks
+    /// the gradients; the masked-out entries do not decay either.
+    ///
+    /// # Errors
+    /// A learning rate or weight decay that is negative or not finite; device failures.
     pub fn adamw_step(&mut self, lr: f64, weight_decay: f64) -> Result<()> {
+        if !(lr.is_finite() && lr >= 0.0) {
+            return Err(Error::invalid("learning rate", format!("{lr} is not a finite number >= 0")));
+        }
+        if !(weight_decay.is_finite() && weight_decay >= 0.0) {
+            return Err(Error::invalid("weight decay", format!("{weight_decay} is not a finite number >= 0")));
+        }
         self.step += 1;
         for (_, p) in self.layout.params.trainable() {
             let g = p.grad.unwrap();
@@ -1163,11 +1233,183 @@ impl Model {
         Ok(())
     }
 
-    /// Thresholds t of every branch from the last forward (0 for dense branches).
+    /// Thresholds t of every branch from the last forward (0 for dense branches), indexed like
+    /// [`Model::branch_names`].
+    ///
+    /// # Errors
+    /// A failed device copy.
     pub fn thresholds(&self) -> Result<Vec<f32>> {
         let n = self.layout.branches.len();
         Ok(if n == 0 { vec![] } else { self.rt.download(self.layout.thresholds.slice(0, n))? })
     }
+
+    /// The architecture this model was planned for.
+    pub fn config(&self) -> &ViTConfig {
+        &self.cfg
+    }
+
+    /// The fine-tuning method.
+    pub fn method(&self) -> &Method {
+        &self.method
+    }
+
+    /// The planned batch size: a step takes 1 to this many images.
+    pub fn batch_size(&self) -> usize {
+        self.batch
+    }
+
+    /// Where the ops run.
+    pub fn device(&self) -> Device {
+        self.rt.device()
+    }
+
+    /// The memory plan: every tensor of a training step with its pool, shape and offset.
+    pub fn plan(&self) -> &Plan {
+        &self.rt.plan
+    }
+
+    /// Per pool: bytes planned, allocated, and the high-water mark touched by the ops so far.
+    pub fn pool_report(&self) -> Vec<(Pool, PoolUsage)> {
+        self.rt.pool_report()
+    }
+
+    /// CUDA: device bytes in use above the level measured before the pools were allocated (the whole
+    /// footprint of this model, the CUDA context excluded). `None` on the CPU.
+    ///
+    /// # Errors
+    /// The driver's memory query failed.
+    pub fn device_used_above_baseline(&self) -> Result<Option<usize>> {
+        self.rt.device_used_above_baseline()
+    }
+
+    /// Precision of the CUDA matrix products (exact fp32 by default; the CPU always computes in fp32).
+    pub fn set_gemm_precision(&self, p: GemmPrecision) {
+        self.rt.set_gemm_precision(p)
+    }
+
+    /// Every parameter name (timm names for the backbone, `<linear>.<q|k|v|>.<leaf>` for branches), in plan
+    /// order.
+    pub fn param_names(&self) -> Vec<String> {
+        self.layout.params.names.clone()
+    }
+
+    /// The names of the parameters the method trains (the ones with gradients and AdamW state).
+    pub fn trainable_names(&self) -> Vec<String> {
+        self.layout.params.trainable().map(|(n, _)| n.to_string()).collect()
+    }
+
+    /// Number of f32 values of a parameter.
+    ///
+    /// # Errors
+    /// No parameter has that name.
+    pub fn param_len(&self, name: &str) -> Result<usize> {
+        Ok(self.param(name)?.value.numel)
+    }
+
+    /// GPS: the weights that have an update mask (set it with [`Model::set_gps_mask`]); empty for other
+    /// methods.
+    pub fn gps_mask_names(&self) -> Vec<String> {
+        let lp = &self.layout.params;
+        lp.names.iter().zip(&lp.list).filter(|(_, p)| p.mask.is_some()).map(|(n, _)| n.clone()).collect()
+    }
+
+    /// Whether a parameter trains.
+    ///
+    /// # Errors
+    /// No parameter has that name.
+    pub fn is_trainable(&self, name: &str) -> Result<bool> {
+        Ok(self.param(name)?.grad.is_some())
+    }
+
+    /// The branch prefixes (`blocks.<l>.attn.qkv.q`, ..., `blocks.<l>.mlp.fc2`), in the order that indexes
+    /// [`Model::sparsity`] and [`Model::thresholds`].
+    pub fn branch_names(&self) -> Vec<String> {
+        self.layout.branches.iter().map(|b| b.prefix.clone()).collect()
+    }
+
+    /// Fraction of entries each sparse branch zeroes (0 for dense branches), indexed like
+    /// [`Model::branch_names`]. The allocator changes it during training.
+    pub fn sparsity(&self) -> &[f32] {
+        &self.sparsity
+    }
+
+    /// Sets the sparsity of every branch (each in [0, 1]).
+    ///
+    /// # Errors
+    /// The wrong number of values, or a value outside [0, 1].
+    pub fn set_sparsity(&mut self, sparsity: &[f32]) -> Result<()> {
+        if sparsity.len() != self.sparsity.len() {
+            return Err(Error::invalid(
+                "sparsity",
+                format!("{} values for {} branches", sparsity.len(), self.sparsity.len()),
+            ));
+        }
+        if let Some(bad) = sparsity.iter().find(|s| !(0.0..=1.0).contains(*s)) {
+            return Err(Error::invalid("sparsity", format!("{bad} is outside [0, 1]")));
+        }
+        self.sparsity.copy_from_slice(sparsity);
+        Ok(())
+    }
+
+    /// Reads any planned f32 tensor by its plan name (see [`Plan::table`] / [`Plan::tensor_table`]), e.g. a
+    /// gradient `grad.<param>` or an allocator EMA `alloc.ipt.<branch>.In_Qs`. Scratch tensors hold whatever
+    /// the last op left there.
+    ///
+    /// # Errors
+    /// No f32 tensor has that name.
+    pub fn read_tensor(&self, name: &str) -> Result<Vec<f32>> {
+        match self.rt.plan.find(name) {
+            Some(t) if t.dtype == DType::F32 => self.rt.download(t),
+            _ => Err(Error::invalid("tensor", format!("the plan has no f32 tensor '{name}'"))),
+        }
+    }
+
+    /// Training mode (the default) applies dropout and drop-path; evaluation turns it off.
+    pub fn set_training(&mut self, on: bool) {
+        self.training = on;
+    }
+
+    /// Whether dropout and drop-path apply.
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+
+    /// AdamW steps taken (the bias correction's t; also mixed into every dropout mask's seed).
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// Sets the step count, as a resumed run does from its checkpoint.
+    pub fn set_step_count(&mut self, step: u64) {
+        self.step = step;
+    }
+
+    /// Stochastic depth of the blocks' residual branches: the rate of the last block, rising linearly from 0
+    /// at the first (timm's `drop_path_rate`; the official recipe uses 0.1). 0 turns it off.
+    ///
+    /// # Errors
+    /// A rate outside [0, 1).
+    pub fn set_block_drop_path(&mut self, rate: f32) -> Result<()> {
+        if !(0.0..1.0).contains(&rate) {
+            return Err(Error::invalid("block drop-path", format!("rate {rate} is outside [0, 1)")));
+        }
+        self.block_drop_path = rate;
+        Ok(())
+    }
+
+    /// Seed of every dropout and drop-path mask (mixed with the step count, so each step draws new masks).
+    pub fn set_regularisation_seed(&mut self, seed: u64) {
+        self.reg_seed = seed;
+    }
+}
+
+/// Plans every tensor of a training step without allocating anything: the same plan [`Model::new`]
+/// allocates, so its sizes are exact on any machine.
+///
+/// # Errors
+/// An invalid configuration or method (see [`Model::new`]).
+pub fn plan(cfg: &ViTConfig, method: &Method, batch: usize, recompute: Recompute) -> Result<Plan> {
+    Ok(plan_model(cfg, method, batch, recompute)?.0)
 }
 
 /// out = x + y, or x + y ⊙ γ with LayerScale.                           out, x, y: (BT, D)

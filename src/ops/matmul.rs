@@ -91,9 +91,6 @@ impl Matmul {
         self.stride_b = 0;
         self
     }
-    pub fn flops(&self) -> f64 {
-        2.0 * (self.m * self.n * self.k * self.batch) as f64
-    }
 }
 
 /// C = alpha·op(A)·op(B) (+ C), see [`Matmul`].                       A, B, C: shapes as in `spec`

@@ -21,8 +21,9 @@ pub struct AllocatorConfig {
     pub final_warmup: usize,
     /// Reallocate every this many epochs.
     pub mask_interval: usize,
-    /// EMA factors of importance and uncertainty.
+    /// EMA factor of the importance, in [0, 1).
     pub beta1: f64,
+    /// EMA factor of the uncertainty, in [0, 1).
     pub beta2: f64,
     /// Length of the schedule in epochs.
     pub total_epochs: usize,
@@ -46,6 +47,7 @@ impl Default for AllocatorConfig {
 /// What one reallocation decided.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Reallocation {
+    /// The global budget of non-zero entries it split.
     pub budget: f64,
     /// Normalised layer scores (fp32), module order.
     pub scores: Vec<f32>,
@@ -55,16 +57,25 @@ pub struct Reallocation {
     pub sparsity: Vec<f64>,
 }
 
+/// SNELLA's bi-level allocator over the branches of one model: the budget schedule, the EMA update after
+/// each step, and the per-epoch reallocation of the per-layer ratios.
 pub struct Allocator {
+    /// The settings it was built with (validated).
     pub cfg: AllocatorConfig,
     /// in·out of every branch, module order.
     caps: Vec<f64>,
+    /// Non-zero entries over all branches at `init_ratio` (the initial budget).
     pub init_nonzero: f64,
+    /// Non-zero entries over all branches at `target_ratio` (the final budget).
     pub target_nonzero: f64,
 }
 
 impl Allocator {
     /// An allocator over the branches of `model` (a sparse kernel method planned with the allocator).
+    ///
+    /// # Errors
+    /// `Invalid` when the model has no sparse kernel branches with allocator state, a ratio is outside
+    /// [0, 1], a β is outside [0, 1), or `mask_interval` / `total_epochs` is 0 (each naming the field).
     pub fn new(model: &Model, cfg: AllocatorConfig) -> Result<Allocator> {
         let ok = model
             .layout
@@ -82,6 +93,11 @@ impl Allocator {
                 return Err(Error::invalid(name, format!("{v} is not in [0, 1]")));
             }
         }
+        for (name, v) in [("beta1", cfg.beta1), ("beta2", cfg.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(Error::invalid(name, format!("{v} is not in [0, 1)")));
+            }
+        }
         if cfg.mask_interval == 0 || cfg.total_epochs == 0 {
             return Err(Error::invalid("allocator", "mask_interval and total_epochs must be positive"));
         }
@@ -95,34 +111,44 @@ impl Allocator {
         Ok(Allocator { cfg, caps, init_nonzero, target_nonzero })
     }
 
-    /// (budget, reallocate?) at the start of `epoch` (cubic decay from the initial to the target budget).
+    /// (budget in non-zero entries, reallocate?) at the start of `epoch` (cubic decay from the initial to the
+    /// target budget).
     pub fn schedule(&self, epoch: usize) -> (f64, bool) {
         let c = &self.cfg;
         if epoch <= c.init_warmup {
             return (self.init_nonzero, false);
         }
-        if epoch + c.final_warmup > c.total_epochs {
+        if epoch.saturating_add(c.final_warmup) > c.total_epochs {
             return (self.target_nonzero, true);
         }
-        let span = c.total_epochs.saturating_sub(c.final_warmup + c.init_warmup).max(1);
+        let span = c.total_epochs.saturating_sub(c.final_warmup.saturating_add(c.init_warmup)).max(1);
         let mul = 1.0 - (epoch - c.init_warmup) as f64 / span as f64;
         let v = (self.target_nonzero + (self.init_nonzero - self.target_nonzero) * mul.powi(3)).trunc();
         (v, epoch.is_multiple_of(c.mask_interval))
     }
 
     /// The EMA update, after every optimizer step, from the updated parameters and that step's gradients.
+    ///
+    /// # Errors
+    /// `Invalid { option: "allocator" }` when `model` is not the model it was built for; a failed device op.
     pub fn update(&self, model: &Model) -> Result<()> {
+        self.check_model(model)?;
         for br in &model.layout.branches {
             if let BranchParams::Kernel { a, b, ema: Some([ia, ua, ib, ub]), .. } = br.params {
-                importance_update(&model.rt, ia, ua, a.value, a.grad.unwrap(), self.cfg.beta1, self.cfg.beta2)?;
-                importance_update(&model.rt, ib, ub, b.value, b.grad.unwrap(), self.cfg.beta1, self.cfg.beta2)?;
+                let (ga, gb) = (a.grad.expect("branch factors train"), b.grad.expect("branch factors train"));
+                importance_update(&model.rt, ia, ua, a.value, ga, self.cfg.beta1, self.cfg.beta2)?;
+                importance_update(&model.rt, ib, ub, b.value, gb, self.cfg.beta1, self.cfg.beta2)?;
             }
         }
         Ok(())
     }
 
     /// Normalised layer scores: mean(Ī·Ū) of In_Qs plus that of Out_Qs, divided by their total (uniform when all are 0).
+    ///
+    /// # Errors
+    /// `Invalid { option: "allocator" }` when `model` is not the model it was built for; a failed device op.
     pub fn scores(&self, model: &Model) -> Result<Vec<f32>> {
+        self.check_model(model)?;
         let mut raw = Vec::with_capacity(self.caps.len());
         for br in &model.layout.branches {
             if let BranchParams::Kernel { ema: Some([ia, ua, ib, ub]), .. } = br.params {
@@ -140,7 +166,7 @@ impl Allocator {
 
     /// Integer non-zero counts per layer: alloc = min(cap, trunc(V·p)), then what capped layers could not
     /// take is redistributed over the others in proportion to p, all in fp32 as the official loop.
-    pub fn split_budget(scores: &[f32], volume: f64, caps: &[f64]) -> Result<Vec<i32>> {
+    pub(crate) fn split_budget(scores: &[f32], volume: f64, caps: &[f64]) -> Result<Vec<i32>> {
         let vol = volume as f32;
         let caps: Vec<f32> = caps.iter().map(|&c| c as f32).collect();
         let mut alloc: Vec<f32> = scores.iter().zip(&caps).map(|(&p, &c)| c.min((vol * p) as i32 as f32)).collect();
@@ -165,8 +191,16 @@ impl Allocator {
         Ok(alloc.iter().map(|&a| a as i32).collect())
     }
 
-    /// Reallocates the per-layer ratios of `model` for the budget `volume`.
+    /// Reallocates the per-layer ratios of `model` for the budget `volume` (non-zero entries over all
+    /// branches, as [`Allocator::schedule`] returns it).
+    ///
+    /// # Errors
+    /// `Invalid` when `model` is not the model it was built for or `volume` is negative or not finite; a
+    /// failed device op.
     pub fn reallocate(&self, model: &mut Model, volume: f64) -> Result<Reallocation> {
+        if !(volume.is_finite() && volume >= 0.0) {
+            return Err(Error::invalid("allocator", format!("budget {volume} must be a finite non-negative count")));
+        }
         let scores = self.scores(model)?;
         let alloc = Allocator::split_budget(&scores, volume, &self.caps)?;
         let sparsity: Vec<f64> =
@@ -177,8 +211,26 @@ impl Allocator {
         Ok(Reallocation { budget: volume, scores, alloc, sparsity })
     }
 
-    /// Sets every layer to the initial ratio (the state before the first reallocation).
+    /// Sets every layer of `model` to the initial ratio (the state before the first reallocation).
     pub fn reset(&self, model: &mut Model) {
         model.sparsity.iter_mut().for_each(|s| *s = self.cfg.init_ratio as f32);
+    }
+
+    /// `model` has the branches this allocator was built for (same count and sizes).
+    fn check_model(&self, model: &Model) -> Result<()> {
+        let caps = model.layout.branches.iter().map(|b| (b.n_in * b.n_out) as f64);
+        let ema = model.layout.branches.iter().all(|b| matches!(b.params, BranchParams::Kernel { ema: Some(_), .. }));
+        if !ema || model.sparsity.len() != self.caps.len() || !caps.eq(self.caps.iter().copied()) {
+            return Err(Error::invalid(
+                "allocator",
+                format!(
+                    "the model ({} with {} branches) is not the one this allocator was built for ({} branches)",
+                    model.method.name(),
+                    model.layout.branches.len(),
+                    self.caps.len()
+                ),
+            ));
+        }
+        Ok(())
     }
 }

@@ -10,6 +10,7 @@ use crate::ops::kmerge::KernelKind;
 /// SNELLA (sparse mixture with allocated per-layer ratios).
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct KernelMethod {
+    /// The kernel K(a_i, b_j) that builds M from the factors.
     pub kernel: KernelKind,
     /// Rank r: the factors are (2, n, r/2).
     pub r: usize,
@@ -46,15 +47,23 @@ pub enum Method {
     /// Linear probe: head and cls token only.
     Linear,
     /// LoRA-r on q, k, v, proj, fc1, fc2: Δy = x·Aᵀ·Bᵀ, A (r, in), B (out, r).
-    Lora { r: usize },
+    Lora {
+        /// Rank (≥ 1).
+        r: usize,
+    },
     /// The kernelized branches.
     Kernel(KernelMethod),
     /// GPS-like sparse tuning: gradients and AdamW state for every block weight, updates masked to a fixed
     /// random `density` of each block Linear weight (what the paper's memory tables compare against).
-    Gps { density: f32 },
+    Gps {
+        /// Fraction of each block weight that is updated, in [0, 1].
+        density: f32,
+    },
 }
 
 impl Method {
+    /// SNELLA-r: sparse mixture-kernel branches with the bi-level allocator; `sparsity` is the initial
+    /// ratio of zeroed entries. Checked by [`Method::validate`] when a model is planned.
     pub fn snella(r: usize, sparsity: f32) -> Method {
         Method::Kernel(KernelMethod {
             kernel: KernelKind::PiecewiseLinear,
@@ -67,6 +76,7 @@ impl Method {
             drop_path: 0.0,
         })
     }
+    /// SNELL-r: sparse plain-kernel branches at the fixed ratio `sparsity`.
     pub fn snell(r: usize, sparsity: f32) -> Method {
         Method::Kernel(KernelMethod {
             kernel: KernelKind::PiecewiseLinear,
@@ -79,6 +89,7 @@ impl Method {
             drop_path: 0.0,
         })
     }
+    /// MixK-r: dense mixture-kernel branches.
     pub fn mixk(r: usize) -> Method {
         Method::Kernel(KernelMethod {
             kernel: KernelKind::PiecewiseLinear,
@@ -91,6 +102,7 @@ impl Method {
             drop_path: 0.0,
         })
     }
+    /// KLoRA-r: dense plain-kernel branches.
     pub fn klora(r: usize) -> Method {
         Method::Kernel(KernelMethod {
             kernel: KernelKind::PiecewiseLinear,
@@ -105,7 +117,11 @@ impl Method {
     }
 
     /// Parses `full`, `linear`, `lora8`, `snell32`, `snella32`, `mixk8`, `klora8`, `gps` (rank suffix
-    /// optional: default 8 for lora/klora/mixk, 32 for snell/snella).
+    /// optional: default 8 for lora/klora/mixk, 32 for snell/snella). `sparsity` applies to snell/snella.
+    ///
+    /// # Errors
+    /// `Invalid { option: "method" }` for an unknown name, a zero or odd kernel rank, or a `sparsity`
+    /// outside [0, 1].
     pub fn parse(s: &str, sparsity: f32) -> Result<Method> {
         let (name, digits) = s.split_at(s.find(|c: char| c.is_ascii_digit()).unwrap_or(s.len()));
         let rank = |default: usize| -> Result<usize> {
@@ -140,6 +156,40 @@ impl Method {
                 ))
             }
         })
+        .and_then(|m| m.validate().map(|()| m))
+    }
+
+    /// Checks the numbers of a method built by hand: LoRA rank ≥ 1; kernel rank even, ≥ 2 and at most
+    /// 2·`MAX_D` (256); sparsity in [0, 1]; branch dropout and drop-path in [0, 1); GPS density in [0, 1].
+    ///
+    /// # Errors
+    /// `Invalid { option: "method" }` naming the field and the method.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::invalid("method", format!("{}: {m}", self.name())));
+        match *self {
+            Method::Full | Method::Linear => Ok(()),
+            Method::Lora { r: 0 } => bad("LoRA rank must be at least 1".into()),
+            Method::Lora { .. } => Ok(()),
+            Method::Gps { density } if !(0.0..=1.0).contains(&density) => {
+                bad(format!("GPS density {density} is not in [0, 1]"))
+            }
+            Method::Gps { .. } => Ok(()),
+            Method::Kernel(k) => {
+                let max = 2 * crate::ops::kmerge::MAX_D;
+                if k.r < 2 || !k.r.is_multiple_of(2) || k.r > max {
+                    return bad(format!("kernel rank {} must be even, between 2 and {max}", k.r));
+                }
+                if !(0.0..=1.0).contains(&k.sparsity) {
+                    return bad(format!("sparsity {} is not in [0, 1]", k.sparsity));
+                }
+                for (what, v) in [("branch dropout", k.dropout), ("branch drop-path", k.drop_path)] {
+                    if !(0.0..1.0).contains(&v) {
+                        return bad(format!("{what} {v} is not in [0, 1)"));
+                    }
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Short name, e.g. `snella32`.
@@ -179,7 +229,7 @@ impl Method {
 
 /// Decoupled weight decay applies to tensors with ≥ 2 dimensions, except biases, pos_embed and cls_token
 /// (the official `set_weight_decay`).
-pub fn decays(name: &str, shape: &[usize]) -> bool {
+pub(crate) fn decays(name: &str, shape: &[usize]) -> bool {
     shape.len() >= 2 && !name.ends_with(".bias") && !matches!(name, "pos_embed" | "cls_token" | "dist_token")
 }
 

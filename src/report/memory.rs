@@ -9,7 +9,7 @@ use crate::peft::Method;
 use crate::runtime::{mib, Pool};
 
 /// The paper's figures in MB (= MiB) at batch 8, fp32: (model, method, MB).
-pub const PAPER_MB: &[(&str, &str, f64)] = &[
+pub(crate) const PAPER_MB: &[(&str, &str, f64)] = &[
     ("vit_b16", "gps", 2428.0),
     ("vit_l16", "gps", 7522.0),
     ("vit_h14", "gps", 16119.0),
@@ -23,7 +23,7 @@ pub const PAPER_MB: &[(&str, &str, f64)] = &[
 
 /// The paper's figure for a model and method. SNELLA's own memory table was not available: a SNELLA-r row
 /// is compared with the published SNELL-r figure (the targets are set against it).
-pub fn paper_mb(model: &str, method: &str) -> Option<f64> {
+pub(crate) fn paper_mb(model: &str, method: &str) -> Option<f64> {
     let method = method.strip_prefix("snella").map(|r| format!("snell{r}")).unwrap_or_else(|| method.to_string());
     PAPER_MB.iter().find(|(m, me, _)| *m == model && *me == method).map(|r| r.2)
 }
@@ -31,13 +31,19 @@ pub fn paper_mb(model: &str, method: &str) -> Option<f64> {
 /// One row of the table.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct MemoryRow {
+    /// Model name (`vit_b16`, ...).
     pub model: String,
+    /// Method name (`snella32`, ...).
     pub method: String,
+    /// Images per step the plan is sized for.
     pub batch: usize,
+    /// Storage precision of weights and activations (`fp32`).
     pub precision: String,
     /// MiB per pool, in `Pool::ALL` order.
     pub pools_mib: Vec<(String, f64)>,
+    /// MiB over all pools.
     pub total_mib: f64,
+    /// The paper's figure in MB (= MiB), where it publishes one.
     pub paper_mb: Option<f64>,
     /// Ours / paper.
     pub ratio_to_paper: Option<f64>,
@@ -50,7 +56,10 @@ pub struct MemoryRow {
 }
 
 /// Plans every (model, method) at `batch` and returns the rows. `num_classes` sizes the head (100, as the
-/// PyTorch benchmark).
+/// PyTorch benchmark); `sparsity` is the initial ratio of the sparse methods. Nothing is allocated.
+///
+/// # Errors
+/// `Invalid` for an unknown model or method name, a zero batch or class count, a sparsity outside [0, 1].
 pub fn memory_rows(
     models: &[String],
     methods: &[String],
@@ -63,6 +72,10 @@ pub fn memory_rows(
 }
 
 /// [`memory_rows`] at another input resolution (square, in pixels; the position table is resized).
+///
+/// # Errors
+/// As [`memory_rows`], and `Invalid { option: "model config" }` for a resolution that is 0 or not a
+/// multiple of the patch size.
 pub fn memory_rows_at(
     models: &[String],
     methods: &[String],
@@ -164,6 +177,7 @@ pub fn reductions(rows: &[MemoryRow]) -> String {
     s
 }
 
+/// The rows as CSV with a header line (MiB per pool, total, paper figure, ratio, measurement).
 pub fn csv(rows: &[MemoryRow]) -> String {
     let mut s = String::from("model,method,recompute,resolution,batch,precision");
     for p in Pool::ALL {
@@ -248,6 +262,10 @@ pub fn svg(rows: &[MemoryRow]) -> String {
 /// Runs `steps` real training steps of a row's configuration on `backend` and returns (touched MiB: the
 /// pools' high-water marks, device MiB above the post-setup baseline — None on the CPU). On a GPU the
 /// second number is what the plan claims to be: every byte of the step comes from the pools.
+///
+/// # Errors
+/// `Invalid` for a row that names an unknown model or method or an impossible size; `OutOfMemory`, `Cuda`
+/// from the device.
 pub fn measure(
     row: &MemoryRow,
     backend: crate::runtime::Backend,
@@ -276,6 +294,9 @@ pub fn measure(
 }
 
 /// Writes `text` to `path` atomically (temporary file, then rename), so no partial output is left.
+///
+/// # Errors
+/// `Io` naming the path that could not be written.
 pub fn write_atomic(path: &std::path::Path, text: &str) -> Result<()> {
     let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("out")));
     std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;

@@ -3,35 +3,46 @@
 //! (MFU). For GPU machines without a Rust toolchain, where `cargo bench` cannot run.
 use std::time::Instant;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::{Model, Recompute, ViTConfig};
 use crate::ops::GemmPrecision;
 use crate::peft::allocator::{Allocator, AllocatorConfig};
 use crate::peft::Method;
 use crate::runtime::{mib, Backend};
 
+/// One measured configuration of `snella bench`.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct SpeedRow {
+    /// Model name (`vit_b16`, ...).
     pub model: String,
+    /// Method name (`snella32`, ...).
     pub method: String,
+    /// Images per step.
     pub batch: usize,
+    /// What the backward recomputes.
     pub recompute: Recompute,
+    /// Precision of the matrix products.
     pub gemm: GemmPrecision,
+    /// `cpu`, or the GPU's name.
     pub device: String,
+    /// Training throughput (images per second).
     pub images_per_s: f64,
+    /// Wall-clock milliseconds of one step.
     pub step_ms: f64,
     /// Model FLOPs of one step (3 × the forward's matrix products; recomputation not counted).
     pub tflop_per_step: f64,
     /// Achieved model TFLOP/s and its fraction of the card's dense peak for this GEMM precision.
     pub tflops: f64,
+    /// `tflops` over the card's dense peak (None when the card is unknown or on the CPU).
     pub mfu: Option<f64>,
+    /// MiB the plan allocates.
     pub planned_mib: f64,
     /// Device memory above the post-setup baseline after the steps (GPU only).
     pub device_mib: Option<f64>,
 }
 
 /// FLOPs of one forward pass: the matrix products of patch embedding, blocks and head.
-pub fn forward_flops(cfg: &ViTConfig, b: usize) -> f64 {
+pub(crate) fn forward_flops(cfg: &ViTConfig, b: usize) -> f64 {
     let (d, f, t, h, hd) =
         (cfg.embed_dim as f64, cfg.mlp_hidden as f64, cfg.tokens() as f64, cfg.num_heads as f64, cfg.head_dim() as f64);
     let bt = b as f64 * t;
@@ -42,7 +53,7 @@ pub fn forward_flops(cfg: &ViTConfig, b: usize) -> f64 {
 }
 
 /// Dense peak FLOP/s of a card by name, for the GEMM precision (SXM figures; None when unknown).
-pub fn peak_flops(device: &str, gemm: GemmPrecision) -> Option<f64> {
+pub(crate) fn peak_flops(device: &str, gemm: GemmPrecision) -> Option<f64> {
     let d = device.to_ascii_uppercase();
     let (fp32, tf32, bf16) = if d.contains("H100") || d.contains("H200") || d.contains("GH200") {
         (67e12, 495e12, 989e12)
@@ -58,7 +69,12 @@ pub fn peak_flops(device: &str, gemm: GemmPrecision) -> Option<f64> {
     })
 }
 
-/// Times `steps` training steps after `warmup` ones (the step reads the loss back, which synchronises).
+/// Times `steps` training steps after `warmup` ones (the step reads the loss back, which synchronises) of
+/// `model_name` × `method_name` at `batch` with a 100-class head and synthetic data.
+///
+/// # Errors
+/// `Invalid` for an unknown model or method, a zero batch or step count; `OutOfMemory`, `Cuda` from the
+/// device.
 #[allow(clippy::too_many_arguments)]
 pub fn step_speed(
     model_name: &str,
@@ -70,6 +86,9 @@ pub fn step_speed(
     warmup: usize,
     steps: usize,
 ) -> Result<SpeedRow> {
+    if steps == 0 {
+        return Err(Error::invalid("steps", "must be at least 1"));
+    }
     let cfg = ViTConfig::by_name(model_name, 100)?;
     let method = Method::parse(method_name, 0.5)?;
     let device = match &backend {
@@ -115,7 +134,7 @@ pub fn step_speed(
     run(warmup)?;
     let t0 = Instant::now();
     run(steps)?;
-    let secs = t0.elapsed().as_secs_f64() / steps.max(1) as f64;
+    let secs = t0.elapsed().as_secs_f64() / steps as f64;
     let flops = 3.0 * forward_flops(&cfg, batch);
     let tflops = flops / secs / 1e12;
     Ok(SpeedRow {

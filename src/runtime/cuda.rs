@@ -54,6 +54,12 @@ impl Cuda {
         Ok(())
     }
 
+    /// The name of device 0 (call after a successful [`Cuda::probe`]).
+    pub fn device_name() -> std::result::Result<String, String> {
+        let dev = drv::device::get(0).map_err(|e| format!("cuDeviceGet failed: {e}"))?;
+        drv::device::get_name(dev).map_err(|e| format!("cuDeviceGetName failed: {e}"))
+    }
+
     /// Context on device 0, its default stream, cuBLAS bound to that stream, every embedded module loaded.
     pub fn new() -> Result<Cuda> {
         Cuda::probe().map_err(Error::NoCuda)?;

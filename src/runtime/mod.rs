@@ -9,13 +9,16 @@ use std::cell::Cell;
 
 use crate::error::{Error, Result};
 use crate::ops::GemmPrecision;
-pub use cuda::{Cuda, DevPtr, KArg};
-pub use plan::{mib, DType, Plan, Pool, Tensor, TensorSpec};
+pub use cuda::{Cuda, DevPtr};
+pub(crate) use plan::Tensor;
+pub use plan::{mib, DType, Plan, Pool, TensorSpec};
 
 /// Where the engine runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 pub enum Device {
+    /// The CPU backend: the readable reference, always available.
     Cpu,
+    /// CUDA device 0 (dynamically loaded driver, cuBLAS and the embedded kernels).
     Cuda,
 }
 
@@ -32,19 +35,28 @@ impl Device {
     }
 }
 
-/// What executes the ops.
+/// What executes the ops: the CPU, or a CUDA context (device 0, one stream, cuBLAS, the kernel modules).
+/// Several models can share one by value only, so each model owns its backend.
 pub enum Backend {
+    /// The CPU.
     Cpu,
+    /// An initialised CUDA context (opaque).
     Cuda(Box<Cuda>),
 }
 
 impl Backend {
+    /// Opens the backend of `device`.
+    ///
+    /// # Errors
+    /// [`Error::NoCuda`] naming what is missing (driver, device, cuBLAS, kernels) when `device` is CUDA and no
+    /// GPU is usable; [`Error::Cuda`] when context creation or module loading fails.
     pub fn new(device: Device) -> Result<Backend> {
         Ok(match device {
             Device::Cpu => Backend::Cpu,
             Device::Cuda => Backend::Cuda(Box::new(Cuda::new()?)),
         })
     }
+    /// Which device this backend drives.
     pub fn device(&self) -> Device {
         match self {
             Backend::Cpu => Device::Cpu,
@@ -70,9 +82,9 @@ pub struct PoolUsage {
     pub peak: usize,
 }
 
-pub struct Runtime {
-    pub backend: Backend,
-    pub plan: Plan,
+pub(crate) struct Runtime {
+    pub(crate) backend: Backend,
+    pub(crate) plan: Plan,
     arenas: Vec<Arena>,
     peaks: [Cell<usize>; 6],
     gemm_precision: Cell<GemmPrecision>,
@@ -112,7 +124,8 @@ impl Runtime {
         Ok(rt)
     }
 
-    pub fn cpu(plan: Plan) -> Runtime {
+    #[cfg(test)]
+    pub(crate) fn cpu(plan: Plan) -> Runtime {
         Runtime::new(Backend::Cpu, plan).expect("CPU allocation cannot fail the device check")
     }
 

@@ -8,19 +8,26 @@
 use std::fmt::Write;
 
 /// Bytes between tensor starts are rounded up to this, so every tensor is aligned for vector loads.
-pub const ALIGN: usize = 256;
-pub const CUBLAS_WORKSPACE: &str = "cublas.workspace";
-pub const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
+pub(crate) const ALIGN: usize = 256;
+/// Plan name of the cuBLAS workspace.
+pub(crate) const CUBLAS_WORKSPACE: &str = "cublas.workspace";
+pub(crate) const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
+/// Element type of a planned tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 pub enum DType {
+    /// 32-bit float: parameters, gradients, optimizer state, activations.
     F32,
+    /// bfloat16.
     BF16,
+    /// 32-bit signed integer: labels.
     I32,
+    /// Bytes: GPS masks, workspaces.
     U8,
 }
 
 impl DType {
+    /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
             DType::F32 | DType::I32 => 4,
@@ -48,8 +55,10 @@ pub enum Pool {
 }
 
 impl Pool {
+    /// Every pool, in allocation order.
     pub const ALL: [Pool; 6] =
         [Pool::Frozen, Pool::Trainable, Pool::Grads, Pool::Optimizer, Pool::Activations, Pool::Scratch];
+    /// Lower-case name as printed in tables (`frozen`, `trainable`, ...).
     pub fn name(self) -> &'static str {
         match self {
             Pool::Frozen => "frozen",
@@ -60,7 +69,7 @@ impl Pool {
             Pool::Scratch => "scratch",
         }
     }
-    pub fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         self as usize
     }
 }
@@ -68,9 +77,13 @@ impl Pool {
 /// One planned tensor.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct TensorSpec {
+    /// Unique name, e.g. `blocks.3.mlp.fc1.weight`, `grad.<param>`, `adamw.m.<param>`, `act.3.ln1`.
     pub name: String,
+    /// Shape in elements, outermost first.
     pub shape: Vec<usize>,
+    /// Element type.
     pub dtype: DType,
+    /// The pool (device allocation) it lives in.
     pub pool: Pool,
     /// Scratch scope (0 for every other pool).
     pub scope: usize,
@@ -79,9 +92,11 @@ pub struct TensorSpec {
 }
 
 impl TensorSpec {
+    /// Number of elements.
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
+    /// Size in bytes (before alignment).
     pub fn bytes(&self) -> usize {
         self.numel() * self.dtype.size()
     }
@@ -90,12 +105,12 @@ impl TensorSpec {
 /// A handle to a planned tensor: where it lives and how many elements it has. Cheap to copy; the name and
 /// shape stay in the plan (`Plan::spec`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Tensor {
-    pub id: u32,
-    pub pool: Pool,
-    pub offset: usize,
-    pub numel: usize,
-    pub dtype: DType,
+pub(crate) struct Tensor {
+    pub(crate) id: u32,
+    pub(crate) pool: Pool,
+    pub(crate) offset: usize,
+    pub(crate) numel: usize,
+    pub(crate) dtype: DType,
 }
 
 impl Tensor {
@@ -109,9 +124,11 @@ impl Tensor {
     }
 }
 
+/// Every tensor of a training step, laid out in pools before anything is allocated. Read it with
+/// [`Plan::table`], [`Plan::tensor_table`], [`Plan::tensors`] and [`Plan::get`]; models build it.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Plan {
-    pub tensors: Vec<TensorSpec>,
+    pub(crate) tensors: Vec<TensorSpec>,
     /// End of the used bytes of each pool (for scratch: of each scope).
     ends: [usize; 6],
     scope_ends: Vec<usize>,
@@ -125,12 +142,12 @@ fn align(x: usize) -> usize {
 }
 
 impl Plan {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Plan { scope_ends: vec![0], ..Default::default() }
     }
 
     /// Adds a tensor; scratch tensors go into the current scope.
-    pub fn add(&mut self, name: impl Into<String>, shape: &[usize], dtype: DType, pool: Pool) -> Tensor {
+    pub(crate) fn add(&mut self, name: impl Into<String>, shape: &[usize], dtype: DType, pool: Pool) -> Tensor {
         let (scope, offset) = if pool == Pool::Scratch {
             assert!(
                 self.current_scope != 0 || self.scope_base.is_none(),
@@ -156,32 +173,37 @@ impl Plan {
 
     /// The cuBLAS workspace (32 MiB, what NVIDIA recommends for Hopper), in persistent scratch so cuBLAS
     /// allocates nothing of its own; planned on every device so the printed plan is the GPU's plan.
-    pub fn add_cublas_workspace(&mut self) -> Tensor {
+    pub(crate) fn add_cublas_workspace(&mut self) -> Tensor {
         self.add(CUBLAS_WORKSPACE, &[CUBLAS_WORKSPACE_BYTES], DType::U8, Pool::Scratch)
     }
 
-    pub fn f32(&mut self, name: impl Into<String>, shape: &[usize], pool: Pool) -> Tensor {
+    pub(crate) fn f32(&mut self, name: impl Into<String>, shape: &[usize], pool: Pool) -> Tensor {
         self.add(name, shape, DType::F32, pool)
     }
 
     /// Starts a new scratch scope after scope 0 (aliasing every other scope) and returns its index.
-    pub fn scope(&mut self) -> usize {
+    pub(crate) fn scope(&mut self) -> usize {
         let base = *self.scope_base.get_or_insert(self.scope_ends[0]);
         self.scope_ends.push(base);
         self.current_scope = self.scope_ends.len() - 1;
         self.current_scope
     }
 
-    /// Reopens an existing scope to add more tensors to it.
-    pub fn reopen_scope(&mut self, scope: usize) {
-        self.current_scope = scope;
-    }
-
-    pub fn spec(&self, t: Tensor) -> &TensorSpec {
+    pub(crate) fn spec(&self, t: Tensor) -> &TensorSpec {
         &self.tensors[t.id as usize]
     }
 
-    pub fn find(&self, name: &str) -> Option<Tensor> {
+    /// Every planned tensor, in planning order.
+    pub fn tensors(&self) -> &[TensorSpec] {
+        &self.tensors
+    }
+
+    /// The tensor of that name, if planned.
+    pub fn get(&self, name: &str) -> Option<&TensorSpec> {
+        self.tensors.iter().find(|s| s.name == name)
+    }
+
+    pub(crate) fn find(&self, name: &str) -> Option<Tensor> {
         self.tensors.iter().enumerate().find(|(_, s)| s.name == name).map(|(i, s)| Tensor {
             id: i as u32,
             pool: s.pool,
@@ -196,10 +218,12 @@ impl Plan {
         self.ends[pool.index()]
     }
 
+    /// Bytes of all pools together: the model's device footprint for a training step.
     pub fn total_bytes(&self) -> usize {
         Pool::ALL.iter().map(|&p| self.pool_bytes(p)).sum()
     }
 
+    /// Number of tensors planned in a pool.
     pub fn pool_tensors(&self, pool: Pool) -> usize {
         self.tensors.iter().filter(|t| t.pool == pool).count()
     }
@@ -234,6 +258,7 @@ impl Plan {
     }
 }
 
+/// Bytes to MiB (2^20 bytes).
 pub fn mib(bytes: usize) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }

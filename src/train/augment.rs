@@ -14,7 +14,7 @@
 //! torchvision applies these steps to 8-bit PIL images; here they run on `f32` images in `[0, 1]`.
 //! The arithmetic is the same but nothing is quantised to 8 bits between steps. Where PIL's 8-bit
 //! bicubic would clip its overshoot to `[0, 255]`, the pipelines here clamp the bicubic output to
-//! `[0, 1]` (the bare [`resize`] does not clamp). ColorJitter follows torchvision's *tensor* formulas
+//! `[0, 1]` (the bare resampler does not clamp). ColorJitter follows torchvision's *tensor* formulas
 //! (contrast blends with the float mean of the greyscale image; PIL rounds that mean to an integer).
 use rand::Rng;
 
@@ -27,15 +27,15 @@ pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 /// RandomResizedCrop scale range (fraction of the image area), as in spec e.1.
-pub const RRC_SCALE: (f64, f64) = (0.08, 1.0);
+pub(crate) const RRC_SCALE: (f64, f64) = (0.08, 1.0);
 /// RandomResizedCrop aspect-ratio range (width / height), as in spec e.1.
-pub const RRC_RATIO: (f64, f64) = (3.0 / 4.0, 4.0 / 3.0);
+pub(crate) const RRC_RATIO: (f64, f64) = (3.0 / 4.0, 4.0 / 3.0);
 /// ColorJitter strengths (brightness, contrast, saturation), as in spec e.1; hue is not jittered.
-pub const JITTER: [f32; 3] = [0.4, 0.4, 0.4];
+pub(crate) const JITTER: [f32; 3] = [0.4, 0.4, 0.4];
 
 /// Resampling filter of [`resize`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Filter {
+pub(crate) enum Filter {
     /// Triangle filter, support 1 (PIL `BILINEAR`).
     Bilinear,
     /// Keys cubic with a = -0.5, support 2 (PIL `BICUBIC`).
@@ -133,7 +133,7 @@ fn taps(in_size: usize, out_size: usize, filter: Filter) -> Taps {
 ///
 /// Panics if `img.len() != c*h*w`, or if the input is empty but the output is not.
 #[allow(clippy::too_many_arguments)] // the signature mirrors PIL: image, its shape, the new shape, the filter
-pub fn resize(img: &[f32], c: usize, h: usize, w: usize, nh: usize, nw: usize, filter: Filter) -> Vec<f32> {
+pub(crate) fn resize(img: &[f32], c: usize, h: usize, w: usize, nh: usize, nw: usize, filter: Filter) -> Vec<f32> {
     assert_eq!(img.len(), c * h * w, "resize: image buffer length does not match {c}x{h}x{w}");
     if c * nh * nw == 0 {
         return Vec::new();
@@ -177,7 +177,7 @@ pub fn resize(img: &[f32], c: usize, h: usize, w: usize, nh: usize, nw: usize, f
 
 /// A crop window in pixels: rows `top..top+height`, columns `left..left+width`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Crop {
+pub(crate) struct Crop {
     pub top: usize,
     pub left: usize,
     pub height: usize,
@@ -189,7 +189,7 @@ pub struct Crop {
 /// `h = round(sqrt(area/ratio))` (Python's round-half-even), accepted when `0 < w ≤ W` and `0 < h ≤ H`,
 /// with the offset uniform over all positions; otherwise the central-crop fallback (the whole image
 /// clipped to the ratio range).
-pub fn random_resized_crop_params(
+pub(crate) fn random_resized_crop_params(
     height: usize,
     width: usize,
     scale: (f64, f64),
@@ -224,7 +224,7 @@ pub fn random_resized_crop_params(
 }
 
 /// Copies the window `crop` out of a CHW image.
-pub fn crop(img: &[f32], c: usize, h: usize, w: usize, crop: Crop) -> Vec<f32> {
+pub(crate) fn crop(img: &[f32], c: usize, h: usize, w: usize, crop: Crop) -> Vec<f32> {
     assert_eq!(img.len(), c * h * w, "crop: image buffer length does not match {c}x{h}x{w}");
     assert!(
         crop.top + crop.height <= h && crop.left + crop.width <= w,
@@ -240,7 +240,7 @@ pub fn crop(img: &[f32], c: usize, h: usize, w: usize, crop: Crop) -> Vec<f32> {
 }
 
 /// Mirrors a CHW image left-right in place.
-pub fn hflip(img: &mut [f32], w: usize) {
+pub(crate) fn hflip(img: &mut [f32], w: usize) {
     if w == 0 {
         return;
     }
@@ -250,7 +250,7 @@ pub fn hflip(img: &mut [f32], w: usize) {
 }
 
 /// ITU-R 601-2 luma of a 3-channel CHW image: `0.299 R + 0.587 G + 0.114 B`, one plane.
-pub fn grayscale(img: &[f32]) -> Vec<f32> {
+pub(crate) fn grayscale(img: &[f32]) -> Vec<f32> {
     let hw = img.len() / 3;
     let (r, rest) = img.split_at(hw);
     let (g, b) = rest.split_at(hw);
@@ -263,7 +263,7 @@ pub fn grayscale(img: &[f32]) -> Vec<f32> {
 /// an adjustment with strength 0 is skipped and draws nothing). Brightness multiplies; contrast blends
 /// with the mean of the greyscale image; saturation blends with the greyscale image; the image is
 /// clamped to `[0, 1]` after each.
-pub fn color_jitter(img: &mut [f32], strength: [f32; 3], rng: &mut impl Rng) {
+pub(crate) fn color_jitter(img: &mut [f32], strength: [f32; 3], rng: &mut impl Rng) {
     assert_eq!(img.len() % 3, 0, "color_jitter: not a 3-channel image");
     let mut order = [0usize, 1, 2];
     for i in (1..3).rev() {
@@ -300,7 +300,7 @@ pub fn color_jitter(img: &mut [f32], strength: [f32; 3], rng: &mut impl Rng) {
 }
 
 /// `(x − mean) / std` per channel with the ImageNet statistics, in place (3-channel CHW).
-pub fn normalize(img: &mut [f32]) {
+pub(crate) fn normalize(img: &mut [f32]) {
     let hw = img.len() / 3;
     if hw == 0 {
         return;
@@ -309,6 +309,16 @@ pub fn normalize(img: &mut [f32]) {
         let inv = 1.0 / s;
         ch.iter_mut().for_each(|v| *v = (*v - m) * inv);
     }
+}
+
+/// The largest output side a pipeline produces (a 16384² RGB image is 3 GiB of f32).
+pub(crate) const MAX_SIZE: usize = 16384;
+
+fn check_size(size: usize) -> Result<()> {
+    if size == 0 || size > MAX_SIZE {
+        return Err(Error::invalid("transform size", format!("{size} is not in 1..={MAX_SIZE} pixels")));
+    }
+    Ok(())
 }
 
 fn clamp01(img: &mut [f32]) {
@@ -321,12 +331,21 @@ pub enum Transform {
     /// FGVC training: RandomResizedCrop(size, scale=(0.08,1), ratio=(3/4,4/3), bicubic) + horizontal
     /// flip p=0.5 + ColorJitter(brightness 0.4, contrast 0.4, saturation 0.4) + ImageNet normalisation.
     /// RNG draws, in order: the crop parameters, the flip, the jitter order and factors.
-    TrainFgvc { size: usize },
+    TrainFgvc {
+        /// Side of the square output in pixels.
+        size: usize,
+    },
     /// VTAB: Resize((size,size), bicubic) + ImageNet normalisation (train and test). Draws nothing.
-    DirectResize { size: usize },
+    DirectResize {
+        /// Side of the square output in pixels.
+        size: usize,
+    },
     /// Evaluation: Resize(shorter side to size*256/224, bilinear) + CenterCrop(size) + normalisation.
     /// Draws nothing.
-    EvalCenterCrop { size: usize },
+    EvalCenterCrop {
+        /// Side of the square output in pixels.
+        size: usize,
+    },
 }
 
 impl Transform {
@@ -349,11 +368,14 @@ impl Transform {
     }
 
     /// Parses a pipeline name (case-insensitive, `-` or `_`): `train-fgvc` (alias `fgvc`),
-    /// `direct-resize` (alias `vtab`), `eval-center-crop` (aliases `center-crop`, `eval`).
+    /// `direct-resize` (alias `vtab`), `eval-center-crop` (aliases `center-crop`, `eval`), with a square
+    /// output of `size` pixels.
+    ///
+    /// # Errors
+    /// `Invalid { option: "transform size" }` for a size of 0 or above 16384, `Invalid { option: "transform" }`
+    /// for an unknown name.
     pub fn parse(s: &str, size: usize) -> Result<Transform> {
-        if size == 0 {
-            return Err(Error::invalid("transform size", "the image size must be at least 1"));
-        }
+        check_size(size)?;
         let key = s.trim().to_ascii_lowercase().replace('_', "-");
         match key.as_str() {
             "train-fgvc" | "fgvc" => Ok(Transform::TrainFgvc { size }),
@@ -366,12 +388,20 @@ impl Transform {
         }
     }
 
-    /// Applies the pipeline to `ex` (3-channel CHW in `[0, 1]`); returns `(3, size, size)`.
-    /// Panics if `ex.image.len() != 3 * ex.height * ex.width` or the image is empty.
-    pub fn apply(&self, ex: &Example, rng: &mut impl Rng) -> Vec<f32> {
+    /// Applies the pipeline to `ex` (3-channel CHW in `[0, 1]`); returns `(3, size, size)` normalised values.
+    ///
+    /// # Errors
+    /// `Invalid { option: "image" }` when `ex.image` is not `3 × height × width` values or is empty;
+    /// `Invalid { option: "transform size" }` for a size of 0 or above 16384.
+    pub fn apply(&self, ex: &Example, rng: &mut impl Rng) -> Result<Vec<f32>> {
         let (h, w) = (ex.height, ex.width);
-        assert_eq!(ex.image.len(), 3 * h * w, "Transform::apply: example is not a 3x{h}x{w} image");
-        assert!(h > 0 && w > 0, "Transform::apply: empty {h}x{w} image");
+        if h == 0 || w == 0 || h.checked_mul(w).and_then(|n| n.checked_mul(3)) != Some(ex.image.len()) {
+            return Err(Error::invalid(
+                "image",
+                format!("{} values do not form a non-empty 3x{h}x{w} image", ex.image.len()),
+            ));
+        }
+        check_size(self.size())?;
         let mut out = match *self {
             Transform::TrainFgvc { size } => {
                 let c = random_resized_crop_params(h, w, RRC_SCALE, RRC_RATIO, rng);
@@ -399,7 +429,7 @@ impl Transform {
             }
         };
         normalize(&mut out);
-        out
+        Ok(out)
     }
 }
 
@@ -436,7 +466,7 @@ mod tests {
             Transform::DirectResize { size: 24 },
             Transform::EvalCenterCrop { size: 24 },
         ] {
-            assert_eq!(t.apply(&e, &mut rng).len(), 3 * 24 * 24, "{t}");
+            assert_eq!(t.apply(&e, &mut rng).unwrap().len(), 3 * 24 * 24, "{t}");
         }
         // Tiny inputs upscale.
         let e = ex(3, 2, |_, _, _| 0.5);
@@ -445,7 +475,7 @@ mod tests {
             Transform::DirectResize { size: 16 },
             Transform::EvalCenterCrop { size: 16 },
         ] {
-            assert_eq!(t.apply(&e, &mut rng).len(), 3 * 16 * 16, "{t}");
+            assert_eq!(t.apply(&e, &mut rng).unwrap().len(), 3 * 16 * 16, "{t}");
         }
     }
 
@@ -453,7 +483,7 @@ mod tests {
     fn direct_resize_constant_stays_constant() {
         let vals = [0.2f32, 0.7, 0.9];
         let e = ex(41, 29, |c, _, _| vals[c]);
-        let out = Transform::DirectResize { size: 16 }.apply(&e, &mut SplitMix64::seed_from_u64(0));
+        let out = Transform::DirectResize { size: 16 }.apply(&e, &mut SplitMix64::seed_from_u64(0)).unwrap();
         for c in 0..3 {
             let want = (vals[c] - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
             for &v in &out[c * 256..(c + 1) * 256] {
@@ -463,7 +493,7 @@ mod tests {
         // Also when upscaling, and for the eval pipeline.
         let e = ex(5, 7, |c, _, _| vals[c]);
         for t in [Transform::DirectResize { size: 19 }, Transform::EvalCenterCrop { size: 19 }] {
-            let out = t.apply(&e, &mut SplitMix64::seed_from_u64(0));
+            let out = t.apply(&e, &mut SplitMix64::seed_from_u64(0)).unwrap();
             for c in 0..3 {
                 let want = (vals[c] - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
                 assert!(out[c * 361..(c + 1) * 361].iter().all(|v| (v - want).abs() < 1e-5), "{t}");
@@ -606,7 +636,7 @@ mod tests {
         // 224 -> shorter side 256: a 100x200 image becomes 256x512, centre crop 224 at (16, 144).
         // Put a marker column in the centre: it must land in the centre of the output.
         let e = ex(100, 200, |_, _, x| if (99..=100).contains(&x) { 1.0 } else { 0.0 });
-        let out = Transform::EvalCenterCrop { size: 224 }.apply(&e, &mut SplitMix64::seed_from_u64(0));
+        let out = Transform::EvalCenterCrop { size: 224 }.apply(&e, &mut SplitMix64::seed_from_u64(0)).unwrap();
         let row = &out[100 * 224..101 * 224];
         let (argmax, _) = row.iter().enumerate().fold((0, f32::MIN), |a, (i, &v)| if v > a.1 { (i, v) } else { a });
         assert!((110..=113).contains(&argmax), "{argmax}");

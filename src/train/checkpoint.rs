@@ -28,9 +28,9 @@ use crate::model::{Model, ViTConfig};
 use crate::train::recipe::TrainConfig;
 
 /// Format version written into [`CheckpointMeta::version`].
-pub const CHECKPOINT_VERSION: u32 = 1;
+pub(crate) const CHECKPOINT_VERSION: u32 = 1;
 /// The `__metadata__` key holding the JSON metadata.
-pub const META_KEY: &str = "snella_checkpoint";
+pub(crate) const META_KEY: &str = "snella_checkpoint";
 
 /// Where a run stands: enough to continue it exactly.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -64,19 +64,19 @@ pub struct TrainState {
 pub struct CheckpointMeta {
     /// Always `"snella-checkpoint"`.
     pub format: String,
-    /// [`CHECKPOINT_VERSION`] of the writer.
+    /// Format version of the writer (this build writes and reads 1).
     pub version: u32,
     /// `Method::name()` of the model that wrote it (e.g. `snella32`).
     pub method: String,
     /// The model configuration.
     pub model: ViTConfig,
-    /// The training configuration (absent when written without one) and its [`TrainConfig::hash`].
+    /// The training configuration (absent when written without one).
     pub config: Option<TrainConfig>,
-    /// [`TrainConfig::hash`] of `config`.
+    /// FNV-1a hash (16 hex digits) of the trajectory-relevant fields of `config`.
     pub config_hash: Option<String>,
-    /// AdamW step counter (`Model::step`).
+    /// AdamW step counter ([`Model::step_count`]).
     pub adam_step: u64,
-    /// Per-branch ratio of zeroed entries (`Model::sparsity`), module order.
+    /// Per-branch ratio of zeroed entries ([`Model::sparsity`]), module order.
     pub sparsity: Vec<f32>,
     /// Where the run stood.
     pub state: TrainState,
@@ -85,7 +85,7 @@ pub struct CheckpointMeta {
 }
 
 /// 64-bit FNV-1a over `bytes`, as 16 hex digits.
-pub fn fnv1a64(bytes: &[u8]) -> String {
+pub(crate) fn fnv1a64(bytes: &[u8]) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in bytes {
         h ^= b as u64;
@@ -97,6 +97,9 @@ pub fn fnv1a64(bytes: &[u8]) -> String {
 /// Writes `bytes` to `path` atomically: a temporary `.<name>.tmp-<pid>` in the same folder, `fsync`, then
 /// a rename over `path`. On any error the temporary is removed, `path` is left as it was, and the error
 /// (`Error::Io`) names the path that failed.
+///
+/// # Errors
+/// `Invalid { option: "output path" }` for a path without a file name; `Io` naming `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path
         .file_name()
@@ -177,8 +180,8 @@ fn checkpoint_tensors(model: &Model) -> Vec<(String, crate::runtime::Tensor, Vec
     let shape_of = |t: crate::runtime::Tensor| model.rt.plan.spec(t).shape.clone();
     for (name, p) in model.layout.params.trainable() {
         out.push((format!("param.{name}"), p.value, shape_of(p.value)));
-        out.push((format!("adamw.m.{name}"), p.m.unwrap(), shape_of(p.value)));
-        out.push((format!("adamw.v.{name}"), p.v.unwrap(), shape_of(p.value)));
+        out.push((format!("adamw.m.{name}"), p.m.expect("trainable parameters have AdamW m"), shape_of(p.value)));
+        out.push((format!("adamw.v.{name}"), p.v.expect("trainable parameters have AdamW v"), shape_of(p.value)));
     }
     for br in &model.layout.branches {
         if let BranchParams::Kernel { ema: Some([ia, ua, ib, ub]), .. } = br.params {
@@ -196,9 +199,10 @@ fn checkpoint_tensors(model: &Model) -> Vec<(String, crate::runtime::Tensor, Vec
 /// `state` to `path`, atomically (see [`write_atomic`]). `config` (optional) is stored with its hash so a
 /// resume can refuse another recipe.
 ///
-/// Refuses (`Invalid { option: "checkpoint" }`) to write a trainable value that is NaN or infinite, so the
-/// file on disk is always a good state. Errors: `Error::Io` naming the path when it cannot be written
-/// (missing folder, read-only location...).
+/// # Errors
+/// `Invalid { option: "checkpoint" }` for a trainable value that is NaN or infinite (nothing is written, so
+/// the file on disk is always a good state); `Invalid` naming a field of `config` that cannot be stored;
+/// `Io` naming the path when it cannot be written (missing folder, read-only location...).
 pub fn save_checkpoint(path: &Path, model: &Model, state: &TrainState, config: Option<&TrainConfig>) -> Result<()> {
     let mut tensors = BTreeMap::new();
     for (name, t, shape) in checkpoint_tensors(model) {
@@ -226,7 +230,7 @@ pub fn save_checkpoint(path: &Path, model: &Model, state: &TrainState, config: O
         method: model.method.name(),
         model: model.cfg.clone(),
         config: config.cloned(),
-        config_hash: config.map(|c| c.hash()),
+        config_hash: config.map(|c| c.hash()).transpose()?,
         adam_step: model.step,
         sparsity: model.sparsity.clone(),
         state: state.clone(),
@@ -244,7 +248,9 @@ pub fn save_checkpoint(path: &Path, model: &Model, state: &TrainState, config: O
 }
 
 /// Reads only the metadata of a checkpoint (and verifies the file is complete and its checksum matches).
-/// Errors: `Error::Io` (unreadable), `Error::Format` (not a checkpoint, truncated, corrupt).
+///
+/// # Errors
+/// `Error::Io` (unreadable), `Error::Format` (not a checkpoint, truncated, corrupt), naming the file.
 pub fn read_checkpoint_meta(path: &Path) -> Result<CheckpointMeta> {
     let (bytes, n, map) = read_safetensors_file(path)?;
     parse_meta(path, &bytes, n, &map)
@@ -279,12 +285,14 @@ fn parse_meta(path: &Path, bytes: &[u8], n: usize, map: &HashMap<String, String>
 /// count and the per-branch sparsity. Returns the metadata (with the [`TrainState`] to continue from).
 ///
 /// With `config`, the checkpoint must have been written with the same trajectory-relevant recipe
-/// ([`TrainConfig::trajectory_json`]); a difference is `Invalid { option: "checkpoint" }` naming the fields.
+/// (every field except where and how fast it runs); a difference is `Invalid { option: "checkpoint" }` naming
+/// the fields.
 ///
-/// Errors, all naming the file: `Error::Io` (unreadable), `Error::Format` (truncated, corrupt, not a
-/// checkpoint), `Invalid { option: "checkpoint" }` (another method or model configuration, naming both),
-/// `MissingTensor` / `UnexpectedTensors` / `ShapeMismatch`. On error the model may be partly overwritten
-/// only after all checks passed, i.e. never: every check runs before the first upload.
+/// # Errors
+/// All naming the file: `Error::Io` (unreadable), `Error::Format` (truncated, corrupt, not a checkpoint, a
+/// sparsity outside [0, 1]), `Invalid { option: "checkpoint" }` (another method, model configuration or
+/// recipe, naming the differences), `MissingTensor` / `UnexpectedTensors` / `ShapeMismatch`. Every check runs
+/// before the first upload, so on error the model is unchanged (a failing device copy aside).
 pub fn load_checkpoint(path: &Path, model: &mut Model, config: Option<&TrainConfig>) -> Result<CheckpointMeta> {
     let (bytes, n, map) = read_safetensors_file(path)?;
     let meta = parse_meta(path, &bytes, n, &map)?;
@@ -297,16 +305,16 @@ pub fn load_checkpoint(path: &Path, model: &mut Model, config: Option<&TrainConf
         ));
     }
     if meta.model != model.cfg {
-        let a = serde_json::to_value(&meta.model).unwrap();
-        let b = serde_json::to_value(&model.cfg).unwrap();
+        let a = serde_json::to_value(&meta.model).unwrap_or_default();
+        let b = serde_json::to_value(&model.cfg).unwrap_or_default();
         return Err(Error::invalid(
             "checkpoint",
             format!("{file} is for another model configuration (differs in: {})", diff_fields(&a, &b)),
         ));
     }
     if let (Some(cfg), Some(saved)) = (config, &meta.config) {
-        if cfg.hash() != meta.config_hash.clone().unwrap_or_default() {
-            let d = diff_fields(&saved.trajectory_json(), &cfg.trajectory_json());
+        if cfg.hash()? != meta.config_hash.clone().unwrap_or_default() {
+            let d = diff_fields(&saved.trajectory_json()?, &cfg.trajectory_json()?);
             if !d.is_empty() {
                 return Err(Error::invalid(
                     "checkpoint",
@@ -320,6 +328,9 @@ pub fn load_checkpoint(path: &Path, model: &mut Model, config: Option<&TrainConf
             path,
             format!("{} sparsity entries for {} branches", meta.sparsity.len(), model.sparsity.len()),
         ));
+    }
+    if let Some(bad) = meta.sparsity.iter().find(|s| !(0.0..=1.0).contains(*s)) {
+        return Err(Error::format(path, format!("sparsity {bad} is outside [0, 1]")));
     }
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::format(path, format!("not a valid safetensors file (truncated or corrupt?): {e:?}")))?;

@@ -22,24 +22,38 @@ use crate::error::{Error, Result};
 /// One decoded example: an RGB image as f32 in `[0, 1]`, CHW, and its label.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Example {
+    /// `(3, height, width)` row-major values in `[0, 1]`.
     pub image: Vec<f32>,
+    /// Rows in pixels.
     pub height: usize,
+    /// Columns in pixels.
     pub width: usize,
+    /// Class index in `0..num_classes`.
     pub label: usize,
 }
 
 /// A labelled image source. Implementors: [`ImageFolder`], [`Idx`], [`Subset`]. Items are decoded
 /// lazily by index.
 pub trait Dataset: Send + Sync {
+    /// Number of items.
     fn len(&self) -> usize;
+    /// Whether there are no items.
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Number of classes (labels are `0..num_classes`).
     fn num_classes(&self) -> usize;
+    /// Class names in label order.
     fn class_names(&self) -> &[String];
-    /// Decodes item `i` (an error for `i >= len()`).
+    /// Decodes item `i`.
+    ///
+    /// # Errors
+    /// `Invalid { option: "dataset index" }` for `i >= len()`; decoding errors naming the file.
     fn get(&self, i: usize) -> Result<Example>;
     /// The label of item `i` without decoding the image where the source allows it.
+    ///
+    /// # Errors
+    /// As [`Dataset::get`].
     fn label(&self, i: usize) -> Result<usize> {
         self.get(i).map(|e| e.label)
     }
@@ -78,7 +92,7 @@ fn out_of_range(i: usize, len: usize) -> Error {
 // ---------------------------------------------------------------------------------------------
 
 /// The SplitMix64 finaliser: a bijective 64-bit mix.
-pub fn splitmix64(mut z: u64) -> u64 {
+pub(crate) fn splitmix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -86,14 +100,14 @@ pub fn splitmix64(mut z: u64) -> u64 {
 }
 
 /// The seed of one example's augmentation RNG: a hash of `(seed, epoch, dataset index)` only.
-pub fn example_seed(seed: u64, epoch: u64, index: u64) -> u64 {
+pub(crate) fn example_seed(seed: u64, epoch: u64, index: u64) -> u64 {
     splitmix64(splitmix64(splitmix64(seed) ^ epoch) ^ index)
 }
 
 /// A small, fast, seedable RNG (SplitMix64) whose stream is fixed by this crate, not by `rand`'s
 /// version: used for every data-pipeline draw.
 #[derive(Clone, Debug)]
-pub struct SplitMix64 {
+pub(crate) struct SplitMix64 {
     state: u64,
 }
 
@@ -135,7 +149,7 @@ impl SeedableRng for SplitMix64 {
 }
 
 /// A uniformly random permutation of `0..n` (Fisher–Yates).
-pub fn permutation(n: usize, rng: &mut impl Rng) -> Vec<usize> {
+pub(crate) fn permutation(n: usize, rng: &mut impl Rng) -> Vec<usize> {
     let mut p: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
         let j = rng.gen_range(0..=i);
@@ -215,7 +229,10 @@ fn check_jpeg_structure(b: &[u8]) -> std::result::Result<(), String> {
 
 /// Reads and decodes a JPEG or PNG file to a 3-channel CHW `f32` image in `[0, 1]`: grey is
 /// replicated, alpha dropped (as PIL's `convert('RGB')`), 16-bit samples scaled by 1/65535.
-/// The format is detected from the content, falling back to the extension.
+/// The format is detected from the content, falling back to the extension. Returns (image, height, width).
+///
+/// # Errors
+/// `Io` (unreadable), `Format` (not JPEG/PNG, truncated or corrupt, empty), naming the file.
 pub fn decode_image(path: &Path) -> Result<(Vec<f32>, usize, usize)> {
     use image::ImageFormat;
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
@@ -308,7 +325,11 @@ fn collect_images(dir: &Path, label: usize, depth: usize, out: &mut Vec<(PathBuf
 }
 
 impl ImageFolder {
-    /// Indexes `root/<class>/...`.
+    /// Indexes `root/<class>/...` (reads the folder listing only, no image).
+    ///
+    /// # Errors
+    /// `Io` (missing or unreadable folder), `Format` (not a folder, no class folders, a class folder without
+    /// images, folders nested too deep), naming the path.
     pub fn open(root: &Path) -> Result<ImageFolder> {
         let meta = std::fs::metadata(root).map_err(|e| Error::io(root, e))?;
         if !meta.is_dir() {
@@ -338,6 +359,9 @@ impl ImageFolder {
     }
 
     /// With `split`: `root/<split>/<class>/...`, e.g. "train"/"test".
+    ///
+    /// # Errors
+    /// As [`ImageFolder::open`] for `root/<split>`.
     pub fn open_split(root: &Path, split: &str) -> Result<ImageFolder> {
         ImageFolder::open(&root.join(split))
     }
@@ -460,6 +484,11 @@ pub struct Idx {
 }
 
 impl Idx {
+    /// Reads and validates an images file and a labels file (see the type's documentation).
+    ///
+    /// # Errors
+    /// `Invalid { option: "num_classes" }` for 0 classes; `Io` (unreadable); `Format` naming the file (bad
+    /// magic, truncated or trailing data, zero image size, mismatched counts, a label `>= num_classes`).
     pub fn open(images: &Path, labels: &Path, num_classes: usize) -> Result<Idx> {
         if num_classes == 0 {
             return Err(Error::invalid("num_classes", "an IDX dataset needs at least one class"));
@@ -505,6 +534,9 @@ impl Idx {
     /// Fashion-MNIST / MNIST standard names in a folder: `train-images-idx3-ubyte(.gz)`,
     /// `train-labels-idx1-ubyte(.gz)`, `t10k-images-idx3-ubyte(.gz)`, `t10k-labels-idx1-ubyte(.gz)`
     /// (the variant `train-images.idx3-ubyte` is accepted too). 10 classes, named "0".."9".
+    ///
+    /// # Errors
+    /// `Io` naming the missing file; otherwise as [`Idx::open`].
     pub fn open_standard(dir: &Path, train: bool) -> Result<Idx> {
         let prefix = if train { "train" } else { "t10k" };
         let find = |kind: &str, idx: &str| -> Result<PathBuf> {
@@ -529,18 +561,19 @@ impl Idx {
         Idx::open(&images, &labels, 10)
     }
 
-    /// Replaces the default class names ("0", "1", ...). Panics unless `names.len()` equals the
-    /// number of classes given at `open` (a programming error, not a data error).
-    pub fn with_class_names(mut self, names: Vec<String>) -> Self {
-        assert_eq!(
-            names.len(),
-            self.classes.len(),
-            "Idx::with_class_names: {} names for {} classes",
-            names.len(),
-            self.classes.len()
-        );
+    /// Replaces the default class names ("0", "1", ...).
+    ///
+    /// # Errors
+    /// `Invalid { option: "class names" }` unless `names.len()` equals the number of classes given at `open`.
+    pub fn with_class_names(mut self, names: Vec<String>) -> Result<Self> {
+        if names.len() != self.classes.len() {
+            return Err(Error::invalid(
+                "class names",
+                format!("{} names for an IDX dataset of {} classes", names.len(), self.classes.len()),
+            ));
+        }
         self.classes = names;
-        self
+        Ok(self)
     }
 
     /// Image height and width.
@@ -593,9 +626,11 @@ impl<D> Subset<D> {
     pub fn indices(&self) -> &[usize] {
         &self.indices
     }
+    /// The dataset it draws from.
     pub fn inner(&self) -> &D {
         &self.inner
     }
+    /// Gives the inner dataset back.
     pub fn into_inner(self) -> D {
         self.inner
     }
@@ -679,10 +714,13 @@ impl<D: Dataset> Dataset for Subset<D> {
 pub struct Batch {
     /// `(b, 3, height, width)` row-major, after the transform.
     pub images: Vec<f32>,
+    /// Class of every example.
     pub labels: Vec<i32>,
     /// The dataset index of every example.
     pub indices: Vec<usize>,
+    /// Image rows in pixels (the transform's size).
     pub height: usize,
+    /// Image columns in pixels (the transform's size).
     pub width: usize,
 }
 
@@ -691,6 +729,7 @@ impl Batch {
     pub fn len(&self) -> usize {
         self.labels.len()
     }
+    /// Whether the batch holds no example.
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
     }
@@ -715,7 +754,11 @@ pub struct Loader<D: Dataset> {
 }
 
 impl<D: Dataset> Loader<D> {
-    /// Errors: `batch == 0` (`Error::Invalid` naming `batch size`).
+    /// A loader of `batch`-image batches of `dataset` through `transform`; `shuffle` draws a new order per
+    /// epoch from `seed`; `drop_last` drops a final partial batch.
+    ///
+    /// # Errors
+    /// `Invalid { option: "batch size" }` for `batch == 0`.
     pub fn new(
         dataset: D,
         transform: Transform,
@@ -730,12 +773,15 @@ impl<D: Dataset> Loader<D> {
         Ok(Loader { dataset, transform, batch, shuffle, seed, drop_last })
     }
 
+    /// The dataset it reads.
     pub fn dataset(&self) -> &D {
         &self.dataset
     }
+    /// The pipeline applied to every example.
     pub fn transform(&self) -> Transform {
         self.transform
     }
+    /// Examples per batch (the last one may be smaller unless `drop_last`).
     pub fn batch_size(&self) -> usize {
         self.batch
     }
@@ -768,13 +814,22 @@ impl<D: Dataset> Loader<D> {
     }
 
     /// Decodes and transforms the given dataset indices as epoch `epoch` would.
+    ///
+    /// # Errors
+    /// The first failing example's error in `indices` order: an index out of range, a decoding error naming
+    /// the file, an example whose image is not `3 × height × width` values (`Invalid { option: "dataset" }`),
+    /// a label that does not fit in i32.
     pub fn make_batch(&self, epoch: usize, indices: &[usize]) -> Result<Batch> {
         let results: Vec<Result<(Vec<f32>, usize)>> = indices
             .par_iter()
             .map(|&i| {
                 let ex = self.dataset.get(i)?;
                 let mut rng = SplitMix64::new(example_seed(self.seed, epoch as u64, i as u64));
-                Ok((self.transform.apply(&ex, &mut rng), ex.label))
+                let img = self.transform.apply(&ex, &mut rng).map_err(|e| match e {
+                    Error::Invalid { msg, .. } => Error::invalid("dataset", format!("item {i}: {msg}")),
+                    e => e,
+                })?;
+                Ok((img, ex.label))
             })
             .collect();
         let size = self.transform.size();

@@ -27,7 +27,7 @@ use crate::ops::matmul::{matmul, Matmul};
 use crate::train::checkpoint::{read_safetensors_file, serialize, view_f32, write_atomic, RawTensor};
 
 /// The `__metadata__` key of a sparse-delta file.
-pub const DELTA_META_KEY: &str = "snella_sparse_delta";
+pub(crate) const DELTA_META_KEY: &str = "snella_sparse_delta";
 
 /// Every Linear of the model with the timm name of its weight, in block order.
 fn linears(model: &Model) -> Vec<(String, &Linear)> {
@@ -90,7 +90,10 @@ fn build_linear(
 
 /// The model's weights with every branch merged in, in timm names and `cfg.param_shapes()` shapes
 /// (exactly the tensors a `Method::Linear` / `Method::Full` model of the same configuration has).
-/// Memory: one host copy of the backbone. Errors: device transfer failures only.
+/// Memory: one host copy of the backbone.
+///
+/// # Errors
+/// Device transfer failures only.
 pub fn merged_weights(model: &Model) -> Result<TensorMap> {
     let mut merged: HashMap<String, Vec<f32>> = HashMap::new();
     for (name, lin) in linears(model) {
@@ -112,13 +115,18 @@ pub fn merged_weights(model: &Model) -> Result<TensorMap> {
 }
 
 /// Writes [`merged_weights`] as timm-format safetensors (F32), atomically (`load::write_safetensors`).
-/// Errors: `Error::Io` naming the path when it cannot be written; no partial file is left.
+///
+/// # Errors
+/// `Error::Io` naming the path when it cannot be written (no partial file is left); device failures.
 pub fn export_merged(model: &Model, path: &Path) -> Result<()> {
     write_safetensors(path, &merged_weights(model)?)
 }
 
 /// Per-branch sparsity report: `(branch prefix, ratio s, kept entries |M| > t, total entries)`, module
 /// order. Dense branches (LoRA, MixK, KLoRA) report s = 0 and all entries kept. Computes every M once.
+///
+/// # Errors
+/// Device failures only.
 pub fn kept_stats(model: &Model) -> Result<Vec<(String, f32, usize, usize)>> {
     let mut out = Vec::with_capacity(model.layout.branches.len());
     for (_, lin) in linears(model) {
@@ -208,8 +216,11 @@ struct DeltaMeta {
 }
 
 /// Extracts the sparse delta of a branch method (SNELL, SNELLA, MixK, KLoRA, LoRA) or of a linear probe
-/// (no branches: head and cls token only). Errors: `Invalid { option: "export" }` for full fine-tuning
-/// and GPS, whose update is the whole backbone (export merged weights instead).
+/// (no branches: head and cls token only).
+///
+/// # Errors
+/// `Invalid { option: "export" }` for full fine-tuning and GPS, whose update is the whole backbone (export
+/// merged weights instead); device failures.
 pub fn sparse_delta(model: &Model) -> Result<SparseDelta> {
     if model.method.trains_backbone() {
         return Err(Error::invalid(
@@ -295,7 +306,12 @@ pub fn sparse_delta(model: &Model) -> Result<SparseDelta> {
 /// that (index, value) pairs would take more room than the block itself — the whole `(n_out, n_in)` block as
 /// `<prefix>.values` (zeros included, `dense: true` in the metadata); the dense tensors under their timm names, and a JSON description
 /// (method, model configuration, per branch target/row0/shape/kept/nnz) under `__metadata__`
-/// `snella_sparse_delta`. Errors: `Error::Io` naming the path; no partial file is left.
+/// `snella_sparse_delta`.
+///
+/// # Errors
+/// `Invalid { option: "export" }` for a branch whose indices and values differ in number or leave its
+/// block, or a dense tensor whose values do not fill its shape; `Error::Io` naming the path (no partial
+/// file is left).
 pub fn write_sparse_delta(path: &Path, delta: &SparseDelta) -> Result<()> {
     let mut tensors = BTreeMap::new();
     let mut meta_br = Vec::new();
@@ -306,7 +322,9 @@ pub fn write_sparse_delta(path: &Path, delta: &SparseDelta) -> Result<()> {
                 format!("{}: {} indices for {} values", b.prefix, b.indices.len(), b.values.len()),
             ));
         }
-        let total = b.n_out * b.n_in;
+        let total = b.n_out.checked_mul(b.n_in).ok_or_else(|| {
+            Error::invalid("export", format!("{}: a {}x{} block is too large", b.prefix, b.n_out, b.n_in))
+        })?;
         if let Some(&bad) = b.indices.iter().find(|&&i| i as usize >= total) {
             return Err(Error::invalid(
                 "export",
@@ -337,6 +355,9 @@ pub fn write_sparse_delta(path: &Path, delta: &SparseDelta) -> Result<()> {
         });
     }
     for (name, (shape, data)) in &delta.dense {
+        if shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) != Some(data.len()) {
+            return Err(Error::invalid("export", format!("'{name}' has {} values for shape {shape:?}", data.len())));
+        }
         tensors.insert(name.clone(), RawTensor::f32(shape.clone(), data));
     }
     let meta = DeltaMeta {
@@ -353,7 +374,9 @@ pub fn write_sparse_delta(path: &Path, delta: &SparseDelta) -> Result<()> {
 }
 
 /// Reads a sparse delta written by [`write_sparse_delta`].
-/// Errors: `Error::Io`, `Error::Format` (truncated, corrupt, not a sparse delta, inconsistent sizes),
+///
+/// # Errors
+/// `Error::Io`, `Error::Format` (truncated, corrupt, not a sparse delta, inconsistent sizes),
 /// `MissingTensor`, all naming the file.
 pub fn read_sparse_delta(path: &Path) -> Result<SparseDelta> {
     let (bytes, _, map) = read_safetensors_file(path)?;
@@ -370,9 +393,13 @@ pub fn read_sparse_delta(path: &Path) -> Result<SparseDelta> {
     let mut branches = Vec::new();
     for b in meta.branches {
         let values_name = format!("{}.values", b.prefix);
+        let total = b
+            .n_out
+            .checked_mul(b.n_in)
+            .ok_or_else(|| Error::format(path, format!("{}: a {}x{} block is too large", b.prefix, b.n_out, b.n_in)))?;
         let (indices, values) = if b.dense {
             let full = view_f32(path, &values_name, &get(&values_name)?)?;
-            if full.len() != b.n_out * b.n_in {
+            if full.len() != total {
                 return Err(Error::format(
                     path,
                     format!("{}: {} dense values for a {}x{} block", b.prefix, full.len(), b.n_out, b.n_in),
@@ -415,7 +442,7 @@ pub fn read_sparse_delta(path: &Path) -> Result<SparseDelta> {
                     ),
                 ));
             }
-            if let Some(&bad) = indices.iter().find(|&&i| i as usize >= b.n_out * b.n_in) {
+            if let Some(&bad) = indices.iter().find(|&&i| i as usize >= total) {
                 return Err(Error::format(
                     path,
                     format!("{}: index {bad} outside its {}x{} block", b.prefix, b.n_out, b.n_in),
@@ -446,31 +473,59 @@ pub fn read_sparse_delta(path: &Path) -> Result<SparseDelta> {
 /// delta's configuration, e.g. by `load::adapt_to_config`): adds every branch update into its target rows
 /// and replaces the dense tensors (head, cls token).
 ///
-/// Errors: `MissingTensor` (a target weight is absent), `Invalid { option: "delta" }` (a target of the
-/// wrong shape for the branch's rows), with nothing changed in `weights` when any check fails.
+/// # Errors
+/// `MissingTensor` (a target weight is absent), `Invalid { option: "delta" }` (a target of the wrong
+/// shape for the branch's rows, indices and values of different lengths or outside the block, a tensor
+/// whose values do not fill its shape), with nothing changed in `weights` when any check fails.
 pub fn apply_sparse_delta(weights: &mut Weights, delta: &SparseDelta) -> Result<()> {
     let file = weights.source.display().to_string();
+    let fills = |shape: &[usize], n: usize| shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) == Some(n);
     for b in &delta.branches {
-        let (shape, _) = weights
+        let (shape, data) = weights
             .tensors
             .get(&b.target)
             .ok_or_else(|| Error::MissingTensor { file: file.clone(), name: b.target.clone() })?;
-        if shape.len() != 2 || shape[1] != b.n_in || b.row0 + b.n_out > shape[0] {
+        if !fills(shape, data.len()) {
+            return Err(Error::invalid(
+                "delta",
+                format!("{file}: '{}' has {} values for shape {shape:?}", b.target, data.len()),
+            ));
+        }
+        let block = b.n_out.checked_mul(b.n_in);
+        if b.indices.len() != b.values.len() || block.is_none_or(|n| b.indices.iter().any(|&i| i as usize >= n)) {
+            return Err(Error::invalid(
+                "delta",
+                format!(
+                    "{}: {} indices and {} values for a {}x{} block (indices must lie inside it)",
+                    b.prefix,
+                    b.indices.len(),
+                    b.values.len(),
+                    b.n_out,
+                    b.n_in
+                ),
+            ));
+        }
+        if shape.len() != 2 || shape[1] != b.n_in || b.row0.checked_add(b.n_out).is_none_or(|end| end > shape[0]) {
             return Err(Error::invalid(
                 "delta",
                 format!(
                     "{} updates rows {}..{} of {} columns of {}, which has shape {shape:?}",
                     b.prefix,
                     b.row0,
-                    b.row0 + b.n_out,
+                    b.row0.saturating_add(b.n_out),
                     b.n_in,
                     b.target
                 ),
             ));
         }
     }
+    for (name, (shape, data)) in &delta.dense {
+        if !fills(shape, data.len()) {
+            return Err(Error::invalid("delta", format!("'{name}' has {} values for shape {shape:?}", data.len())));
+        }
+    }
     for b in &delta.branches {
-        let (_, data) = weights.tensors.get_mut(&b.target).unwrap();
+        let (_, data) = weights.tensors.get_mut(&b.target).expect("checked above");
         let base = b.row0 * b.n_in;
         for (&i, &v) in b.indices.iter().zip(&b.values) {
             data[base + i as usize] += v;
@@ -484,6 +539,9 @@ pub fn apply_sparse_delta(weights: &mut Weights, delta: &SparseDelta) -> Result<
 
 /// Writes both exports of a run into `dir`: `merged.safetensors` (timm names) and, for branch methods and
 /// the linear probe, `delta.safetensors`. Returns the paths written.
+///
+/// # Errors
+/// `Io` naming a file that cannot be written (the folder must exist); device failures.
 pub fn export_all(model: &Model, dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     let mut out = Vec::new();
     let merged = dir.join("merged.safetensors");

@@ -102,6 +102,7 @@ pub struct TrainConfig {
     /// Dropout on the kernel branches' input and drop-path on their outputs (the official recipe: 0.1 and 0.1;
     /// default 0 = off, which lets the branches merge into W0 for speed).
     pub branch_dropout: f64,
+    /// Drop-path rate on the kernel branches' outputs, in [0, 1) (see `branch_dropout`).
     pub branch_drop_path: f64,
     /// Stochastic depth of the blocks (timm `drop_path_rate`, linear over depth; the official recipe: 0.1).
     pub drop_path: f64,
@@ -191,7 +192,7 @@ impl Default for TrainConfig {
 
 /// Parses a kernel name (case-insensitive, `-` or `_`): `piecewise-linear` (alias `pl`), `linear`, `rbf`,
 /// `sigmoid`, `poly`. Error: `Invalid { option: "kernel" }`.
-pub fn parse_kernel(s: &str) -> Result<KernelKind> {
+pub(crate) fn parse_kernel(s: &str) -> Result<KernelKind> {
     Ok(match s.trim().to_ascii_lowercase().replace('_', "-").as_str() {
         "piecewise-linear" | "piecewiselinear" | "pl" => KernelKind::PiecewiseLinear,
         "linear" => KernelKind::Linear,
@@ -208,7 +209,7 @@ pub fn parse_kernel(s: &str) -> Result<KernelKind> {
 }
 
 /// Parses `none`, `norms`, `attention`, `block` (case-insensitive). Error: `Invalid { option: "recompute" }`.
-pub fn parse_recompute(s: &str) -> Result<Recompute> {
+pub(crate) fn parse_recompute(s: &str) -> Result<Recompute> {
     Ok(match s.trim().to_ascii_lowercase().as_str() {
         "none" => Recompute::None,
         "norms" => Recompute::Norms,
@@ -219,7 +220,7 @@ pub fn parse_recompute(s: &str) -> Result<Recompute> {
 }
 
 /// Parses `fp32`, `tf32`, `bf16` (case-insensitive). Error: `Invalid { option: "gemm" }`.
-pub fn parse_gemm(s: &str) -> Result<GemmPrecision> {
+pub(crate) fn parse_gemm(s: &str) -> Result<GemmPrecision> {
     Ok(match s.trim().to_ascii_lowercase().as_str() {
         "fp32" => GemmPrecision::Fp32,
         "tf32" => GemmPrecision::Tf32,
@@ -229,7 +230,7 @@ pub fn parse_gemm(s: &str) -> Result<GemmPrecision> {
 }
 
 /// The device a `device` string asks for: `cpu`, `cuda`, or `auto` (probes CUDA). Error: `Invalid { option: "device" }`.
-pub fn parse_device(s: &str) -> Result<Device> {
+pub(crate) fn parse_device(s: &str) -> Result<Device> {
     match s.trim().to_ascii_lowercase().as_str() {
         "cpu" => Ok(Device::Cpu),
         "cuda" | "gpu" => Ok(Device::Cuda),
@@ -245,7 +246,8 @@ fn toml_err(path: &Path, e: impl std::fmt::Display) -> Error {
 impl TrainConfig {
     /// Reads a TOML recipe and validates its values ([`TrainConfig::validate`]; paths are not checked).
     ///
-    /// Errors: `Error::Io` (unreadable file), `Error::Format` (not TOML, an unknown key, a value of the
+    /// # Errors
+    /// `Error::Io` (unreadable file), `Error::Format` (not TOML, an unknown key, a value of the
     /// wrong type — the message names the key and line), `Error::Invalid` (an impossible value).
     pub fn load(path: &Path) -> Result<TrainConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -255,6 +257,10 @@ impl TrainConfig {
     }
 
     /// Parses a recipe from TOML text and validates it.
+    ///
+    /// # Errors
+    /// `Invalid { option: "recipe" }` for text that is not a recipe (bad TOML, unknown key, wrong type);
+    /// `Invalid` naming the option for an impossible value.
     pub fn from_toml(text: &str) -> Result<TrainConfig> {
         let cfg: TrainConfig = toml::from_str(text).map_err(|e| Error::invalid("recipe", e.to_string()))?;
         cfg.validate()?;
@@ -262,20 +268,74 @@ impl TrainConfig {
     }
 
     /// The recipe as TOML text (every field, absent options omitted).
-    pub fn to_toml(&self) -> String {
-        toml::to_string(self).expect("a TrainConfig always serialises")
+    ///
+    /// # Errors
+    /// `Invalid` naming the field when a value has no TOML form (a path that is not UTF-8, an integer above
+    /// `i64::MAX`).
+    pub fn to_toml(&self) -> Result<String> {
+        self.check_toml_values()?;
+        toml::to_string(self).map_err(|e| Error::invalid("recipe", format!("cannot be written as TOML: {e}")))
+    }
+
+    /// Values TOML cannot hold: paths that are not UTF-8, integers above `i64::MAX`.
+    fn check_toml_values(&self) -> Result<()> {
+        for (name, p) in
+            [("weights", self.weights.as_deref()), ("data", Some(&*self.data)), ("out_dir", Some(&*self.out_dir))]
+        {
+            if let Some(p) = p.filter(|p| p.to_str().is_none()) {
+                return Err(Error::invalid(
+                    name,
+                    format!("{} is not valid UTF-8 (recipes are TOML text)", p.display()),
+                ));
+            }
+        }
+        let big = i64::MAX as u64;
+        for (name, v) in [
+            ("seed", Some(self.seed)),
+            ("checkpoint_every", Some(self.checkpoint_every)),
+            ("max_steps", self.max_steps),
+        ] {
+            if v.is_some_and(|v| v > big) {
+                return Err(Error::invalid(name, format!("must be at most {big} (a TOML integer)")));
+            }
+        }
+        for (name, v) in [
+            ("image_size", Some(self.image_size)),
+            ("num_heads", self.num_heads),
+            ("rank", self.rank),
+            ("init_warmup", Some(self.init_warmup)),
+            ("final_warmup", Some(self.final_warmup)),
+            ("mask_interval", Some(self.mask_interval)),
+            ("epochs", Some(self.epochs)),
+            ("warmup_epochs", Some(self.warmup_epochs)),
+            ("batch", Some(self.batch)),
+            ("threads", Some(self.threads)),
+            ("train_subset", self.train_subset),
+            ("test_subset", self.test_subset),
+            ("eval_every", Some(self.eval_every)),
+        ] {
+            if v.is_some_and(|v| v as u64 > big) {
+                return Err(Error::invalid(name, format!("must be at most {big} (a TOML integer)")));
+            }
+        }
+        Ok(())
     }
 
     /// Applies command-line overrides `(key, value)` in order, then validates.
     ///
     /// `key` is a field name; `value` is read as a TOML value when it parses as one of the field's type
     /// (`1e-3`, `true`, `32`), else as a string (`snella32`, `/data/cub`); `none` (or an empty value)
-    /// removes an optional field. Errors: `Invalid { option: key }` for an unknown key or a value of the
-    /// wrong type or an impossible value.
+    /// removes an optional field.
+    ///
+    /// # Errors
+    /// `Invalid { option: key }` for an unknown key, a value of the wrong type or an impossible value (the
+    /// recipe is left unchanged); `Invalid` naming a field of the current recipe that has no TOML form.
     pub fn apply_overrides(&mut self, overrides: &[(&str, &str)]) -> Result<()> {
+        self.check_toml_values()?;
         let mut table = match toml::Value::try_from(&*self) {
             Ok(toml::Value::Table(t)) => t,
-            _ => unreachable!("a TrainConfig serialises to a table"),
+            Ok(_) => return Err(Error::invalid("recipe", "does not serialise to a TOML table")),
+            Err(e) => return Err(Error::invalid("recipe", format!("cannot be written as TOML: {e}"))),
         };
         let known = TrainConfig::keys();
         for &(key, value) in overrides {
@@ -368,8 +428,10 @@ impl TrainConfig {
         ]
     }
 
-    /// Checks every value (not the file system). The first problem found is returned as
-    /// `Invalid { option, msg }`.
+    /// Checks every value (not the file system).
+    ///
+    /// # Errors
+    /// The first problem found, as `Invalid { option, msg }` naming the field.
     pub fn validate(&self) -> Result<()> {
         let pos = |name: &str, v: f64| -> Result<()> {
             if !(v.is_finite() && v > 0.0) {
@@ -411,8 +473,11 @@ impl TrainConfig {
         if self.num_heads == Some(0) {
             return Err(Error::invalid("num_heads", "must be at least 1"));
         }
-        if self.image_size == 0 {
-            return Err(Error::invalid("image_size", "must be at least 1"));
+        if self.image_size == 0 || self.image_size > crate::train::augment::MAX_SIZE {
+            return Err(Error::invalid(
+                "image_size",
+                format!("{} is not in 1..={} pixels", self.image_size, crate::train::augment::MAX_SIZE),
+            ));
         }
         ratio("sparsity", self.sparsity)?;
         self.method()?;
@@ -466,11 +531,13 @@ impl TrainConfig {
         if self.max_steps == Some(0) {
             return Err(Error::invalid("max_steps", "must be at least 1 (or absent)"));
         }
-        Ok(())
+        self.check_toml_values()
     }
 
     /// Checks that `data` (with its splits or IDX files) and `weights` exist.
-    /// Errors: `Invalid { option: "data" | "weights", msg }` naming the missing path.
+    ///
+    /// # Errors
+    /// `Invalid { option: "data" | "weights", msg }` naming the missing path.
     pub fn validate_paths(&self) -> Result<()> {
         if let Some(w) = &self.weights {
             if !w.is_file() {
@@ -530,7 +597,9 @@ impl TrainConfig {
     }
 
     /// The method with `rank`, `kernel` and `sparsity` applied.
-    /// Errors: `Invalid { option: "method" | "rank" | "kernel" }` (unknown method, odd kernel rank, ...).
+    ///
+    /// # Errors
+    /// `Invalid { option: "method" | "rank" | "kernel" }` (unknown method, odd kernel rank, ...).
     pub fn method(&self) -> Result<Method> {
         let m = self.method.trim().to_ascii_lowercase();
         let base = match self.rank {
@@ -540,7 +609,14 @@ impl TrainConfig {
                 if matches!(name, "full" | "linear" | "gps") {
                     return Err(Error::invalid("rank", format!("method '{name}' has no rank")));
                 }
-                if matches!(name, "snell" | "snella" | "mixk" | "klora") && r % 2 != 0 {
+                let kernel = matches!(name, "snell" | "snella" | "mixk" | "klora");
+                if kernel && r > 2 * crate::ops::kmerge::MAX_D {
+                    return Err(Error::invalid(
+                        "rank",
+                        format!("rank {r} exceeds the largest supported {}", 2 * crate::ops::kmerge::MAX_D),
+                    ));
+                }
+                if kernel && r % 2 != 0 {
                     return Err(Error::invalid(
                         "rank",
                         format!("kernel rank must be even (two pieces of r/2), got {r}"),
@@ -580,13 +656,19 @@ impl TrainConfig {
         }
     }
 
-    /// The training pipeline at `image_size`. Error: `Invalid { option: "train_transform" }`.
+    /// The training pipeline at `image_size`.
+    ///
+    /// # Errors
+    /// `Invalid { option: "train_transform" }` for an unknown pipeline.
     pub fn train_transform(&self) -> Result<Transform> {
         Transform::parse(&self.train_transform, self.image_size.max(1))
             .map_err(|e| Error::invalid("train_transform", e.to_string()))
     }
 
-    /// The evaluation pipeline at `image_size`. Error: `Invalid { option: "eval_transform" }`.
+    /// The evaluation pipeline at `image_size`.
+    ///
+    /// # Errors
+    /// `Invalid { option: "eval_transform" }` for an unknown or random pipeline.
     pub fn eval_transform(&self) -> Result<Transform> {
         let t = Transform::parse(&self.eval_transform, self.image_size.max(1))
             .map_err(|e| Error::invalid("eval_transform", e.to_string()))?;
@@ -599,12 +681,18 @@ impl TrainConfig {
         Ok(t)
     }
 
-    /// The precision of the matrix products. Error: `Invalid { option: "gemm" }`.
+    /// The precision of the matrix products.
+    ///
+    /// # Errors
+    /// `Invalid { option: "gemm" }` for an unknown precision.
     pub fn gemm(&self) -> Result<GemmPrecision> {
         parse_gemm(&self.gemm)
     }
 
-    /// The recompute level. Error: `Invalid { option: "recompute" }`.
+    /// The recompute level.
+    ///
+    /// # Errors
+    /// `Invalid { option: "recompute" }` for an unknown level.
     pub fn recompute(&self) -> Result<Recompute> {
         parse_recompute(&self.recompute)
     }
@@ -612,25 +700,25 @@ impl TrainConfig {
     /// The fields that determine the training trajectory, as JSON: everything except `out_dir`, `threads`,
     /// `device`, `recompute`, `checkpoint_every`, `eval_every` and `max_steps` (which change where and how
     /// fast a run goes, not its numbers on one device).
-    pub fn trajectory_json(&self) -> serde_json::Value {
-        let mut v = serde_json::to_value(self).expect("a TrainConfig always serialises");
+    pub(crate) fn trajectory_json(&self) -> Result<serde_json::Value> {
+        let mut v = serde_json::to_value(self).map_err(|e| Error::invalid("recipe", e.to_string()))?;
         if let Some(o) = v.as_object_mut() {
             for k in ["out_dir", "threads", "device", "recompute", "checkpoint_every", "eval_every", "max_steps"] {
                 o.remove(k);
             }
         }
-        v
+        Ok(v)
     }
 
     /// A 64-bit FNV-1a hash of [`TrainConfig::trajectory_json`], as 16 hex digits; checkpoints carry it.
-    pub fn hash(&self) -> String {
-        let s = self.trajectory_json().to_string();
+    pub(crate) fn hash(&self) -> Result<String> {
+        let s = self.trajectory_json()?.to_string();
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in s.bytes() {
             h ^= b as u64;
             h = h.wrapping_mul(0x0000_0100_0000_01b3);
         }
-        format!("{h:016x}")
+        Ok(format!("{h:016x}"))
     }
 }
 

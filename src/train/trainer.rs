@@ -141,8 +141,11 @@ fn correct(logits: &[f32], labels: &[i32], v: usize) -> u64 {
 
 /// Mean cross-entropy and top-1 accuracy (fraction in [0, 1]) of `model` over every batch of `loader`
 /// (its epoch 0; use an unshuffled loader with a deterministic transform). The model's batch must be at
-/// least the loader's. No parameter or optimizer state changes. Errors: data decoding, a label outside the
-/// model's classes, an empty dataset (`Invalid { option: "evaluation" }`).
+/// least the loader's. No parameter or optimizer state changes.
+///
+/// # Errors
+/// Data decoding errors naming the file, a batch or label that does not fit the model (`Invalid { option:
+/// "batch" | "labels" }`), an empty dataset (`Invalid { option: "evaluation" }`), device failures.
 pub fn evaluate<D: Dataset>(model: &mut Model, loader: &Loader<D>) -> Result<(f64, f64)> {
     evaluate_with(model, loader, &ProgressBar::hidden())
 }
@@ -201,6 +204,9 @@ pub fn random_backbone(cfg: &ViTConfig, seed: u64) -> TensorMap {
 /// ([`Model::init_branches`]: kernel factors ~ kaiming_uniform(a=√5), α = γ = 1, β = 0; LoRA A and B
 /// ~ N(0, 0.02²)), and for GPS a fixed random `density` of every block weight as its update mask.
 /// Deterministic in `seed`.
+///
+/// # Errors
+/// Device failures only.
 pub fn init_method(model: &Model, seed: u64) -> Result<()> {
     model.init_branches(seed)?;
     if let Method::Gps { density } = model.method {
@@ -220,7 +226,7 @@ pub fn init_method(model: &Model, seed: u64) -> Result<()> {
 }
 
 /// Opens the train and test splits of `cfg.data`, with the configured subsets (class-stratified, seeded).
-pub fn open_data(cfg: &TrainConfig) -> Result<(BoxDataset, BoxDataset)> {
+pub(crate) fn open_data(cfg: &TrainConfig) -> Result<(BoxDataset, BoxDataset)> {
     let (train, test): (BoxDataset, BoxDataset) = match cfg.resolved_data_format() {
         DataFormat::Idx => {
             (Box::new(Idx::open_standard(&cfg.data, true)?), Box::new(Idx::open_standard(&cfg.data, false)?))
@@ -257,7 +263,7 @@ pub fn open_data(cfg: &TrainConfig) -> Result<(BoxDataset, BoxDataset)> {
 }
 
 /// The model configuration and the backbone weights (adapted to it) a recipe asks for, and notes.
-pub fn load_backbone(cfg: &TrainConfig, num_classes: usize) -> Result<(ViTConfig, Weights, Vec<String>)> {
+pub(crate) fn load_backbone(cfg: &TrainConfig, num_classes: usize) -> Result<(ViTConfig, Weights, Vec<String>)> {
     let img = (cfg.image_size, cfg.image_size);
     match &cfg.weights {
         Some(path) => {
@@ -303,7 +309,7 @@ fn bar(progress: bool, len: u64, prefix: String) -> ProgressBar {
         ProgressStyle::with_template(
             "{prefix:>14} [{bar:30}] {pos}/{len} img  {per_sec:>12}  {elapsed_precise} ETA {eta_precise}  {msg}",
         )
-        .unwrap()
+        .expect("a valid progress template")
         .progress_chars("=> "),
     );
     pb.set_prefix(prefix);
@@ -316,7 +322,8 @@ impl Trainer {
     /// head re-initialised for the dataset's classes), plans the model for `batch` on the device,
     /// initialises the branches, and creates `out_dir`.
     ///
-    /// Errors: `Invalid` for bad options (naming them), `Io`/`Format` for unreadable data or weights,
+    /// # Errors
+    /// `Invalid` for bad options (naming them), `Io`/`Format` for unreadable data or weights,
     /// `NoCuda` / `OutOfMemory` from the device.
     pub fn new(config: TrainConfig) -> Result<Trainer> {
         config.validate()?;
@@ -377,6 +384,10 @@ impl Trainer {
     /// Restores a checkpoint written by a run of the same recipe (see `checkpoint::load_checkpoint` for the
     /// checks) and drops the lines of `metrics.jsonl` for epochs that will be run again. [`Trainer::run`]
     /// then continues from the saved epoch and batch.
+    ///
+    /// # Errors
+    /// As [`crate::train::checkpoint::load_checkpoint`] with this run's recipe; `Io` when `metrics.jsonl` cannot
+    /// be rewritten.
     pub fn resume_from(&mut self, path: &Path) -> Result<()> {
         let meta = load_checkpoint(path, &mut self.model, Some(&self.config))?;
         self.state = meta.state;
@@ -432,11 +443,14 @@ impl Trainer {
     /// Runs the remaining epochs (all of them for a fresh trainer). With `progress`, indicatif bars on
     /// stderr show images/s and the ETA of every epoch and evaluation.
     ///
-    /// Errors: a loss (or a parameter) that becomes NaN/inf stops the run with
+    /// # Errors
+    /// An invalid `config` (it is public and checked again here); a loss (or a parameter) that becomes NaN/inf
+    /// stops the run with
     /// `Invalid { option: "training", msg: "loss became NaN ... at epoch E step S ...; the last good
     /// checkpoint is <path>" }`, leaving that checkpoint untouched; data, device and I/O errors as they come.
     pub fn run(&mut self, progress: bool) -> Result<Summary> {
         let c = self.config.clone();
+        c.validate()?;
         let session = Instant::now();
         let base_elapsed = self.state.elapsed_s;
         let v = self.model.cfg.num_classes;
@@ -446,6 +460,7 @@ impl Trainer {
         }
         let n_train = self.train_loader.dataset().len();
         let nb = self.train_loader.num_batches();
+        let bs = self.train_loader.batch_size();
         let mut last_train_loss = None;
         while self.state.epoch < c.epochs {
             let epoch = self.state.epoch;
@@ -467,7 +482,7 @@ impl Trainer {
             pb.set_position(self.state.train_seen);
             pb.reset_eta();
             for bi in self.state.step_in_epoch..nb {
-                let idx = &order[bi * c.batch..((bi + 1) * c.batch).min(n_train)];
+                let idx = &order[bi * bs..((bi + 1) * bs).min(n_train)];
                 let batch = self.train_loader.make_batch(epoch, idx)?;
                 let b = self.model.set_batch(&batch.images, &batch.labels)?;
                 let loss = self.model.forward()?;

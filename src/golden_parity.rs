@@ -1,14 +1,17 @@
-//! Parity of the kernelized merge and the magnitude competition with the PyTorch golden cases, branch
+//! Parity tests that drive internals directly (they moved here from tests/ when `ops` and `runtime` became
+//! private): the kernelized merge and competition branch by branch, and AdamW on the golden gradients.
+//!
+//! Branch parity: the kernelized merge and the magnitude competition with the PyTorch golden cases, branch
 //! by branch, on the CPU: for every kernel case (snella / mixk / snell / klora) and every branch of its
 //! manifest, M is built from `param.<branch>.{In_Qs, Out_Qs, alpha, gamma, beta}` and compared with
 //! `merged.<branch>.M`; for the sparse kinds, t and M_s are compared for each stored s (0.00, 0.50, 0.90)
 //! and the kept count must equal the manifest's exactly. The manifest also records t and the kept count
 //! of every branch (including blocks whose tensors are not stored, and each branch's own s): those are
 //! checked too, t against the manifest value with the atol of the branch's M.
-use snella::golden::{compare, golden_dir, list_cases, Compare, GoldenCase};
-use snella::ops::compete::{kept_count, sparsify_forward, CompeteScratch};
-use snella::ops::kmerge::{merge_forward, Factors, KernelKind, MergeScratch};
-use snella::{Plan, Pool, Runtime};
+use crate::golden::{compare, golden_dir, list_cases, Compare, GoldenCase};
+use crate::ops::compete::{kept_count, sparsify_forward, CompeteScratch};
+use crate::ops::kmerge::{merge_forward, Factors, KernelKind, MergeScratch};
+use crate::runtime::{Plan, Pool, Runtime};
 
 /// Outcome of one branch: compare lines and kept-count mismatches.
 #[derive(Default)]
@@ -178,4 +181,42 @@ fn golden_branches_merge_and_sparsify() {
         bad.join("\n"),
         kept_errors.join("\n")
     );
+}
+
+/// The optimizer alone, as the reference README suggests: the golden gradients fed into our AdamW must give
+/// the golden first step to about one ulp (no forward/backward error to amplify here).
+#[test]
+fn adamw_on_golden_gradients_matches_step1() {
+    use crate::ops::adamw::{adamw, AdamWStep};
+    let dir = golden_dir();
+    for name in list_cases(&dir).unwrap() {
+        let case = GoldenCase::load(&dir, &name).unwrap();
+        let lr = case.manifest["adamw"]["lr"].as_f64().unwrap();
+        let wd = case.manifest["adamw"]["weight_decay"].as_f64().unwrap();
+        for n in case.trainable() {
+            let p0 = case.get(&format!("param.{n}")).unwrap();
+            let mut plan = Plan::new();
+            let [p, g, m, v] = ["p", "g", "m", "v"].map(|k| plan.f32(k, &[p0.len()], Pool::Trainable));
+            let rt = Runtime::cpu(plan);
+            rt.upload(p, p0).unwrap();
+            rt.upload(g, case.get(&format!("grad.{n}")).unwrap()).unwrap();
+            let decay = case.manifest["weight_decay"][&n].as_bool().unwrap();
+            let st =
+                AdamWStep { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: if decay { wd } else { 0.0 }, t: 1 };
+            adamw(&rt, p, g, m, v, st).unwrap();
+            let got = rt.download(p).unwrap();
+            let want = case.get(&format!("adamw.step1.{n}")).unwrap();
+            // "About one ulp": of the largest operand of the final p + step (the parameter or the step),
+            // since the reference's step-1 gradient may differ from grad.* by rounding (threaded GEMMs).
+            let ulp = |x: f32| f32::from_bits(x.abs().to_bits() + 1) - x.abs();
+            for (i, ((&a, &b), &x0)) in got.iter().zip(want).zip(p0).enumerate() {
+                let scale = b.abs().max(x0.abs()).max((b - x0).abs());
+                assert!(
+                    (a - b).abs() <= 2.0 * ulp(scale),
+                    "{name}: adamw.step1.{n}[{i}]: {a} vs {b} (1 ulp = {:e})",
+                    ulp(scale)
+                );
+            }
+        }
+    }
 }
