@@ -1,4 +1,5 @@
-//! One training step (forward, backward, AdamW, allocator update) per model × method on the available
+//! One training step (forward, backward, AdamW, allocator update) per model × method × storage precision
+//! (`SNELLA_BENCH_PRECISIONS`, default fp32,bf16) on the available
 //! device, in images/s (criterion throughput; the step ends by reading the loss back, which synchronises
 //! the device). The planned memory per pool and the peak bytes the ops touched are printed per case.
 //! CPU runs use small configurations so the whole bench finishes in minutes:
@@ -6,7 +7,7 @@
 //!   SNELLA_BENCH_MODELS=vit_b16 SNELLA_BENCH_BATCH=64 cargo bench --bench step   (a GPU run)
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use snella::mib;
-use snella::model::{Model, Recompute, ViTConfig};
+use snella::model::{MemoryOptions, Model, Precision, Recompute, ViTConfig};
 use snella::peft::allocator::{Allocator, AllocatorConfig};
 use snella::peft::Method;
 use snella::{Backend, Device};
@@ -47,18 +48,24 @@ fn step(c: &mut Criterion) {
         Ok("block") => Recompute::Block,
         _ => Recompute::Attention,
     };
+    let precisions: Vec<Precision> = env_list("SNELLA_BENCH_PRECISIONS", "fp32,bf16")
+        .iter()
+        .map(|p| if p == "bf16" { Precision::Bf16 } else { Precision::Fp32 })
+        .collect();
     let mut group = c.benchmark_group(format!("step_{}", if gpu { "cuda" } else { "cpu" }));
     group.sample_size(10);
     group.throughput(Throughput::Elements(batch as u64));
     for model_name in &models {
         let cfg = bench_config(model_name);
-        for method_name in &methods {
+        for (method_name, &precision) in methods.iter().flat_map(|m| precisions.iter().map(move |p| (m, p))) {
             let method = Method::parse(method_name, 0.5).expect("method");
+            let memory = MemoryOptions { recompute, precision };
+            let case = format!("{model_name}/{method_name}/{}/b{batch}", precision.name());
             let backend = Backend::new(device).expect("backend");
-            let mut model = match Model::new(backend, &cfg, method, batch, recompute) {
+            let mut model = match Model::new(backend, &cfg, method, batch, memory) {
                 Ok(m) => m,
                 Err(e) => {
-                    eprintln!("{model_name} {method_name}: skipped: {e}");
+                    eprintln!("{case}: skipped: {e}");
                     continue;
                 }
             };
@@ -71,7 +78,7 @@ fn step(c: &mut Criterion) {
                 Allocator::new(&model, AllocatorConfig { init_ratio: 0.5, target_ratio: 0.5, ..Default::default() })
                     .unwrap()
             });
-            group.bench_function(format!("{model_name}/{method_name}/b{batch}"), |b| {
+            group.bench_function(&case, |b| {
                 b.iter(|| {
                     let loss = model.forward().unwrap();
                     model.backward().unwrap();
@@ -87,7 +94,7 @@ fn step(c: &mut Criterion) {
             let peak: usize = report.iter().map(|(_, u)| u.peak).sum();
             let device_used = model.device_used_above_baseline().unwrap();
             println!(
-                "memory {model_name} {method_name} b{batch}: planned {:.1} MiB, touched {:.1} MiB{}",
+                "memory {case}: planned {:.1} MiB, touched {:.1} MiB{}",
                 mib(planned),
                 mib(peak),
                 device_used.map(|u| format!(", device above baseline {:.1} MiB", mib(u))).unwrap_or_default()

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
-use crate::model::{Model, Recompute, ViTConfig};
+use crate::model::{MemoryOptions, Model, ViTConfig};
 use crate::peft::Method;
 use crate::runtime::Backend;
 
@@ -142,17 +142,22 @@ impl GoldenCase {
     ///
     /// # Errors
     /// A bad configuration or method in the manifest, a missing tensor, or a backend error.
-    pub fn build_model(&self, backend: Backend, recompute: Recompute) -> Result<Model> {
-        self.build_model_with(backend, recompute, self.method()?)
+    pub fn build_model(&self, backend: Backend, memory: impl Into<MemoryOptions>) -> Result<Model> {
+        self.build_model_with(backend, memory, self.method()?)
     }
 
     /// [`GoldenCase::build_model`] with another method of the same parameters (e.g. with branch dropout).
     ///
     /// # Errors
     /// As [`GoldenCase::build_model`].
-    pub fn build_model_with(&self, backend: Backend, recompute: Recompute, method: Method) -> Result<Model> {
+    pub fn build_model_with(
+        &self,
+        backend: Backend,
+        memory: impl Into<MemoryOptions>,
+        method: Method,
+    ) -> Result<Model> {
         let cfg = self.vit_config();
-        let mut model = Model::new(backend, &cfg, method, self.labels.len(), recompute)?;
+        let mut model = Model::new(backend, &cfg, method, self.labels.len(), memory)?;
         for name in model.param_names() {
             let p = format!("param.{name}");
             let key = if self.tensors.contains_key(&p) { p } else { format!("frozen.{name}") };

@@ -8,7 +8,7 @@
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use snella::model::Recompute;
+use snella::model::{MemoryOptions, Precision, Recompute};
 use snella::report::memory as mem;
 use snella::report::speed;
 use snella::train::recipe::TrainConfig;
@@ -56,9 +56,10 @@ struct MemoryArgs {
     methods: Vec<String>,
     #[arg(long, default_value_t = 8)]
     batch: usize,
-    /// fp32 is the only precision implemented; bf16 mixed precision is planned, not built.
-    #[arg(long, default_value = "fp32")]
-    precision: String,
+    /// Storage precisions to tabulate (comma-separated): fp32, bf16 (frozen block weights and the kept
+    /// residual stream in bf16; factors, gradients, optimizer state and all math fp32).
+    #[arg(long, value_delimiter = ',', value_enum, default_value = "fp32")]
+    precision: Vec<Precision>,
     /// Input resolution in pixels (square); the position table is resized.
     #[arg(long, default_value_t = 224)]
     resolution: usize,
@@ -137,6 +138,9 @@ struct BenchArgs {
     batch: usize,
     #[arg(long, value_enum, default_value = "attention")]
     recompute: Recompute,
+    /// Storage precision: fp32, or bf16 (frozen block weights and the kept residual stream).
+    #[arg(long, value_enum, default_value = "fp32")]
+    precision: Precision,
     /// Matrix products: fp32 (exact, the default), tf32 or bf16 tensor cores (CUDA only).
     #[arg(long, value_enum, default_value = "fp32")]
     gemm: GemmPrecision,
@@ -312,12 +316,6 @@ fn info() {
 }
 
 fn memory(a: MemoryArgs) -> Result<()> {
-    if a.precision != "fp32" {
-        return Err(Error::invalid(
-            "--precision",
-            format!("'{}' is not available: only fp32 is implemented (bf16 mixed precision is planned)", a.precision),
-        ));
-    }
     if a.batch == 0 {
         return Err(Error::invalid("--batch", "must be at least 1"));
     }
@@ -338,8 +336,19 @@ fn memory(a: MemoryArgs) -> Result<()> {
         false
     };
     let mut rows = Vec::new();
-    for &rc in &a.recompute {
-        rows.extend(mem::memory_rows_at(&a.models, &methods, a.batch, a.sparsity, a.classes, rc, Some(a.resolution))?);
+    for &precision in &a.precision {
+        for &recompute in &a.recompute {
+            let memory = MemoryOptions { recompute, precision };
+            rows.extend(mem::memory_rows_at(
+                &a.models,
+                &methods,
+                a.batch,
+                a.sparsity,
+                a.classes,
+                memory,
+                Some(a.resolution),
+            )?);
+        }
     }
     if measure {
         for r in rows.iter_mut() {
@@ -351,8 +360,8 @@ fn memory(a: MemoryArgs) -> Result<()> {
         }
     }
     println!(
-        "Peak training memory, batch {}, fp32, {} px (MiB; paper: SNELL Tables A8(b)/A12, MB = MiB; snellaR rows are\n\
-         compared with the paper's SNELL-R figure, SNELLA's own table being unpublished in a readable form)",
+        "Peak training memory, batch {}, {} px (MiB; paper: SNELL Tables A8(b)/A12, fp32, MB = MiB; snellaR rows\n\
+         are compared with the paper's SNELL-R figure, SNELLA's own table being unpublished in a readable form)",
         a.batch, a.resolution
     );
     if !measure {
@@ -381,11 +390,12 @@ fn bench(a: BenchArgs) -> Result<()> {
     let device = a.device.resolve();
     let mut json = String::new();
     println!(
-        "{:<9} {:<9} {:>5} {:<9} {:<5} {:>10} {:>9} {:>8} {:>6} {:>10} {:>11}  device",
+        "{:<9} {:<9} {:>5} {:<9} {:<5} {:<5} {:>10} {:>9} {:>8} {:>6} {:>10} {:>11}  device",
         "model",
         "method",
         "batch",
         "recompute",
+        "store",
         "gemm",
         "images/s",
         "step ms",
@@ -400,7 +410,7 @@ fn bench(a: BenchArgs) -> Result<()> {
                 model,
                 method,
                 a.batch,
-                a.recompute,
+                MemoryOptions { recompute: a.recompute, precision: a.precision },
                 Backend::new(device)?,
                 a.gemm,
                 a.warmup,
@@ -415,11 +425,12 @@ fn bench(a: BenchArgs) -> Result<()> {
             };
             let opt = |x: Option<f64>, p: usize| x.map(|v| format!("{v:.p$}")).unwrap_or_else(|| "-".into());
             println!(
-                "{:<9} {:<9} {:>5} {:<9} {:<5} {:>10.2} {:>9.2} {:>8.2} {:>6} {:>10.1} {:>11}  {}",
+                "{:<9} {:<9} {:>5} {:<9} {:<5} {:<5} {:>10.2} {:>9.2} {:>8.2} {:>6} {:>10.1} {:>11}  {}",
                 r.model,
                 r.method,
                 r.batch,
                 format!("{:?}", r.recompute).to_lowercase(),
+                r.precision.name(),
                 format!("{:?}", r.gemm).to_lowercase(),
                 r.images_per_s,
                 r.step_ms,

@@ -30,17 +30,23 @@
 //! ones before it, compute its inputs on the CPU and copy them across with `Twin::copy_to_dev`.
 //! A check whose shapes or options vary takes a non-capturing closure:
 //! `run: |cx| my_op_with(cx, true)`.
+//!
+//! bf16 tensors (`p.add(name, shape, DType::BF16, pool)`) work with the same helpers: `Case::input` and
+//! `Twin::upload` take f32 values and round them to nearest even on the host (the same bits on both
+//! sides), comparisons download them widened to f32 (exact), and poison (0xFFFF) is a bf16 NaN.
+//! `Case::compare_bits` demands identical bit patterns, where a tolerance of 0 would let −0 pass for +0.
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::golden::{golden_dir, GoldenCase};
-use crate::model::Recompute;
+use crate::model::{MemoryOptions, Recompute};
 use crate::ops::adamw::{adamw, AdamWStep};
 use crate::ops::add::{add_bias, axpy, bias_backward, mul_cols, mul_cols_backward_gamma, scale_copy};
 use crate::ops::attention::{attention_backward, attention_forward, permute_heads, AttentionBuffers, Heads};
 use crate::ops::compete::{add_transposed, kept_count, sparsify_backward, sparsify_forward, CompeteScratch};
+use crate::ops::convert::{bf16_round, bf16_widen};
 use crate::ops::embed::{cls_gather, cls_scatter, embed_backward, embed_forward, patchify, PatchGeom};
 use crate::ops::gelu::{gelu_backward, gelu_forward};
 use crate::ops::importance::importance_update;
@@ -148,8 +154,16 @@ pub(crate) fn checks() -> Vec<Check> {
         // The official recipe's regularisation: branch dropout and drop-path (the unmerged branch path) and
         // block drop-path; the masks are hashes of (seed, step, index), the same on both devices.
         Check { name: "model_snella_tiny_dropout", tol: 1e-4, run: model_step_dropout },
+        // bf16 storage: the stream is rounded to bf16 where it is kept, so a value whose fp32 result differs by
+        // an ulp between the devices can round to the neighbouring bf16 (2^-8 relative) on one side: a few
+        // such flips per step move logits and gradients by ~1e-4 of their scale, hence 2e-3.
+        Check { name: "model_snella_tiny_bf16_block", tol: 2e-3, run: |cx| model_step(cx, "snella_tiny", bf16(Recompute::Block)) },
+        Check { name: "model_lora8_tiny_bf16", tol: 2e-3, run: |cx| model_step(cx, "lora8_tiny", bf16(Recompute::Attention)) },
         Check { name: "dropout", tol: 0.0, run: |cx| dropout_check(cx, 1) },
         Check { name: "drop_path", tol: 0.0, run: |cx| dropout_check(cx, 997) },
+        // bf16 storage: round to nearest even and widen, bit for bit (ties, subnormals, the overflow edge).
+        Check { name: "bf16_widen", tol: 0.0, run: bf16_widen_check },
+        Check { name: "bf16_round", tol: 0.0, run: bf16_round_check },
     ]
 }
 
@@ -387,6 +401,16 @@ impl Case {
         let name = tw.cpu.plan.spec(t).name.clone();
         let (want, got) = (tw.cpu.download(t)?, tw.dev.download(t)?);
         self.compare_values(name, &want, &got, Some(tol));
+        Ok(())
+    }
+
+    /// Downloads `t` from both sides and records how many values differ in their bits, which must be none
+    /// (a tolerance of 0 still lets −0 pass for +0). A bf16 tensor is compared widened, which is exact.
+    pub(crate) fn compare_bits(&mut self, tw: &Twin, t: Tensor) -> Result<()> {
+        let name = tw.cpu.plan.spec(t).name.clone();
+        let (want, got) = (tw.cpu.download(t)?, tw.dev.download(t)?);
+        let differ = want.iter().zip(&got).filter(|(w, g)| w.to_bits() != g.to_bits()).count();
+        self.compare_values(format!("{name} (values with other bits)"), &[0.0], &[differ as f32], Some(0.0));
         Ok(())
     }
 
@@ -1114,13 +1138,19 @@ fn importance_check(cx: &mut Case) -> Result<()> {
     cx.compare(&tw, unc)
 }
 
+/// bf16 storage at a recompute level.
+fn bf16(recompute: Recompute) -> MemoryOptions {
+    MemoryOptions { recompute, precision: crate::model::Precision::Bf16 }
+}
+
 /// Three training steps of a golden case on the CPU and on the device, compared tensor by tensor.
 /// Tensors the manifest lists as rounding noise (exactly zero in exact arithmetic) are compared in absolute
 /// terms: 1e-6 for gradients, 2·lr per step for parameters (AdamW turns noise into ±lr steps).
-fn model_step(cx: &mut Case, case: &str, recompute: Recompute) -> Result<()> {
+fn model_step(cx: &mut Case, case: &str, memory: impl Into<MemoryOptions>) -> Result<()> {
+    let memory = memory.into();
     let g = GoldenCase::load(&golden_dir(), case)?;
-    let mut cpu = g.build_model(Backend::Cpu, recompute)?;
-    let mut dev = g.build_model(Backend::new(cx.dev)?, recompute)?;
+    let mut cpu = g.build_model(Backend::Cpu, memory)?;
+    let mut dev = g.build_model(Backend::new(cx.dev)?, memory)?;
     let names = g.trainable();
     let alloc = match cpu.method {
         Method::Kernel(k) if k.allocator => Some(Allocator::new(&cpu, AllocatorConfig::default())?),
@@ -1222,6 +1252,75 @@ fn model_step_dropout(cx: &mut Case) -> Result<()> {
         dev.adamw_step(1e-3, 0.05)?;
     }
     dev.rt.sync()
+}
+
+/// Odd, spanning many blocks of 256.
+const BF16_ELEMENTS: usize = 37 * 1013;
+
+/// f32 values that exercise bf16 rounding, all of which round to finite bf16 values (an infinity would
+/// fail the comparison): exact ties of every exponent, their neighbours one f32 step off, values from the
+/// f32 subnormals up to 2^120, N(0, 1) values, signed zeros and the largest values short of overflow.
+fn bf16_test_values(cx: &mut Case, n: usize) -> Vec<f32> {
+    let mut v: Vec<f32> = (0..n)
+        .map(|i| {
+            let sign = if cx.below(2) == 0 { 0 } else { 0x8000_0000u32 };
+            // Kept parts up to 0x7F7E: even at the top, so no tie there rounds up to infinity.
+            let tie = sign | (cx.below(0x7F7F) as u32) << 16 | 0x8000;
+            match i % 4 {
+                0 => f32::from_bits(tie),
+                1 => f32::from_bits(if cx.below(2) == 0 { tie + 1 } else { tie - 1 }),
+                2 => cx.randn(1, 1.0)[0] * 2f32.powi(cx.below(266) as i32 - 145),
+                _ => cx.randn(1, 1.0)[0],
+            }
+        })
+        .collect();
+    let edges = [
+        0.0,
+        -0.0,
+        f32::from_bits(0x0000_0001),
+        f32::from_bits(0x8000_8000),
+        f32::from_bits(0x0001_8000),
+        f32::from_bits(0x007F_FFFF),
+        f32::from_bits(0x7F7F_0000),
+        f32::from_bits(0x7F7F_7FFF),
+        f32::from_bits(0xFF7F_7FFF),
+    ];
+    for (i, e) in edges.into_iter().enumerate() {
+        v[n - 1 - 97 * i] = e; // spread over the last blocks, the tail included
+    }
+    v
+}
+
+/// dst = f32(src) from bf16 values uploaded (rounded on the host) to both sides.
+fn bf16_widen_check(cx: &mut Case) -> Result<()> {
+    let n = BF16_ELEMENTS;
+    let mut p = Plan::new();
+    let src = p.add("src (bf16)", &[n], DType::BF16, Pool::Frozen);
+    let dst = p.f32("dst", &[n], Pool::Activations);
+    let tw = cx.twin(p)?;
+    let v = bf16_test_values(cx, n);
+    tw.upload(src, &v)?;
+    tw.poison(&[dst])?;
+    tw.run(|rt| bf16_widen(rt, dst, src))?;
+    cx.compare(&tw, dst)?;
+    cx.compare_bits(&tw, dst)
+}
+
+/// dst = bf16(x) and x = f32(dst) in place.
+fn bf16_round_check(cx: &mut Case) -> Result<()> {
+    let n = BF16_ELEMENTS;
+    let mut p = Plan::new();
+    let x = p.f32("x (rounded in place)", &[n], Pool::Activations);
+    let dst = p.add("dst (bf16)", &[n], DType::BF16, Pool::Activations);
+    let tw = cx.twin(p)?;
+    let v = bf16_test_values(cx, n);
+    tw.upload(x, &v)?;
+    tw.poison(&[dst])?;
+    tw.run(|rt| bf16_round(rt, dst, x))?;
+    cx.compare(&tw, dst)?;
+    cx.compare_bits(&tw, dst)?;
+    cx.compare(&tw, x)?;
+    cx.compare_bits(&tw, x)
 }
 
 fn mask_grad_check(cx: &mut Case) -> Result<()> {

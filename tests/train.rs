@@ -268,3 +268,36 @@ fn partial_last_batch_trains() {
     let s = t.run(false).unwrap();
     assert_eq!(s.steps, 3);
 }
+
+/// A recipe with `precision = "bf16"` trains like the fp32 one (frozen block weights and the kept stream in
+/// bf16), and a checkpoint of one precision does not resume the other (another trajectory).
+#[test]
+fn bf16_storage_run() {
+    let (dir, weights, data) = fixture(80, 40);
+    let run = |precision: &str| {
+        let out = dir.path().join(format!("run-{precision}"));
+        let mut cfg = recipe(&weights, &data, &out, "snella8", 5);
+        cfg.lr = 3e-2;
+        cfg.warmup_lr = cfg.lr;
+        cfg.precision = precision.into();
+        cfg.recompute = "block".into();
+        let mut t = Trainer::new(cfg).unwrap();
+        assert!(t.run(false).unwrap().completed);
+        (t, read_metrics(&out.join("metrics.jsonl")))
+    };
+    let (t16, m16) = run("bf16");
+    let (mut t32, m32) = run("fp32");
+    assert_eq!(t16.model.memory_options().precision, snella::model::Precision::Bf16);
+    assert!(
+        m16[4].train_loss < 0.8 * m16[0].train_loss,
+        "bf16 train loss {} -> {}",
+        m16[0].train_loss,
+        m16[4].train_loss
+    );
+    let (a, b) = (m16[4].train_loss, m32[4].train_loss);
+    assert!((a - b).abs() <= 0.1 * b, "final train loss: bf16 {a} vs fp32 {b}");
+    assert!(t32.resume_from(&t16.checkpoint_path()).is_err(), "an fp32 run resumed a bf16 checkpoint");
+    let mut bad = t16.config.clone();
+    bad.precision = "bf17".into();
+    assert!(Trainer::new(bad).is_err());
+}

@@ -5,5 +5,5 @@ pub mod vit;
 
 pub use config::{Position, ViTConfig};
 pub(crate) use vit::plan_model;
-pub use vit::{plan, Model, Recompute};
+pub use vit::{plan, MemoryOptions, Model, Precision, Recompute};
 pub mod posembed;

@@ -13,6 +13,7 @@ use crate::ops::adamw::{adamw, AdamWStep};
 use crate::ops::add::{add_bias, axpy, bias_backward, mul_cols, mul_cols_backward_gamma, scale_copy};
 use crate::ops::attention::{attention_backward, attention_forward, permute_heads, AttentionBuffers, Heads};
 use crate::ops::compete::{add_transposed, sparsify_backward, sparsify_forward, CompeteScratch};
+use crate::ops::convert::{bf16_round, bf16_widen};
 use crate::ops::dropout::{drop_path, dropout};
 use crate::ops::embed::{cls_gather, cls_scatter, embed_backward, embed_forward, patchify, PatchGeom};
 use crate::ops::gelu::{gelu_backward, gelu_forward};
@@ -42,6 +43,49 @@ pub enum Recompute {
     Block,
 }
 
+/// How the frozen backbone and the kept residual stream are stored. The arithmetic is fp32 either way.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything fp32 (what the golden vectors check).
+    #[default]
+    Fp32,
+    /// bf16 storage of the frozen block Linear weights (qkv, proj, fc1, fc2: widened to fp32 in scratch
+    /// where they are used, merged with the fp32 branches there) and of the residual-stream checkpoints the
+    /// backward keeps (each block's input and mid-block sum, rounded in the forward itself, so the backward
+    /// differentiates exactly the forward that ran). Factors, gradients, optimizer state, every other
+    /// activation and all math stay fp32. Trainable weights (full fine-tuning, GPS) stay fp32.
+    Bf16,
+}
+
+impl Precision {
+    /// `fp32` or `bf16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+/// The memory knobs of a model: what the backward recomputes and how the backbone is stored. A bare
+/// [`Recompute`] converts into options with fp32 storage.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryOptions {
+    /// What the backward recomputes instead of keeping.
+    pub recompute: Recompute,
+    /// Storage precision of the frozen weights and the residual stream.
+    pub precision: Precision,
+}
+
+impl From<Recompute> for MemoryOptions {
+    fn from(recompute: Recompute) -> MemoryOptions {
+        MemoryOptions { recompute, precision: Precision::Fp32 }
+    }
+}
+
 /// A parameter: its value, and for trainable ones the gradient and AdamW moments.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Param {
@@ -64,6 +108,18 @@ pub(crate) struct Params {
 
 impl Params {
     fn add(&mut self, plan: &mut Plan, name: &str, shape: &[usize], trainable: bool) -> Param {
+        self.add_stored(plan, name, shape, trainable, DType::F32)
+    }
+
+    /// A parameter whose frozen value is stored as `frozen_dtype` (trainable ones are always fp32 masters).
+    fn add_stored(
+        &mut self,
+        plan: &mut Plan,
+        name: &str,
+        shape: &[usize],
+        trainable: bool,
+        frozen_dtype: DType,
+    ) -> Param {
         let p = if trainable {
             Param {
                 value: plan.f32(name, shape, Pool::Trainable),
@@ -74,7 +130,8 @@ impl Params {
                 mask: None,
             }
         } else {
-            Param { value: plan.f32(name, shape, Pool::Frozen), grad: None, m: None, v: None, decay: false, mask: None }
+            let value = plan.add(name, shape, frozen_dtype, Pool::Frozen);
+            Param { value, grad: None, m: None, v: None, decay: false, mask: None }
         };
         self.index.insert(name.to_string(), self.list.len());
         self.names.push(name.to_string());
@@ -209,6 +266,12 @@ pub(crate) struct Work {
     /// per-branch copy (drop-path, then the input gradient through the branch).   (BT, max(D, F)) each
     pub(crate) reg_x: Option<Tensor>,
     pub(crate) reg_xb: Option<Tensor>,
+    /// bf16 storage: the fp32 residual stream of the block being run (its input, then its output) and its
+    /// mid-block sum; the kept bf16 copies are widened into them in the backward.   (BT, D) each
+    pub(crate) x: Option<Tensor>,
+    pub(crate) xm: Option<Tensor>,
+    /// bf16 storage without branches (linear probe): a frozen Linear weight widened to fp32.  (max(3D·D, F·D))
+    pub(crate) w0: Option<Tensor>,
     /// Head: final-norm cls rows, gradients.                (B, D), (B, V)
     pub(crate) dfeat: Tensor,
     pub(crate) dcls: Tensor,
@@ -246,11 +309,14 @@ pub(crate) struct Layout {
     pub(crate) thresholds: Tensor,
     pub(crate) branches: Vec<Branch>,
     pub(crate) recompute: Recompute,
+    pub(crate) precision: Precision,
 }
 
 /// Plans every tensor of a training step of `cfg` under `method` at batch `b`, keeping activations as
 /// `recompute` says.
-pub(crate) fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, recompute: Recompute) -> Result<(Plan, Layout)> {
+pub(crate) fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, mem: MemoryOptions) -> Result<(Plan, Layout)> {
+    let MemoryOptions { recompute, precision } = mem;
+    let bf16 = precision == Precision::Bf16;
     cfg.validate()?;
     method.validate()?;
     if b == 0 {
@@ -293,6 +359,9 @@ pub(crate) fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, recompute: 
         dtmp: plan.f32("work.attn.dtmp", &[b, h, t, hd], s),
         reg_x: regularised.then(|| plan.f32("work.reg_x", &[bt, d.max(f)], s)),
         reg_xb: regularised.then(|| plan.f32("work.reg_xb", &[bt, d.max(f)], s)),
+        x: bf16.then(|| plan.f32("work.x", &[bt, d], s)),
+        xm: bf16.then(|| plan.f32("work.xm", &[bt, d], s)),
+        w0: (bf16 && !full && !method.has_branches()).then(|| plan.f32("work.w0", &[(3 * d * d).max(f * d)], s)),
         dfeat: plan.f32("work.dfeat", &[b, d], s),
         dcls: plan.f32("work.dcls", &[b, d], s),
         dlogits: plan.f32("work.dlogits", &[b, v], s),
@@ -318,8 +387,16 @@ pub(crate) fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, recompute: 
     let trainable = |name: &str| full || matches!(name, "cls_token" | "head.weight" | "head.bias");
     let shapes = cfg.param_shapes();
     let mut by_name: HashMap<String, Param> = HashMap::new();
+    // bf16 storage: the four block Linear weights, the bulk of the backbone (the rest is small).
+    let block_linear = |name: &str| {
+        name.starts_with("blocks.")
+            && ["attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight"]
+                .iter()
+                .any(|w| name.ends_with(w))
+    };
     for (name, shape) in &shapes {
-        let p = params.add(&mut plan, name, shape, trainable(name));
+        let dtype = if bf16 && block_linear(name) { DType::BF16 } else { DType::F32 };
+        let p = params.add_stored(&mut plan, name, shape, trainable(name), dtype);
         by_name.insert(name.clone(), p);
     }
     if let Method::Gps { .. } = method {
@@ -406,7 +483,9 @@ pub(crate) fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, recompute: 
     let a = Pool::Activations;
     let images = plan.f32("input.images", &[b, cfg.in_chans, cfg.img_size.0, cfg.img_size.1], a);
     let labels = plan.add("input.labels", &[b], DType::I32, a);
-    let mut resid = vec![plan.f32("act.resid.0", &[bt, d], a)];
+    // The residual stream checkpoints: block inputs and mid-block sums (bf16 storage: rounded to bf16).
+    let stream = if bf16 { DType::BF16 } else { DType::F32 };
+    let mut resid = vec![plan.add("act.resid.0", &[bt, d], stream, a)];
     let ls_trains = cfg.layer_scale && full;
     let mut blocks = Vec::new();
     for l in 0..cfg.depth {
@@ -425,6 +504,7 @@ pub(crate) fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, recompute: 
         qkv_br.extend(bl(Position::K));
         qkv_br.extend(bl(Position::V));
         let pre = format!("act.blocks.{l}");
+        let x_mid = plan.add(format!("{pre}.x_mid"), &[bt, d], stream, a);
         let mut keep = |name: &str, shape: &[usize], shared: Option<Tensor>| {
             shared.unwrap_or_else(|| plan.f32(format!("{pre}.{name}"), shape, a))
         };
@@ -435,7 +515,7 @@ pub(crate) fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, recompute: 
             qkv: keep("qkv", &[bt, 3 * d], r_qkv),
             probs: keep("probs", &[b, h, t, t], r_probs),
             attn: keep("attn", &[bt, d], r_attn),
-            x_mid: keep("x_mid", &[bt, d], None),
+            x_mid,
             ln2: keep("ln2", &[bt, d], r_ln),
             ln2_mean: keep("ln2_mean", &[bt], None),
             ln2_rstd: keep("ln2_rstd", &[bt], None),
@@ -455,7 +535,7 @@ pub(crate) fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, recompute: 
             ls2: cfg.layer_scale.then(|| p("ls2.gamma")),
             acts,
         });
-        resid.push(plan.f32(format!("act.resid.{}", l + 1), &[bt, d], a));
+        resid.push(plan.add(format!("act.resid.{}", l + 1), &[bt, d], stream, a));
     }
     let cls_in = plan.f32("act.head.cls_in", &[b, d], a);
     let feats = plan.f32("act.head.feats", &[b, d], a);
@@ -482,6 +562,7 @@ pub(crate) fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, recompute: 
         thresholds,
         branches,
         recompute,
+        precision,
     };
     Ok((plan, layout))
 }
@@ -518,19 +599,27 @@ pub struct Model {
 
 impl Model {
     /// Plans and allocates the model for steps of up to `batch` images; every parameter starts at zero
-    /// (load a backbone with [`Model::load_backbone`], then [`Model::init_branches`]).
+    /// (load a backbone with [`Model::load_backbone`], then [`Model::init_branches`]). `memory` is a
+    /// [`Recompute`] level (fp32 storage) or [`MemoryOptions`] (recompute level and storage precision).
     ///
     /// # Errors
     /// An invalid configuration, method or batch (`Invalid` naming it); [`Error::OutOfMemory`] with the
     /// largest batch that fits when the plan exceeds free device memory; CUDA errors.
-    pub fn new(backend: Backend, cfg: &ViTConfig, method: Method, batch: usize, recompute: Recompute) -> Result<Model> {
-        let (plan, layout) = plan_model(cfg, &method, batch, recompute)?;
+    pub fn new(
+        backend: Backend,
+        cfg: &ViTConfig,
+        method: Method,
+        batch: usize,
+        memory: impl Into<MemoryOptions>,
+    ) -> Result<Model> {
+        let memory = memory.into();
+        let (plan, layout) = plan_model(cfg, &method, batch, memory)?;
         let rt = match Runtime::new(backend, plan) {
             Err(Error::OutOfMemory { need_mib, free_mib, .. }) => {
                 let max_batch = (1..batch)
                     .rev()
                     .find(|&bb| {
-                        plan_model(cfg, &method, bb, recompute)
+                        plan_model(cfg, &method, bb, memory)
                             .map(|(p, _)| crate::runtime::mib(p.total_bytes()) + 12.0 < free_mib)
                             .unwrap_or(false)
                     })
@@ -762,12 +851,25 @@ impl Model {
             Matmul::new(b * np, d, cfg.patch_dim(), false, true),
         )?;
         add_bias(rt, pout, pget("patch_embed.proj.bias"))?;
-        embed_forward(rt, lo.resid[0], pout, pget("cls_token"), pget("pos_embed"), b, t, d)?;
+        // bf16 storage: the stream runs in fp32 through work.x (rounded where it is kept, see below).
+        let x0 = lo.work.x.unwrap_or(lo.resid[0]);
+        embed_forward(rt, x0, pout, pget("cls_token"), pget("pos_embed"), b, t, d)?;
+        if lo.work.x.is_some() {
+            bf16_round(rt, lo.resid[0].slice(0, bt * d), x0.slice(0, bt * d))?;
+        }
 
         let heads = Heads { b, n: t, h: cfg.num_heads, hd: cfg.head_dim() };
         for (l, blk) in lo.blocks.iter().enumerate() {
-            let (x, xo, ac) = (lo.resid[l].slice(0, bt * d), lo.resid[l + 1].slice(0, bt * d), &blk.acts);
+            let ac = &blk.acts;
             let sl = |t: Tensor, w: usize| t.slice(0, bt * w);
+            // The block's input x, mid-block sum xm and output xo: the kept tensors themselves, or (bf16 storage)
+            // fp32 scratch whose values are rounded to bf16 as they are kept, so the forward goes on with
+            // exactly what the backward will widen.
+            let (x, xm, xo) = match (lo.work.x, lo.work.xm) {
+                (Some(x), Some(xm)) => (sl(x, d), sl(xm, d), sl(x, d)),
+                _ => (sl(lo.resid[l], d), sl(ac.x_mid, d), sl(lo.resid[l + 1], d)),
+            };
+            let bf16 = lo.work.x.is_some();
             layernorm_forward(
                 rt,
                 sl(ac.ln1, d),
@@ -787,13 +889,16 @@ impl Model {
             if let Some(p) = self.block_drop(l) {
                 drop_path(rt, y, y, t * d, p, self.step_seed(), l as u64 * 16 + 10)?;
             }
-            residual(rt, sl(ac.x_mid, d), x, y, blk.ls1)?;
+            residual(rt, xm, x, y, blk.ls1)?;
+            if bf16 {
+                bf16_round(rt, sl(ac.x_mid, d), xm)?;
+            }
             layernorm_forward(
                 rt,
                 sl(ac.ln2, d),
                 ac.ln2_mean,
                 ac.ln2_rstd,
-                sl(ac.x_mid, d),
+                xm,
                 blk.norm2.0.value,
                 blk.norm2.1.value,
                 d,
@@ -806,11 +911,14 @@ impl Model {
             if let Some(p) = self.block_drop(l) {
                 drop_path(rt, y, y, t * d, p, self.step_seed(), l as u64 * 16 + 11)?;
             }
-            residual(rt, xo, sl(ac.x_mid, d), y, blk.ls2)?;
+            residual(rt, xo, xm, y, blk.ls2)?;
+            if bf16 {
+                bf16_round(rt, sl(lo.resid[l + 1], d), xo)?;
+            }
         }
         // Only the cls rows reach the loss: the final norm runs on them alone (LayerNorm is per row).
         let (cls_in, feats) = (lo.cls_in.slice(0, b * d), lo.feats.slice(0, b * d));
-        cls_gather(rt, cls_in, lo.resid[cfg.depth], b, t, d)?;
+        cls_gather(rt, cls_in, lo.work.x.unwrap_or(lo.resid[cfg.depth]), b, t, d)?;
         layernorm_forward(
             rt,
             feats,
@@ -833,9 +941,25 @@ impl Model {
         if self.branch_regularised() && !lin.branches.is_empty() {
             return self.linear_unmerged(lin, y, x, rows, None);
         }
-        let w = if lin.branches.is_empty() { lin.w.value } else { self.build_merged_weight(lin, None)? };
+        let w = if lin.branches.is_empty() { self.weight_f32(lin)? } else { self.build_merged_weight(lin, None)? };
         matmul(rt, y, x, w, Matmul::new(rows, lin.n_out, lin.n_in, false, true))?;
         add_bias(rt, y, lin.b.value)
+    }
+
+    /// The Linear's own weight W0 as fp32 (out, in): the parameter itself, or (bf16 storage) widened into the
+    /// Linear's branch scratch W (free on the unmerged path) or, without branches, into work.w0.
+    fn weight_f32(&self, lin: &Linear) -> Result<Tensor> {
+        let w0 = lin.w.value;
+        if w0.dtype != DType::BF16 {
+            return Ok(w0);
+        }
+        let into = match lin.branches.is_empty() {
+            true => self.layout.work.w0.expect("bf16 storage without branches plans work.w0"),
+            false => self.layout.branch_scratch[lin.scratch].w,
+        };
+        let w = into.slice(0, w0.numel);
+        bf16_widen(&self.rt, w, w0)?;
+        Ok(w)
     }
 
     /// Builds W0 + Σ branches into the Linear's scratch W. With `grad = Some((x, dy, rows))` it also runs
@@ -852,7 +976,7 @@ impl Model {
             match br.params {
                 BranchParams::Lora { a, b, r } => {
                     // W = W0 + B·A                                    (out, in)
-                    scale_copy(rt, dst, w0, 1.0)?;
+                    copy_frozen(rt, dst, w0)?;
                     matmul(rt, dst, b.value, a.value, Matmul::new(n_out, n_in, r, false, false).accumulate())?;
                     if let Some((x, _, rows)) = grad {
                         // ∂L/∂W = dyᵀ·x (out, in); ∂L/∂B += ∂W·Aᵀ; ∂L/∂A += Bᵀ·∂W
@@ -882,7 +1006,7 @@ impl Model {
                 }
                 BranchParams::Kernel { .. } => {
                     let applied = self.build_branch_matrix(br, sc)?;
-                    add_transposed(rt, dst, w0, applied, n_in, n_out)?;
+                    add_frozen_transposed(rt, dst, w0, applied, n_in, n_out)?;
                     if let Some((x, dy, rows)) = grad {
                         self.branch_factor_backward(lin, br, sc, x, dy, rows)?;
                     }
@@ -966,12 +1090,13 @@ impl Model {
         let (block, pos) = (lin.branches[0].block as u64, lin.branches[0].pos);
         let seed = self.step_seed();
         let per_sample = self.cfg.tokens() * lin.n_in;
+        let w0 = self.weight_f32(lin)?;
         match dy {
             None => {
-                matmul(rt, out, x, lin.w.value, Matmul::new(rows, lin.n_out, lin.n_in, false, true))?;
+                matmul(rt, out, x, w0, Matmul::new(rows, lin.n_out, lin.n_in, false, true))?;
                 add_bias(rt, out, lin.b.value)?;
             }
-            Some(g) => matmul(rt, out, g, lin.w.value, Matmul::new(rows, lin.n_in, lin.n_out, false, false))?,
+            Some(g) => matmul(rt, out, g, w0, Matmul::new(rows, lin.n_in, lin.n_out, false, false))?,
         }
         // The branch input: dropped out (q/k/v share one mask), except proj's.
         let xd = self.layout.work.reg_x.expect("regularisation scratch").slice(0, rows * lin.n_in);
@@ -1036,7 +1161,11 @@ impl Model {
         if self.branch_regularised() && !lin.branches.is_empty() {
             return self.linear_unmerged(lin, dx, x, rows, Some(dy));
         }
-        let w = if lin.branches.is_empty() { lin.w.value } else { self.build_merged_weight(lin, Some((x, dy, rows)))? };
+        let w = if lin.branches.is_empty() {
+            self.weight_f32(lin)?
+        } else {
+            self.build_merged_weight(lin, Some((x, dy, rows)))?
+        };
         if let Some(gw) = lin.w.grad {
             matmul(rt, gw, dy, x, Matmul::new(lin.n_out, lin.n_in, rows, true, false).accumulate())?;
         }
@@ -1100,13 +1229,21 @@ impl Model {
         let rc = lo.recompute;
         for (l, blk) in lo.blocks.iter().enumerate().rev() {
             let ac = &blk.acts;
-            let x_in = lo.resid[l].slice(0, bt * d);
+            // The kept block input and mid-block sum (bf16 storage: widened into fp32 scratch).
+            let (x_in, x_mid) = match (w.x, w.xm) {
+                (Some(x), Some(xm)) => {
+                    bf16_widen(rt, sl(x, d), sl(lo.resid[l], d))?;
+                    bf16_widen(rt, sl(xm, d), sl(ac.x_mid, d))?;
+                    (sl(x, d), sl(xm, d))
+                }
+                _ => (sl(lo.resid[l], d), sl(ac.x_mid, d)),
+            };
             // MLP: x_out = x_mid + ls2 ⊙ fc2(GELU(fc1(LN2(x_mid)))). First rebuild what was not kept.
             if rc >= Recompute::Norms {
                 layernorm_apply(
                     rt,
                     sl(ac.ln2, d),
-                    sl(ac.x_mid, d),
+                    x_mid,
                     ac.ln2_mean,
                     ac.ln2_rstd,
                     blk.norm2.0.value,
@@ -1133,7 +1270,7 @@ impl Model {
                 blk.norm2.0.grad,
                 blk.norm2.1.grad,
                 dh,
-                sl(ac.x_mid, d),
+                x_mid,
                 blk.norm2.0.value,
                 ac.ln2_mean,
                 ac.ln2_rstd,
@@ -1251,6 +1388,11 @@ impl Model {
     /// The fine-tuning method.
     pub fn method(&self) -> &Method {
         &self.method
+    }
+
+    /// What the backward recomputes and how the backbone is stored.
+    pub fn memory_options(&self) -> MemoryOptions {
+        MemoryOptions { recompute: self.layout.recompute, precision: self.layout.precision }
     }
 
     /// The planned batch size: a step takes 1 to this many images.
@@ -1408,8 +1550,34 @@ impl Model {
 ///
 /// # Errors
 /// An invalid configuration or method (see [`Model::new`]).
-pub fn plan(cfg: &ViTConfig, method: &Method, batch: usize, recompute: Recompute) -> Result<Plan> {
-    Ok(plan_model(cfg, method, batch, recompute)?.0)
+pub fn plan(cfg: &ViTConfig, method: &Method, batch: usize, memory: impl Into<MemoryOptions>) -> Result<Plan> {
+    Ok(plan_model(cfg, method, batch, memory.into())?.0)
+}
+
+/// dst (fp32) = w0, a frozen weight stored as fp32 or bf16.                        dst, w0: (n)
+pub(crate) fn copy_frozen(rt: &Runtime, dst: Tensor, w0: Tensor) -> Result<()> {
+    match w0.dtype {
+        DType::BF16 => bf16_widen(rt, dst, w0),
+        _ => scale_copy(rt, dst, w0, 1.0),
+    }
+}
+
+/// dst (out, in) = w0 + msᵀ with ms (in, out), w0 stored as fp32 or bf16 (then widened into dst first).
+pub(crate) fn add_frozen_transposed(
+    rt: &Runtime,
+    dst: Tensor,
+    w0: Tensor,
+    ms: Tensor,
+    n_in: usize,
+    n_out: usize,
+) -> Result<()> {
+    match w0.dtype {
+        DType::BF16 => {
+            bf16_widen(rt, dst, w0)?;
+            add_transposed(rt, dst, dst, ms, n_in, n_out)
+        }
+        _ => add_transposed(rt, dst, w0, ms, n_in, n_out),
+    }
 }
 
 /// out = x + y, or x + y ⊙ γ with LayerScale.                           out, x, y: (BT, D)

@@ -4,6 +4,7 @@ pub mod adamw;
 pub mod add;
 pub mod attention;
 pub mod compete;
+pub(crate) mod convert;
 pub mod dropout;
 pub mod embed;
 pub mod gelu;

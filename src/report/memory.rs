@@ -4,7 +4,7 @@
 use std::fmt::Write;
 
 use crate::error::{Error, Result};
-use crate::model::{plan_model, Recompute, ViTConfig};
+use crate::model::{plan_model, MemoryOptions, Precision, Recompute, ViTConfig};
 use crate::peft::Method;
 use crate::runtime::{mib, Pool};
 
@@ -37,8 +37,8 @@ pub struct MemoryRow {
     pub method: String,
     /// Images per step the plan is sized for.
     pub batch: usize,
-    /// Storage precision of weights and activations (`fp32`).
-    pub precision: String,
+    /// Storage precision of the frozen weights and the kept residual stream.
+    pub precision: Precision,
     /// MiB per pool, in `Pool::ALL` order.
     pub pools_mib: Vec<(String, f64)>,
     /// MiB over all pools.
@@ -66,9 +66,9 @@ pub fn memory_rows(
     batch: usize,
     sparsity: f32,
     num_classes: usize,
-    recompute: Recompute,
+    memory: impl Into<MemoryOptions>,
 ) -> Result<Vec<MemoryRow>> {
-    memory_rows_at(models, methods, batch, sparsity, num_classes, recompute, None)
+    memory_rows_at(models, methods, batch, sparsity, num_classes, memory, None)
 }
 
 /// [`memory_rows`] at another input resolution (square, in pixels; the position table is resized).
@@ -82,9 +82,10 @@ pub fn memory_rows_at(
     batch: usize,
     sparsity: f32,
     num_classes: usize,
-    recompute: Recompute,
+    memory: impl Into<MemoryOptions>,
     resolution: Option<usize>,
 ) -> Result<Vec<MemoryRow>> {
+    let memory = memory.into();
     let mut rows = Vec::new();
     for model in models {
         let mut cfg = ViTConfig::by_name(model, num_classes)?;
@@ -94,7 +95,7 @@ pub fn memory_rows_at(
         }
         for name in methods {
             let method = Method::parse(name, sparsity)?;
-            let (plan, _) = plan_model(&cfg, &method, batch, recompute)?;
+            let (plan, _) = plan_model(&cfg, &method, batch, memory)?;
             let pools_mib = Pool::ALL.iter().map(|&p| (p.name().to_string(), mib(plan.pool_bytes(p)))).collect();
             let total_mib = mib(plan.total_bytes());
             let paper = paper_mb(model, &method.name());
@@ -102,13 +103,13 @@ pub fn memory_rows_at(
                 model: model.clone(),
                 method: method.name(),
                 batch,
-                precision: "fp32".into(),
+                precision: memory.precision,
                 pools_mib,
                 total_mib,
                 paper_mb: paper,
                 ratio_to_paper: paper.map(|p| total_mib / p),
                 measured_mib: None,
-                recompute,
+                recompute: memory.recompute,
                 resolution: cfg.img_size.0,
             });
         }
@@ -120,14 +121,14 @@ pub fn memory_rows_at(
 pub fn table(rows: &[MemoryRow]) -> String {
     let mut s = String::new();
     let pools: Vec<&str> = Pool::ALL.iter().map(|p| p.name()).collect();
-    write!(s, "{:<9} {:<9} {:<9} {:>5}", "model", "method", "recompute", "batch").unwrap();
+    write!(s, "{:<9} {:<9} {:<9} {:<5} {:>5}", "model", "method", "recompute", "store", "batch").unwrap();
     for p in &pools {
         write!(s, " {:>11}", p).unwrap();
     }
     writeln!(s, " {:>10} {:>10} {:>8} {:>12}", "total MiB", "paper MB", "ours/pap", "measured MiB").unwrap();
     for r in rows {
-        write!(s, "{:<9} {:<9} {:<9} {:>5}", r.model, r.method, format!("{:?}", r.recompute).to_lowercase(), r.batch)
-            .unwrap();
+        let rc = format!("{:?}", r.recompute).to_lowercase();
+        write!(s, "{:<9} {:<9} {:<9} {:<5} {:>5}", r.model, r.method, rc, r.precision.name(), r.batch).unwrap();
         for (_, v) in &r.pools_mib {
             write!(s, " {:>11.1}", v).unwrap();
         }
@@ -152,7 +153,9 @@ pub fn reductions(rows: &[MemoryRow]) -> String {
     for m in models {
         let Some(gps) = rows
             .iter()
-            .find(|r| r.model == m && r.method == "gps" && r.recompute == Recompute::None)
+            .find(|r| {
+                r.model == m && r.method == "gps" && r.recompute == Recompute::None && r.precision == Precision::Fp32
+            })
             .or_else(|| rows.iter().find(|r| r.model == m && r.method == "gps"))
         else {
             continue;
@@ -162,14 +165,14 @@ pub fn reductions(rows: &[MemoryRow]) -> String {
                 (Some(g), Some(x)) => format!("  (paper {}: {:.1}%)", r.method, 100.0 * (1.0 - x / g)),
                 _ => String::new(),
             };
-            let rc = |x: Recompute| format!("{x:?}").to_lowercase();
+            let rc = |r: &MemoryRow| format!("{:?}, {}", r.recompute, r.precision.name()).to_lowercase();
             writeln!(
                 s,
-                "{m} {:<9} {:<9} uses {:5.1}% less than gps ({}){paper}",
+                "{m} {:<9} {:<15} uses {:5.1}% less than gps ({}){paper}",
                 r.method,
-                rc(r.recompute),
+                rc(r),
                 100.0 * (1.0 - r.total_mib / gps.total_mib),
-                rc(gps.recompute)
+                rc(gps)
             )
             .unwrap();
         }
@@ -186,7 +189,8 @@ pub fn csv(rows: &[MemoryRow]) -> String {
     s.push_str(",total_mib,paper_mb,ratio_to_paper,measured_mib\n");
     let opt = |x: Option<f64>| x.map(|v| format!("{v:.3}")).unwrap_or_default();
     for r in rows {
-        write!(s, "{},{},{:?},{},{},{}", r.model, r.method, r.recompute, r.resolution, r.batch, r.precision).unwrap();
+        write!(s, "{},{},{:?},{},{},{}", r.model, r.method, r.recompute, r.resolution, r.batch, r.precision.name())
+            .unwrap();
         for (_, v) in &r.pools_mib {
             write!(s, ",{v:.3}").unwrap();
         }
@@ -206,7 +210,7 @@ pub fn svg(rows: &[MemoryRow]) -> String {
         }
         v
     });
-    let label = |r: &MemoryRow| format!("{} ({:?})", r.method, r.recompute).to_lowercase();
+    let label = |r: &MemoryRow| format!("{} ({:?}, {})", r.method, r.recompute, r.precision.name()).to_lowercase();
     let methods: Vec<String> = rows.iter().map(label).fold(Vec::new(), |mut v, m| {
         if !v.contains(&m) {
             v.push(m)
@@ -276,7 +280,8 @@ pub fn measure(
     let mut cfg = ViTConfig::by_name(&row.model, num_classes)?;
     cfg.img_size = (row.resolution, row.resolution);
     let method = Method::parse(&row.method, sparsity)?;
-    let mut model = crate::model::Model::new(backend, &cfg, method, row.batch, row.recompute)?;
+    let memory = MemoryOptions { recompute: row.recompute, precision: row.precision };
+    let mut model = crate::model::Model::new(backend, &cfg, method, row.batch, memory)?;
     model.init_branches(0)?; // α = γ = 1: zero factors would make the mixture 0/0 (the backbone may stay 0)
     let per = cfg.in_chans * cfg.img_size.0 * cfg.img_size.1;
     let images: Vec<f32> = (0..row.batch * per).map(|i| ((i % 251) as f32) / 125.0 - 1.0).collect();

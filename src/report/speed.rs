@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::model::{Model, Recompute, ViTConfig};
+use crate::model::{MemoryOptions, Model, Precision, Recompute, ViTConfig};
 use crate::ops::GemmPrecision;
 use crate::peft::allocator::{Allocator, AllocatorConfig};
 use crate::peft::Method;
@@ -21,6 +21,8 @@ pub struct SpeedRow {
     pub batch: usize,
     /// What the backward recomputes.
     pub recompute: Recompute,
+    /// Storage precision of the frozen weights and the kept residual stream.
+    pub precision: Precision,
     /// Precision of the matrix products.
     pub gemm: GemmPrecision,
     /// `cpu`, or the GPU's name.
@@ -80,7 +82,7 @@ pub fn step_speed(
     model_name: &str,
     method_name: &str,
     batch: usize,
-    recompute: Recompute,
+    memory: impl Into<MemoryOptions>,
     backend: Backend,
     gemm: GemmPrecision,
     warmup: usize,
@@ -95,7 +97,8 @@ pub fn step_speed(
         Backend::Cpu => "cpu".to_string(),
         Backend::Cuda(c) => c.name.clone(),
     };
-    let mut model = Model::new(backend, &cfg, method, batch, recompute)?;
+    let memory = memory.into();
+    let mut model = Model::new(backend, &cfg, method, batch, memory)?;
     model.rt.set_gemm_precision(gemm);
     model.init_branches(0)?;
     for (i, name) in model.layout.params.names.clone().iter().enumerate() {
@@ -141,7 +144,8 @@ pub fn step_speed(
         model: model_name.into(),
         method: method.name(),
         batch,
-        recompute,
+        recompute: memory.recompute,
+        precision: memory.precision,
         gemm,
         mfu: peak_flops(&device, gemm).map(|p| flops / secs / p),
         device,

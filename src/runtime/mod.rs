@@ -200,6 +200,47 @@ impl Runtime {
         }
     }
 
+    /// The CPU slice of a bf16 tensor (its offset is in bytes; every bf16 element is 2-byte aligned).
+    pub(crate) fn bf16(&self, t: Tensor) -> &[half::bf16] {
+        debug_assert_eq!(t.dtype, DType::BF16);
+        self.touch(t);
+        match &self.arenas[t.pool.index()] {
+            Arena::Cpu(v) => bytemuck::cast_slice(&bytemuck::cast_slice::<f32, u8>(v)[t.offset..t.offset + t.bytes()]),
+            Arena::Cuda(_) => panic!("CPU view of a CUDA tensor"),
+        }
+    }
+
+    /// The mutable CPU slice of a bf16 tensor (see [`Runtime::f32_mut`] for why `&self` hands out `&mut`).
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) fn bf16_mut(&self, t: Tensor) -> &mut [half::bf16] {
+        debug_assert_eq!(t.dtype, DType::BF16);
+        self.touch(t);
+        match &self.arenas[t.pool.index()] {
+            Arena::Cpu(v) => unsafe {
+                assert!(
+                    t.offset.is_multiple_of(2) && t.offset + t.bytes() <= v.len() * 4,
+                    "bf16 view out of its arena"
+                );
+                let base = (v.as_ptr() as *mut u8).add(t.offset) as *mut half::bf16;
+                std::slice::from_raw_parts_mut(base, t.numel)
+            },
+            Arena::Cuda(_) => panic!("CPU view of a CUDA tensor"),
+        }
+    }
+
+    /// The mutable CPU bytes of a tensor of any dtype (exactly its `bytes()`, nothing of its neighbours).
+    #[allow(clippy::mut_from_ref)]
+    fn bytes_mut(&self, t: Tensor) -> &mut [u8] {
+        self.touch(t);
+        match &self.arenas[t.pool.index()] {
+            Arena::Cpu(v) => unsafe {
+                assert!(t.offset + t.bytes() <= v.len() * 4, "byte view out of its arena");
+                std::slice::from_raw_parts_mut((v.as_ptr() as *mut u8).add(t.offset), t.bytes())
+            },
+            Arena::Cuda(_) => panic!("CPU view of a CUDA tensor"),
+        }
+    }
+
     /// The device address of a tensor.
     pub(crate) fn ptr(&self, t: Tensor) -> DevPtr {
         self.touch(t);
@@ -216,9 +257,24 @@ impl Runtime {
         }
     }
 
-    /// Copies host values into a tensor (f32 or i32 by the tensor's dtype).
+    /// Copies host values into a tensor: f32 as they are, or into a bf16 tensor rounded to nearest even on the
+    /// host (the rounding of `ops::convert::bf16_round`).
     pub fn upload(&self, t: Tensor, data: &[f32]) -> Result<()> {
         self.check_len(t, data.len())?;
+        if t.dtype == DType::BF16 {
+            match &self.backend {
+                Backend::Cpu => {
+                    for (d, &x) in self.bf16_mut(t).iter_mut().zip(data) {
+                        *d = half::bf16::from_f32(x);
+                    }
+                }
+                Backend::Cuda(c) => {
+                    let host: Vec<half::bf16> = data.iter().map(|&x| half::bf16::from_f32(x)).collect();
+                    c.upload(self.ptr(t), &host)?
+                }
+            }
+            return Ok(());
+        }
         match &self.backend {
             Backend::Cpu => self.f32_mut(t).copy_from_slice(data),
             Backend::Cuda(c) => c.upload(self.ptr(t), data)?,
@@ -241,7 +297,18 @@ impl Runtime {
         Ok(())
     }
 
+    /// A tensor's values on the host: f32 as they are, a bf16 tensor widened (exactly) to f32.
     pub fn download(&self, t: Tensor) -> Result<Vec<f32>> {
+        if t.dtype == DType::BF16 {
+            return Ok(match &self.backend {
+                Backend::Cpu => self.bf16(t).iter().map(|b| b.to_f32()).collect(),
+                Backend::Cuda(c) => {
+                    let mut host = vec![half::bf16::ZERO; t.numel];
+                    c.download(&mut host, self.ptr(t))?;
+                    host.iter().map(|b| b.to_f32()).collect()
+                }
+            });
+        }
         match &self.backend {
             Backend::Cpu => Ok(self.f32(t).to_vec()),
             Backend::Cuda(c) => {
@@ -252,13 +319,11 @@ impl Runtime {
         }
     }
 
-    /// Sets every byte of a tensor to `byte` (0 for zeroing; 0xFF makes f32 NaNs, used to poison outputs).
+    /// Sets every byte of a tensor to `byte` (0 for zeroing; 0xFF makes f32 and bf16 NaNs, used to poison
+    /// outputs). Exactly the tensor's bytes: a bf16 or u8 tensor may end, or a slice of one start, inside a word.
     pub fn fill_bytes(&self, t: Tensor, byte: u8) -> Result<()> {
         match &self.backend {
-            Backend::Cpu => {
-                let s = self.f32_mut(Tensor { dtype: DType::F32, numel: t.bytes() / 4, ..t });
-                s.fill(f32::from_bits(u32::from_ne_bytes([byte; 4])));
-            }
+            Backend::Cpu => self.bytes_mut(t).fill(byte),
             Backend::Cuda(c) => c.memset(self.ptr(t), byte, t.bytes())?,
         }
         Ok(())
@@ -334,5 +399,59 @@ impl Drop for Runtime {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_upload_rounds_and_download_widens() {
+        let n = 1001; // odd: the tensor ends inside a 4-byte word
+        let mut p = Plan::new();
+        let b = p.add("b", &[n], DType::BF16, Pool::Activations);
+        let after = p.add("after", &[3], DType::F32, Pool::Activations);
+        let rt = Runtime::cpu(p);
+        let x: Vec<f32> = (0..n).map(|i| (i as f32 - 500.0) * 0.013_7 + 1e-3).collect();
+        rt.upload(b, &x).unwrap();
+        let got = rt.download(b).unwrap();
+        for (i, (&g, &x)) in got.iter().zip(&x).enumerate() {
+            assert_eq!(g.to_bits(), half::bf16::from_f32(x).to_f32().to_bits(), "element {i}");
+            assert!(((g - x) / x).abs() <= 1.0 / 256.0, "element {i}: {g} for {x}");
+        }
+        // Values that bf16 holds exactly come back unchanged; a tie rounds to the even neighbour.
+        let held = [1.0, -0.5, f32::from_bits(0x7F7F_0000), f32::from_bits(0x8001_0000), 1.5, -0.0, f32::INFINITY];
+        let exact: Vec<f32> = (0..n).map(|i| held[i % held.len()]).collect();
+        rt.upload(b, &exact).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+        assert!(bits(&rt.download(b).unwrap()) == bits(&exact), "bf16 values must round-trip unchanged");
+        let mut tie = exact.clone();
+        tie[n - 1] = f32::from_bits(0x3F81_8000);
+        rt.upload(b, &tie).unwrap();
+        assert_eq!(rt.download(b).unwrap()[n - 1].to_bits(), 0x3F82_0000);
+        assert!(rt.upload(b, &x[1..]).is_err(), "a length mismatch is an error");
+        rt.upload(after, &[1.0, 2.0, 3.0]).unwrap();
+        assert_eq!(rt.download(after).unwrap(), [1.0, 2.0, 3.0]);
+    }
+
+    #[test]
+    fn fill_bytes_covers_exactly_the_tensor() {
+        let n = 7;
+        let mut p = Plan::new();
+        let b = p.add("b", &[n], DType::BF16, Pool::Scratch);
+        let m = p.add("m", &[5], DType::U8, Pool::Scratch);
+        let rt = Runtime::cpu(p);
+        rt.fill_bytes(b, 0xFF).unwrap();
+        assert!(rt.download(b).unwrap().iter().all(|v| v.is_nan()), "the last (odd) element is poisoned too");
+        // A slice that starts and ends inside words: its neighbours keep their poison.
+        rt.zero(b.slice(1, 3)).unwrap();
+        let v = rt.download(b).unwrap();
+        assert!(v[0].is_nan() && v[1..4] == [0.0; 3] && v[4..].iter().all(|x| x.is_nan()), "{v:?}");
+        rt.fill_bytes(m, 0xAB).unwrap();
+        assert_eq!(rt.u8_mut(m), &[0xAB; 5]);
+        // The bytes after the tensor (alignment padding) are not the tensor's.
+        let pad = Tensor { numel: 3, offset: m.offset + 5, ..m };
+        assert_eq!(rt.u8_mut(pad), &[0; 3]);
     }
 }

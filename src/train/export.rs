@@ -18,10 +18,9 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::model::load::{write_safetensors, TensorMap, Weights};
-use crate::model::vit::{BranchParams, Linear};
+use crate::model::vit::{add_frozen_transposed, copy_frozen, BranchParams, Linear};
 use crate::model::{Model, ViTConfig};
-use crate::ops::add::scale_copy;
-use crate::ops::compete::{add_transposed, kept_count, sparsify_forward};
+use crate::ops::compete::{kept_count, sparsify_forward};
 use crate::ops::kmerge::{merge_forward, Factors};
 use crate::ops::matmul::{matmul, Matmul};
 use crate::train::checkpoint::{read_safetensors_file, serialize, view_f32, write_atomic, RawTensor};
@@ -57,7 +56,7 @@ fn build_linear(
         let w0 = lin.w.value.slice(br.row0 * n_in, n_out * n_in);
         match br.params {
             BranchParams::Lora { a, b, r } => {
-                scale_copy(rt, dst, w0, 1.0)?;
+                copy_frozen(rt, dst, w0)?;
                 matmul(rt, dst, b.value, a.value, Matmul::new(n_out, n_in, r, false, false).accumulate())?;
                 per_branch(k, None)?;
             }
@@ -80,7 +79,7 @@ fn build_linear(
                 } else {
                     m
                 };
-                add_transposed(rt, dst, w0, applied, n_in, n_out)?;
+                add_frozen_transposed(rt, dst, w0, applied, n_in, n_out)?;
                 per_branch(k, Some(applied))?;
             }
         }

@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::model::Recompute;
+use crate::model::{MemoryOptions, Precision, Recompute};
 use crate::ops::kmerge::KernelKind;
 use crate::ops::GemmPrecision;
 use crate::peft::allocator::AllocatorConfig;
@@ -107,8 +107,12 @@ pub struct TrainConfig {
     /// Stochastic depth of the blocks (timm `drop_path_rate`, linear over depth; the official recipe: 0.1).
     pub drop_path: f64,
     /// Precision of the matrix products: `fp32` (exact, default), or on CUDA `tf32` / `bf16` tensor cores
-    /// (fp32 storage, reduced-precision products). bf16 storage of weights and activations is not built.
+    /// (reduced-precision products). Independent of `precision`.
     pub gemm: String,
+    /// Storage precision: `fp32` (default) or `bf16` (frozen block weights and the kept residual stream in
+    /// bf16, the trainable set and all math fp32; see `snella::model::Precision`).
+    #[serde(skip_serializing_if = "is_fp32")] // recipes and checkpoints from before the field keep their hash
+    pub precision: String,
     /// CPU threads for the run (0: one per core).
     pub threads: usize,
 
@@ -170,6 +174,7 @@ impl Default for TrainConfig {
             device: "auto".into(),
             recompute: "attention".into(),
             gemm: "fp32".into(),
+            precision: "fp32".into(),
             branch_dropout: 0.0,
             branch_drop_path: 0.0,
             drop_path: 0.0,
@@ -216,6 +221,19 @@ pub(crate) fn parse_recompute(s: &str) -> Result<Recompute> {
         "attention" => Recompute::Attention,
         "block" => Recompute::Block,
         _ => return Err(Error::invalid("recompute", format!("unknown level '{s}' (none, norms, attention, block)"))),
+    })
+}
+
+fn is_fp32(s: &str) -> bool {
+    s.trim().eq_ignore_ascii_case("fp32")
+}
+
+/// Parses `fp32`, `bf16` (case-insensitive). Error: `Invalid { option: "precision" }`.
+pub(crate) fn parse_precision(s: &str) -> Result<Precision> {
+    Ok(match s.trim().to_ascii_lowercase().as_str() {
+        "fp32" => Precision::Fp32,
+        "bf16" => Precision::Bf16,
+        _ => return Err(Error::invalid("precision", format!("unknown storage precision '{s}' (fp32, bf16)"))),
     })
 }
 
@@ -409,6 +427,7 @@ impl TrainConfig {
             "device",
             "recompute",
             "gemm",
+            "precision",
             "branch_dropout",
             "branch_drop_path",
             "drop_path",
@@ -502,6 +521,7 @@ impl TrainConfig {
         }
         parse_recompute(&self.recompute)?;
         parse_gemm(&self.gemm)?;
+        parse_precision(&self.precision)?;
         for (name, v) in [
             ("branch_dropout", self.branch_dropout),
             ("branch_drop_path", self.branch_drop_path),
@@ -687,6 +707,22 @@ impl TrainConfig {
     /// `Invalid { option: "gemm" }` for an unknown precision.
     pub fn gemm(&self) -> Result<GemmPrecision> {
         parse_gemm(&self.gemm)
+    }
+
+    /// The storage precision.
+    ///
+    /// # Errors
+    /// `Invalid { option: "precision" }` for an unknown precision.
+    pub fn precision(&self) -> Result<Precision> {
+        parse_precision(&self.precision)
+    }
+
+    /// The memory options of the model: recompute level and storage precision.
+    ///
+    /// # Errors
+    /// As [`TrainConfig::recompute`] and [`TrainConfig::precision`].
+    pub fn memory(&self) -> Result<MemoryOptions> {
+        Ok(MemoryOptions { recompute: self.recompute()?, precision: self.precision()? })
     }
 
     /// The recompute level.

@@ -336,7 +336,7 @@ impl Trainer {
         let (train, test) = open_data(&config)?;
         let (vc, weights, mut notes) = load_backbone(&config, train.num_classes())?;
         let backend = Backend::new(parse_device(&config.device)?)?;
-        let mut model = Model::new(backend, &vc, method, config.batch, config.recompute()?)?;
+        let mut model = Model::new(backend, &vc, method, config.batch, config.memory()?)?;
         model.rt.set_gemm_precision(config.gemm()?);
         model.block_drop_path = config.drop_path as f32;
         model.reg_seed = config.seed;
