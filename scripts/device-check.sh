@@ -60,8 +60,12 @@ section "selftest exit status: $status"
 if [ "${BENCH:-1}" = 1 ]; then
     section "snella memory --measure (planned vs measured device memory, batch 8)"
     timeout 300 "$bin" memory --measure --methods lora8,gps,snell32,snella32 --json "$OUT/memory.json" 2>&1 | tee "$OUT/memory.log"
+    section "snella memory --measure --precision bf16 (SNELLA-32 at block: the <= 0.35x target)"
+    timeout 120 "$bin" memory --measure --precision bf16 --recompute block --methods snell32,snella32 --json "$OUT/memory_bf16.json" 2>&1 | tee "$OUT/memory_bf16.log"
     section "snella bench (ViT-B/16, batch 64, fp32)"
     timeout 240 "$bin" bench --models vit_b16 --batch 64 --methods full,lora8,snell32,snella32 --json "$OUT/bench.jsonl" 2>&1 | tee "$OUT/bench.log"
+    section "snella bench (ViT-B/16, batch 64, bf16 storage, tf32 products)"
+    timeout 120 "$bin" bench --models vit_b16 --batch 64 --methods snella32 --precision bf16 --gemm tf32 --json "$OUT/bench_bf16.jsonl" 2>&1 | tee "$OUT/bench_bf16.log"
     if [ -f "$root/.device/reference/bench.py" ]; then
         section "PyTorch reference bench.py (same card, batch 64, fp32, no TF32)"
         (cd "$root/.device/reference" && timeout 240 python3 bench.py --model vit_b16 --method full,lora8,snell32,snella32 --batch 64 --precision fp32) 2>&1 | tee "$OUT/bench_pytorch.jsonl"
