@@ -12,7 +12,7 @@ use crate::model::config::{Position, ViTConfig};
 use crate::ops::adamw::{adamw, AdamWStep};
 use crate::ops::add::{add_bias, axpy, bias_backward, mul_cols, mul_cols_backward_gamma, scale_copy};
 use crate::ops::attention::{attention_backward, attention_forward, permute_heads, AttentionBuffers, Heads};
-use crate::ops::compete::{add_transposed, sparsify_backward, sparsify_forward, CompeteScratch};
+use crate::ops::compete::{add_transposed, sparsify_apply, sparsify_backward, sparsify_forward, CompeteScratch};
 use crate::ops::convert::{bf16_round, bf16_widen};
 use crate::ops::dropout::{drop_path, dropout};
 use crate::ops::embed::{cls_gather, cls_scatter, embed_backward, embed_forward, patchify, PatchGeom};
@@ -1005,7 +1005,7 @@ impl Model {
                     }
                 }
                 BranchParams::Kernel { .. } => {
-                    let applied = self.build_branch_matrix(br, sc)?;
+                    let applied = self.build_branch_matrix(br, sc, grad.is_some())?;
                     add_frozen_transposed(rt, dst, w0, applied, n_in, n_out)?;
                     if let Some((x, dy, rows)) = grad {
                         self.branch_factor_backward(lin, br, sc, x, dy, rows)?;
@@ -1018,7 +1018,9 @@ impl Model {
 
     /// M (and, sparse, t and M_s) of a kernel branch in its scratch; returns the matrix the branch applies
     /// (M_s, or M for dense kinds).                                        (in, out)
-    fn build_branch_matrix(&self, br: &Branch, sc: &BranchScratch) -> Result<Tensor> {
+    /// `backward`: this pass's forward already selected t from the same factors, so it is reused (the
+    /// quantile select, 4 passes over M on CUDA, runs once per step instead of twice; same bits).
+    fn build_branch_matrix(&self, br: &Branch, sc: &BranchScratch, backward: bool) -> Result<Tensor> {
         let BranchParams::Kernel { a, b, mix, kind, sparse, d, .. } = br.params else {
             unreachable!("LoRA branches are merged as B·A")
         };
@@ -1030,7 +1032,12 @@ impl Model {
             return Ok(m);
         }
         let t = self.layout.thresholds.slice(br.id, 1);
-        sparsify_forward(&self.rt, ms, t, m, self.sparsity[br.id], sc.compete.as_ref().expect("compete scratch"))?;
+        if backward {
+            sparsify_apply(&self.rt, ms, m, t)?;
+        } else {
+            let scratch = sc.compete.as_ref().expect("compete scratch");
+            sparsify_forward(&self.rt, ms, t, m, self.sparsity[br.id], scratch)?;
+        }
         Ok(ms)
     }
 
@@ -1113,7 +1120,7 @@ impl Model {
             None => scale_copy(rt, xd, x, 1.0)?,
         }
         for br in &lin.branches {
-            let applied = self.build_branch_matrix(br, sc)?;
+            let applied = self.build_branch_matrix(br, sc, dy.is_some())?;
             let path_stream = block * 16 + 4 + br.pos as u64;
             // The branch input of this branch: drop-path scales whole samples (the same as scaling its output).
             if k.drop_path > 0.0 {

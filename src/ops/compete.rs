@@ -68,15 +68,7 @@ pub fn sparsify_forward(rt: &Runtime, ms: Tensor, t: Tensor, m: Tensor, s: f32, 
     assert!(n <= sc.numel, "sparsify: scratch planned for {} entries, M has {n}", sc.numel);
     let (lo, hi, w) = quantile_rank(n, s);
     match &rt.backend {
-        Backend::Cpu => {
-            let tv = cpu::quantile(rt.f32(m), lo, hi, w);
-            rt.f32_mut(t)[0] = tv;
-            if ms == m {
-                cpu::apply_inplace(rt.f32_mut(ms), tv)
-            } else {
-                cpu::apply(rt.f32_mut(ms), rt.f32(m), tv)
-            }
-        }
+        Backend::Cpu => rt.f32_mut(t)[0] = cpu::quantile(rt.f32(m), lo, hi, w),
         Backend::Cuda(cu) => {
             assert!(n < i32::MAX as usize);
             let (state, hist) = (rt.ptr(sc.state), rt.ptr(sc.hist));
@@ -107,12 +99,31 @@ pub fn sparsify_forward(rt: &Runtime, ms: Tensor, t: Tensor, m: Tensor, s: f32, 
                 one_block(32),
                 &[KArg::Ptr(rt.ptr(t)), KArg::Ptr(state), KArg::F32(w)],
             )?;
-            cu.launch(
-                "snella_sparsify_apply",
-                grid_1d(n, 256),
-                &[KArg::Ptr(rt.ptr(ms)), KArg::Ptr(rt.ptr(m)), KArg::Ptr(rt.ptr(t)), KArg::I64(n as i64)],
-            )?;
         }
+    }
+    sparsify_apply(rt, ms, m, t)
+}
+
+/// `M_s = M * |M| * 1[|M| > t]` with a threshold t already computed (the backward reuses its forward's t:
+/// the same factors give the same M, so the quantile select is not run twice).
+/// ms, m: (numel); ms may be m (in place)   t: (1)
+pub fn sparsify_apply(rt: &Runtime, ms: Tensor, m: Tensor, t: Tensor) -> Result<()> {
+    let n = m.numel;
+    assert!(ms.numel == n && t.numel == 1, "sparsify_apply: M_s and M differ in size, or t is not 1 element");
+    match &rt.backend {
+        Backend::Cpu => {
+            let tv = rt.f32(t)[0];
+            if ms == m {
+                cpu::apply_inplace(rt.f32_mut(ms), tv)
+            } else {
+                cpu::apply(rt.f32_mut(ms), rt.f32(m), tv)
+            }
+        }
+        Backend::Cuda(cu) => cu.launch(
+            "snella_sparsify_apply",
+            grid_1d(n, 256),
+            &[KArg::Ptr(rt.ptr(ms)), KArg::Ptr(rt.ptr(m)), KArg::Ptr(rt.ptr(t)), KArg::I64(n as i64)],
+        )?,
     }
     Ok(())
 }
