@@ -435,6 +435,13 @@ fn models() {
     fails(Model::new(Backend::Cpu, &cfg, Method::snella(0, 0.5), 2, Recompute::Attention), &["method", "rank"]);
     fails(Model::new(Backend::Cpu, &cfg, Method::Lora { r: 0 }, 2, Recompute::Attention), &["method", "rank"]);
     fails(Model::new(Backend::Cpu, &cfg, Method::snella(8, 0.5), 0, Recompute::Attention), &["batch"]);
+    // Sizes no machine can hold: refused before anything is allocated.
+    let huge = Model::new(Backend::Cpu, &cfg, Method::snella(8, 0.5), usize::MAX / 2, Recompute::Attention);
+    fails(huge, &["batch", "2^48"]);
+    let vit_h = ViTConfig::by_name("vit_h14", 100).unwrap();
+    fails(Model::new(Backend::Cpu, &vit_h, Method::Full, 1 << 16, Recompute::None), &["memory plan needs"]);
+    let wide = ViTConfig { img_size: (1 << 20, 1 << 20), ..cfg.clone() };
+    fails(Model::new(Backend::Cpu, &wide, Method::Linear, 1, Recompute::Attention), &["img_size"]);
     let mut m = cpu_model(&cfg, Method::snella(8, 0.5), 2);
     fails(m.set_param("no.such.weight", &[0.0]), &["no.such.weight"]);
     fails(m.set_param("head.bias", &[0.0; 3]), &["head.bias"]);

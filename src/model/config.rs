@@ -159,6 +159,20 @@ impl ViTConfig {
         if self.num_heads == 0 || !self.embed_dim.is_multiple_of(self.num_heads) {
             return bad(format!("embed_dim {} is not a multiple of num_heads {}", self.embed_dim, self.num_heads));
         }
+        // Far beyond any real ViT; keeps every size product of the plan inside usize.
+        let limits = [
+            ("img_size", self.img_size.0.max(self.img_size.1), 1 << 16),
+            ("embed_dim", self.embed_dim, 1 << 16),
+            ("mlp_hidden", self.mlp_hidden, 1 << 18),
+            ("depth", self.depth, 1 << 10),
+            ("num_classes", self.num_classes, 1 << 24),
+            ("in_chans", self.in_chans, 1 << 10),
+        ];
+        for (name, v, max) in limits {
+            if v > max {
+                return bad(format!("{name} {v} exceeds the supported maximum {max}"));
+            }
+        }
         if !(self.eps.is_finite() && self.eps >= 0.0) {
             return bad(format!("eps {} must be a finite non-negative number", self.eps));
         }

@@ -322,6 +322,13 @@ pub(crate) fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, mem: Memory
     if b == 0 {
         return Err(Error::invalid("batch", "must be at least 1"));
     }
+    // The largest tensor of a step (a (B, H, T, T) score block or a (BT, max(3D, F)) activation) must be
+    // addressable; f64 cannot overflow where usize products could.
+    let (tf, hf) = (cfg.tokens() as f64, cfg.num_heads as f64);
+    let widest = (3.0 * cfg.embed_dim as f64).max(cfg.mlp_hidden as f64).max(hf * tf);
+    if b as f64 * tf * widest * 4.0 > (1u64 << 48) as f64 {
+        return Err(Error::invalid("batch", format!("batch {b} makes a tensor of this model exceed 2^48 bytes")));
+    }
     let (d, f, h, t, v) = (cfg.embed_dim, cfg.mlp_hidden, cfg.num_heads, cfg.tokens(), cfg.num_classes);
     let bt = b * t;
     let np = cfg.num_patches();
@@ -616,14 +623,23 @@ impl Model {
         let (plan, layout) = plan_model(cfg, &method, batch, memory)?;
         let rt = match Runtime::new(backend, plan) {
             Err(Error::OutOfMemory { need_mib, free_mib, .. }) => {
-                let max_batch = (1..batch)
-                    .rev()
-                    .find(|&bb| {
-                        plan_model(cfg, &method, bb, memory)
-                            .map(|(p, _)| crate::runtime::mib(p.total_bytes()) + 12.0 < free_mib)
-                            .unwrap_or(false)
-                    })
-                    .unwrap_or(0);
+                // The plan grows with the batch: binary search for the largest that fits (12 MiB of slack
+                // for the per-pool allocation granularity).
+                let fits = |bb: usize| {
+                    plan_model(cfg, &method, bb, memory)
+                        .map(|(p, _)| crate::runtime::mib(p.total_bytes()) + 12.0 < free_mib)
+                        .unwrap_or(false)
+                };
+                let (mut lo, mut hi) = (0, batch); // fits(lo) (or lo = 0), !fits(hi)
+                while hi - lo > 1 {
+                    let mid = lo + (hi - lo) / 2;
+                    if fits(mid) {
+                        lo = mid;
+                    } else {
+                        hi = mid;
+                    }
+                }
+                let max_batch = lo;
                 return Err(Error::OutOfMemory { need_mib, free_mib, max_batch });
             }
             r => r?,

@@ -65,6 +65,14 @@ impl Backend {
     }
 }
 
+/// The host's available memory (Linux `MemAvailable`), or None where it cannot be read.
+fn host_available_bytes() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 enum Arena {
     /// f32 words: every tensor offset is a multiple of `plan::ALIGN`, so any dtype view is aligned.
     Cpu(Vec<f32>),
@@ -100,6 +108,17 @@ impl Runtime {
             let need = plan.total_bytes() + 6 * (2 << 20);
             if need > free {
                 return Err(Error::OutOfMemory { need_mib: mib(need), free_mib: mib(free), max_batch: 0 });
+            }
+        }
+        if let (Backend::Cpu, Some(free)) = (&backend, host_available_bytes()) {
+            // A plan larger than the host's available memory would be killed by the OOM killer while the
+            // first step touches its pages; say so before allocating instead.
+            if plan.total_bytes() > free {
+                return Err(Error::OutOfMemory {
+                    need_mib: mib(plan.total_bytes()),
+                    free_mib: mib(free),
+                    max_batch: 0,
+                });
             }
         }
         for pool in Pool::ALL {
