@@ -39,6 +39,9 @@ pub fn golden_dir() -> PathBuf {
 }
 
 /// Every case (`*.json` with a matching `*.safetensors`) in a directory, sorted by name.
+///
+/// # Errors
+/// `Io` naming the directory when it cannot be read.
 pub fn list_cases(dir: &Path) -> Result<Vec<String>> {
     let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
     let mut names: Vec<String> = rd

@@ -46,6 +46,9 @@ pub use runtime::{mib, Backend, DType, Device, Plan, Pool, PoolUsage, TensorSpec
 
 /// Whether a usable GPU is present: `Ok(name)` of device 0 (the driver, a device, cuBLAS and this binary's
 /// kernels are all there), or `Err(reason)` saying what is missing. Never panics, also without a driver.
+///
+/// # Errors
+/// The reason there is no usable GPU, as a sentence (not an [`Error`]: it is an answer, not a failure).
 pub fn cuda_available() -> std::result::Result<String, String> {
     runtime::Cuda::probe()?;
     runtime::Cuda::device_name()

@@ -177,12 +177,18 @@ pub fn check_list() -> Vec<(&'static str, f64)> {
 }
 
 /// Runs every check whose name contains `filter` on the GPU, one printed line each, with fresh seeds.
-/// `Ok(false)` when any check fails; `Err(Error::NoCuda)` when there is no usable GPU.
+/// `Ok(false)` when any check fails.
+///
+/// # Errors
+/// `NoCuda` naming what is missing when there is no usable GPU; `Cuda` when the context cannot be made.
 pub fn run_all(filter: Option<&str>) -> Result<bool> {
     run_seeded(filter, None)
 }
 
 /// [`run_all`] with every check's seed fixed to `seed` (to replay a failure), or fresh seeds for `None`.
+///
+/// # Errors
+/// As [`run_all`].
 pub fn run_seeded(filter: Option<&str>, seed: Option<u64>) -> Result<bool> {
     Cuda::probe().map_err(Error::NoCuda)?;
     // Held for the whole run: keeps the primary context alive between checks, so each check's own
@@ -201,6 +207,9 @@ pub fn run_seeded(filter: Option<&str>, seed: Option<u64>) -> Result<bool> {
 /// Runs the checks with the CPU on *both* sides: proves each check builds its plan, fills its inputs and
 /// writes every output (an unwritten output stays NaN and fails) on a machine without a GPU. It compares
 /// nothing about CUDA, so it is a test of the suite, never a substitute for [`run_all`].
+///
+/// # Errors
+/// Never in practice (the CPU needs no setup); the signature matches [`run_all`].
 pub fn dry_run(filter: Option<&str>) -> Result<bool> {
     println!("selftest dry run: CPU vs CPU (tests the checks themselves, not the CUDA kernels)");
     run_checks(filter, None, Device::Cpu)

@@ -853,7 +853,7 @@ impl Model {
         let (d, t, v) = (cfg.embed_dim, cfg.tokens(), cfg.num_classes);
         let bt = b * t;
         let np = cfg.num_patches();
-        let pget = |n: &str| lo.params.get(n).unwrap().value;
+        let pget = |n: &str| lo.params.get(n).expect("every backbone tensor is planned").value;
         // Patch embedding: patchify + GEMM + bias, then cls token and position table.
         let g = PatchGeom { b, c: cfg.in_chans, h: cfg.img_size.0, w: cfg.img_size.1, p: cfg.patch_size };
         patchify(rt, lo.patches, lo.images, g)?;
@@ -1000,20 +1000,20 @@ impl Model {
                         matmul(
                             rt,
                             dw,
-                            dy.unwrap(),
+                            dy.expect("grad given"),
                             x,
                             Matmul::new(n_out, n_in, rows, true, false).ld(lin.n_out, 0, 0),
                         )?;
                         matmul(
                             rt,
-                            b.grad.unwrap(),
+                            b.grad.expect("branch factors train"),
                             dw,
                             a.value,
                             Matmul::new(n_out, r, n_in, false, true).accumulate(),
                         )?;
                         matmul(
                             rt,
-                            a.grad.unwrap(),
+                            a.grad.expect("branch factors train"),
                             b.value,
                             dw,
                             Matmul::new(r, n_in, n_out, true, false).accumulate(),
@@ -1078,11 +1078,11 @@ impl Model {
         if sparse {
             sparsify_backward(rt, dms, dms, sc.m.slice(0, n_in * n_out), self.layout.thresholds.slice(br.id, 1))?;
         }
-        let dmix = mix.map(|m| m.map(|p| p.grad.unwrap()));
+        let dmix = mix.map(|m| m.map(|p| p.grad.expect("branch factors train")));
         merge_backward(
             rt,
-            a.grad.unwrap(),
-            b.grad.unwrap(),
+            a.grad.expect("branch factors train"),
+            b.grad.expect("branch factors train"),
             dmix,
             dms,
             &f,
@@ -1213,7 +1213,7 @@ impl Model {
         let bt = b * t;
         let np = cfg.num_patches();
         rt.zero_pool(Pool::Grads)?;
-        let p = |n: &str| *lo.params.get(n).unwrap();
+        let p = |n: &str| *lo.params.get(n).expect("every backbone tensor is planned");
         let w = &lo.work;
         let sl = |t: Tensor, width: usize| t.slice(0, bt * width);
 
@@ -1376,7 +1376,7 @@ impl Model {
         }
         self.step += 1;
         for (_, p) in self.layout.params.trainable() {
-            let g = p.grad.unwrap();
+            let g = p.grad.expect("trainable parameters have gradients");
             if let Some(mask) = p.mask {
                 mask_grad(&self.rt, g, mask)?;
             }
@@ -1388,7 +1388,7 @@ impl Model {
                 weight_decay: if p.decay { weight_decay } else { 0.0 },
                 t: self.step,
             };
-            adamw(&self.rt, p.value, g, p.m.unwrap(), p.v.unwrap(), st)?;
+            adamw(&self.rt, p.value, g, p.m.expect("trainable: AdamW m"), p.v.expect("trainable: AdamW v"), st)?;
         }
         Ok(())
     }
