@@ -109,6 +109,9 @@ fn fine_tune_save_load_export_reload_evaluate() {
     }
     assert!(last < 0.8 * first.unwrap(), "loss did not fall: {} -> {last}", first.unwrap());
     let (want, acc) = logits(&mut model, &test);
+    // Inference without labels gives the same logits.
+    let predicted: Vec<f32> = test.iter().flat_map(|(x, _)| model.predict(x).unwrap()).collect();
+    assert_eq!(predicted, want, "predict differs from forward + logits");
 
     // Save the trainable set; load it into a fresh model of the same backbone.
     let ckpt = dir.join("run.safetensors");

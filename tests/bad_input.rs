@@ -461,6 +461,9 @@ fn models() {
     fails(m.set_batch(&vec![0.0; per], &[0, 1]), &["batch"]);
     fails(m.set_batch(&vec![0.0; 2 * per], &[0, 4]), &["label 4"]);
     fails(m.set_batch(&[], &[]), &["batch"]);
+    fails(m.predict(&[]), &["batch"]);
+    fails(m.predict(&vec![0.0; per + 1]), &["batch"]);
+    fails(m.predict(&vec![0.0; 3 * per]), &["batch"]);
     m.set_batch(&vec![0.0; 2 * per], &[0, 1]).unwrap();
     fails(m.backward(), &["backward", "forward"]);
     m.forward().unwrap();

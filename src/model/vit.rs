@@ -841,6 +841,29 @@ impl Model {
         self.rt.download(self.layout.logits.slice(0, self.last_b * self.cfg.num_classes))
     }
 
+    /// Inference: the logits (b, V) of `images` (b, C, H, W), 1 <= b <= [`Model::batch_size`], in evaluation
+    /// mode (no dropout or drop-path) and without labels. Replaces the uploaded batch; a
+    /// [`Model::backward`] needs a new [`Model::set_batch`] and [`Model::forward`] after it.
+    ///
+    /// # Errors
+    /// `Invalid { option: "batch" }` for an image buffer that is empty, not a whole number of images, or more
+    /// images than planned; device failures.
+    pub fn predict(&mut self, images: &[f32]) -> Result<Vec<f32>> {
+        let per = self.cfg.in_chans * self.cfg.img_size.0 * self.cfg.img_size.1;
+        if images.is_empty() || !images.len().is_multiple_of(per) {
+            return Err(Error::invalid(
+                "batch",
+                format!("{} image values are not a whole number of images of {per} values", images.len()),
+            ));
+        }
+        let b = self.set_batch(images, &vec![0; images.len() / per])?;
+        let training = std::mem::replace(&mut self.training, false);
+        let r = self.forward_logits(b);
+        self.training = training;
+        r?;
+        self.logits()
+    }
+
     fn require_batch(&self) -> Result<usize> {
         if self.last_b == 0 {
             return Err(Error::invalid("batch", "no batch uploaded (call set_batch first)"));
