@@ -1004,55 +1004,70 @@ impl Model {
     /// Builds W0 + Σ branches into the Linear's scratch W. With `grad = Some((x, dy, rows))` it also runs
     /// each branch's parameter backward right after rebuilding its M (so M is built once per pass).
     fn build_merged_weight(&self, lin: &Linear, grad: Option<(Tensor, Tensor, usize)>) -> Result<Tensor> {
+        let Some((x, dy, rows)) = grad else {
+            return self.merge_linear(lin, false, |_, _, _| Ok(()));
+        };
+        let sc = &self.layout.branch_scratch[lin.scratch];
+        self.merge_linear(lin, true, |_, br, _| match br.params {
+            BranchParams::Lora { .. } => self.lora_factor_backward(lin, br, sc, x, dy, rows),
+            BranchParams::Kernel { .. } => self.branch_factor_backward(lin, br, sc, x, dy, rows),
+        })
+    }
+
+    /// Builds W0 + Σ branches into the Linear's scratch W (out_total, in) and returns it, calling
+    /// `after(k, branch, applied)` right after branch k is merged, while its matrix is still in scratch
+    /// (`applied`: M_s, or M for dense kinds, of a kernel branch; None for LoRA). `backward`: the branches'
+    /// thresholds come from this step's forward (see `build_branch_matrix`). The export reads the
+    /// branches through the same path.
+    pub(crate) fn merge_linear(
+        &self,
+        lin: &Linear,
+        backward: bool,
+        mut after: impl FnMut(usize, &Branch, Option<Tensor>) -> Result<()>,
+    ) -> Result<Tensor> {
         let rt = &self.rt;
         let sc = &self.layout.branch_scratch[lin.scratch];
         let w = sc.w.slice(0, lin.n_out * lin.n_in);
-        for br in &lin.branches {
+        for (k, br) in lin.branches.iter().enumerate() {
             let (n_in, n_out) = (br.n_in, br.n_out);
             let dst = w.slice(br.row0 * n_in, n_out * n_in);
             let w0 = lin.w.value.slice(br.row0 * n_in, n_out * n_in);
-            let dy = grad.map(|(_, dy, _)| dy.slice(br.row0, dy.numel - br.row0));
             match br.params {
                 BranchParams::Lora { a, b, r } => {
                     // W = W0 + B·A                                    (out, in)
                     copy_frozen(rt, dst, w0)?;
                     matmul(rt, dst, b.value, a.value, Matmul::new(n_out, n_in, r, false, false).accumulate())?;
-                    if let Some((x, _, rows)) = grad {
-                        // ∂L/∂W = dyᵀ·x (out, in); ∂L/∂B += ∂W·Aᵀ; ∂L/∂A += Bᵀ·∂W
-                        let dw = sc.dms.slice(0, n_out * n_in);
-                        matmul(
-                            rt,
-                            dw,
-                            dy.expect("grad given"),
-                            x,
-                            Matmul::new(n_out, n_in, rows, true, false).ld(lin.n_out, 0, 0),
-                        )?;
-                        matmul(
-                            rt,
-                            b.grad.expect("branch factors train"),
-                            dw,
-                            a.value,
-                            Matmul::new(n_out, r, n_in, false, true).accumulate(),
-                        )?;
-                        matmul(
-                            rt,
-                            a.grad.expect("branch factors train"),
-                            b.value,
-                            dw,
-                            Matmul::new(r, n_in, n_out, true, false).accumulate(),
-                        )?;
-                    }
+                    after(k, br, None)?;
                 }
                 BranchParams::Kernel { .. } => {
-                    let applied = self.build_branch_matrix(br, sc, grad.is_some())?;
+                    let applied = self.build_branch_matrix(br, sc, backward)?;
                     add_frozen_transposed(rt, dst, w0, applied, n_in, n_out)?;
-                    if let Some((x, dy, rows)) = grad {
-                        self.branch_factor_backward(lin, br, sc, x, dy, rows)?;
-                    }
+                    after(k, br, Some(applied))?;
                 }
             }
         }
         Ok(w)
+    }
+
+    /// The factor gradients of a LoRA branch: ∂L/∂W = dyᵀ·x (out, in) in scratch, then ∂L/∂B += ∂W·Aᵀ and
+    /// ∂L/∂A += Bᵀ·∂W.   x: (rows, in)   dy: the Linear's output gradient (rows, out_total)
+    fn lora_factor_backward(
+        &self,
+        lin: &Linear,
+        br: &Branch,
+        sc: &BranchScratch,
+        x: Tensor,
+        dy: Tensor,
+        rows: usize,
+    ) -> Result<()> {
+        let BranchParams::Lora { a, b, r } = br.params else { unreachable!("called for LoRA branches") };
+        let (rt, n_in, n_out) = (&self.rt, br.n_in, br.n_out);
+        let dy = dy.slice(br.row0, dy.numel - br.row0);
+        let dw = sc.dms.slice(0, n_out * n_in);
+        matmul(rt, dw, dy, x, Matmul::new(n_out, n_in, rows, true, false).ld(lin.n_out, 0, 0))?;
+        let (ga, gb) = (a.grad.expect("branch factors train"), b.grad.expect("branch factors train"));
+        matmul(rt, gb, dw, a.value, Matmul::new(n_out, r, n_in, false, true).accumulate())?;
+        matmul(rt, ga, b.value, dw, Matmul::new(r, n_in, n_out, true, false).accumulate())
     }
 
     /// M (and, sparse, t and M_s) of a kernel branch in its scratch; returns the matrix the branch applies
@@ -1601,7 +1616,7 @@ pub fn plan(cfg: &ViTConfig, method: &Method, batch: usize, memory: impl Into<Me
 }
 
 /// dst (fp32) = w0, a frozen weight stored as fp32 or bf16.                        dst, w0: (n)
-pub(crate) fn copy_frozen(rt: &Runtime, dst: Tensor, w0: Tensor) -> Result<()> {
+fn copy_frozen(rt: &Runtime, dst: Tensor, w0: Tensor) -> Result<()> {
     match w0.dtype {
         DType::BF16 => bf16_widen(rt, dst, w0),
         _ => scale_copy(rt, dst, w0, 1.0),
@@ -1609,14 +1624,7 @@ pub(crate) fn copy_frozen(rt: &Runtime, dst: Tensor, w0: Tensor) -> Result<()> {
 }
 
 /// dst (out, in) = w0 + msᵀ with ms (in, out), w0 stored as fp32 or bf16 (then widened into dst first).
-pub(crate) fn add_frozen_transposed(
-    rt: &Runtime,
-    dst: Tensor,
-    w0: Tensor,
-    ms: Tensor,
-    n_in: usize,
-    n_out: usize,
-) -> Result<()> {
+fn add_frozen_transposed(rt: &Runtime, dst: Tensor, w0: Tensor, ms: Tensor, n_in: usize, n_out: usize) -> Result<()> {
     match w0.dtype {
         DType::BF16 => {
             bf16_widen(rt, dst, w0)?;

@@ -18,11 +18,9 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::model::load::{write_safetensors, TensorMap, Weights};
-use crate::model::vit::{add_frozen_transposed, copy_frozen, BranchParams, Linear};
+use crate::model::vit::{BranchParams, Linear};
 use crate::model::{Model, ViTConfig};
-use crate::ops::compete::{kept_count, sparsify_forward};
-use crate::ops::kmerge::{merge_forward, Factors};
-use crate::ops::matmul::{matmul, Matmul};
+use crate::ops::compete::kept_count;
 use crate::train::checkpoint::{read_safetensors_file, serialize, view_f32, write_atomic, RawTensor};
 
 /// The `__metadata__` key of a sparse-delta file.
@@ -40,51 +38,15 @@ fn linears(model: &Model) -> Vec<(String, &Linear)> {
     out
 }
 
-/// Builds W0 + Σ branch updates of one Linear into its scratch W on the device (as the forward does) and
-/// calls `per_branch(branch index in lin.branches, update tensor or None for LoRA)` after each branch.
+/// Builds W0 + Σ branch updates of one Linear into its scratch W on the device (the forward's own path,
+/// `Model::merge_linear`) and calls `per_branch(branch index in lin.branches, update tensor or None for
+/// LoRA)` after each branch.
 fn build_linear(
     model: &Model,
     lin: &Linear,
     mut per_branch: impl FnMut(usize, Option<crate::runtime::Tensor>) -> Result<()>,
 ) -> Result<crate::runtime::Tensor> {
-    let rt = &model.rt;
-    let sc = &model.layout.branch_scratch[lin.scratch];
-    let w = sc.w.slice(0, lin.n_out * lin.n_in);
-    for (k, br) in lin.branches.iter().enumerate() {
-        let (n_in, n_out) = (br.n_in, br.n_out);
-        let dst = w.slice(br.row0 * n_in, n_out * n_in);
-        let w0 = lin.w.value.slice(br.row0 * n_in, n_out * n_in);
-        match br.params {
-            BranchParams::Lora { a, b, r } => {
-                copy_frozen(rt, dst, w0)?;
-                matmul(rt, dst, b.value, a.value, Matmul::new(n_out, n_in, r, false, false).accumulate())?;
-                per_branch(k, None)?;
-            }
-            BranchParams::Kernel { a, b, mix, kind, sparse, d, .. } => {
-                let f = Factors { a: a.value, b: b.value, mix: mix.map(|m| m.map(|p| p.value)), n_in, n_out, d };
-                let m = sc.m.slice(0, n_in * n_out);
-                let ms = sc.ms.slice(0, n_in * n_out);
-                merge_forward(rt, m, &f, kind, sc.merge.as_ref().expect("kernel branch scratch"))?;
-                let applied = if sparse {
-                    let t = model.layout.thresholds.slice(br.id, 1);
-                    sparsify_forward(
-                        rt,
-                        ms,
-                        t,
-                        m,
-                        model.sparsity[br.id],
-                        sc.compete.as_ref().expect("compete scratch"),
-                    )?;
-                    ms
-                } else {
-                    m
-                };
-                add_frozen_transposed(rt, dst, w0, applied, n_in, n_out)?;
-                per_branch(k, Some(applied))?;
-            }
-        }
-    }
-    Ok(w)
+    model.merge_linear(lin, false, |k, _, applied| per_branch(k, applied))
 }
 
 /// The model's weights with every branch merged in, in timm names and `cfg.param_shapes()` shapes
