@@ -1008,10 +1008,7 @@ impl Model {
             return self.merge_linear(lin, false, |_, _, _| Ok(()));
         };
         let sc = &self.layout.branch_scratch[lin.scratch];
-        self.merge_linear(lin, true, |_, br, _| match br.params {
-            BranchParams::Lora { .. } => self.lora_factor_backward(lin, br, sc, x, dy, rows),
-            BranchParams::Kernel { .. } => self.branch_factor_backward(lin, br, sc, x, dy, rows),
-        })
+        self.merge_linear(lin, true, |_, br, _| self.branch_factor_backward(lin, br, sc, x, dy, rows))
     }
 
     /// Builds W0 + Σ branches into the Linear's scratch W (out_total, in) and returns it, calling
@@ -1049,27 +1046,6 @@ impl Model {
         Ok(w)
     }
 
-    /// The factor gradients of a LoRA branch: ∂L/∂W = dyᵀ·x (out, in) in scratch, then ∂L/∂B += ∂W·Aᵀ and
-    /// ∂L/∂A += Bᵀ·∂W.   x: (rows, in)   dy: the Linear's output gradient (rows, out_total)
-    fn lora_factor_backward(
-        &self,
-        lin: &Linear,
-        br: &Branch,
-        sc: &BranchScratch,
-        x: Tensor,
-        dy: Tensor,
-        rows: usize,
-    ) -> Result<()> {
-        let BranchParams::Lora { a, b, r } = br.params else { unreachable!("called for LoRA branches") };
-        let (rt, n_in, n_out) = (&self.rt, br.n_in, br.n_out);
-        let dy = dy.slice(br.row0, dy.numel - br.row0);
-        let dw = sc.dms.slice(0, n_out * n_in);
-        matmul(rt, dw, dy, x, Matmul::new(n_out, n_in, rows, true, false).ld(lin.n_out, 0, 0))?;
-        let (ga, gb) = (a.grad.expect("branch factors train"), b.grad.expect("branch factors train"));
-        matmul(rt, gb, dw, a.value, Matmul::new(n_out, r, n_in, false, true).accumulate())?;
-        matmul(rt, ga, b.value, dw, Matmul::new(r, n_in, n_out, true, false).accumulate())
-    }
-
     /// M (and, sparse, t and M_s) of a kernel branch in its scratch; returns the matrix the branch applies
     /// (M_s, or M for dense kinds).                                        (in, out)
     /// `backward`: this pass's forward already selected t from the same factors, so it is reused (the
@@ -1095,8 +1071,9 @@ impl Model {
         Ok(ms)
     }
 
-    /// The factor gradients of a kernel branch whose M (and t) `build_branch_matrix` just built:
-    /// ∂L/∂M_s = xᵀ·dy (in, out), then ∂L/∂M = ∂L/∂M_s·|M|·mask in place, then ∂A, ∂B (and α, γ, β).
+    /// The factor gradients of a branch whose matrix `merge_linear` just built, accumulated.
+    /// Kernel: ∂L/∂M_s = xᵀ·dy (in, out), then ∂L/∂M = ∂L/∂M_s·|M|·mask in place, then ∂A, ∂B (and α, γ, β).
+    /// LoRA: ∂L/∂W = dyᵀ·x (out, in), then ∂L/∂B += ∂W·Aᵀ and ∂L/∂A += Bᵀ·∂W.
     /// x: (rows, in) the branch input   dy: the Linear's output gradient (rows, out_total), this branch's columns
     fn branch_factor_backward(
         &self,
@@ -1107,8 +1084,18 @@ impl Model {
         dy: Tensor,
         rows: usize,
     ) -> Result<()> {
-        let BranchParams::Kernel { a, b, mix, kind, sparse, d, .. } = br.params else { unreachable!() };
         let (rt, n_in, n_out) = (&self.rt, br.n_in, br.n_out);
+        let (a, b, mix, kind, sparse, d) = match br.params {
+            BranchParams::Kernel { a, b, mix, kind, sparse, d, .. } => (a, b, mix, kind, sparse, d),
+            BranchParams::Lora { a, b, r } => {
+                let dy = dy.slice(br.row0, dy.numel - br.row0);
+                let dw = sc.dms.slice(0, n_out * n_in);
+                matmul(rt, dw, dy, x, Matmul::new(n_out, n_in, rows, true, false).ld(lin.n_out, 0, 0))?;
+                let (ga, gb) = (a.grad.expect("branch factors train"), b.grad.expect("branch factors train"));
+                matmul(rt, gb, dw, a.value, Matmul::new(n_out, r, n_in, false, true).accumulate())?;
+                return matmul(rt, ga, b.value, dw, Matmul::new(r, n_in, n_out, true, false).accumulate());
+            }
+        };
         let f = Factors { a: a.value, b: b.value, mix: mix.map(|m| m.map(|p| p.value)), n_in, n_out, d };
         let dy = dy.slice(br.row0, dy.numel - br.row0);
         let dms = sc.dms.slice(0, n_in * n_out);
