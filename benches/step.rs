@@ -1,7 +1,7 @@
 //! One training step (forward, backward, AdamW, allocator update) per model × method × storage precision
-//! (`SNELLA_BENCH_PRECISIONS`, default fp32,bf16) on the available
-//! device, in images/s (criterion throughput; the step ends by reading the loss back, which synchronises
-//! the device). The planned memory per pool and the peak bytes the ops touched are printed per case.
+//! (`SNELLA_BENCH_PRECISIONS`, default fp32,bf16) on the available device, in images/s (criterion
+//! throughput; GPU time from CUDA events around the steps with the device synchronised, wall-clock on the
+//! CPU). The planned memory per pool and the peak bytes the ops touched are printed per case.
 //! CPU runs use small configurations so the whole bench finishes in minutes:
 //!   cargo bench --bench step                      (auto device)
 //!   SNELLA_BENCH_MODELS=vit_b16 SNELLA_BENCH_BATCH=64 cargo bench --bench step   (a GPU run)
@@ -10,6 +10,7 @@ use snella::mib;
 use snella::model::{MemoryOptions, Model, Precision, Recompute, ViTConfig};
 use snella::peft::allocator::{Allocator, AllocatorConfig};
 use snella::peft::Method;
+use snella::report::speed::StepTimer;
 use snella::{Backend, Device};
 
 fn env_list(key: &str, default: &str) -> Vec<String> {
@@ -78,15 +79,20 @@ fn step(c: &mut Criterion) {
                 Allocator::new(&model, AllocatorConfig { init_ratio: 0.5, target_ratio: 0.5, ..Default::default() })
                     .unwrap()
             });
+            // Device time: CUDA events around the steps on a GPU (the stream synchronised at the end),
+            // wall-clock on the CPU.
             group.bench_function(&case, |b| {
-                b.iter(|| {
-                    let loss = model.forward().unwrap();
-                    model.backward().unwrap();
-                    model.adamw_step(1e-4, 0.05).unwrap();
-                    if let Some(a) = &alloc {
-                        a.update(&model).unwrap();
+                b.iter_custom(|iters| {
+                    let timer = StepTimer::start(&model).unwrap();
+                    for _ in 0..iters {
+                        model.forward().unwrap();
+                        model.backward().unwrap();
+                        model.adamw_step(1e-4, 0.05).unwrap();
+                        if let Some(a) = &alloc {
+                            a.update(&model).unwrap();
+                        }
                     }
-                    loss
+                    timer.stop(&model).unwrap()
                 })
             });
             let report = model.pool_report();

@@ -1,7 +1,7 @@
 //! `snella bench`: images/s of one training step (forward, backward, AdamW, allocator update) per model ×
 //! method on the device, with the model FLOPs per step and, on a known card, the fraction of its peak
 //! (MFU). For GPU machines without a Rust toolchain, where `cargo bench` cannot run.
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::model::{MemoryOptions, Model, Precision, Recompute, ViTConfig};
@@ -123,21 +123,21 @@ pub fn step_speed(
         }
         _ => None,
     };
-    let mut run = |n: usize| -> Result<()> {
+    let run = |model: &mut Model, n: usize| -> Result<()> {
         for _ in 0..n {
             model.forward()?;
             model.backward()?;
             model.adamw_step(1e-4, 0.05)?;
             if let Some(a) = &alloc {
-                a.update(&model)?;
+                a.update(model)?;
             }
         }
         model.rt.sync()
     };
-    run(warmup)?;
-    let t0 = Instant::now();
-    run(steps)?;
-    let secs = t0.elapsed().as_secs_f64() / steps as f64;
+    run(&mut model, warmup)?;
+    let timer = StepTimer::start(&model)?;
+    run(&mut model, steps)?;
+    let secs = timer.stop(&model)?.as_secs_f64() / steps as f64;
     let flops = 3.0 * forward_flops(&cfg, batch);
     let tflops = flops / secs / 1e12;
     Ok(SpeedRow {
@@ -156,6 +156,53 @@ pub fn step_speed(
         planned_mib: mib(model.rt.plan.total_bytes()),
         device_mib: model.rt.device_used_above_baseline()?.map(mib),
     })
+}
+
+/// Times work on a model's device: on CUDA, events recorded on the engine's stream before and after the
+/// work (device time, read once the stream has finished); on the CPU, wall-clock time. Used by
+/// `snella bench` and `cargo bench` (criterion's `iter_custom`).
+pub struct StepTimer {
+    wall: Instant,
+    event: Option<cudarc::driver::CudaEvent>,
+}
+
+impl StepTimer {
+    /// Starts timing: records a CUDA event on the model's stream (GPU) or reads the clock (CPU).
+    ///
+    /// # Errors
+    /// `Cuda` when the event cannot be created or recorded.
+    pub fn start(model: &Model) -> Result<StepTimer> {
+        let event = match &model.rt.backend {
+            Backend::Cpu => None,
+            Backend::Cuda(c) => Some(
+                c.stream
+                    .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(|e| Error::cuda("cuEventRecord", e))?,
+            ),
+        };
+        Ok(StepTimer { wall: Instant::now(), event })
+    }
+
+    /// The time since [`StepTimer::start`], with the device synchronised (every launched op is included).
+    ///
+    /// # Errors
+    /// `Cuda` when recording, synchronising or reading the events fails.
+    pub fn stop(self, model: &Model) -> Result<Duration> {
+        match (&model.rt.backend, self.event) {
+            (Backend::Cuda(c), Some(start)) => {
+                let end = c
+                    .stream
+                    .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(|e| Error::cuda("cuEventRecord", e))?;
+                let ms = start.elapsed_ms(&end).map_err(|e| Error::cuda("cuEventElapsedTime", e))?;
+                Ok(Duration::from_secs_f64(ms as f64 / 1e3))
+            }
+            _ => {
+                model.rt.sync()?;
+                Ok(self.wall.elapsed())
+            }
+        }
+    }
 }
 
 #[cfg(test)]
