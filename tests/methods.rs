@@ -1,35 +1,13 @@
 //! What each method trains and keeps: the plan holds optimizer state for the trainable set only, no merged
 //! matrix outlives its layer, GPS updates only its mask, a linear probe moves only the head and cls token,
 //! and a step never touches more memory than the plan.
+mod common;
+use common::{deterministic_params, tiny_layer_scale};
 use snella::model::{plan, Model, Recompute, ViTConfig};
 use snella::peft::Method;
 use snella::{Backend, Pool};
 
 const METHODS: [&str; 8] = ["full", "linear", "gps", "lora8", "klora8", "mixk8", "snell8", "snella8"];
-
-fn tiny() -> ViTConfig {
-    ViTConfig { layer_scale: true, ..ViTConfig::by_name("tiny", 10).unwrap() }
-}
-
-/// Deterministic small weights, LayerNorm scales 1, α = γ = 1.
-fn init(model: &Model) {
-    for (i, name) in model.param_names().iter().enumerate() {
-        let n = model.param_len(name).unwrap();
-        let ones = name.ends_with("norm1.weight")
-            || name.ends_with("norm2.weight")
-            || name == "norm.weight"
-            || name.ends_with(".alpha")
-            || (name.ends_with(".gamma") && name.starts_with("branch."));
-        let v: Vec<f32> = if ones {
-            vec![1.0; n]
-        } else if name.ends_with(".beta") {
-            vec![0.0; n]
-        } else {
-            (0..n).map(|j| 0.05 * (((j * 7919 + i * 104729) % 2001) as f32 / 1000.0 - 1.0)).collect()
-        };
-        model.set_param(name, &v).unwrap();
-    }
-}
 
 fn batch(cfg: &ViTConfig, b: usize) -> (Vec<f32>, Vec<i32>) {
     let per = cfg.in_chans * cfg.img_size.0 * cfg.img_size.1;
@@ -89,10 +67,10 @@ fn optimizer_state_exists_only_for_the_trainable_set_and_no_merged_matrix_is_kep
 
 #[test]
 fn a_step_touches_no_more_than_the_plan() {
-    let cfg = tiny();
+    let cfg = tiny_layer_scale();
     for name in METHODS {
         let mut model = Model::new(Backend::Cpu, &cfg, Method::parse(name, 0.5).unwrap(), 3, Recompute::Block).unwrap();
-        init(&model);
+        deterministic_params(&model);
         let (x, y) = batch(&cfg, 3);
         model.set_batch(&x, &y).unwrap();
         let loss = model.forward().unwrap();
@@ -113,11 +91,11 @@ fn a_step_touches_no_more_than_the_plan() {
 
 #[test]
 fn gps_updates_only_its_mask_and_the_linear_probe_only_the_head() {
-    let cfg = tiny();
+    let cfg = tiny_layer_scale();
     let (x, y) = batch(&cfg, 2);
     // GPS: a fixed mask on a block weight; unmasked entries must not move (no decay there either).
     let mut model = Model::new(Backend::Cpu, &cfg, Method::Gps { density: 0.1 }, 2, Recompute::None).unwrap();
-    init(&model);
+    deterministic_params(&model);
     let w = "blocks.0.mlp.fc1.weight";
     let before = model.get_param(w).unwrap();
     let mask: Vec<u8> = (0..before.len()).map(|i| (i % 10 == 3) as u8).collect();
@@ -134,12 +112,12 @@ fn gps_updates_only_its_mask_and_the_linear_probe_only_the_head() {
     assert!(!moved.is_empty() && moved.iter().all(|&m| m == 1), "GPS moved entries outside its mask");
     let other = "blocks.1.attn.proj.weight";
     let mut probe = Model::new(Backend::Cpu, &cfg, Method::Gps { density: 0.1 }, 2, Recompute::None).unwrap();
-    init(&probe);
+    deterministic_params(&probe);
     assert_eq!(probe.get_param(other).unwrap(), model.get_param(other).unwrap(), "a fully masked weight moved");
 
     // Linear probe: only head and cls token train.
     probe = Model::new(Backend::Cpu, &cfg, Method::Linear, 2, Recompute::None).unwrap();
-    init(&probe);
+    deterministic_params(&probe);
     let names: Vec<String> = probe.trainable_names();
     assert_eq!(names, ["cls_token", "head.weight", "head.bias"]);
     let before = probe.get_param("blocks.0.attn.qkv.weight").unwrap();
@@ -152,7 +130,7 @@ fn gps_updates_only_its_mask_and_the_linear_probe_only_the_head() {
 
 #[test]
 fn bad_batches_are_errors_not_panics() {
-    let cfg = tiny();
+    let cfg = tiny_layer_scale();
     let mut model = Model::new(Backend::Cpu, &cfg, Method::snella(8, 0.5), 2, Recompute::Attention).unwrap();
     let (x, y) = batch(&cfg, 3);
     assert!(model.set_batch(&x, &y).unwrap_err().to_string().contains("batch"));
@@ -167,14 +145,14 @@ fn bad_batches_are_errors_not_panics() {
 
 #[test]
 fn a_partial_batch_gives_the_same_gradients_as_a_model_planned_for_it() {
-    let cfg = tiny();
+    let cfg = tiny_layer_scale();
     let (x, y) = batch(&cfg, 2);
     for name in METHODS {
         let grads = |planned: usize| {
             let mut m =
                 Model::new(Backend::Cpu, &cfg, Method::parse(name, 0.5).unwrap(), planned, Recompute::Attention)
                     .unwrap();
-            init(&m);
+            deterministic_params(&m);
             m.set_batch(&x, &y).unwrap();
             let loss = m.forward().unwrap();
             m.backward().unwrap();

@@ -2,6 +2,8 @@
 //! trainable set and all math fp32. What it must do: save exactly the planned bytes, stay close to the fp32
 //! model, keep recomputation exact (every level gives bit-identical gradients, because the forward itself
 //! runs on the rounded stream), and train.
+mod common;
+use common::{deterministic_params, tiny_layer_scale};
 use snella::model::{plan, MemoryOptions, Model, Precision, Recompute, ViTConfig};
 use snella::peft::{KernelMethod, Method};
 use snella::{mib, Backend, DType, Pool};
@@ -12,14 +14,10 @@ fn bf16(recompute: Recompute) -> MemoryOptions {
     MemoryOptions { recompute, precision: Precision::Bf16 }
 }
 
-fn tiny() -> ViTConfig {
-    ViTConfig { layer_scale: true, ..ViTConfig::by_name("tiny", 10).unwrap() }
-}
-
 /// Deterministic weights (LayerNorm scales and α, γ at 1), the same for every precision. `snella8-reg`:
 /// SNELLA-8 with branch dropout and drop-path (the unmerged branch path).
 fn model(method: &str, memory: MemoryOptions) -> Model {
-    let cfg = tiny();
+    let cfg = tiny_layer_scale();
     let method = match method {
         "snella8-reg" => match Method::parse("snella8", 0.5).unwrap() {
             Method::Kernel(k) => Method::Kernel(KernelMethod { dropout: 0.1, drop_path: 0.1, ..k }),
@@ -28,22 +26,7 @@ fn model(method: &str, memory: MemoryOptions) -> Model {
         m => Method::parse(m, 0.5).unwrap(),
     };
     let mut m = Model::new(Backend::Cpu, &cfg, method, 3, memory).unwrap();
-    for (i, name) in m.param_names().iter().enumerate() {
-        let n = m.param_len(name).unwrap();
-        let ones = name.ends_with("norm1.weight")
-            || name.ends_with("norm2.weight")
-            || name == "norm.weight"
-            || name.ends_with(".alpha")
-            || (name.ends_with(".gamma") && name.starts_with("branch."));
-        let v: Vec<f32> = if ones {
-            vec![1.0; n]
-        } else if name.ends_with(".beta") {
-            vec![0.0; n]
-        } else {
-            (0..n).map(|j| 0.05 * (((j * 7919 + i * 104729) % 2001) as f32 / 1000.0 - 1.0)).collect()
-        };
-        m.set_param(name, &v).unwrap();
-    }
+    deterministic_params(&m);
     let per = 3 * 32 * 32;
     let images: Vec<f32> = (0..3 * per).map(|i| ((i * 31) % 97) as f32 / 48.0 - 1.0).collect();
     m.set_batch(&images, &[1, 4, 7]).unwrap();

@@ -1,12 +1,40 @@
-//! Test helpers shared by tests/train.rs, tests/checkpoint.rs, tests/export.rs and tests/cli_train.rs:
-//! a small random DINOv2-like backbone and synthetic IDX data in a temp folder.
+//! Test helpers shared by the integration tests: a small random DINOv2-like backbone and synthetic IDX data
+//! in a temp folder (train, checkpoint, export, cli_train), and the tiny LayerScale model with deterministic
+//! weights that tests/methods.rs and tests/precision.rs step.
 #![allow(dead_code)] // each test binary uses its own subset
 pub use std::path::{Path, PathBuf};
 
 pub use snella::model::load::write_safetensors;
+use snella::model::Model;
 pub use snella::model::ViTConfig;
 pub use snella::train::recipe::{DataFormat, TrainConfig};
 pub use snella::train::trainer::random_backbone;
+
+/// The `tiny` ViT (32 px, patch 8, width 64, depth 2) with LayerScale, 10 classes.
+pub fn tiny_layer_scale() -> ViTConfig {
+    ViTConfig { layer_scale: true, ..ViTConfig::by_name("tiny", 10).unwrap() }
+}
+
+/// Deterministic small weights for every parameter: LayerNorm scales and the branches' α, γ at 1, β at 0,
+/// everything else in ±0.05.
+pub fn deterministic_params(model: &Model) {
+    for (i, name) in model.param_names().iter().enumerate() {
+        let n = model.param_len(name).unwrap();
+        let ones = name.ends_with("norm1.weight")
+            || name.ends_with("norm2.weight")
+            || name == "norm.weight"
+            || name.ends_with(".alpha")
+            || (name.ends_with(".gamma") && name.starts_with("branch."));
+        let v: Vec<f32> = if ones {
+            vec![1.0; n]
+        } else if name.ends_with(".beta") {
+            vec![0.0; n]
+        } else {
+            (0..n).map(|j| 0.05 * (((j * 7919 + i * 104729) % 2001) as f32 / 1000.0 - 1.0)).collect()
+        };
+        model.set_param(name, &v).unwrap();
+    }
+}
 
 /// A small DINOv2-like configuration (LayerScale, patch 8 on 16 px: 4 patches + cls).
 pub fn small_cfg() -> ViTConfig {
