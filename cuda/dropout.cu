@@ -10,7 +10,7 @@ __device__ __forceinline__ unsigned long long snella_mix(unsigned long long z) {
 
 // u = ((z >> 40) + 1) / 2^24 in (0, 1]: exact in f32, the same value as the CPU's.
 __device__ __forceinline__ bool snella_keep(unsigned long long seed, unsigned long long stream, unsigned long long i, float p) {
-    unsigned long long state = snella_mix(snella_mix(seed ^ 0x243F6A8885A308D3ULL) + stream) ^ 0x13198A2E03707344ULL;
+    unsigned long long state = snella_mix((snella_mix(seed ^ 0x243F6A8885A308D3ULL) + stream) ^ 0x13198A2E03707344ULL);
     unsigned long long z = snella_mix(state + (i + 1) * 0x9E3779B97F4A7C15ULL);
     return __fmul_rn((float)((z >> 40) + 1), 1.0f / 16777216.0f) >= p;
 }
