@@ -1,7 +1,16 @@
-// Shared helpers of the snella kernels: block and warp reductions.
+// Shared helpers of the snella kernels: block and warp reductions, and the shared-memory declarations.
 #pragma once
+#ifdef SNELLA_EMU
+// Compiled for the host: the emulated CUDA device (cuda/emu/cuda_emu.h provides the built-ins).
+#include "emu/cuda_emu.h"
+#else
 #include <cuda_runtime.h>
 #include <math.h>
+// Shared memory is declared through these two macros so that the emulator, which gives each block its own
+// shared memory and checks every access against the array it belongs to, sees each array's extent.
+#define SHARED_ARRAY(type, name, dims) __shared__ type name dims
+#define DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
 
 #define WARP 32
 

@@ -34,7 +34,7 @@ __device__ __forceinline__ unsigned sel_mask(int pass) { return pass == 0 ? 0u :
 // Histogram of digit `pass` of the keys of |m| (n) that match each rank's prefix. blockDim.x must be a
 // multiple of 32 (warp-aggregated shared atomics with __match_any_sync over whole warps).
 extern "C" __global__ void snella_select_histogram(const float* m, long n, unsigned* state, unsigned* hist, int pass) {
-    __shared__ unsigned sh[2 * SEL_BINS];
+    SHARED_ARRAY(unsigned, sh, [2 * SEL_BINS]);
     for (int b = threadIdx.x; b < 2 * SEL_BINS; b += blockDim.x) sh[b] = 0u;
     __syncthreads();
     int shift = 24 - 8 * pass;
@@ -65,8 +65,9 @@ extern "C" __global__ void snella_select_histogram(const float* m, long n, unsig
 
 // Fixes digit `pass` of both ranks from hist and zeroes hist. One block of exactly SEL_BINS threads.
 extern "C" __global__ void snella_select_narrow(unsigned* state, unsigned* hist, int pass) {
-    __shared__ unsigned warp_tot[SEL_BINS / WARP];
-    __shared__ unsigned found_bin[2], found_before[2];
+    SHARED_ARRAY(unsigned, warp_tot, [SEL_BINS / WARP]);
+    SHARED_ARRAY(unsigned, found_bin, [2]);
+    SHARED_ARRAY(unsigned, found_before, [2]);
     int tid = threadIdx.x, lane = tid % WARP, wid = tid / WARP;
     int shift = 24 - 8 * pass;
     for (int r = 0; r < 2; r++) {
@@ -129,7 +130,7 @@ extern "C" __global__ void snella_sparsify_backward(float* dm, const float* dms,
 // dst (n_out, n_in) = w0 (n_out, n_in) + ms^T, ms (n_in, n_out). Blocks of 32x8 threads over 32x32
 // tiles of ms (blockIdx.x -> out columns, blockIdx.y -> in rows); dst may be w0.
 extern "C" __global__ void snella_add_transposed(float* dst, const float* w0, const float* ms, int n_in, int n_out) {
-    __shared__ float tile[32][33];
+    SHARED_ARRAY(float, tile, [32][33]);
     int i0 = blockIdx.y * 32, j0 = blockIdx.x * 32;
     for (int r = threadIdx.y; r < 32; r += blockDim.y) {
         int i = i0 + r, j = j0 + threadIdx.x;

@@ -92,7 +92,7 @@ __device__ __forceinline__ float km_value(int kind, const KmPair& q, int d) {
 // out (n_in, n_out) = K(A, B)
 extern "C" __global__ void snella_kmerge_forward(float* out, const float* a, const float* b, int n_in, int n_out, int d,
                                                  int kind) {
-    extern __shared__ float km_smem[];
+    DYNAMIC_SHARED(float, km_smem);
     int sd = d | 1;
     float* sa = km_smem;
     float* sb = km_smem + 2 * KM_TI * d;
@@ -108,7 +108,7 @@ extern "C" __global__ void snella_kmerge_forward(float* out, const float* a, con
 // Poly: dK*2(p+1). Linear needs no ratio (R = dK) and is not launched.
 extern "C" __global__ void snella_kmerge_ratio(float* g, float* r0, const float* a, const float* b, int n_in, int n_out,
                                                int d, int kind) {
-    extern __shared__ float km_smem[];
+    DYNAMIC_SHARED(float, km_smem);
     int sd = d | 1;
     float* sa = km_smem;
     float* sb = km_smem + 2 * KM_TI * d;
@@ -148,7 +148,7 @@ extern "C" __global__ void snella_kmerge_ratio(float* g, float* r0, const float*
 // alpha, gamma, beta: 1-element device tensors.
 extern "C" __global__ void snella_kmerge_mix_forward(float* m, const float* alpha, const float* gamma, const float* beta,
                                                      int n_in, int n_out) {
-    __shared__ float sh[32];
+    SHARED_ARRAY(float, sh, [32]);
     int i = blockIdx.x;
     if (i >= n_in) return;
     float* row = m + (long)i * n_out;
@@ -171,7 +171,7 @@ extern "C" __global__ void snella_kmerge_mix_forward(float* m, const float* alph
 // sum G, sum G*S, sum u*K.
 extern "C" __global__ void snella_kmerge_mix_backward(float* g, const float* k, const float* alpha, const float* gamma,
                                                       float* part, int n_in, int n_out) {
-    __shared__ float sh[32];
+    SHARED_ARRAY(float, sh, [32]);
     int i = blockIdx.x;
     if (i >= n_in) return;
     float* gr = g + (long)i * n_out;
@@ -214,7 +214,7 @@ extern "C" __global__ void snella_kmerge_mix_backward(float* g, const float* k, 
 // dalpha += sum(part[1]), dgamma += -sum(part[2])/gamma^2, dbeta += sum(part[0]); one block.
 extern "C" __global__ void snella_kmerge_mix_reduce(float* dalpha, float* dgamma, float* dbeta, const float* gamma,
                                                     const float* part, int n_in) {
-    __shared__ float sh[32];
+    SHARED_ARRAY(float, sh, [32]);
     float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f;
     for (int i = threadIdx.x; i < n_in; i += blockDim.x) {
         s0 += part[i];

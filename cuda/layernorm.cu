@@ -9,7 +9,7 @@ __device__ __forceinline__ float ln_normalize(float x, float m, float r, float w
 // out (N,C) = (inp - mean) * rstd * w + b;  mean, rstd (N)
 extern "C" __global__ void snella_layernorm_forward(float* out, float* mean, float* rstd, const float* inp,
                                                     const float* w, const float* b, int N, int C, float eps) {
-    __shared__ float sh[32];
+    SHARED_ARRAY(float, sh, [32]);
     int row = blockIdx.x;
     if (row >= N) return;
     const float* x = inp + (long)row * C;
@@ -38,7 +38,7 @@ extern "C" __global__ void snella_layernorm_apply(float* out, const float* inp, 
 // dinp (N,C) += rstd * (g*w - mean(g*w) - xhat * mean(g*w*xhat))
 extern "C" __global__ void snella_layernorm_backward(float* dinp, const float* dout, const float* inp, const float* w,
                                                      const float* mean, const float* rstd, int N, int C) {
-    __shared__ float sh[32];
+    SHARED_ARRAY(float, sh, [32]);
     int row = blockIdx.x;
     if (row >= N) return;
     const float* x = inp + (long)row * C;

@@ -3,7 +3,7 @@
 
 // losses (B); dlogits (B,V) = (softmax - onehot)/B, may be null; logits (B,V); labels (B) int32
 extern "C" __global__ void snella_cross_entropy(float* losses, float* dlogits, const float* logits, const int* labels, int B, int V) {
-    __shared__ float sh[32];
+    SHARED_ARRAY(float, sh, [32]);
     int r = blockIdx.x;
     if (r >= B) return;
     const float* x = logits + (long)r * V;

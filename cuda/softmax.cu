@@ -3,7 +3,7 @@
 
 // out (rows,cols) = softmax(scale * inp) per row
 extern "C" __global__ void snella_softmax_forward(float* out, const float* inp, int rows, int cols, float scale) {
-    __shared__ float sh[32];
+    SHARED_ARRAY(float, sh, [32]);
     int r = blockIdx.x;
     if (r >= rows) return;
     const float* x = inp + (long)r * cols;
@@ -27,7 +27,7 @@ extern "C" __global__ void snella_softmax_forward(float* out, const float* inp, 
 // dinp (rows,cols) = scale * y * (g - sum_row(g*y)); dinp may be dout (each i is read, then written, by
 // one thread, after block_sum's barrier).
 extern "C" __global__ void snella_softmax_backward(float* dinp, const float* out, const float* dout, int rows, int cols, float scale) {
-    __shared__ float sh[32];
+    SHARED_ARRAY(float, sh, [32]);
     int r = blockIdx.x;
     if (r >= rows) return;
     const float* y = out + (long)r * cols;

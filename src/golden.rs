@@ -38,6 +38,32 @@ pub fn golden_dir() -> PathBuf {
     }
 }
 
+/// The device the parity tests run their steps on: `$SNELLA_TEST_DEVICE` (`cpu`, `cuda-emu` for the emulated CUDA
+/// device, `cuda`), else the CPU. The golden tolerances hold on every device.
+///
+/// # Errors
+/// `Invalid` naming `SNELLA_TEST_DEVICE` for an unknown value.
+pub fn test_device() -> Result<crate::Device> {
+    let Some(v) = std::env::var_os("SNELLA_TEST_DEVICE") else { return Ok(crate::Device::Cpu) };
+    let v = v.to_string_lossy();
+    match v.trim() {
+        "" | "cpu" => Ok(crate::Device::Cpu),
+        "cuda-emu" | "emu" => Ok(crate::Device::CudaEmu),
+        "cuda" | "gpu" => Ok(crate::Device::Cuda),
+        _ => Err(Error::invalid("SNELLA_TEST_DEVICE", format!("unknown device {v:?} (cpu, cuda-emu, cuda)"))),
+    }
+}
+
+/// A fresh backend of [`test_device`], for a test that runs steps.
+///
+/// # Panics
+/// When `SNELLA_TEST_DEVICE` is invalid or names a device this machine cannot open: a test that was asked to
+/// run on a device must not quietly run on another.
+pub fn test_backend() -> crate::Backend {
+    let device = test_device().unwrap_or_else(|e| panic!("{e}"));
+    crate::Backend::new(device).unwrap_or_else(|e| panic!("SNELLA_TEST_DEVICE={}: {e}", device.name()))
+}
+
 /// Every case (`*.json` with a matching `*.safetensors`) in a directory, sorted by name.
 ///
 /// # Errors

@@ -77,3 +77,21 @@ pub fn gpu_info() -> Result<GpuInfo> {
 
 /// Whether this build embeds the CUDA kernels (nvcc was found when it was compiled).
 pub const KERNELS_COMPILED: bool = runtime::cuda::KERNELS_COMPILED;
+
+/// Test support: the planted-bug kernels of the emulated device (`tests/emu_sanitizer.rs`). Not a stable API.
+#[doc(hidden)]
+pub mod testing {
+    pub use crate::runtime::planted::{launch_planted, PlantedArg};
+}
+
+/// Whether this build has the emulated CUDA device ([`Device::CudaEmu`]): `Err(reason)` when its kernels could not
+/// be compiled for the host (see build.rs).
+///
+/// # Errors
+/// The reason, as a sentence.
+pub fn cuda_emu_available() -> std::result::Result<(), String> {
+    match runtime::cuda::EMU_UNAVAILABLE {
+        None => Ok(()),
+        Some(why) => Err(why.to_string()),
+    }
+}

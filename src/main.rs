@@ -13,7 +13,10 @@ use snella::report::memory as mem;
 use snella::report::speed;
 use snella::train::recipe::TrainConfig;
 use snella::train::{checkpoint, export, trainer};
-use snella::{cuda_available, gpu_info, selftest, Backend, Device, Error, GemmPrecision, Result, KERNELS_COMPILED};
+use snella::{
+    cuda_available, cuda_emu_available, gpu_info, selftest, Backend, Device, Error, GemmPrecision, Result,
+    KERNELS_COMPILED,
+};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -42,7 +45,7 @@ enum Command {
     Bench(BenchArgs),
     /// Version, whether CUDA kernels are compiled into this binary, and what the CUDA probe finds.
     Info,
-    /// Every CUDA kernel against its CPU reference on fresh random inputs (needs a GPU).
+    /// Every CUDA kernel against its CPU reference on fresh random inputs (a GPU, or --device cuda-emu).
     Selftest(SelftestArgs),
 }
 
@@ -83,9 +86,13 @@ struct MemoryArgs {
     csv: Option<PathBuf>,
     #[arg(long)]
     svg: Option<PathBuf>,
-    /// Run real training steps on the GPU and add the measured device memory (needs a GPU).
+    /// Run real training steps on the GPU and add the measured device memory (needs a GPU, or
+    /// `--device cuda-emu`).
     #[arg(long)]
     measure: bool,
+    /// The device --measure runs on: auto (a GPU), cuda, cuda-emu.
+    #[arg(long, value_enum, default_value = "auto")]
+    device: DeviceArg,
 }
 
 #[derive(Args)]
@@ -104,6 +111,9 @@ struct TrainArgs {
     /// No progress bars (metrics still go to <out_dir>/metrics.jsonl).
     #[arg(long)]
     quiet: bool,
+    /// The device (the same as `--set device=...`): auto, cpu, cuda, cuda-emu.
+    #[arg(long, value_enum)]
+    device: Option<DeviceArg>,
     /// After training, export merged weights and the sparse delta into <out_dir>/export.
     #[arg(long)]
     export: bool,
@@ -117,6 +127,9 @@ struct CheckpointArgs {
     /// Overrides of the checkpoint's recipe, e.g. `--set data=... --set device=cpu`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// The device (the same as `--set device=...`): auto, cpu, cuda, cuda-emu.
+    #[arg(long, value_enum)]
+    device: Option<DeviceArg>,
 }
 
 #[derive(Args)]
@@ -157,9 +170,13 @@ struct BenchArgs {
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum DeviceArg {
+    /// CUDA when a GPU is usable, else the CPU.
     Auto,
     Cpu,
     Cuda,
+    /// The emulated CUDA device: the CUDA code path on the host, with sanitizer checks (no GPU needed).
+    #[value(name = "cuda-emu")]
+    CudaEmu,
 }
 
 impl DeviceArg {
@@ -168,13 +185,25 @@ impl DeviceArg {
             DeviceArg::Auto => Device::auto(),
             DeviceArg::Cpu => Device::Cpu,
             DeviceArg::Cuda => Device::Cuda,
+            DeviceArg::CudaEmu => Device::CudaEmu,
+        }
+    }
+
+    /// The recipe's spelling (`device = "..."`).
+    fn recipe_name(self) -> &'static str {
+        match self {
+            DeviceArg::Auto => "auto",
+            DeviceArg::Cpu => "cpu",
+            DeviceArg::Cuda => "cuda",
+            DeviceArg::CudaEmu => "cuda-emu",
         }
     }
 }
 
 #[derive(Args)]
 struct SelftestArgs {
-    /// auto and cuda both need a GPU: a selftest that tested nothing must not pass.
+    /// auto and cuda both need a GPU (a selftest that tested nothing must not pass); cuda-emu runs the kernels on
+    /// the emulated device.
     #[arg(long, value_enum, default_value_t = SelftestDevice::Auto)]
     device: SelftestDevice,
     /// Run only the checks whose name contains this string.
@@ -190,8 +219,12 @@ struct SelftestArgs {
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum SelftestDevice {
+    /// A GPU (an error without one).
     Auto,
     Cuda,
+    /// The emulated CUDA device: the kernels compiled for the host, with sanitizer checks.
+    #[value(name = "cuda-emu")]
+    CudaEmu,
 }
 
 fn parse_seed(s: &str) -> std::result::Result<u64, String> {
@@ -270,16 +303,21 @@ fn run(cmd: Command) -> Result<ExitCode> {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            if let Err(why) = cuda_available() {
-                return Err(match a.device {
-                    SelftestDevice::Cuda => Error::NoCuda(why),
+            let device = match a.device {
+                SelftestDevice::CudaEmu => Device::CudaEmu,
+                _ => match cuda_available() {
+                    Ok(_) => Device::Cuda,
+                    Err(why) if a.device == SelftestDevice::Cuda => return Err(Error::NoCuda(why)),
                     // Plain `snella selftest`: say what it needs as well as what was probed.
-                    SelftestDevice::Auto => {
-                        Error::NoCuda(format!("{why} (selftest compares CUDA with the CPU and needs a GPU)"))
+                    Err(why) => {
+                        return Err(Error::NoCuda(format!(
+                            "{why} (selftest compares CUDA with the CPU and needs a GPU; --device cuda-emu runs it on \
+                             the emulated device)"
+                        )))
                     }
-                });
-            }
-            let ok = selftest::run_seeded(a.filter.as_deref(), a.seed)?;
+                },
+            };
+            let ok = selftest::run_seeded(device, a.filter.as_deref(), a.seed)?;
             Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
     }
@@ -292,10 +330,18 @@ fn info() {
     } else {
         println!("CUDA kernels compiled in: no (built without nvcc; run scripts/install-nvcc.sh and rebuild)");
     }
+    match cuda_emu_available() {
+        Ok(()) => println!(
+            "emulated CUDA device: yes (--device cuda-emu: the kernels compiled for the host, with sanitizers)"
+        ),
+        Err(why) => println!("emulated CUDA device: no ({why})"),
+    }
     match cuda_available() {
         Err(why) => {
             println!("CUDA probe: unavailable: {why}");
-            println!("device: cpu (every command falls back to the CPU; --device cuda is an error)");
+            println!(
+                "device: cpu (every command falls back to the CPU; --device cuda is an error, --device cuda-emu works)"
+            );
         }
         Ok(_) => {
             println!("CUDA probe: ok (driver, device and cuBLAS found)");
@@ -329,11 +375,20 @@ fn memory(a: MemoryArgs) -> Result<()> {
             _ => m.clone(),
         })
         .collect();
-    let measure = if a.measure {
-        cuda_available().map_err(|why| Error::NoCuda(format!("{why} (--measure runs real steps on the GPU)")))?;
-        true
-    } else {
-        false
+    let measure = match (a.measure, a.device) {
+        (false, _) => None,
+        (true, DeviceArg::Cpu) => {
+            return Err(Error::invalid("--device", "--measure measures device memory: use cuda, cuda-emu or auto"))
+        }
+        (true, DeviceArg::CudaEmu) => Some(Device::CudaEmu),
+        (true, _) => {
+            cuda_available().map_err(|why| {
+                Error::NoCuda(format!(
+                    "{why} (--measure runs real steps on a GPU; --device cuda-emu runs them emulated)"
+                ))
+            })?;
+            Some(Device::Cuda)
+        }
     };
     let mut rows = Vec::new();
     for &precision in &a.precision {
@@ -350,9 +405,9 @@ fn memory(a: MemoryArgs) -> Result<()> {
             )?);
         }
     }
-    if measure {
+    if let Some(device) = measure {
         for r in rows.iter_mut() {
-            match mem::measure(r, Backend::new(Device::Cuda)?, 2, a.sparsity, a.classes) {
+            match mem::measure(r, Backend::new(device)?, 2, a.sparsity, a.classes) {
                 Ok((_, dev)) => r.measured_mib = dev,
                 Err(Error::OutOfMemory { .. }) => eprintln!("snella: {} {} does not fit this GPU", r.model, r.method),
                 Err(e) => return Err(e),
@@ -364,10 +419,29 @@ fn memory(a: MemoryArgs) -> Result<()> {
          are compared with the paper's SNELL-R figure, SNELLA's own table being unpublished in a readable form)",
         a.batch, a.resolution
     );
-    if !measure {
-        println!("These are the planned bytes the engine allocates, exactly (no GPU run: add --measure on a GPU).");
+    match measure {
+        None => {
+            println!("These are the planned bytes the engine allocates, exactly (no GPU run: add --measure on a GPU).")
+        }
+        Some(d) => println!("Measured: device memory above the baseline after 2 training steps on {}.", d.name()),
     }
     print!("{}", mem::table(&rows));
+    if measure.is_some() {
+        // The plan's claim: every device byte of a step comes from the pools.
+        let off: Vec<String> = rows
+            .iter()
+            .filter_map(|r| {
+                r.measured_mib
+                    .filter(|&m| m != r.total_mib)
+                    .map(|m| format!("{} {} {:+.1} MiB", r.model, r.method, m - r.total_mib))
+            })
+            .collect();
+        if off.is_empty() {
+            println!("measured = planned on every row");
+        } else {
+            println!("measured - planned: {}", off.join(", "));
+        }
+    }
     println!();
     print!("{}", mem::reductions(&rows));
     for (path, text) in [
@@ -462,7 +536,7 @@ fn train(a: TrainArgs) -> Result<()> {
         Some(p) => TrainConfig::load(p)?,
         None => TrainConfig::default(),
     };
-    cfg.apply_overrides(&overrides(&a.set)?)?;
+    cfg.apply_overrides(&overrides(&with_device(&a.set, a.device))?)?;
     let mut t = trainer::Trainer::new(cfg)?;
     for n in &t.notes {
         eprintln!("snella: {n}");
@@ -484,6 +558,13 @@ fn train(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// The `--set` overrides with `--device` appended as `device=...` (it wins over an earlier `--set device=`).
+fn with_device(set: &[String], device: Option<DeviceArg>) -> Vec<String> {
+    let mut v = set.to_vec();
+    v.extend(device.map(|d| format!("device={}", d.recipe_name())));
+    v
+}
+
 /// A trainer built from the recipe stored in a checkpoint (with overrides), holding the checkpoint's state.
 fn trainer_from_checkpoint(a: &CheckpointArgs) -> Result<(trainer::Trainer, checkpoint::CheckpointMeta)> {
     let meta = checkpoint::read_checkpoint_meta(&a.checkpoint)?;
@@ -493,7 +574,7 @@ fn trainer_from_checkpoint(a: &CheckpointArgs) -> Result<(trainer::Trainer, chec
             format!("{} holds no recipe (it was not written by `snella train`)", a.checkpoint.display()),
         )
     })?;
-    cfg.apply_overrides(&overrides(&a.set)?)?;
+    cfg.apply_overrides(&overrides(&with_device(&a.set, a.device))?)?;
     let mut t = trainer::Trainer::new(cfg)?;
     let meta = checkpoint::load_checkpoint(&a.checkpoint, &mut t.model, None)?;
     Ok((t, meta))

@@ -7,7 +7,7 @@ fn cuda_matches_cpu_on_every_check() {
     match snella::cuda_available() {
         Err(why) => println!("skipping: {why}"),
         Ok(_) => {
-            let ok = snella::selftest::run_all(None).expect("selftest could not run on the GPU");
+            let ok = snella::selftest::run_all(snella::Device::Cuda, None).expect("selftest could not run on the GPU");
             assert!(ok, "some CUDA kernels differ from the CPU reference (see the FAIL lines above)");
         }
     }

@@ -1,11 +1,11 @@
 //! Parity of SNELLA's bi-level allocator with the reference: the cubic budget per epoch, the layer scores,
 //! the integer allocations and the ratios (exactly), the losses along the run, the final EMA importance and
 //! parameters, and the manifest's allocator unit vectors (budget → allocation from the final EMA state).
-use snella::golden::{compare, compare_adamw, golden_dir, list_cases, Compare, GoldenCase};
+use snella::golden::{compare, compare_adamw, golden_dir, list_cases, test_backend, Compare, GoldenCase};
 use snella::model::{Model, Recompute};
 use snella::peft::allocator::{Allocator, AllocatorConfig};
 use snella::peft::{KernelMethod, Method};
-use snella::{Backend, KernelKind};
+use snella::KernelKind;
 
 fn model_with_allocator(case: &GoldenCase) -> Model {
     let m = &case.manifest["method"];
@@ -22,7 +22,7 @@ fn model_with_allocator(case: &GoldenCase) -> Model {
         drop_path: 0.0,
     });
     let cfg = case.vit_config();
-    let mut model = Model::new(Backend::Cpu, &cfg, method, case.labels.len(), Recompute::default()).unwrap();
+    let mut model = Model::new(test_backend(), &cfg, method, case.labels.len(), Recompute::default()).unwrap();
     for name in model.param_names() {
         let key = if case.tensors.contains_key(&format!("param.{name}")) {
             format!("param.{name}")

@@ -2,13 +2,12 @@
 //! trainable set, the parameters after three AdamW steps and (SNELL/SNELLA cases) the allocator run.
 //! Walks every case in `$SNELLA_GOLDEN` (default: tests/golden), so a new case needs no code change.
 //! Tolerances are the manifest's `suggested_atol` (10× the measured fp32 rounding spread).
-use snella::golden::{compare, compare_adamw, golden_dir, list_cases, Compare, GoldenCase};
+use snella::golden::{compare, compare_adamw, golden_dir, list_cases, test_backend, Compare, GoldenCase};
 use snella::model::{Model, Recompute};
-use snella::Backend;
 
 /// A model of the case with its initial parameters, per-branch sparsity and input batch loaded.
 pub fn load_case(case: &GoldenCase, recompute: Recompute) -> Model {
-    case.build_model(Backend::Cpu, recompute).unwrap_or_else(|e| panic!("{}: {e}", case.name))
+    case.build_model(test_backend(), recompute).unwrap_or_else(|e| panic!("{}: {e}", case.name))
 }
 
 fn check(case: &GoldenCase, out: &mut Vec<Compare>, key: &str, got: &[f32], skip: &[(usize, usize)]) {

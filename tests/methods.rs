@@ -3,9 +3,10 @@
 //! and a step never touches more memory than the plan.
 mod common;
 use common::{deterministic_params, tiny_layer_scale};
+use snella::golden::test_backend;
 use snella::model::{plan, Model, Recompute, ViTConfig};
 use snella::peft::Method;
-use snella::{Backend, Pool};
+use snella::Pool;
 
 const METHODS: [&str; 8] = ["full", "linear", "gps", "lora8", "klora8", "mixk8", "snell8", "snella8"];
 
@@ -69,7 +70,8 @@ fn optimizer_state_exists_only_for_the_trainable_set_and_no_merged_matrix_is_kep
 fn a_step_touches_no_more_than_the_plan() {
     let cfg = tiny_layer_scale();
     for name in METHODS {
-        let mut model = Model::new(Backend::Cpu, &cfg, Method::parse(name, 0.5).unwrap(), 3, Recompute::Block).unwrap();
+        let mut model =
+            Model::new(test_backend(), &cfg, Method::parse(name, 0.5).unwrap(), 3, Recompute::Block).unwrap();
         deterministic_params(&model);
         let (x, y) = batch(&cfg, 3);
         model.set_batch(&x, &y).unwrap();
@@ -94,7 +96,7 @@ fn gps_updates_only_its_mask_and_the_linear_probe_only_the_head() {
     let cfg = tiny_layer_scale();
     let (x, y) = batch(&cfg, 2);
     // GPS: a fixed mask on a block weight; unmasked entries must not move (no decay there either).
-    let mut model = Model::new(Backend::Cpu, &cfg, Method::Gps { density: 0.1 }, 2, Recompute::None).unwrap();
+    let mut model = Model::new(test_backend(), &cfg, Method::Gps { density: 0.1 }, 2, Recompute::None).unwrap();
     deterministic_params(&model);
     let w = "blocks.0.mlp.fc1.weight";
     let before = model.get_param(w).unwrap();
@@ -111,12 +113,12 @@ fn gps_updates_only_its_mask_and_the_linear_probe_only_the_head() {
     let moved = before.iter().zip(&after).zip(&mask).filter(|((a, b), _)| a != b).map(|(_, &m)| m).collect::<Vec<_>>();
     assert!(!moved.is_empty() && moved.iter().all(|&m| m == 1), "GPS moved entries outside its mask");
     let other = "blocks.1.attn.proj.weight";
-    let mut probe = Model::new(Backend::Cpu, &cfg, Method::Gps { density: 0.1 }, 2, Recompute::None).unwrap();
+    let mut probe = Model::new(test_backend(), &cfg, Method::Gps { density: 0.1 }, 2, Recompute::None).unwrap();
     deterministic_params(&probe);
     assert_eq!(probe.get_param(other).unwrap(), model.get_param(other).unwrap(), "a fully masked weight moved");
 
     // Linear probe: only head and cls token train.
-    probe = Model::new(Backend::Cpu, &cfg, Method::Linear, 2, Recompute::None).unwrap();
+    probe = Model::new(test_backend(), &cfg, Method::Linear, 2, Recompute::None).unwrap();
     deterministic_params(&probe);
     let names: Vec<String> = probe.trainable_names();
     assert_eq!(names, ["cls_token", "head.weight", "head.bias"]);
@@ -131,14 +133,14 @@ fn gps_updates_only_its_mask_and_the_linear_probe_only_the_head() {
 #[test]
 fn bad_batches_are_errors_not_panics() {
     let cfg = tiny_layer_scale();
-    let mut model = Model::new(Backend::Cpu, &cfg, Method::snella(8, 0.5), 2, Recompute::Attention).unwrap();
+    let mut model = Model::new(test_backend(), &cfg, Method::snella(8, 0.5), 2, Recompute::Attention).unwrap();
     let (x, y) = batch(&cfg, 3);
     assert!(model.set_batch(&x, &y).unwrap_err().to_string().contains("batch"));
     let (x, _) = batch(&cfg, 2);
     let err = model.set_batch(&x, &[0, 10]).unwrap_err().to_string();
     assert!(err.contains("label 10"), "{err}");
     assert!(model.forward().unwrap_err().to_string().contains("no batch"));
-    assert!(Model::new(Backend::Cpu, &cfg, Method::Full, 0, Recompute::None).is_err());
+    assert!(Model::new(test_backend(), &cfg, Method::Full, 0, Recompute::None).is_err());
     assert!(model.set_param("blocks.0.nope", &[1.0]).unwrap_err().to_string().contains("blocks.0.nope"));
     assert!(model.set_param("head.bias", &[1.0]).unwrap_err().to_string().contains("head.bias"));
 }
@@ -150,7 +152,7 @@ fn a_partial_batch_gives_the_same_gradients_as_a_model_planned_for_it() {
     for name in METHODS {
         let grads = |planned: usize| {
             let mut m =
-                Model::new(Backend::Cpu, &cfg, Method::parse(name, 0.5).unwrap(), planned, Recompute::Attention)
+                Model::new(test_backend(), &cfg, Method::parse(name, 0.5).unwrap(), planned, Recompute::Attention)
                     .unwrap();
             deterministic_params(&m);
             m.set_batch(&x, &y).unwrap();

@@ -4,9 +4,10 @@
 //! runs on the rounded stream), and train.
 mod common;
 use common::{deterministic_params, tiny_layer_scale};
+use snella::golden::test_backend;
 use snella::model::{plan, MemoryOptions, Model, Precision, Recompute, ViTConfig};
 use snella::peft::{KernelMethod, Method};
-use snella::{mib, Backend, DType, Pool};
+use snella::{mib, DType, Pool};
 
 const METHODS: [&str; 8] = ["full", "linear", "gps", "lora8", "snell8", "snella8", "mixk8", "snella8-reg"];
 
@@ -25,7 +26,7 @@ fn model(method: &str, memory: MemoryOptions) -> Model {
         },
         m => Method::parse(m, 0.5).unwrap(),
     };
-    let mut m = Model::new(Backend::Cpu, &cfg, method, 3, memory).unwrap();
+    let mut m = Model::new(test_backend(), &cfg, method, 3, memory).unwrap();
     deterministic_params(&m);
     let per = 3 * 32 * 32;
     let images: Vec<f32> = (0..3 * per).map(|i| ((i * 31) % 97) as f32 / 48.0 - 1.0).collect();

@@ -2,10 +2,10 @@
 //! with vanishing rates the unmerged branch path reproduces the golden cases; with real rates the masks
 //! are regenerated in the backward (the gradient matches the loss's directional derivative), they change
 //! from step to step, and evaluation turns them off.
-use snella::golden::{compare, golden_dir, GoldenCase};
+use snella::golden::{compare, golden_dir, test_backend, GoldenCase};
 use snella::model::{Model, Recompute, ViTConfig};
 use snella::peft::{KernelMethod, Method};
-use snella::{Backend, KernelKind};
+use snella::KernelKind;
 
 fn with_rates(method: Method, dropout: f32, drop_path: f32) -> Method {
     match method {
@@ -22,7 +22,7 @@ fn the_unmerged_branch_path_matches_the_golden_cases() {
         // Rates below 2^-24 keep every entry with scale 1 but force x·W0ᵀ + b + Dropout(x)·M_s, branch by
         // branch (the reference's own op layout) instead of the merged weight.
         let method = with_rates(case.method().unwrap(), 1e-12, 1e-12);
-        let mut m = case.build_model_with(Backend::Cpu, Recompute::Attention, method).unwrap();
+        let mut m = case.build_model_with(test_backend(), Recompute::Attention, method).unwrap();
         let loss = m.forward().unwrap();
         for (key, got) in [("fwd.loss", vec![loss]), ("fwd.logits", m.logits().unwrap())] {
             let c = compare(key, &got, case.get(key).unwrap(), case.atol(key).unwrap(), &[]);
@@ -54,7 +54,7 @@ fn tiny_ls() -> ViTConfig {
 
 fn model(method: Method, block_drop_path: f32) -> Model {
     let cfg = tiny_ls();
-    let mut m = Model::new(Backend::Cpu, &cfg, method, 3, Recompute::Attention).unwrap();
+    let mut m = Model::new(test_backend(), &cfg, method, 3, Recompute::Attention).unwrap();
     for (i, name) in m.param_names().iter().enumerate() {
         let n = m.param_len(name).unwrap();
         let one = name.ends_with("norm1.weight") || name.ends_with("norm2.weight") || name == "norm.weight";

@@ -109,7 +109,7 @@ pub fn embed_backward(
             d,
         ),
         Backend::Cuda(cu) => {
-            let p = |x: Option<Tensor>| x.map(|x| rt.ptr(x)).unwrap_or(0); // null: not wanted
+            let p = |x: Option<Tensor>| rt.ptr_or_null(x); // null: not wanted
             cu.launch(
                 "snella_embed_backward",
                 grid_1d(t * d, 256),

@@ -626,8 +626,33 @@ pub(crate) mod cpu {
     }
 }
 
+/// f64 references, for the op tests and the selftest (which checks the mixture scalars' gradients of both
+/// devices against the closed form).
+pub(crate) mod reference {
+    /// [dα, dγ, dβ] of L = Σ G ⊙ M in f64 from K, and the Σ|term| of each sum (its rounding scale).
+    pub fn mix_grads_f64(k: &[f64], g: &[f64], [al, gm, _]: [f64; 3], n_out: usize) -> ([f64; 3], [f64; 3]) {
+        let (mut v, mut sc) = ([0f64; 3], [0f64; 3]);
+        for (kr, gr) in k.chunks(n_out).zip(g.chunks(n_out)) {
+            let mx = kr.iter().fold(f64::MIN, |x, &k| x.max(k / gm));
+            let z: f64 = kr.iter().map(|&k| (k / gm - mx).exp()).sum();
+            let s: Vec<f64> = kr.iter().map(|&k| (k / gm - mx).exp() / z).collect();
+            let dot: f64 = gr.iter().zip(&s).map(|(g, s)| al * g * s).sum();
+            for j in 0..n_out {
+                let u = s[j] * (al * gr[j] - dot);
+                let terms = [gr[j] * s[j], -u * kr[j] / (gm * gm), gr[j]];
+                for c in 0..3 {
+                    v[c] += terms[c];
+                    sc[c] += terms[c].abs();
+                }
+            }
+        }
+        (v, sc)
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::reference::mix_grads_f64;
     use super::*;
     use crate::ops::testing::*;
     use crate::runtime::{Backend, Device};
@@ -676,26 +701,6 @@ mod tests {
             }
         }
         m
-    }
-
-    /// [dα, dγ, dβ] of L = Σ G ⊙ M in f64 from K, and the Σ|term| of each sum (its rounding scale).
-    fn mix_grads_f64(k: &[f64], g: &[f64], [al, gm, _]: [f64; 3], n_out: usize) -> ([f64; 3], [f64; 3]) {
-        let (mut v, mut sc) = ([0f64; 3], [0f64; 3]);
-        for (kr, gr) in k.chunks(n_out).zip(g.chunks(n_out)) {
-            let mx = kr.iter().fold(f64::MIN, |x, &k| x.max(k / gm));
-            let z: f64 = kr.iter().map(|&k| (k / gm - mx).exp()).sum();
-            let s: Vec<f64> = kr.iter().map(|&k| (k / gm - mx).exp() / z).collect();
-            let dot: f64 = gr.iter().zip(&s).map(|(g, s)| al * g * s).sum();
-            for j in 0..n_out {
-                let u = s[j] * (al * gr[j] - dot);
-                let terms = [gr[j] * s[j], -u * kr[j] / (gm * gm), gr[j]];
-                for c in 0..3 {
-                    v[c] += terms[c];
-                    sc[c] += terms[c].abs();
-                }
-            }
-        }
-        (v, sc)
     }
 
     struct Setup {
@@ -857,70 +862,5 @@ mod tests {
         merge_backward(&st.rt, st.da, st.db, None, st.g, &st.f, KernelKind::PiecewiseLinear, &st.s).unwrap();
         assert!(st.rt.download(st.da).unwrap().iter().all(|x| x.is_finite()));
         assert!(st.rt.download(st.db).unwrap().iter().all(|x| x.is_finite()));
-    }
-
-    /// CUDA against the CPU reference (runs only where a GPU is usable).
-    #[test]
-    fn cuda_matches_cpu() {
-        if let Err(why) = crate::runtime::Cuda::probe() {
-            eprintln!("skipping cuda_matches_cpu: {why}");
-            return;
-        }
-        for &(n_in, n_out, d) in &[(37, 45, 4), (200, 333, 8), (96, 384, 16), (5, 3, 1)] {
-            for kind in KINDS {
-                for mix in [false, true] {
-                    let scale = 1.0 / ((n_in * d) as f32).sqrt();
-                    let a = randn(2 * n_in * d, 21, scale);
-                    let b = randn(2 * n_out * d, 22, scale);
-                    let gv = randn(n_in * n_out, 23, 1.0);
-                    let mut outs = Vec::new();
-                    for dev in [Device::Cpu, Device::Cuda] {
-                        let st = setup(dev, n_in, n_out, d, mix);
-                        st.rt.upload(st.f.a, &a).unwrap();
-                        st.rt.upload(st.f.b, &b).unwrap();
-                        st.rt.upload(st.g, &gv).unwrap();
-                        if let Some(mt) = st.f.mix {
-                            for c in 0..3 {
-                                st.rt.upload(mt[c], &[MIX[c]]).unwrap();
-                            }
-                        }
-                        merge_forward(&st.rt, st.m, &st.f, kind, &st.s).unwrap();
-                        merge_backward(&st.rt, st.da, st.db, mix.then_some(st.dmix), st.g, &st.f, kind, &st.s).unwrap();
-                        let mut o = vec![
-                            st.rt.download(st.m).unwrap(),
-                            st.rt.download(st.da).unwrap(),
-                            st.rt.download(st.db).unwrap(),
-                        ];
-                        o.extend(st.dmix.iter().map(|&t| st.rt.download(t).unwrap()));
-                        outs.push(o);
-                    }
-                    let names = ["M", "dIn_Qs", "dOut_Qs"];
-                    for (k, name) in names.iter().enumerate() {
-                        assert_close(
-                            &format!("cuda {kind:?} mix={mix} ({n_in},{n_out},{d}) {name}"),
-                            &outs[1][k],
-                            &to64(&outs[0][k]),
-                            1e-5,
-                        );
-                    }
-                    if mix {
-                        // The scalars are sums with cancellation: both devices against f64, relative to Σ|terms|.
-                        let k64 = merge_f64(kind, &to64(&a), &to64(&b), None, n_in, n_out, d);
-                        let (want, scale) = mix_grads_f64(&k64, &to64(&gv), MIX.map(|x| x as f64), n_out);
-                        for (dev, o) in ["cpu", "cuda"].iter().zip(&outs) {
-                            for c in 0..3 {
-                                let got = o[3 + c][0] as f64;
-                                assert!(
-                                    (got - want[c]).abs() <= 1e-5 * scale[c],
-                                    "{dev} {kind:?} ({n_in},{n_out},{d}) dmix[{c}]: got {got}, want {}, scale {}",
-                                    want[c],
-                                    scale[c]
-                                );
-                            }
-                        }
-                    }
-                }
-            }
-        }
     }
 }

@@ -108,7 +108,7 @@ pub fn layernorm_backward(
             c,
         ),
         Backend::Cuda(cu) => {
-            let opt = |t: Option<Tensor>| t.map(|t| rt.ptr(t)).unwrap_or(0); // null: not wanted
+            let opt = |t: Option<Tensor>| rt.ptr_or_null(t); // null: not wanted
             cu.launch(
                 "snella_layernorm_backward",
                 grid_rows(n, 256, 0),

@@ -25,7 +25,7 @@ pub fn cross_entropy(
             grid_rows(b, 256, 0),
             &[
                 KArg::Ptr(rt.ptr(losses)),
-                KArg::Ptr(dlogits.map(|t| rt.ptr(t)).unwrap_or(0)),
+                KArg::Ptr(rt.ptr_or_null(dlogits)),
                 KArg::Ptr(rt.ptr(logits)),
                 KArg::Ptr(rt.ptr(labels)),
                 KArg::I32(b as i32),

@@ -1,7 +1,5 @@
 //! Matrix products, row-major: C = alpha·op(A)·op(B) (+ C when accumulating), optionally strided batched.
 //! CPU: the `gemm` crate. CUDA: cuBLAS, exact fp32 SGEMM unless TF32/bf16 is asked for explicitly.
-use cudarc::cublas::sys as cb;
-
 use crate::error::{Error, Result};
 use crate::runtime::{Backend, Runtime, Tensor};
 
@@ -188,65 +186,39 @@ pub(crate) mod cpu {
 
 pub(crate) mod cuda {
     use super::*;
+    use crate::runtime::cuda::Gemm;
     use crate::runtime::{Cuda, DevPtr};
 
     pub fn matmul(cu: &Cuda, prec: GemmPrecision, c: DevPtr, a: DevPtr, b: DevPtr, s: Matmul) -> Result<()> {
         let Matmul { m, n, k, ta, tb, batch, stride_a, stride_b, accumulate, alpha, .. } = s;
         let (lda, ldb, ldc) = s.lds();
-        let fits = |x: usize| x <= i32::MAX as usize;
-        assert!([m, n, k, batch, lda, ldb, ldc].into_iter().all(fits), "matmul: a dimension exceeds cuBLAS's int");
-        let (lda, ldb, ldc) = (lda as i32, ldb as i32, ldc as i32);
-        // cuBLAS runs in the context current on this thread.
-        cu.bind()?;
+        let int = |x: usize, what: &str| {
+            i32::try_from(x).map_err(|_| Error::invalid("matmul", format!("{what} = {x} exceeds cuBLAS's int")))
+        };
         // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: swap the operands. A row-major X
         // (r, c) with row stride ld is the column-major Xᵀ (c, r) with the same ld, so B (k,n) / Bᵀ-stored
         // (n,k) enter as op(B)ᵀ with OP_N / OP_T and ld = ldb (>= n / k), A likewise with lda (>= k / m),
         // C as Cᵀ (n, m) with ldc >= n; stride 0 reuses one B for the whole batch.
-        let op = |t: bool| if t { cb::cublasOperation_t::CUBLAS_OP_T } else { cb::cublasOperation_t::CUBLAS_OP_N };
-        let beta: f32 = if accumulate { 1.0 } else { 0.0 };
-        let compute = match prec {
-            GemmPrecision::Fp32 => cb::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            GemmPrecision::Tf32 => cb::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
-            GemmPrecision::Bf16 => cb::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
-        };
-        let f32t = cb::cudaDataType_t::CUDA_R_32F;
-        let status = unsafe {
-            cb::cublasGemmStridedBatchedEx(
-                cu.blas,
-                op(tb),
-                op(ta),
-                n as i32,
-                m as i32,
-                k as i32,
-                &alpha as *const f32 as *const _,
-                b as *const _,
-                f32t,
-                ldb,
-                stride_b as i64,
-                a as *const _,
-                f32t,
-                lda,
-                stride_a as i64,
-                &beta as *const f32 as *const _,
-                c as *mut _,
-                f32t,
-                ldc,
-                (m * n) as i64,
-                batch as i32,
-                compute,
-                cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        };
-        if status != cb::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-            return Err(Error::cuda(
-                format!("cublasGemmStridedBatchedEx {m}x{n}x{k} batch {batch}"),
-                format!("{status:?}"),
-            ));
-        }
-        if cfg!(debug_assertions) {
-            cu.sync()?;
-        }
-        Ok(())
+        cu.gemm(&Gemm {
+            transa: tb,
+            transb: ta,
+            m: int(n, "n")?,
+            n: int(m, "m")?,
+            k: int(k, "k")?,
+            alpha,
+            a: b,
+            lda: int(ldb, "ldb")?,
+            stride_a: stride_b as i64,
+            b: a,
+            ldb: int(lda, "lda")?,
+            stride_b: stride_a as i64,
+            beta: if accumulate { 1.0 } else { 0.0 },
+            c,
+            ldc: int(ldc, "ldc")?,
+            stride_c: (m * n) as i64,
+            batch: int(batch, "batch")?,
+            compute: prec,
+        })
     }
 }
 

@@ -163,7 +163,7 @@ pub fn step_speed(
 /// `snella bench` and `cargo bench` (criterion's `iter_custom`).
 pub struct StepTimer {
     wall: Instant,
-    event: Option<cudarc::driver::CudaEvent>,
+    event: Option<crate::runtime::cuda::Event>,
 }
 
 impl StepTimer {
@@ -174,11 +174,7 @@ impl StepTimer {
     pub fn start(model: &Model) -> Result<StepTimer> {
         let event = match &model.rt.backend {
             Backend::Cpu => None,
-            Backend::Cuda(c) => Some(
-                c.stream
-                    .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-                    .map_err(|e| Error::cuda("cuEventRecord", e))?,
-            ),
+            Backend::Cuda(c) => Some(c.record_event()?),
         };
         Ok(StepTimer { wall: Instant::now(), event })
     }
@@ -190,12 +186,9 @@ impl StepTimer {
     pub fn stop(self, model: &Model) -> Result<Duration> {
         match (&model.rt.backend, self.event) {
             (Backend::Cuda(c), Some(start)) => {
-                let end = c
-                    .stream
-                    .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-                    .map_err(|e| Error::cuda("cuEventRecord", e))?;
-                let ms = start.elapsed_ms(&end).map_err(|e| Error::cuda("cuEventElapsedTime", e))?;
-                Ok(Duration::from_secs_f64(ms as f64 / 1e3))
+                let end = c.record_event()?;
+                let ms = c.elapsed_ms(&start, &end)?;
+                Ok(Duration::from_secs_f64(ms / 1e3))
             }
             _ => {
                 model.rt.sync()?;

@@ -3,7 +3,9 @@
 //! Ops receive `&Runtime` and `Tensor` handles; on the CPU a handle resolves to a slice of a `Vec` arena,
 //! on CUDA to a raw device pointer (pool base + offset). Nothing allocates after `Runtime::new`.
 pub mod cuda;
+mod emu;
 pub mod plan;
+pub mod planted;
 
 use std::cell::Cell;
 
@@ -20,6 +22,22 @@ pub enum Device {
     Cpu,
     /// CUDA device 0 (dynamically loaded driver, cuBLAS and the embedded kernels).
     Cuda,
+    /// The emulated CUDA device: the same CUDA code path (every kernel, launch, pool and cuBLAS call) on the
+    /// host, with sanitizer checks; no GPU or CUDA install needed. Memory: `SNELLA_EMU_MEMORY` (default 80G).
+    #[value(name = "cuda-emu")]
+    #[serde(rename = "cuda-emu")]
+    CudaEmu,
+}
+
+impl Device {
+    /// The name the command line takes: `cpu`, `cuda`, `cuda-emu`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+            Device::CudaEmu => "cuda-emu",
+        }
+    }
 }
 
 impl Device {
@@ -54,12 +72,24 @@ impl Backend {
         Ok(match device {
             Device::Cpu => Backend::Cpu,
             Device::Cuda => Backend::Cuda(Box::new(Cuda::new()?)),
+            Device::CudaEmu => Backend::Cuda(Box::new(Cuda::emulated(None)?)),
         })
     }
+
+    /// The emulated CUDA device with `total_bytes` of device memory (instead of `SNELLA_EMU_MEMORY`).
+    ///
+    /// # Errors
+    /// [`Error::NoCuda`] when this build has no emulator (see `snella info`); `Invalid` for a total below what a
+    /// CUDA context takes (512 MiB).
+    pub fn emulated(total_bytes: usize) -> Result<Backend> {
+        Ok(Backend::Cuda(Box::new(Cuda::emulated(Some(total_bytes))?)))
+    }
+
     /// Which device this backend drives.
     pub fn device(&self) -> Device {
         match self {
             Backend::Cpu => Device::Cpu,
+            Backend::Cuda(c) if c.is_emulated() => Device::CudaEmu,
             Backend::Cuda(_) => Device::Cuda,
         }
     }
@@ -78,6 +108,11 @@ enum Arena {
     Cpu(Vec<f32>),
     Cuda(DevPtr),
 }
+
+/// Bytes kept free beyond the plan when checking it against free device memory: each pool's allocation can
+/// round up to the 2 MiB granularity, and cuBLAS (warmed up before the baseline, see `Cuda::ready`) may still
+/// load kernels for shapes larger than the warm-up's and build cuBLASLt heuristics once the pools exist.
+pub(crate) const DEVICE_HEADROOM: usize = 6 * (2 << 20) + (64 << 20);
 
 /// Per-pool accounting, as reported by `Runtime::pool_report`.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
@@ -101,11 +136,9 @@ pub(crate) struct Runtime {
 impl Runtime {
     /// Allocates every pool of `plan` once. On CUDA the plan is first checked against free device memory.
     pub fn new(backend: Backend, plan: Plan) -> Result<Runtime> {
-        let mut arenas = Vec::with_capacity(6);
         if let Backend::Cuda(c) = &backend {
             let (free, _) = c.mem_info()?;
-            // Each allocation can round up to the 2 MiB allocation granularity.
-            let need = plan.total_bytes() + 6 * (2 << 20);
+            let need = plan.total_bytes() + DEVICE_HEADROOM;
             if need > free {
                 return Err(Error::OutOfMemory { need_mib: mib(need), free_mib: mib(free), max_batch: 0 });
             }
@@ -121,24 +154,24 @@ impl Runtime {
                 });
             }
         }
+        // The runtime owns each pool as soon as it is allocated, so a failure part-way frees the earlier ones.
+        let mut rt =
+            Runtime { backend, plan, arenas: Vec::new(), peaks: Default::default(), gemm_precision: Cell::default() };
         for pool in Pool::ALL {
-            let bytes = plan.pool_bytes(pool);
-            arenas.push(match &backend {
+            let bytes = rt.plan.pool_bytes(pool);
+            let arena = match &rt.backend {
                 Backend::Cpu => Arena::Cpu(vec![0.0f32; bytes / 4]),
                 Backend::Cuda(c) => {
                     let p = c.alloc(bytes)?;
+                    rt.arenas.push(Arena::Cuda(p));
                     c.memset(p, 0, bytes)?;
-                    Arena::Cuda(p)
+                    continue;
                 }
-            });
+            };
+            rt.arenas.push(arena);
         }
-        let rt = Runtime { backend, plan, arenas, peaks: Default::default(), gemm_precision: Cell::default() };
         if let (Backend::Cuda(c), Some(ws)) = (&rt.backend, rt.plan.find(plan::CUBLAS_WORKSPACE)) {
-            use cudarc::cublas::sys as cb;
-            let st = unsafe { cb::cublasSetWorkspace_v2(c.blas, rt.ptr(ws) as *mut _, ws.bytes()) };
-            if st != cb::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-                return Err(Error::cuda("cublasSetWorkspace", format!("{st:?}")));
-            }
+            c.set_blas_workspace(rt.ptr(ws))?;
         }
         Ok(rt)
     }
@@ -260,13 +293,18 @@ impl Runtime {
         }
     }
 
-    /// The device address of a tensor.
+    /// The device address of a tensor, with its extent.
     pub(crate) fn ptr(&self, t: Tensor) -> DevPtr {
         self.touch(t);
         match &self.arenas[t.pool.index()] {
-            Arena::Cuda(p) => p + t.offset as u64,
+            Arena::Cuda(p) => DevPtr { addr: p.addr + t.offset as u64, bytes: t.bytes() },
             Arena::Cpu(_) => panic!("device pointer of a CPU tensor"),
         }
+    }
+
+    /// The device address of an optional tensor; `DevPtr::NULL` (a null pointer) for None.
+    pub(crate) fn ptr_or_null(&self, t: Option<Tensor>) -> DevPtr {
+        t.map_or(DevPtr::NULL, |t| self.ptr(t))
     }
 
     pub(crate) fn cuda(&self) -> &Cuda {
@@ -403,7 +441,7 @@ impl Runtime {
             Backend::Cpu => Ok(None),
             Backend::Cuda(c) => {
                 let (free, total) = c.mem_info()?;
-                Ok(Some((total - free).saturating_sub(c.baseline_used)))
+                Ok(Some((total - free).saturating_sub(c.baseline_used())))
             }
         }
     }

@@ -247,13 +247,15 @@ pub(crate) fn parse_gemm(s: &str) -> Result<GemmPrecision> {
     })
 }
 
-/// The device a `device` string asks for: `cpu`, `cuda`, or `auto` (probes CUDA). Error: `Invalid { option: "device" }`.
+/// The device a `device` string asks for: `cpu`, `cuda`, `cuda-emu` (the emulated CUDA device) or `auto` (probes
+/// CUDA). Error: `Invalid { option: "device" }`.
 pub(crate) fn parse_device(s: &str) -> Result<Device> {
     match s.trim().to_ascii_lowercase().as_str() {
         "cpu" => Ok(Device::Cpu),
         "cuda" | "gpu" => Ok(Device::Cuda),
+        "cuda-emu" | "emu" => Ok(Device::CudaEmu),
         "auto" => Ok(Device::auto()),
-        _ => Err(Error::invalid("device", format!("unknown device '{s}' (cpu, cuda, auto)"))),
+        _ => Err(Error::invalid("device", format!("unknown device '{s}' (cpu, cuda, cuda-emu, auto)"))),
     }
 }
 
@@ -516,8 +518,14 @@ impl TrainConfig {
         if self.batch == 0 {
             return Err(Error::invalid("batch", "must be at least 1"));
         }
-        if !matches!(self.device.trim().to_ascii_lowercase().as_str(), "cpu" | "cuda" | "gpu" | "auto") {
-            return Err(Error::invalid("device", format!("unknown device '{}' (cpu, cuda, auto)", self.device)));
+        if !matches!(
+            self.device.trim().to_ascii_lowercase().as_str(),
+            "cpu" | "cuda" | "gpu" | "cuda-emu" | "emu" | "auto"
+        ) {
+            return Err(Error::invalid(
+                "device",
+                format!("unknown device '{}' (cpu, cuda, cuda-emu, auto)", self.device),
+            ));
         }
         parse_recompute(&self.recompute)?;
         parse_gemm(&self.gemm)?;
