@@ -14,9 +14,13 @@ extern "C" __global__ void snella_cross_entropy(float* losses, float* dlogits, c
     for (int i = threadIdx.x; i < V; i += blockDim.x) z += expf(x[i] - mx);
     z = block_sum(z, sh);
     int y = labels[r];
-    if (threadIdx.x == 0) losses[r] = (logf(z) + mx) - x[y];
+    // A label outside 0..V (set_batch refuses them; this is the last line of defence) gives a NaN row
+    // instead of a read outside the logits, as the CPU twin does.
+    bool valid = y >= 0 && y < V;
+    if (threadIdx.x == 0) losses[r] = valid ? (logf(z) + mx) - x[y] : NAN;
     if (dlogits) {
         float* d = dlogits + (long)r * V;
-        for (int i = threadIdx.x; i < V; i += blockDim.x) d[i] = (expf(x[i] - mx) / z - (i == y ? 1.0f : 0.0f)) / B;
+        for (int i = threadIdx.x; i < V; i += blockDim.x)
+            d[i] = valid ? (expf(x[i] - mx) / z - (i == y ? 1.0f : 0.0f)) / B : NAN;
     }
 }

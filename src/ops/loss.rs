@@ -4,7 +4,8 @@ use crate::error::Result;
 use crate::runtime::cuda::{grid_rows, KArg};
 use crate::runtime::{Backend, Runtime, Tensor};
 
-/// `losses[b] = −log softmax(logits[b])[labels[b]]`; dlogits = (softmax − onehot) / B when given.
+/// `losses[b] = −log softmax(logits[b])[labels[b]]`; dlogits = (softmax − onehot) / B when given. A label
+/// outside `0..v` makes its row NaN (the loss and the gradient), never a read outside the logits.
 /// logits, dlogits: (B, V)   labels: (B) i32   losses: (B)
 pub fn cross_entropy(
     rt: &Runtime,
@@ -49,13 +50,14 @@ pub(crate) mod cpu {
             let x = &logits[r * v..][..v];
             let mx = x.iter().fold(f32::NEG_INFINITY, |m, &a| m.max(a));
             let z: f32 = x.iter().map(|&a| (a - mx).exp()).sum();
-            let y = labels[r] as usize;
-            losses[r] = (z.ln() + mx) - x[y];
+            // A label outside 0..v (Model::set_batch refuses them) gives a NaN row, as on CUDA.
+            let y = usize::try_from(labels[r]).ok().filter(|&y| y < v);
+            losses[r] = y.map_or(f32::NAN, |y| (z.ln() + mx) - x[y]);
             if let Some(d) = dlogits.as_deref_mut() {
                 let d = &mut d[r * v..][..v];
                 for i in 0..v {
                     let p = (x[i] - mx).exp() / z;
-                    d[i] = (p - if i == y { 1.0 } else { 0.0 }) / b as f32;
+                    d[i] = y.map_or(f32::NAN, |y| (p - if i == y { 1.0 } else { 0.0 }) / b as f32);
                 }
             }
         }
