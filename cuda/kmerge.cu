@@ -65,6 +65,15 @@ __device__ __forceinline__ float km_sq_dist(const KmPair& q, int h) {
     return km_clamp0(__fadd_rn(__fadd_rn(-2.0f * q.p[h], q.a2[h]), q.b2[h]));
 }
 
+// ||A_h,i - B_h,j|| for the backward's ratio, 0 where the expanded form cannot tell the rows apart: its rounding
+// error is about (2d + 2)*eps*(|a|^2 + |b|^2), and below that 0.1*g/D would divide by rounding noise (the CPU
+// twin's dist_or_zero, the same operations).
+__device__ __forceinline__ float km_dist_or_zero(const KmPair& q, int h, int d) {
+    float d2 = km_sq_dist(q, h);
+    float noise = __fmul_rn(__fmul_rn((float)(2 * d + 2), 1.1920928955078125e-7f), __fadd_rn(q.a2[h], q.b2[h]));
+    return d2 <= noise ? 0.0f : sqrtf(d2);
+}
+
 // ||a_i - b_j||^2 over both pieces.
 __device__ __forceinline__ float km_sq_dist_all(const KmPair& q) {
     float s0 = __fadd_rn(__fadd_rn(-2.0f * q.p[0], q.a2[0]), q.b2[0]);
@@ -123,7 +132,7 @@ extern "C" __global__ void snella_kmerge_ratio(float* g, float* r0, const float*
     float r = (float)(2 * d);
     switch (kind) {
         case KIND_PIECEWISE_LINEAR: {
-            float d0 = sqrtf(km_sq_dist(q, 0)), d1 = sqrtf(km_sq_dist(q, 1));
+            float d0 = km_dist_or_zero(q, 0, d), d1 = km_dist_or_zero(q, 1, d);
             r0[idx] = d0 == 0.0f ? 0.0f : __fmul_rn(0.1f, gv) / d0;
             g[idx] = d1 == 0.0f ? 0.0f : __fmul_rn(-0.1f, gv) / d1;
             break;

@@ -479,6 +479,20 @@ pub(crate) mod cpu {
         clamp0((-2.0 * q.p[h] + q.a2[h]) + q.b2[h])
     }
 
+    /// ‖A_h,i − B_h,j‖ for the backward's ratio, 0 where the expanded form cannot tell the rows apart: its
+    /// rounding error is about (2d + 2)·ε·(‖a‖² + ‖b‖²), and below that 0.1·g/D would divide by rounding noise
+    /// (R jumping between 0 and 0.1·g/tiny with the last bit of a sum). The forward keeps cdist's value.
+    #[inline]
+    fn dist_or_zero(q: &Pair, h: usize, d: usize) -> f32 {
+        let d2 = sq_dist(q, h);
+        let noise = ((2 * d + 2) as f32 * f32::EPSILON) * (q.a2[h] + q.b2[h]);
+        if d2 <= noise {
+            0.0
+        } else {
+            d2.sqrt()
+        }
+    }
+
     /// ‖a_i − b_j‖² over both pieces (r values).
     #[inline]
     fn sq_dist_all(q: &Pair) -> f32 {
@@ -587,7 +601,7 @@ pub(crate) mod cpu {
                 let gv = gr[j];
                 gr[j] = match kind {
                     KernelKind::PiecewiseLinear => {
-                        let (d0, d1) = (sq_dist(&q, 0).sqrt(), sq_dist(&q, 1).sqrt());
+                        let (d0, d1) = (dist_or_zero(&q, 0, d), dist_or_zero(&q, 1, d));
                         r0r[j] = if d0 == 0.0 { 0.0 } else { (PL_COEFF[0] * gv) / d0 };
                         if d1 == 0.0 {
                             0.0
@@ -848,6 +862,38 @@ mod tests {
         // Kaiming-like scale for the official kernel.
         check_backward(KernelKind::PiecewiseLinear, true, 0.05);
         check_backward(KernelKind::PiecewiseLinear, false, 0.05);
+    }
+
+    /// Rows that coincide up to the last bits: cdist's expanded distance is then rounding noise (0 or a tiny
+    /// positive value, depending on the last bit of a sum), so the ratio must be 0 rather than 0.1·g/noise.
+    #[test]
+    fn nearly_coincident_rows_have_zero_ratio() {
+        let (n, d) = (1, 8);
+        let base = randn(2 * d, 31, 0.7);
+        let expanded = |a: &[f32], b: &[f32]| {
+            let (an, bn) = (cpu::row_norms(a, n, d), cpu::row_norms(b, n, d));
+            let q = cpu::pair(a, b, &an, &bn, 0, 0, n, n, d);
+            (-2.0 * q.p[0] + q.a2[0]) + q.b2[0]
+        };
+        // b = a with one entry a few ulps away, chosen so that the expanded form leaves a positive residue.
+        let (a, b) = (1..200u32)
+            .map(|k| {
+                let mut b = base.clone();
+                b[k as usize % d] = f32::from_bits(b[k as usize % d].to_bits() + k % 7 + 1);
+                (base.clone(), b)
+            })
+            .find(|(a, b)| expanded(a, b) > 0.0)
+            .expect("some near-coincident pair leaves a positive expanded distance");
+        let d2 = expanded(&a, &b);
+        assert!(d2 < 1e-5, "the pair is not near-coincident: {d2}");
+        let (mut g, mut r0) = (vec![1.0f32], vec![f32::NAN]);
+        cpu::ratio(&mut g, &mut r0, &a, &b, n, n, d, KernelKind::PiecewiseLinear);
+        assert_eq!((r0[0], g[0]), (0.0, 0.0), "0.1·g/sqrt({d2}) would be {}", 0.1 / d2.sqrt());
+        // Rows apart keep their ratio.
+        let far: Vec<f32> = b.iter().map(|x| x + 0.5).collect();
+        let (mut g, mut r0) = (vec![1.0f32], vec![f32::NAN]);
+        cpu::ratio(&mut g, &mut r0, &a, &far, n, n, d, KernelKind::PiecewiseLinear);
+        assert!(r0[0] > 0.0 && r0[0].is_finite(), "{r0:?}");
     }
 
     /// The distance backward is 0 where D == 0 (torch `_euclidean_dist_backward`), not NaN.

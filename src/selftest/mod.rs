@@ -119,6 +119,8 @@ pub(crate) fn checks() -> Vec<Check> {
         Check { name: "scale_copy", tol: 1e-6, run: add::scale_copy },
         Check { name: "cross_entropy", tol: 1e-5, run: |cx| loss::cross_entropy(cx, true) },
         Check { name: "cross_entropy_loss_only", tol: 1e-5, run: |cx| loss::cross_entropy(cx, false) },
+        // Labels outside 0..V: NaN rows on both devices (exactly), the other rows as above.
+        Check { name: "cross_entropy_bad_labels", tol: 1e-5, run: loss::cross_entropy_bad_labels },
         Check { name: "adamw_3_steps", tol: 1e-5, run: adamw::three_steps },
         Check { name: "permute_heads_to_heads", tol: 0.0, run: attention::permute_to_heads },
         Check { name: "permute_heads_from_heads", tol: 0.0, run: |cx| attention::permute_from_heads(cx, false) },
@@ -147,6 +149,7 @@ pub(crate) fn checks() -> Vec<Check> {
         Check { name: "merge_backward_rbf", tol: 1e-5, run: |cx| kmerge::backward(cx, KernelKind::Rbf) },
         Check { name: "merge_backward_sigmoid", tol: 1e-5, run: |cx| kmerge::backward(cx, KernelKind::Sigmoid) },
         Check { name: "merge_backward_poly", tol: 1e-5, run: |cx| kmerge::backward(cx, KernelKind::Poly) },
+        Check { name: "merge_backward_coincident_rows", tol: 1e-5, run: kmerge::backward_coincident_rows },
         // SNELLA: the magnitude competition. The threshold is an order statistic and M_s = M·|M| one
         // product per entry: both must be bit-exact, and so must the number of kept entries.
         Check { name: "sparsify_s0", tol: 0.0, run: |cx| compete::sparsify(cx, 0.0) },
