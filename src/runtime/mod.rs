@@ -161,6 +161,8 @@ impl Runtime {
             let bytes = rt.plan.pool_bytes(pool);
             let arena = match &rt.backend {
                 Backend::Cpu => Arena::Cpu(vec![0.0f32; bytes / 4]),
+                // An empty pool allocates nothing (cuMemAlloc(0) is an error, and 1 byte would take 2 MiB).
+                Backend::Cuda(_) if bytes == 0 => Arena::Cuda(DevPtr::NULL),
                 Backend::Cuda(c) => {
                     let p = c.alloc(bytes)?;
                     rt.arenas.push(Arena::Cuda(p));
@@ -452,7 +454,9 @@ impl Drop for Runtime {
         if let Backend::Cuda(c) = &self.backend {
             for a in &self.arenas {
                 if let Arena::Cuda(p) = a {
-                    c.free(*p);
+                    if p.addr != 0 {
+                        c.free(*p);
+                    }
                 }
             }
         }
@@ -462,6 +466,91 @@ impl Drop for Runtime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn emulated(total: usize) -> Backend {
+        Backend::emulated(total).expect("the emulated device is part of every x86-64 Linux build")
+    }
+
+    fn free_of(b: &Backend) -> usize {
+        let Backend::Cuda(c) = b else { unreachable!() };
+        c.mem_info().unwrap().0
+    }
+
+    /// cuBLAS loads its kernels (and its default workspace) at the first GEMM of each compute type: the
+    /// context warms it up before reading the baseline, so what is measured above the baseline after real
+    /// products is exactly the pools.
+    #[test]
+    fn the_baseline_is_read_after_cublas_warms_up() {
+        let b = emulated(2 << 30);
+        let Backend::Cuda(c) = &b else { unreachable!() };
+        let want = emu::CONTEXT_BYTES + 3 * emu::CUBLAS_MODULE_BYTES + emu::CUBLAS_DEFAULT_WORKSPACE;
+        assert_eq!(c.baseline_used(), want, "context, three compute types' kernels and the default workspace");
+        let mut p = Plan::new();
+        p.add_cublas_workspace();
+        let (x, y, z) = (
+            p.f32("x", &[64, 64], Pool::Scratch),
+            p.f32("y", &[64, 64], Pool::Scratch),
+            p.f32("z", &[64, 64], Pool::Scratch),
+        );
+        let rt = Runtime::new(b, p).unwrap();
+        rt.upload(x, &[0.5; 4096]).unwrap();
+        rt.upload(y, &[0.25; 4096]).unwrap();
+        for prec in [GemmPrecision::Fp32, GemmPrecision::Tf32, GemmPrecision::Bf16] {
+            rt.set_gemm_precision(prec);
+            crate::ops::matmul(&rt, z, x, y, crate::ops::Matmul::new(64, 64, 64, false, true)).unwrap();
+        }
+        assert_eq!(rt.download(z).unwrap()[0], 8.0);
+        assert_eq!(rt.device_used_above_baseline().unwrap(), Some(rt.plan.total_bytes()));
+    }
+
+    /// A plan that passes the free-memory check runs its products: the headroom covers what cuBLAS may still
+    /// take, and one byte less free is refused before anything is allocated.
+    #[test]
+    fn a_plan_that_just_fits_runs_and_one_that_does_not_is_refused() {
+        let plan = || {
+            let mut p = Plan::new();
+            p.add_cublas_workspace();
+            let t = [
+                p.f32("a", &[256, 256], Pool::Activations),
+                p.f32("b", &[256, 256], Pool::Frozen),
+                p.f32("c", &[256, 256], Pool::Scratch),
+            ];
+            (p, t)
+        };
+        let probe = emulated(2 << 30);
+        let (p, _) = plan();
+        // The total that leaves exactly the plan and the headroom free after setup.
+        let total = (2 << 30) - free_of(&probe) + p.total_bytes() + DEVICE_HEADROOM;
+        let (p, [a, b, c]) = plan();
+        let rt = Runtime::new(emulated(total), p).unwrap();
+        rt.upload(a, &vec![1.0; 65536]).unwrap();
+        rt.upload(b, &vec![1.0; 65536]).unwrap();
+        crate::ops::matmul(&rt, c, a, b, crate::ops::Matmul::new(256, 256, 256, false, false)).unwrap();
+        assert_eq!(rt.download(c).unwrap()[0], 256.0);
+        let (p, _) = plan();
+        match Runtime::new(emulated(total - 1), p) {
+            Err(Error::OutOfMemory { .. }) => {}
+            other => panic!("one byte short must be OutOfMemory, got {:?}", other.err()),
+        }
+    }
+
+    /// A pool allocation that fails part-way frees the pools allocated before it (on a GPU the primary
+    /// context outlives the runtime, so they would stay allocated; the emulator counts what a device still
+    /// holds when it is dropped).
+    #[test]
+    fn a_failed_pool_allocation_frees_the_earlier_pools() {
+        let b = emulated(2 << 30);
+        let Backend::Cuda(c) = &b else { unreachable!() };
+        c.emu().allocations_left.store(3, std::sync::atomic::Ordering::Relaxed);
+        let mut p = Plan::new();
+        for pool in Pool::ALL {
+            p.f32(pool.name(), &[1 << 16], pool);
+        }
+        let leaked = emu::LEAKED_AT_DROP.load(std::sync::atomic::Ordering::Relaxed);
+        let err = Runtime::new(b, p).err().expect("the fourth pool's allocation fails");
+        assert!(err.to_string().contains("injected"), "{err}");
+        assert_eq!(emu::LEAKED_AT_DROP.load(std::sync::atomic::Ordering::Relaxed), leaked, "pools were leaked");
+    }
 
     #[test]
     fn bf16_upload_rounds_and_download_widens() {

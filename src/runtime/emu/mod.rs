@@ -50,6 +50,9 @@ const ALLOC_ALIGN: usize = 512;
 pub(crate) struct Emu {
     memory: Mutex<Memory>,
     pub(crate) blas: Mutex<blas::BlasState>,
+    /// Allocations that may still succeed before cuMemAlloc fails (tests of the failure paths).
+    #[cfg(test)]
+    pub(crate) allocations_left: std::sync::atomic::AtomicUsize,
 }
 
 /// Emulated device memory: host allocations keyed by address, out of `total` bytes.
@@ -83,7 +86,12 @@ impl Emu {
             ));
         }
         let memory = Memory { total, reserved: CONTEXT_BYTES, allocations: BTreeMap::new(), used: 0 };
-        Ok(Emu { memory: Mutex::new(memory), blas: Mutex::new(blas::BlasState::default()) })
+        Ok(Emu {
+            memory: Mutex::new(memory),
+            blas: Mutex::new(blas::BlasState::default()),
+            #[cfg(test)]
+            allocations_left: std::sync::atomic::AtomicUsize::new(usize::MAX),
+        })
     }
 
     pub(crate) fn memory(&self) -> std::sync::MutexGuard<'_, Memory> {
@@ -99,6 +107,16 @@ impl Emu {
     /// cuMemAlloc: fresh memory holds NaN bytes (0xFF), as device memory holds whatever was there.
     pub(crate) fn alloc(&self, bytes: usize) -> Result<DevPtr> {
         let bytes = bytes.max(1);
+        #[cfg(test)]
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            if self.allocations_left.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1)).is_err() {
+                return Err(Error::cuda(
+                    format!("cuMemAlloc({bytes} B)"),
+                    "CUDA_ERROR_OUT_OF_MEMORY (injected by a test)",
+                ));
+            }
+        }
         let mut m = self.memory();
         if bytes > m.total - m.reserved - m.used {
             return Err(Error::cuda(
@@ -203,9 +221,15 @@ impl Emu {
     }
 }
 
+/// Allocations still live when an emulated device was dropped, over the process (a test counts leaks with it).
+#[cfg(test)]
+pub(crate) static LEAKED_AT_DROP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 impl Drop for Emu {
     fn drop(&mut self) {
         let addrs: Vec<u64> = self.memory().allocations.keys().copied().collect();
+        #[cfg(test)]
+        LEAKED_AT_DROP.fetch_add(addrs.len(), std::sync::atomic::Ordering::Relaxed);
         for a in addrs {
             self.free(a);
         }
