@@ -18,3 +18,19 @@ fn every_check_runs_on_the_cpu_twin() {
     let ok = snella::selftest::dry_run(None).expect("dry run");
     assert!(ok, "a check fails with the CPU on both sides: the check itself is broken (see the FAIL lines above)");
 }
+
+/// A test binary built before `scripts/install-nvcc.sh` ran has no CUDA kernels; build.rs reruns once nvcc
+/// arrives in .tools (or $NVCC is set). If nvcc is installed and the kernels are still missing, say so loudly.
+#[test]
+fn the_kernels_are_compiled_when_nvcc_is_installed() {
+    let tools = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/nvcc/nvidia/cu13/bin/nvcc");
+    let nvcc = std::env::var_os("NVCC").map(std::path::PathBuf::from).filter(|p| p.exists());
+    match nvcc.or_else(|| tools.exists().then_some(tools)) {
+        Some(n) => assert!(
+            snella::KERNELS_COMPILED,
+            "nvcc is installed at {} but this build has no CUDA kernels: rebuild (cargo clean -p snella)",
+            n.display()
+        ),
+        None => println!("no nvcc installed (run scripts/install-nvcc.sh): nothing to check"),
+    }
+}
