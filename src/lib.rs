@@ -35,6 +35,7 @@ pub mod model;
 mod ops;
 pub mod peft;
 pub mod report;
+mod rng;
 mod runtime;
 pub mod selftest;
 pub mod train;

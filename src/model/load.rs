@@ -9,6 +9,7 @@
 use crate::error::{Error, Result};
 use crate::model::config::ViTConfig;
 use crate::model::posembed::{resize_pos_embed, PosResize};
+use crate::rng::trunc_normal;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -759,26 +760,6 @@ pub fn adapt_to_config_with(w: Weights, cfg: &ViTConfig, seed: u64, mode: PosRes
         notes.push(format!("dropped {}: {why}", names.join(", ")));
     }
     Ok((Weights { tensors: out, source }, notes))
-}
-
-/// `n` draws of N(0, std²) truncated to [-2, 2] (timm's `trunc_normal_(std=std)`: the cut is absolute), by
-/// Box–Muller from `rng`. Used for the head re-initialisation here and the trainer's random backbones.
-pub(crate) fn trunc_normal(rng: &mut impl rand::RngCore, n: usize, std: f64) -> Vec<f32> {
-    let unit = |r: &mut dyn rand::RngCore| (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        // Box–Muller on (0, 1] × [0, 1).
-        let u1 = 1.0 - unit(rng);
-        let u2 = unit(rng);
-        let r = (-2.0 * u1.ln()).sqrt();
-        for z in [r * (std::f64::consts::TAU * u2).cos(), r * (std::f64::consts::TAU * u2).sin()] {
-            let x = z * std;
-            if out.len() < n && (-2.0..=2.0).contains(&x) {
-                out.push(x as f32);
-            }
-        }
-    }
-    out
 }
 
 // ---------------------------------------------------------------------------------------------------------

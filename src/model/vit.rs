@@ -24,6 +24,7 @@ use crate::ops::mask::mask_grad;
 use crate::ops::matmul::{matmul, Matmul};
 use crate::ops::GemmPrecision;
 use crate::peft::{decays, Method};
+use crate::rng::GOLDEN_GAMMA;
 use crate::runtime::{Backend, DType, Device, Plan, Pool, PoolUsage, Runtime, Tensor};
 
 /// How much of a block's forward the backward recomputes instead of keeping (each level includes the ones
@@ -1124,7 +1125,7 @@ impl Model {
     /// Seed of this step's masks (the AdamW step count moves on after the backward, so forward and backward
     /// of one step share it).
     fn step_seed(&self) -> u64 {
-        self.reg_seed ^ (self.step + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        self.reg_seed ^ (self.step + 1).wrapping_mul(GOLDEN_GAMMA)
     }
 
     /// A Linear whose kernel branches carry dropout/drop-path, as the official TuningModule:

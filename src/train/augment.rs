@@ -442,7 +442,7 @@ impl std::fmt::Display for Transform {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::data::SplitMix64;
+    use crate::rng::SplitMix64;
     use rand::SeedableRng;
 
     fn ex(h: usize, w: usize, f: impl Fn(usize, usize, usize) -> f32) -> Example {

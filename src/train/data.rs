@@ -13,11 +13,11 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rand::{Rng, RngCore, SeedableRng};
 use rayon::prelude::*;
 
 use super::augment::Transform;
 use crate::error::{Error, Result};
+use crate::rng::{example_seed, permutation, splitmix64, SplitMix64};
 
 /// One decoded example: an RGB image as f32 in `[0, 1]`, CHW, and its label.
 #[derive(Clone, Debug, PartialEq)]
@@ -85,77 +85,6 @@ forward_dataset!(&D, Arc<D>, Box<D>);
 
 fn out_of_range(i: usize, len: usize) -> Error {
     Error::invalid("dataset index", format!("{i} is out of range for a dataset of {len} items"))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Deterministic randomness
-// ---------------------------------------------------------------------------------------------
-
-/// The SplitMix64 finaliser: a bijective 64-bit mix.
-pub(crate) fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// The seed of one example's augmentation RNG: a hash of `(seed, epoch, dataset index)` only.
-pub(crate) fn example_seed(seed: u64, epoch: u64, index: u64) -> u64 {
-    splitmix64(splitmix64(splitmix64(seed) ^ epoch) ^ index)
-}
-
-/// A small, fast, seedable RNG (SplitMix64) whose stream is fixed by this crate, not by `rand`'s
-/// version: used for every data-pipeline draw.
-#[derive(Clone, Debug)]
-pub(crate) struct SplitMix64 {
-    state: u64,
-}
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> SplitMix64 {
-        SplitMix64 { state: seed }
-    }
-}
-
-impl RngCore for SplitMix64 {
-    fn next_u32(&mut self) -> u32 {
-        (self.next_u64() >> 32) as u32
-    }
-    fn next_u64(&mut self) -> u64 {
-        let z = splitmix64(self.state);
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z
-    }
-    fn fill_bytes(&mut self, dest: &mut [u8]) {
-        for chunk in dest.chunks_mut(8) {
-            let v = self.next_u64().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> std::result::Result<(), rand::Error> {
-        self.fill_bytes(dest);
-        Ok(())
-    }
-}
-
-impl SeedableRng for SplitMix64 {
-    type Seed = [u8; 8];
-    fn from_seed(seed: [u8; 8]) -> SplitMix64 {
-        SplitMix64::new(u64::from_le_bytes(seed))
-    }
-    fn seed_from_u64(state: u64) -> SplitMix64 {
-        SplitMix64::new(state)
-    }
-}
-
-/// A uniformly random permutation of `0..n` (Fisher–Yates).
-pub(crate) fn permutation(n: usize, rng: &mut impl Rng) -> Vec<usize> {
-    let mut p: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        let j = rng.gen_range(0..=i);
-        p.swap(i, j);
-    }
-    p
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -896,22 +825,5 @@ mod tests {
         let mut junk = good.to_vec();
         junk.extend_from_slice(&[0, 1, 2]);
         assert!(check_jpeg_structure(&junk).is_ok());
-    }
-
-    #[test]
-    fn splitmix_is_stable() {
-        // Reference values of SplitMix64 seeded with 0 (Vigna's reference implementation).
-        let mut r = SplitMix64::new(0);
-        assert_eq!(r.next_u64(), 0xE220_A839_7B1D_CDAF);
-        assert_eq!(r.next_u64(), 0x6E78_9E6A_A1B9_65F4);
-        assert_ne!(example_seed(0, 0, 1), example_seed(0, 1, 0));
-    }
-
-    #[test]
-    fn permutation_is_a_permutation() {
-        let mut p = permutation(100, &mut SplitMix64::new(5));
-        assert_ne!(p, (0..100).collect::<Vec<_>>());
-        p.sort_unstable();
-        assert_eq!(p, (0..100).collect::<Vec<_>>());
     }
 }

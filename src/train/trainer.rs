@@ -19,18 +19,17 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::error::{Error, Result};
-use crate::model::load::trunc_normal;
 use crate::model::load::{adapt_to_config, infer_config, read_checkpoint, TensorMap, Weights};
 use crate::model::{Model, ViTConfig};
 use crate::peft::allocator::Allocator;
 use crate::peft::Method;
+use crate::rng::{example_seed, trunc_normal, unit_f64, SplitMix64};
 use crate::runtime::Backend;
 use crate::train::checkpoint::{checkpoint_path, load_checkpoint, save_checkpoint, TrainState};
-use crate::train::data::{example_seed, subset, Dataset, Idx, ImageFolder, Loader, SplitMix64};
+use crate::train::data::{subset, Dataset, Idx, ImageFolder, Loader};
 use crate::train::export::kept_stats;
 use crate::train::recipe::{parse_device, DataFormat, TrainConfig};
 use crate::train::schedule::cosine_lr;
-use rand::RngCore;
 
 /// A boxed dataset, as the trainer's loaders hold them.
 pub type BoxDataset = Box<dyn Dataset>;
@@ -214,10 +213,8 @@ pub fn init_method(model: &Model, seed: u64) -> Result<()> {
             let p = model.layout.params.list[k];
             if p.mask.is_some() {
                 let mut rng = SplitMix64::new(example_seed(seed, 0x6E5_3A5C, k as u64));
-                let mask: Vec<u8> = (0..p.value.numel)
-                    .map(|_| ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < density as f64)
-                    .map(u8::from)
-                    .collect();
+                let mask: Vec<u8> =
+                    (0..p.value.numel).map(|_| unit_f64(&mut rng) < density as f64).map(u8::from).collect();
                 model.set_gps_mask(name, &mask)?;
             }
         }
