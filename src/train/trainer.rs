@@ -26,8 +26,9 @@ use crate::peft::Method;
 use crate::rng::{example_seed, trunc_normal, unit_f64, SplitMix64};
 use crate::runtime::Backend;
 use crate::train::checkpoint::{checkpoint_path, load_checkpoint, save_checkpoint, TrainState};
-use crate::train::data::{subset, Dataset, Idx, ImageFolder, Loader};
+use crate::train::data::{subset, Dataset, Idx, ImageFolder};
 use crate::train::export::kept_stats;
+use crate::train::loader::Loader;
 use crate::train::recipe::{parse_device, DataFormat, TrainConfig};
 use crate::train::schedule::cosine_lr;
 
