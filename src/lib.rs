@@ -31,6 +31,7 @@ pub mod error;
 pub mod golden;
 #[cfg(test)]
 mod golden_parity;
+mod io;
 pub mod model;
 mod ops;
 pub mod peft;

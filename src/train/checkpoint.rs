@@ -17,15 +17,16 @@
 //! Files are written atomically ([`write_atomic`]): to a temporary file in the same folder, synced, then
 //! renamed over the target; on any error the temporary is removed and the target is untouched.
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use safetensors::{Dtype, SafeTensors};
-
 use crate::error::{Error, Result};
+use crate::io::safetensors::{f32_values, serialize, File, RawTensor};
 use crate::model::vit::BranchParams;
 use crate::model::{Model, ViTConfig};
 use crate::train::recipe::TrainConfig;
+
+// Checkpoints are written with the crate's one atomic writer.
+pub use crate::io::write_atomic;
 
 /// Format version written into [`CheckpointMeta::version`].
 pub(crate) const CHECKPOINT_VERSION: u32 = 1;
@@ -94,86 +95,6 @@ pub(crate) fn fnv1a64(bytes: &[u8]) -> String {
     format!("{h:016x}")
 }
 
-/// Writes `bytes` to `path` atomically: a temporary `.<name>.tmp-<pid>` in the same folder, `fsync`, then
-/// a rename over `path`. On any error the temporary is removed, `path` is left as it was, and the error
-/// (`Error::Io`) names the path that failed.
-///
-/// # Errors
-/// `Invalid { option: "output path" }` for a path without a file name; `Io` naming `path`.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::invalid("output path", format!("{} has no file name", path.display())))?
-        .to_string_lossy()
-        .into_owned();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    if let Err(e) = std::fs::rename(&tmp, path) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    Ok(())
-}
-
-/// One tensor to serialise: dtype, shape and little-endian bytes.
-pub(crate) struct RawTensor {
-    pub dtype: Dtype,
-    pub shape: Vec<usize>,
-    pub bytes: Vec<u8>,
-}
-
-impl RawTensor {
-    pub fn f32(shape: Vec<usize>, data: &[f32]) -> RawTensor {
-        RawTensor { dtype: Dtype::F32, shape, bytes: data.iter().flat_map(|x| x.to_le_bytes()).collect() }
-    }
-    pub fn u32(shape: Vec<usize>, data: &[u32]) -> RawTensor {
-        RawTensor { dtype: Dtype::U32, shape, bytes: data.iter().flat_map(|x| x.to_le_bytes()).collect() }
-    }
-}
-
-/// Serialises tensors + string metadata to safetensors bytes.
-pub(crate) fn serialize(
-    tensors: &BTreeMap<String, RawTensor>,
-    meta: HashMap<String, String>,
-    what: &Path,
-) -> Result<Vec<u8>> {
-    let mut views = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
-        let v = safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.bytes)
-            .map_err(|e| Error::invalid("tensor", format!("'{name}': {e:?}")))?;
-        views.push((name.as_str(), v));
-    }
-    safetensors::serialize(views, &Some(meta)).map_err(|e| Error::format(what, format!("cannot serialise: {e:?}")))
-}
-
-/// Reads a safetensors file written by this module or `export`: (bytes, header length, metadata map).
-/// Errors: `Error::Io` (unreadable), `Error::Format` (truncated or corrupt, naming the file).
-pub(crate) fn read_safetensors_file(path: &Path) -> Result<(Vec<u8>, usize, HashMap<String, String>)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let (n, meta) = SafeTensors::read_metadata(&bytes)
-        .map_err(|e| Error::format(path, format!("not a valid safetensors file (truncated or corrupt?): {e:?}")))?;
-    SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::format(path, format!("not a valid safetensors file (truncated or corrupt?): {e:?}")))?;
-    let m = meta.metadata().clone().unwrap_or_default();
-    Ok((bytes, n, m))
-}
-
-/// F32 tensor data of a view, checked.
-pub(crate) fn view_f32(path: &Path, name: &str, v: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>> {
-    if v.dtype() != Dtype::F32 {
-        return Err(Error::format(path, format!("tensor '{name}' has dtype {:?}, expected F32", v.dtype())));
-    }
-    Ok(v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
-}
-
 /// Every tensor a checkpoint of `model` holds: name → (device tensor, shape).
 fn checkpoint_tensors(model: &Model) -> Vec<(String, crate::runtime::Tensor, Vec<usize>)> {
     let mut out = Vec::new();
@@ -220,7 +141,7 @@ pub fn save_checkpoint(path: &Path, model: &Model, state: &TrainState, config: O
                 ));
             }
         }
-        tensors.insert(name, RawTensor::f32(shape, &data));
+        tensors.insert(name, RawTensor::f32(shape, &data).into_owned());
     }
     // The checksum covers the data section, which depends only on the tensors, so serialise twice: once to
     // learn the data bytes (the header does not influence them), once with the checksum in the metadata.
@@ -238,7 +159,7 @@ pub fn save_checkpoint(path: &Path, model: &Model, state: &TrainState, config: O
     };
     let mut data = Vec::new();
     for t in tensors.values() {
-        data.extend_from_slice(&t.bytes);
+        data.extend_from_slice(t.bytes());
     }
     meta.checksum = fnv1a64(&data);
     drop(data);
@@ -252,12 +173,11 @@ pub fn save_checkpoint(path: &Path, model: &Model, state: &TrainState, config: O
 /// # Errors
 /// `Error::Io` (unreadable), `Error::Format` (not a checkpoint, truncated, corrupt), naming the file.
 pub fn read_checkpoint_meta(path: &Path) -> Result<CheckpointMeta> {
-    let (bytes, n, map) = read_safetensors_file(path)?;
-    parse_meta(path, &bytes, n, &map)
+    parse_meta(path, &File::read(path)?)
 }
 
-fn parse_meta(path: &Path, bytes: &[u8], n: usize, map: &HashMap<String, String>) -> Result<CheckpointMeta> {
-    let json = map.get(META_KEY).ok_or_else(|| {
+fn parse_meta(path: &Path, file: &File) -> Result<CheckpointMeta> {
+    let json = file.metadata(META_KEY).ok_or_else(|| {
         Error::format(path, "is a safetensors file but not a snella checkpoint (no 'snella_checkpoint' metadata)")
     })?;
     let meta: CheckpointMeta =
@@ -271,7 +191,7 @@ fn parse_meta(path: &Path, bytes: &[u8], n: usize, map: &HashMap<String, String>
             ),
         ));
     }
-    let sum = fnv1a64(&bytes[8 + n..]);
+    let sum = fnv1a64(file.data());
     if sum != meta.checksum {
         return Err(Error::format(
             path,
@@ -294,8 +214,8 @@ fn parse_meta(path: &Path, bytes: &[u8], n: usize, map: &HashMap<String, String>
 /// recipe, naming the differences), `MissingTensor` / `UnexpectedTensors` / `ShapeMismatch`. Every check runs
 /// before the first upload, so on error the model is unchanged (a failing device copy aside).
 pub fn load_checkpoint(path: &Path, model: &mut Model, config: Option<&TrainConfig>) -> Result<CheckpointMeta> {
-    let (bytes, n, map) = read_safetensors_file(path)?;
-    let meta = parse_meta(path, &bytes, n, &map)?;
+    let ck = File::read(path)?;
+    let meta = parse_meta(path, &ck)?;
     let file = path.display().to_string();
     let ours = model.method.name();
     if meta.method != ours {
@@ -332,8 +252,7 @@ pub fn load_checkpoint(path: &Path, model: &mut Model, config: Option<&TrainConf
     if let Some(bad) = meta.sparsity.iter().find(|s| !(0.0..=1.0).contains(*s)) {
         return Err(Error::format(path, format!("sparsity {bad} is outside [0, 1]")));
     }
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::format(path, format!("not a valid safetensors file (truncated or corrupt?): {e:?}")))?;
+    let st = ck.tensors()?;
     let want = checkpoint_tensors(model);
     let mut data = Vec::with_capacity(want.len());
     for (name, t, shape) in &want {
@@ -346,7 +265,7 @@ pub fn load_checkpoint(path: &Path, model: &mut Model, config: Option<&TrainConf
                 want: shape.clone(),
             });
         }
-        data.push((*t, view_f32(path, name, &v)?));
+        data.push((*t, f32_values(path, name, &v)?));
     }
     let known: std::collections::HashSet<&str> = want.iter().map(|(n, _, _)| n.as_str()).collect();
     let extra: Vec<String> = st.names().into_iter().filter(|n| !known.contains(n.as_str())).cloned().collect();

@@ -17,11 +17,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::model::load::{write_safetensors, TensorMap, Weights};
+use crate::io::safetensors::{f32_values, fills, serialize, u32_values, write_safetensors, File, RawTensor};
+use crate::io::write_atomic;
+use crate::model::load::{TensorMap, Weights};
 use crate::model::vit::{BranchParams, Linear};
 use crate::model::{Model, ViTConfig};
 use crate::ops::compete::kept_count;
-use crate::train::checkpoint::{read_safetensors_file, serialize, view_f32, write_atomic, RawTensor};
 
 /// The `__metadata__` key of a sparse-delta file.
 pub(crate) const DELTA_META_KEY: &str = "snella_sparse_delta";
@@ -299,7 +300,7 @@ pub fn write_sparse_delta(path: &Path, delta: &SparseDelta) -> Result<()> {
             for (&i, &v) in b.indices.iter().zip(&b.values) {
                 full[i as usize] = v;
             }
-            tensors.insert(format!("{}.values", b.prefix), RawTensor::f32(vec![b.n_out, b.n_in], &full));
+            tensors.insert(format!("{}.values", b.prefix), RawTensor::f32(vec![b.n_out, b.n_in], &full).into_owned());
         } else {
             tensors.insert(format!("{}.indices", b.prefix), RawTensor::u32(vec![b.indices.len()], &b.indices));
             tensors.insert(format!("{}.values", b.prefix), RawTensor::f32(vec![b.values.len()], &b.values));
@@ -316,7 +317,7 @@ pub fn write_sparse_delta(path: &Path, delta: &SparseDelta) -> Result<()> {
         });
     }
     for (name, (shape, data)) in &delta.dense {
-        if shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) != Some(data.len()) {
+        if !fills(shape, data.len()) {
             return Err(Error::invalid("export", format!("'{name}' has {} values for shape {shape:?}", data.len())));
         }
         tensors.insert(name.clone(), RawTensor::f32(shape.clone(), data));
@@ -340,17 +341,16 @@ pub fn write_sparse_delta(path: &Path, delta: &SparseDelta) -> Result<()> {
 /// `Error::Io`, `Error::Format` (truncated, corrupt, not a sparse delta, inconsistent sizes),
 /// `MissingTensor`, all naming the file.
 pub fn read_sparse_delta(path: &Path) -> Result<SparseDelta> {
-    let (bytes, _, map) = read_safetensors_file(path)?;
-    let json = map
-        .get(DELTA_META_KEY)
+    let file = File::read(path)?;
+    let json = file
+        .metadata(DELTA_META_KEY)
         .ok_or_else(|| Error::format(path, "is a safetensors file but not a snella sparse delta (no metadata)"))?;
     let meta: DeltaMeta =
         serde_json::from_str(json).map_err(|e| Error::format(path, format!("corrupt sparse-delta metadata: {e}")))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::format(path, format!("not a valid safetensors file (truncated or corrupt?): {e:?}")))?;
-    let file = path.display().to_string();
+    let st = file.tensors()?;
+    let shown = path.display().to_string();
     let get =
-        |name: &str| st.tensor(name).map_err(|_| Error::MissingTensor { file: file.clone(), name: name.to_string() });
+        |name: &str| st.tensor(name).map_err(|_| Error::MissingTensor { file: shown.clone(), name: name.to_string() });
     let mut branches = Vec::new();
     for b in meta.branches {
         let values_name = format!("{}.values", b.prefix);
@@ -359,7 +359,7 @@ pub fn read_sparse_delta(path: &Path) -> Result<SparseDelta> {
             .checked_mul(b.n_in)
             .ok_or_else(|| Error::format(path, format!("{}: a {}x{} block is too large", b.prefix, b.n_out, b.n_in)))?;
         let (indices, values) = if b.dense {
-            let full = view_f32(path, &values_name, &get(&values_name)?)?;
+            let full = f32_values(path, &values_name, &get(&values_name)?)?;
             if full.len() != total {
                 return Err(Error::format(
                     path,
@@ -381,16 +381,9 @@ pub fn read_sparse_delta(path: &Path) -> Result<SparseDelta> {
             }
             (indices, values)
         } else {
-            let iv = get(&format!("{}.indices", b.prefix))?;
-            if iv.dtype() != safetensors::Dtype::U32 {
-                return Err(Error::format(
-                    path,
-                    format!("{}.indices has dtype {:?}, expected U32", b.prefix, iv.dtype()),
-                ));
-            }
-            let indices: Vec<u32> =
-                iv.data().chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-            let values = view_f32(path, &values_name, &get(&values_name)?)?;
+            let indices_name = format!("{}.indices", b.prefix);
+            let indices = u32_values(path, &indices_name, &get(&indices_name)?)?;
+            let values = f32_values(path, &values_name, &get(&values_name)?)?;
             if indices.len() != b.nnz || values.len() != b.nnz {
                 return Err(Error::format(
                     path,
@@ -425,7 +418,7 @@ pub fn read_sparse_delta(path: &Path) -> Result<SparseDelta> {
     let mut dense = TensorMap::new();
     for name in meta.dense {
         let v = get(&name)?;
-        dense.insert(name.clone(), (v.shape().to_vec(), view_f32(path, &name, &v)?));
+        dense.insert(name.clone(), (v.shape().to_vec(), f32_values(path, &name, &v)?));
     }
     Ok(SparseDelta { method: meta.method, model: meta.model, branches, dense })
 }
@@ -440,7 +433,6 @@ pub fn read_sparse_delta(path: &Path) -> Result<SparseDelta> {
 /// whose values do not fill its shape), with nothing changed in `weights` when any check fails.
 pub fn apply_sparse_delta(weights: &mut Weights, delta: &SparseDelta) -> Result<()> {
     let file = weights.source.display().to_string();
-    let fills = |shape: &[usize], n: usize| shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) == Some(n);
     for b in &delta.branches {
         let (shape, data) = weights
             .tensors
