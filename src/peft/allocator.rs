@@ -4,7 +4,7 @@
 //! All schedule "steps" are epochs. Numerics follow the official code: EMAs in fp32 on the device, layer
 //! scores and the budget split in fp32, the ratios s_l in double.
 use crate::error::{Error, Result};
-use crate::model::vit::BranchParams;
+use crate::model::plan::BranchParams;
 use crate::model::Model;
 use crate::ops::importance::{importance_sum, importance_update};
 

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::io::safetensors::{f32_values, serialize, File, RawTensor};
-use crate::model::vit::BranchParams;
+use crate::model::plan::BranchParams;
 use crate::model::{Model, ViTConfig};
 use crate::train::recipe::TrainConfig;
 

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::io::safetensors::{f32_values, fills, serialize, u32_values, write_safetensors, File, RawTensor};
 use crate::io::write_atomic;
 use crate::model::load::{TensorMap, Weights};
-use crate::model::vit::{BranchParams, Linear};
+use crate::model::plan::{BranchParams, Linear};
 use crate::model::{Model, ViTConfig};
 use crate::ops::compete::kept_count;
 
