@@ -1,6 +1,7 @@
 //! The ViT: configuration, the plan of every tensor of a step, the forward and backward written out per
 //! layer, checkpoint loaders.
 pub mod config;
+mod linear;
 pub mod load;
 pub(crate) mod plan;
 pub mod vit;

@@ -173,6 +173,13 @@ pub(crate) struct Branch {
     pub(crate) params: BranchParams,
 }
 
+impl Branch {
+    /// Whether the branch sparsifies its M (SNELL, SNELLA): it has a threshold t.
+    pub(crate) fn is_sparse(&self) -> bool {
+        matches!(self.params, BranchParams::Kernel { sparse: true, .. })
+    }
+}
+
 /// Scratch of the branches of one Linear shape; the scopes of the three shapes alias each other.
 pub(crate) struct BranchScratch {
     /// The merged weight W0 + M_sᵀ of the whole Linear (out_total, in).

@@ -6,19 +6,16 @@
 //! and backward: each Linear builds its merged weight W0 + M_sᵀ in scratch, uses it, and the backward
 //! rebuilds it. Scratch is shared between layers through scopes of the plan (see `runtime::plan`).
 use crate::error::{Error, Result};
-use crate::model::config::{Position, ViTConfig};
-use crate::model::plan::{
-    plan_model, Branch, BranchParams, BranchScratch, Layout, Linear, MemoryOptions, Param, Recompute,
-};
+use crate::model::config::ViTConfig;
+use crate::model::linear::{BranchDrop, Linears, MaskStream};
+use crate::model::plan::{plan_model, BranchParams, Layout, MemoryOptions, Param, Recompute};
 use crate::ops::adamw::{adamw, AdamWStep};
 use crate::ops::add::{add_bias, axpy, bias_backward, mul_cols, mul_cols_backward_gamma, scale_copy};
 use crate::ops::attention::{attention_backward, attention_forward, permute_heads, Heads};
-use crate::ops::compete::{add_transposed, sparsify_apply, sparsify_backward, sparsify_forward};
 use crate::ops::convert::{bf16_round, bf16_widen};
-use crate::ops::dropout::{drop_path, dropout};
+use crate::ops::dropout::drop_path;
 use crate::ops::embed::{cls_gather, cls_scatter, embed_backward, embed_forward, patchify, PatchGeom};
 use crate::ops::gelu::{gelu_backward, gelu_forward};
-use crate::ops::kmerge::{merge_backward, merge_forward, Factors};
 use crate::ops::layernorm::{layernorm_apply, layernorm_backward, layernorm_forward};
 use crate::ops::loss::cross_entropy;
 use crate::ops::mask::mask_grad;
@@ -327,6 +324,7 @@ impl Model {
 
     fn forward_logits(&mut self, b: usize) -> Result<()> {
         let (rt, lo, cfg) = (&self.rt, &self.layout, &self.cfg);
+        let lins = self.linears();
         let (d, t, v) = (cfg.embed_dim, cfg.tokens(), cfg.num_classes);
         let bt = b * t;
         let np = cfg.num_patches();
@@ -374,13 +372,13 @@ impl Model {
                 d,
                 cfg.eps,
             )?;
-            self.linear_forward(&blk.qkv, sl(ac.qkv, 3 * d), sl(ac.ln1, d), bt)?;
+            lins.forward(&blk.qkv, sl(ac.qkv, 3 * d), sl(ac.ln1, d), bt)?;
             let buf = lo.work.attention(ac.probs.slice(0, b * cfg.num_heads * t * t));
             attention_forward(rt, sl(ac.attn, d), sl(ac.qkv, 3 * d), &buf, heads)?;
             let y = ac.proj_out.map(|t| sl(t, d)).unwrap_or(sl(lo.work.dy, d));
-            self.linear_forward(&blk.proj, y, sl(ac.attn, d), bt)?;
+            lins.forward(&blk.proj, y, sl(ac.attn, d), bt)?;
             if let Some(p) = self.block_drop(l) {
-                drop_path(rt, y, y, t * d, p, self.step_seed(), l as u64 * 16 + 10)?;
+                drop_path(rt, y, y, t * d, p, self.step_seed(), MaskStream::AttnResidual.id(l))?;
             }
             residual(rt, xm, x, y, blk.ls1)?;
             if bf16 {
@@ -397,12 +395,12 @@ impl Model {
                 d,
                 cfg.eps,
             )?;
-            self.linear_forward(&blk.fc1, sl(ac.fc1, cfg.mlp_hidden), sl(ac.ln2, d), bt)?;
+            lins.forward(&blk.fc1, sl(ac.fc1, cfg.mlp_hidden), sl(ac.ln2, d), bt)?;
             gelu_forward(rt, sl(ac.gelu, cfg.mlp_hidden), sl(ac.fc1, cfg.mlp_hidden))?;
             let y = ac.fc2_out.map(|t| sl(t, d)).unwrap_or(sl(lo.work.dy, d));
-            self.linear_forward(&blk.fc2, y, sl(ac.gelu, cfg.mlp_hidden), bt)?;
+            lins.forward(&blk.fc2, y, sl(ac.gelu, cfg.mlp_hidden), bt)?;
             if let Some(p) = self.block_drop(l) {
-                drop_path(rt, y, y, t * d, p, self.step_seed(), l as u64 * 16 + 11)?;
+                drop_path(rt, y, y, t * d, p, self.step_seed(), MaskStream::MlpResidual.id(l))?;
             }
             residual(rt, xo, xm, y, blk.ls2)?;
             if bf16 {
@@ -428,253 +426,28 @@ impl Model {
         add_bias(rt, logits, pget("head.bias"))
     }
 
-    /// y = x·Wᵀ + b with W = W0 + (branches merged in).        y: (rows, out)  x: (rows, in)
-    fn linear_forward(&self, lin: &Linear, y: Tensor, x: Tensor, rows: usize) -> Result<()> {
-        let rt = &self.rt;
-        if self.branch_regularised() && !lin.branches.is_empty() {
-            return self.linear_unmerged(lin, y, x, rows, None);
-        }
-        let w = if lin.branches.is_empty() { self.weight_f32(lin)? } else { self.build_merged_weight(lin, None)? };
-        matmul(rt, y, x, w, Matmul::new(rows, lin.n_out, lin.n_in, false, true))?;
-        add_bias(rt, y, lin.b.value)
-    }
-
-    /// The Linear's own weight W0 as fp32 (out, in): the parameter itself, or (bf16 storage) widened into the
-    /// Linear's branch scratch W (free on the unmerged path) or, without branches, into work.w0.
-    fn weight_f32(&self, lin: &Linear) -> Result<Tensor> {
-        let w0 = lin.w.value;
-        if w0.dtype != DType::BF16 {
-            return Ok(w0);
-        }
-        let into = match lin.branches.is_empty() {
-            true => self.layout.work.w0.expect("bf16 storage without branches plans work.w0"),
-            false => self.layout.branch_scratch[lin.scratch].w,
-        };
-        let w = into.slice(0, w0.numel);
-        bf16_widen(&self.rt, w, w0)?;
-        Ok(w)
-    }
-
-    /// Builds W0 + Σ branches into the Linear's scratch W. With `grad = Some((x, dy, rows))` it also runs
-    /// each branch's parameter backward right after rebuilding its M (so M is built once per pass).
-    fn build_merged_weight(&self, lin: &Linear, grad: Option<(Tensor, Tensor, usize)>) -> Result<Tensor> {
-        let Some((x, dy, rows)) = grad else {
-            return self.merge_linear(lin, false, |_, _, _| Ok(()));
-        };
-        let sc = &self.layout.branch_scratch[lin.scratch];
-        self.merge_linear(lin, true, |_, br, _| self.branch_factor_backward(lin, br, sc, x, dy, rows))
-    }
-
-    /// Builds W0 + Σ branches into the Linear's scratch W (out_total, in) and returns it, calling
-    /// `after(k, branch, applied)` right after branch k is merged, while its matrix is still in scratch
-    /// (`applied`: M_s, or M for dense kinds, of a kernel branch; None for LoRA). `backward`: the branches'
-    /// thresholds come from this step's forward (see `build_branch_matrix`). The export reads the
-    /// branches through the same path.
-    pub(crate) fn merge_linear(
-        &self,
-        lin: &Linear,
-        backward: bool,
-        mut after: impl FnMut(usize, &Branch, Option<Tensor>) -> Result<()>,
-    ) -> Result<Tensor> {
-        let rt = &self.rt;
-        let sc = &self.layout.branch_scratch[lin.scratch];
-        let w = sc.w.slice(0, lin.n_out * lin.n_in);
-        for (k, br) in lin.branches.iter().enumerate() {
-            let (n_in, n_out) = (br.n_in, br.n_out);
-            let dst = w.slice(br.row0 * n_in, n_out * n_in);
-            let w0 = lin.w.value.slice(br.row0 * n_in, n_out * n_in);
-            match br.params {
-                BranchParams::Lora { a, b, r } => {
-                    // W = W0 + B·A                                    (out, in)
-                    copy_frozen(rt, dst, w0)?;
-                    matmul(rt, dst, b.value, a.value, Matmul::new(n_out, n_in, r, false, false).accumulate())?;
-                    after(k, br, None)?;
-                }
-                BranchParams::Kernel { .. } => {
-                    let applied = self.build_branch_matrix(br, sc, backward)?;
-                    add_frozen_transposed(rt, dst, w0, applied, n_in, n_out)?;
-                    after(k, br, Some(applied))?;
-                }
-            }
-        }
-        Ok(w)
-    }
-
-    /// M (and, sparse, t and M_s) of a kernel branch in its scratch; returns the matrix the branch applies
-    /// (M_s, or M for dense kinds).                                        (in, out)
-    /// `backward`: this pass's forward already selected t from the same factors, so it is reused (the
-    /// quantile select, 4 passes over M on CUDA, runs once per step instead of twice; same bits).
-    fn build_branch_matrix(&self, br: &Branch, sc: &BranchScratch, backward: bool) -> Result<Tensor> {
-        let BranchParams::Kernel { a, b, mix, kind, sparse, d, .. } = br.params else {
-            unreachable!("LoRA branches are merged as B·A")
-        };
-        let (n_in, n_out) = (br.n_in, br.n_out);
-        let f = Factors { a: a.value, b: b.value, mix: mix.map(|m| m.map(|p| p.value)), n_in, n_out, d };
-        let (m, ms) = (sc.m.slice(0, n_in * n_out), sc.ms.slice(0, n_in * n_out));
-        merge_forward(&self.rt, m, &f, kind, sc.merge.as_ref().expect("kernel branch scratch"))?;
-        if !sparse {
-            return Ok(m);
-        }
-        let t = self.layout.thresholds.slice(br.id, 1);
-        if backward {
-            sparsify_apply(&self.rt, ms, m, t)?;
-        } else {
-            let scratch = sc.compete.as_ref().expect("compete scratch");
-            sparsify_forward(&self.rt, ms, t, m, self.sparsity[br.id], scratch)?;
-        }
-        Ok(ms)
-    }
-
-    /// The factor gradients of a branch whose matrix `merge_linear` just built, accumulated.
-    /// Kernel: ∂L/∂M_s = xᵀ·dy (in, out), then ∂L/∂M = ∂L/∂M_s·|M|·mask in place, then ∂A, ∂B (and α, γ, β).
-    /// LoRA: ∂L/∂W = dyᵀ·x (out, in), then ∂L/∂B += ∂W·Aᵀ and ∂L/∂A += Bᵀ·∂W.
-    /// x: (rows, in) the branch input   dy: the Linear's output gradient (rows, out_total), this branch's columns
-    fn branch_factor_backward(
-        &self,
-        lin: &Linear,
-        br: &Branch,
-        sc: &BranchScratch,
-        x: Tensor,
-        dy: Tensor,
-        rows: usize,
-    ) -> Result<()> {
-        let (rt, n_in, n_out) = (&self.rt, br.n_in, br.n_out);
-        let (a, b, mix, kind, sparse, d) = match br.params {
-            BranchParams::Kernel { a, b, mix, kind, sparse, d, .. } => (a, b, mix, kind, sparse, d),
-            BranchParams::Lora { a, b, r } => {
-                let dy = dy.slice(br.row0, dy.numel - br.row0);
-                let dw = sc.dms.slice(0, n_out * n_in);
-                matmul(rt, dw, dy, x, Matmul::new(n_out, n_in, rows, true, false).ld(lin.n_out, 0, 0))?;
-                let (ga, gb) = (a.grad.expect("branch factors train"), b.grad.expect("branch factors train"));
-                matmul(rt, gb, dw, a.value, Matmul::new(n_out, r, n_in, false, true).accumulate())?;
-                return matmul(rt, ga, b.value, dw, Matmul::new(r, n_in, n_out, true, false).accumulate());
-            }
-        };
-        let f = Factors { a: a.value, b: b.value, mix: mix.map(|m| m.map(|p| p.value)), n_in, n_out, d };
-        let dy = dy.slice(br.row0, dy.numel - br.row0);
-        let dms = sc.dms.slice(0, n_in * n_out);
-        matmul(rt, dms, x, dy, Matmul::new(n_in, n_out, rows, true, false).ld(0, lin.n_out, 0))?;
-        if sparse {
-            sparsify_backward(rt, dms, dms, sc.m.slice(0, n_in * n_out), self.layout.thresholds.slice(br.id, 1))?;
-        }
-        let dmix = mix.map(|m| m.map(|p| p.grad.expect("branch factors train")));
-        merge_backward(
-            rt,
-            a.grad.expect("branch factors train"),
-            b.grad.expect("branch factors train"),
-            dmix,
-            dms,
-            &f,
-            kind,
-            sc.merge.as_ref().expect("merge scratch"),
-        )
-    }
-
-    /// Whether the kernel branches run unmerged this pass (training with branch dropout or drop-path).
-    fn branch_regularised(&self) -> bool {
-        self.training && matches!(self.method, Method::Kernel(k) if k.regularised())
-    }
-
     /// Seed of this step's masks (the AdamW step count moves on after the backward, so forward and backward
     /// of one step share it).
     fn step_seed(&self) -> u64 {
         self.reg_seed ^ (self.step + 1).wrapping_mul(GOLDEN_GAMMA)
     }
 
-    /// A Linear whose kernel branches carry dropout/drop-path, as the official TuningModule:
-    /// y = x·W0ᵀ + b + Σ_branches DropPath(Dropout(x)·M_s) (one dropout mask shared by q, k, v; no dropout on
-    /// proj's input). Forward with `dy = None` (writes `out` = y); with `dy = Some` the backward: `out` = ∂L/∂x
-    /// (overwritten) and the factor gradients accumulated. The masks are regenerated, never stored.
-    fn linear_unmerged(&self, lin: &Linear, out: Tensor, x: Tensor, rows: usize, dy: Option<Tensor>) -> Result<()> {
-        let Method::Kernel(k) = self.method else { unreachable!() };
-        let rt = &self.rt;
-        let sc = &self.layout.branch_scratch[lin.scratch];
-        let (block, pos) = (lin.branches[0].block as u64, lin.branches[0].pos);
-        let seed = self.step_seed();
-        let per_sample = self.cfg.tokens() * lin.n_in;
-        let w0 = self.weight_f32(lin)?;
-        match dy {
-            None => {
-                matmul(rt, out, x, w0, Matmul::new(rows, lin.n_out, lin.n_in, false, true))?;
-                add_bias(rt, out, lin.b.value)?;
+    /// The adapted Linears of this pass: unmerged, with the step's masks, in training with branch dropout or
+    /// drop-path; merged otherwise.
+    pub(crate) fn linears(&self) -> Linears<'_> {
+        let drop = match self.method {
+            Method::Kernel(k) if self.training && k.regularised() => {
+                Some(BranchDrop { dropout: k.dropout, drop_path: k.drop_path, seed: self.step_seed() })
             }
-            Some(g) => matmul(rt, out, g, w0, Matmul::new(rows, lin.n_in, lin.n_out, false, false))?,
-        }
-        // The branch input: dropped out (q/k/v share one mask), except proj's.
-        let xd = self.layout.work.reg_x.expect("regularisation scratch").slice(0, rows * lin.n_in);
-        let xb = self.layout.work.reg_xb.expect("regularisation scratch").slice(0, rows * lin.n_in);
-        let slot = match pos {
-            Position::Q | Position::K | Position::V => 0,
-            Position::Proj => 1,
-            Position::Fc1 => 2,
-            Position::Fc2 => 3,
+            _ => None,
         };
-        let input_stream = (pos != Position::Proj && k.dropout > 0.0).then_some(block * 16 + slot);
-        match input_stream {
-            Some(st) => dropout(rt, xd, x, k.dropout, seed, st)?,
-            None => scale_copy(rt, xd, x, 1.0)?,
-        }
-        for br in &lin.branches {
-            let applied = self.build_branch_matrix(br, sc, dy.is_some())?;
-            let path_stream = block * 16 + 4 + br.pos as u64;
-            // The branch input of this branch: drop-path scales whole samples (the same as scaling its output).
-            if k.drop_path > 0.0 {
-                drop_path(rt, xb, xd, per_sample, k.drop_path, seed, path_stream)?;
-            } else {
-                scale_copy(rt, xb, xd, 1.0)?;
-            }
-            let cols = Matmul::new(rows, br.n_out, br.n_in, false, false);
-            match dy {
-                None => matmul(
-                    rt,
-                    out.slice(br.row0, out.numel - br.row0),
-                    xb,
-                    applied,
-                    cols.ld(0, 0, lin.n_out).accumulate(),
-                )?,
-                Some(g) => {
-                    self.branch_factor_backward(lin, br, sc, xb, g, rows)?;
-                    // ∂L/∂x through the branch: dy·M_sᵀ, then the drop-path and dropout masks, added to ∂L/∂x.
-                    let g = g.slice(br.row0, g.numel - br.row0);
-                    matmul(rt, xb, g, applied, Matmul::new(rows, br.n_in, br.n_out, false, true).ld(lin.n_out, 0, 0))?;
-                    if k.drop_path > 0.0 {
-                        drop_path(rt, xb, xb, per_sample, k.drop_path, seed, path_stream)?;
-                    }
-                    if let Some(st) = input_stream {
-                        dropout(rt, xb, xb, k.dropout, seed, st)?;
-                    }
-                    axpy(rt, out, xb, 1.0)?;
-                }
-            }
-        }
-        Ok(())
+        Linears { rt: &self.rt, layout: &self.layout, sparsity: &self.sparsity, drop, tokens: self.cfg.tokens() }
     }
 
     /// Stochastic depth of block `l`'s residual branches: its rate (linear from 0 at the first block), or None.
     fn block_drop(&self, l: usize) -> Option<f32> {
         let rate = if self.cfg.depth > 1 { self.block_drop_path * l as f32 / (self.cfg.depth - 1) as f32 } else { 0.0 };
         (self.training && rate > 0.0).then_some(rate)
-    }
-
-    /// Backward of a Linear: dx = dy·W (overwrites dx), weight/bias/branch gradients accumulated.
-    /// dy: (rows, out)  x: (rows, in)  dx: (rows, in)
-    fn linear_backward(&self, lin: &Linear, dx: Tensor, dy: Tensor, x: Tensor, rows: usize) -> Result<()> {
-        let rt = &self.rt;
-        if self.branch_regularised() && !lin.branches.is_empty() {
-            return self.linear_unmerged(lin, dx, x, rows, Some(dy));
-        }
-        let w = if lin.branches.is_empty() {
-            self.weight_f32(lin)?
-        } else {
-            self.build_merged_weight(lin, Some((x, dy, rows)))?
-        };
-        if let Some(gw) = lin.w.grad {
-            matmul(rt, gw, dy, x, Matmul::new(lin.n_out, lin.n_in, rows, true, false).accumulate())?;
-        }
-        if let Some(gb) = lin.b.grad {
-            bias_backward(rt, gb, dy)?;
-        }
-        matmul(rt, dx, dy, w, Matmul::new(rows, lin.n_in, lin.n_out, false, false))
     }
 
     /// Backward pass of the last forward: gradients of the trainable set (zeroed first), read them with
@@ -688,6 +461,7 @@ impl Model {
         }
         let b = self.require_batch()?;
         let (rt, lo, cfg) = (&self.rt, &self.layout, &self.cfg);
+        let lins = self.linears();
         let (d, t, v, fh) = (cfg.embed_dim, cfg.tokens(), cfg.num_classes, cfg.mlp_hidden);
         let bt = b * t;
         let np = cfg.num_patches();
@@ -754,18 +528,25 @@ impl Model {
                 )?;
             }
             if rc >= Recompute::Block {
-                self.linear_forward(&blk.fc1, sl(ac.fc1, fh), sl(ac.ln2, d), bt)?;
+                lins.forward(&blk.fc1, sl(ac.fc1, fh), sl(ac.ln2, d), bt)?;
             }
             if rc >= Recompute::Norms {
                 gelu_forward(rt, sl(ac.gelu, fh), sl(ac.fc1, fh))?;
             }
-            let drop = |which: u64| self.block_drop(l).map(|p| (p, self.step_seed(), l as u64 * 16 + which, t * d));
-            let dy = residual_branch_backward(rt, sl(w.dy, d), dres, blk.ls2, ac.fc2_out.map(|t| sl(t, d)), drop(11))?;
+            let drop = |which: MaskStream| self.block_drop(l).map(|p| (p, self.step_seed(), which.id(l), t * d));
+            let dy = residual_branch_backward(
+                rt,
+                sl(w.dy, d),
+                dres,
+                blk.ls2,
+                ac.fc2_out.map(|t| sl(t, d)),
+                drop(MaskStream::MlpResidual),
+            )?;
             let du = sl(w.du, fh);
-            self.linear_backward(&blk.fc2, du, dy, sl(ac.gelu, fh), bt)?;
+            lins.backward(&blk.fc2, du, dy, sl(ac.gelu, fh), bt)?;
             gelu_backward(rt, du, sl(ac.fc1, fh), du)?;
             let dh = sl(w.dh, d);
-            self.linear_backward(&blk.fc1, dh, du, sl(ac.ln2, d), bt)?;
+            lins.backward(&blk.fc1, dh, du, sl(ac.ln2, d), bt)?;
             layernorm_backward(
                 rt,
                 dres,
@@ -793,7 +574,7 @@ impl Model {
             }
             let qkv = sl(ac.qkv, 3 * d);
             if rc >= Recompute::Block {
-                self.linear_forward(&blk.qkv, qkv, sl(ac.ln1, d), bt)?;
+                lins.forward(&blk.qkv, qkv, sl(ac.ln1, d), bt)?;
             }
             let buf = w.attention(ac.probs.slice(0, b * cfg.num_heads * t * t));
             if rc >= Recompute::Attention {
@@ -805,12 +586,19 @@ impl Model {
                 permute_heads(rt, buf.k, qkv.slice(d, qkv.numel - d), heads, 3 * d, true)?;
                 permute_heads(rt, buf.v, qkv.slice(2 * d, qkv.numel - 2 * d), heads, 3 * d, true)?;
             }
-            let dy = residual_branch_backward(rt, sl(w.dy, d), dres, blk.ls1, ac.proj_out.map(|t| sl(t, d)), drop(10))?;
-            self.linear_backward(&blk.proj, dh, dy, sl(ac.attn, d), bt)?;
+            let dy = residual_branch_backward(
+                rt,
+                sl(w.dy, d),
+                dres,
+                blk.ls1,
+                ac.proj_out.map(|t| sl(t, d)),
+                drop(MaskStream::AttnResidual),
+            )?;
+            lins.backward(&blk.proj, dh, dy, sl(ac.attn, d), bt)?;
             let dqkv = sl(w.dqkv, 3 * d);
             let (dscores, dtmp) = (w.dscores.slice(0, b * cfg.num_heads * t * t), w.dtmp.slice(0, bt * d));
             attention_backward(rt, dqkv, dh, &buf, dscores, dtmp, heads)?;
-            self.linear_backward(&blk.qkv, dh, dqkv, sl(ac.ln1, d), bt)?;
+            lins.backward(&blk.qkv, dh, dqkv, sl(ac.ln1, d), bt)?;
             layernorm_backward(
                 rt,
                 dres,
@@ -1044,25 +832,6 @@ impl Model {
     /// Seed of every dropout and drop-path mask (mixed with the step count, so each step draws new masks).
     pub fn set_regularisation_seed(&mut self, seed: u64) {
         self.reg_seed = seed;
-    }
-}
-
-/// dst (fp32) = w0, a frozen weight stored as fp32 or bf16.                        dst, w0: (n)
-fn copy_frozen(rt: &Runtime, dst: Tensor, w0: Tensor) -> Result<()> {
-    match w0.dtype {
-        DType::BF16 => bf16_widen(rt, dst, w0),
-        _ => scale_copy(rt, dst, w0, 1.0),
-    }
-}
-
-/// dst (out, in) = w0 + msᵀ with ms (in, out), w0 stored as fp32 or bf16 (then widened into dst first).
-fn add_frozen_transposed(rt: &Runtime, dst: Tensor, w0: Tensor, ms: Tensor, n_in: usize, n_out: usize) -> Result<()> {
-    match w0.dtype {
-        DType::BF16 => {
-            bf16_widen(rt, dst, w0)?;
-            add_transposed(rt, dst, dst, ms, n_in, n_out)
-        }
-        _ => add_transposed(rt, dst, w0, ms, n_in, n_out),
     }
 }
 

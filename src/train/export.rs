@@ -47,7 +47,7 @@ fn build_linear(
     lin: &Linear,
     mut per_branch: impl FnMut(usize, Option<crate::runtime::Tensor>) -> Result<()>,
 ) -> Result<crate::runtime::Tensor> {
-    model.merge_linear(lin, false, |k, _, applied| per_branch(k, applied))
+    model.linears().merge(lin, |k, _, applied| per_branch(k, applied))
 }
 
 /// The model's weights with every branch merged in, in timm names and `cfg.param_shapes()` shapes
