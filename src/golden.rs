@@ -165,10 +165,10 @@ impl GoldenCase {
             model.set_param(&name, self.get(&key)?)?;
         }
         if let Some(sp) = self.manifest["method"]["sparsity_per_branch"].as_object() {
-            for br in &model.layout.branches {
-                let s = sp.get(&br.prefix).and_then(|v| v.as_f64());
-                model.sparsity[br.id] =
-                    s.ok_or_else(|| Error::format(&self.path, format!("no sparsity for {}", br.prefix)))? as f32;
+            for (i, prefix) in model.branch_names().iter().enumerate() {
+                let s = sp.get(prefix).and_then(|v| v.as_f64());
+                model.sparsity_mut()[i] =
+                    s.ok_or_else(|| Error::format(&self.path, format!("no sparsity for {prefix}")))? as f32;
             }
         }
         model.set_batch(self.get("input.images")?, &self.labels)?;

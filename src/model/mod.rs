@@ -1,11 +1,13 @@
 //! The ViT: configuration, the plan of every tensor of a step, the forward and backward written out per
 //! layer, checkpoint loaders.
+mod access;
 pub mod config;
 mod linear;
 pub mod load;
-pub(crate) mod plan;
+mod plan;
 pub mod vit;
 
+pub(crate) use access::TrackedFactor;
 pub use config::{Position, ViTConfig};
 pub(crate) use plan::plan_model;
 pub use plan::{plan, MemoryOptions, Precision, Recompute};

@@ -154,8 +154,15 @@ pub(crate) enum BranchParams {
         kind: KernelKind,
         sparse: bool,
         d: usize,
-        ema: Option<[Tensor; 4]>,
+        ema: Option<[FactorEma; 2]>,
     },
+}
+
+/// The allocator's EMAs of one factor tensor, shaped like it: importance Ī and uncertainty Ū.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FactorEma {
+    pub(crate) ipt: Tensor,
+    pub(crate) unc: Tensor,
 }
 
 /// The branch on one Linear (q, k and v have one each on the fused qkv Linear).
@@ -523,13 +530,11 @@ fn plan_branches(
                         ["alpha", "gamma", "beta"].map(|leaf| params.add(plan, &format!("{prefix}.{leaf}"), &[1], true))
                     });
                     let ema = (k.sparse && k.allocator).then(|| {
-                        let o = Pool::Optimizer;
-                        [
-                            plan.f32(format!("alloc.ipt.{prefix}.In_Qs"), &[2, n_in, hd], o),
-                            plan.f32(format!("alloc.unc.{prefix}.In_Qs"), &[2, n_in, hd], o),
-                            plan.f32(format!("alloc.ipt.{prefix}.Out_Qs"), &[2, n_out, hd], o),
-                            plan.f32(format!("alloc.unc.{prefix}.Out_Qs"), &[2, n_out, hd], o),
-                        ]
+                        let mut ema = |leaf: &str, n: usize| FactorEma {
+                            ipt: plan.f32(format!("alloc.ipt.{prefix}.{leaf}"), &[2, n, hd], Pool::Optimizer),
+                            unc: plan.f32(format!("alloc.unc.{prefix}.{leaf}"), &[2, n, hd], Pool::Optimizer),
+                        };
+                        [ema("In_Qs", n_in), ema("Out_Qs", n_out)]
                     });
                     BranchParams::Kernel { a, b: bb, mix, kind: k.kernel, sparse: k.sparse, d: hd, ema }
                 }

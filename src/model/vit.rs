@@ -1,14 +1,15 @@
-//! The ViT training step, written out: the plan of every tensor, the forward, the backward in reverse,
-//! AdamW on the trainable set. Shapes: B images, T = 1 + patches tokens, D width, F MLP width,
-//! H heads of hd, V classes, BT = B·T rows of the residual stream.
+//! The ViT training step, written out: [`Model::new`] plans and allocates every tensor (`plan.rs`),
+//! `forward_logits` runs the layers in order, [`Model::backward`] walks them in reverse, and
+//! [`Model::adamw_step`] updates the trainable set. Shapes: B images, T = 1 + patches tokens, D width,
+//! F MLP width, H heads of Dh, V classes, BT = B·T rows of the residual stream.
 //!
-//! The branches of a method (LoRA, the kernelized sparse branches) never keep M or M_s between forward
-//! and backward: each Linear builds its merged weight W0 + M_sᵀ in scratch, uses it, and the backward
-//! rebuilds it. Scratch is shared between layers through scopes of the plan (see `runtime::plan`).
+//! Every block Linear goes through `linear.rs`, where the method's branches meet the model: they never keep
+//! M or M_s between forward and backward (each Linear builds its merged weight W0 + M_sᵀ in scratch, uses
+//! it, and the backward rebuilds it). Accessors are in `access.rs`.
 use crate::error::{Error, Result};
 use crate::model::config::ViTConfig;
 use crate::model::linear::{BranchDrop, Linears, MaskStream};
-use crate::model::plan::{plan_model, BranchParams, Layout, MemoryOptions, Param, Recompute};
+use crate::model::plan::{plan_model, Layout, MemoryOptions, Param, Recompute};
 use crate::ops::adamw::{adamw, AdamWStep};
 use crate::ops::add::{add_bias, axpy, bias_backward, mul_cols, mul_cols_backward_gamma, scale_copy};
 use crate::ops::attention::{attention_backward, attention_forward, permute_heads, Heads};
@@ -20,10 +21,9 @@ use crate::ops::layernorm::{layernorm_apply, layernorm_backward, layernorm_forwa
 use crate::ops::loss::cross_entropy;
 use crate::ops::mask::mask_grad;
 use crate::ops::matmul::{matmul, Matmul};
-use crate::ops::GemmPrecision;
 use crate::peft::Method;
 use crate::rng::GOLDEN_GAMMA;
-use crate::runtime::{Backend, DType, Device, Plan, Pool, PoolUsage, Runtime, Tensor};
+use crate::runtime::{Backend, Pool, Runtime, Tensor};
 
 /// A ViT with its fine-tuning method, planned for a batch size and allocated on a device: the unit a
 /// caller trains. The cycle of a step is [`Model::set_batch`], [`Model::forward`] (the loss),
@@ -31,22 +31,22 @@ use crate::runtime::{Backend, DType, Device, Plan, Pool, PoolUsage, Runtime, Ten
 /// names (`blocks.0.attn.qkv.weight`, ...); branch factors are `<linear>[.q|.k|.v].<leaf>` (see
 /// [`Model::param_names`]).
 pub struct Model {
-    pub(crate) cfg: ViTConfig,
+    pub(super) cfg: ViTConfig,
     pub(crate) method: Method,
     /// Planned batch size; a step may use fewer images.
-    pub(crate) batch: usize,
+    pub(super) batch: usize,
     pub(crate) rt: Runtime,
-    pub(crate) layout: Layout,
+    pub(super) layout: Layout,
     /// Fraction of entries zeroed per branch (sparse kernel methods), indexed by `Branch::id`.
-    pub(crate) sparsity: Vec<f32>,
+    pub(super) sparsity: Vec<f32>,
     /// AdamW step count (1-based after the first step).
-    pub(crate) step: u64,
+    pub(super) step: u64,
     /// Images in the last forward.
-    last_b: usize,
+    pub(super) last_b: usize,
     /// Whether a forward ran on the current batch (the backward needs its activations).
-    forward_done: bool,
+    pub(super) forward_done: bool,
     /// Training mode: dropout and drop-path apply (evaluation turns it off).
-    pub(crate) training: bool,
+    pub(super) training: bool,
     /// Stochastic depth of the blocks' residual branches: rate of the last block, linearly from 0 at the
     /// first (timm's `drop_path_rate`; the official recipe uses 0.1). 0 = off.
     pub(crate) block_drop_path: f32,
@@ -115,123 +115,6 @@ impl Model {
         })
     }
 
-    /// Sets a parameter (or a branch parameter) by name; `data` is row-major with the parameter's shape.
-    ///
-    /// # Errors
-    /// No parameter of that name, or `data` of the wrong length (both named in the message).
-    pub fn set_param(&self, name: &str, data: &[f32]) -> Result<()> {
-        let p = self.param(name)?;
-        self.rt.upload(p.value, data)
-    }
-
-    pub(crate) fn param(&self, name: &str) -> Result<&Param> {
-        self.layout
-            .params
-            .get(name)
-            .ok_or_else(|| Error::invalid("parameter", format!("the model has no parameter '{name}'")))
-    }
-
-    /// The current value of a parameter, row-major.
-    ///
-    /// # Errors
-    /// No parameter of that name; a failed device copy.
-    pub fn get_param(&self, name: &str) -> Result<Vec<f32>> {
-        self.rt.download(self.param(name)?.value)
-    }
-
-    /// ∂loss/∂parameter from the last [`Model::backward`] (same shape as the parameter).
-    ///
-    /// # Errors
-    /// No parameter of that name, or a frozen one (it has no gradient).
-    pub fn get_grad(&self, name: &str) -> Result<Vec<f32>> {
-        let p = self.param(name)?;
-        let g = p.grad.ok_or_else(|| Error::invalid("parameter", format!("'{name}' is frozen and has no gradient")))?;
-        self.rt.download(g)
-    }
-
-    /// Sets every backbone tensor from `w` (timm names, adapted to this model's configuration by
-    /// [`crate::model::load::adapt_to_config`]).
-    ///
-    /// # Errors
-    /// [`Error::MissingTensor`] / [`Error::ShapeMismatch`] naming the tensor and the file.
-    pub fn load_backbone(&self, w: &crate::model::load::Weights) -> Result<()> {
-        for (name, shape) in self.cfg.param_shapes() {
-            let file = w.source.display().to_string();
-            let (got, data) =
-                w.tensors.get(&name).ok_or_else(|| Error::MissingTensor { file: file.clone(), name: name.clone() })?;
-            if *got != shape {
-                return Err(Error::ShapeMismatch { file, name, got: got.clone(), want: shape });
-            }
-            self.set_param(&name, data)?;
-        }
-        Ok(())
-    }
-
-    /// Initialises every branch as the official code does: kernel factors (2, n, r/2) ~ kaiming_uniform(a=√5),
-    /// i.e. U(±1/√(n·r/2)); α = γ = 1, β = 0; LoRA A (r, in) and B (out, r) ~ N(0, 0.02²) (the official model
-    /// re-initialises every Linear, LoRA's included, with trunc_normal(0.02)). Deterministic by `seed`.
-    ///
-    /// # Errors
-    /// A failed device copy.
-    pub fn init_branches(&self, seed: u64) -> Result<()> {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        for br in &self.layout.branches {
-            match br.params {
-                BranchParams::Kernel { a, b, mix, d, .. } => {
-                    for (p, n) in [(a, br.n_in), (b, br.n_out)] {
-                        let bound = 1.0 / ((n * d) as f64).sqrt();
-                        let v: Vec<f32> = (0..p.value.numel).map(|_| rng.gen_range(-bound..bound) as f32).collect();
-                        self.rt.upload(p.value, &v)?;
-                    }
-                    if let Some([alpha, gamma, beta]) = mix {
-                        self.rt.upload(alpha.value, &[1.0])?;
-                        self.rt.upload(gamma.value, &[1.0])?;
-                        self.rt.upload(beta.value, &[0.0])?;
-                    }
-                }
-                BranchParams::Lora { a, b, .. } => {
-                    for p in [a, b] {
-                        let v: Vec<f32> = (0..p.value.numel)
-                            .map(|_| 0.02 * rng.sample::<f32, _>(rand_distr::StandardNormal))
-                            .collect();
-                        self.rt.upload(p.value, &v)?;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// The final-norm cls features (b, D) of the last forward (what the head reads); empty before one.
-    ///
-    /// # Errors
-    /// A failed device copy.
-    pub fn features(&self) -> Result<Vec<f32>> {
-        self.rt.download(self.layout.feats.slice(0, self.last_b * self.cfg.embed_dim))
-    }
-
-    /// Sets the GPS update mask of a weight: one byte per entry, row-major, 1 = updated (see
-    /// [`Model::gps_mask_names`]).
-    ///
-    /// # Errors
-    /// No parameter of that name, one without a mask, or a mask of the wrong length.
-    pub fn set_gps_mask(&self, name: &str, mask: &[u8]) -> Result<()> {
-        let p = self.param(name)?;
-        let m = p.mask.ok_or_else(|| Error::invalid("parameter", format!("'{name}' has no GPS mask")))?;
-        if mask.len() != m.numel {
-            return Err(Error::invalid(
-                "gps mask",
-                format!("{} values for {name} of {} elements", mask.len(), m.numel),
-            ));
-        }
-        match &self.rt.backend {
-            Backend::Cpu => self.rt.u8_mut(m).copy_from_slice(mask),
-            Backend::Cuda(c) => c.upload(self.rt.ptr(m), mask)?,
-        }
-        Ok(())
-    }
-
     /// Uploads a batch of `b` images, 1 <= b <= [`Model::batch_size`]: `images` (b, C, H, W) row-major f32
     /// (normalised as the backbone expects), `labels` (b) in `0..num_classes`. Returns b.
     ///
@@ -282,14 +165,6 @@ impl Model {
         let losses = self.rt.download(lo.losses.slice(0, b))?;
         self.forward_done = true;
         Ok(losses.iter().sum::<f32>() / b as f32)
-    }
-
-    /// Logits (b, V) of the last forward; empty before one.
-    ///
-    /// # Errors
-    /// A failed device copy.
-    pub fn logits(&self) -> Result<Vec<f32>> {
-        self.rt.download(self.layout.logits.slice(0, self.last_b * self.cfg.num_classes))
     }
 
     /// Inference: the logits (b, V) of `images` (b, C, H, W), 1 <= b <= [`Model::batch_size`], in evaluation
@@ -434,7 +309,7 @@ impl Model {
 
     /// The adapted Linears of this pass: unmerged, with the step's masks, in training with branch dropout or
     /// drop-path; merged otherwise.
-    pub(crate) fn linears(&self) -> Linears<'_> {
+    pub(super) fn linears(&self) -> Linears<'_> {
         let drop = match self.method {
             Method::Kernel(k) if self.training && k.regularised() => {
                 Some(BranchDrop { dropout: k.dropout, drop_path: k.drop_path, seed: self.step_seed() })
@@ -658,180 +533,6 @@ impl Model {
             adamw(&self.rt, p.value, g, p.m.expect("trainable: AdamW m"), p.v.expect("trainable: AdamW v"), st)?;
         }
         Ok(())
-    }
-
-    /// Thresholds t of every branch from the last forward (0 for dense branches), indexed like
-    /// [`Model::branch_names`].
-    ///
-    /// # Errors
-    /// A failed device copy.
-    pub fn thresholds(&self) -> Result<Vec<f32>> {
-        let n = self.layout.branches.len();
-        Ok(if n == 0 { vec![] } else { self.rt.download(self.layout.thresholds.slice(0, n))? })
-    }
-
-    /// The architecture this model was planned for.
-    pub fn config(&self) -> &ViTConfig {
-        &self.cfg
-    }
-
-    /// The fine-tuning method.
-    pub fn method(&self) -> &Method {
-        &self.method
-    }
-
-    /// What the backward recomputes and how the backbone is stored.
-    pub fn memory_options(&self) -> MemoryOptions {
-        MemoryOptions { recompute: self.layout.recompute, precision: self.layout.precision }
-    }
-
-    /// The planned batch size: a step takes 1 to this many images.
-    pub fn batch_size(&self) -> usize {
-        self.batch
-    }
-
-    /// Where the ops run.
-    pub fn device(&self) -> Device {
-        self.rt.device()
-    }
-
-    /// The memory plan: every tensor of a training step with its pool, shape and offset.
-    pub fn plan(&self) -> &Plan {
-        &self.rt.plan
-    }
-
-    /// Per pool: bytes planned, allocated, and the high-water mark touched by the ops so far.
-    pub fn pool_report(&self) -> Vec<(Pool, PoolUsage)> {
-        self.rt.pool_report()
-    }
-
-    /// CUDA: device bytes in use above the level measured before the pools were allocated (the whole
-    /// footprint of this model, the CUDA context excluded). `None` on the CPU.
-    ///
-    /// # Errors
-    /// The driver's memory query failed.
-    pub fn device_used_above_baseline(&self) -> Result<Option<usize>> {
-        self.rt.device_used_above_baseline()
-    }
-
-    /// Precision of the CUDA matrix products (exact fp32 by default; the CPU always computes in fp32).
-    pub fn set_gemm_precision(&self, p: GemmPrecision) {
-        self.rt.set_gemm_precision(p)
-    }
-
-    /// Every parameter name (timm names for the backbone, `<linear>.<q|k|v|>.<leaf>` for branches), in plan
-    /// order.
-    pub fn param_names(&self) -> Vec<String> {
-        self.layout.params.names.clone()
-    }
-
-    /// The names of the parameters the method trains (the ones with gradients and AdamW state).
-    pub fn trainable_names(&self) -> Vec<String> {
-        self.layout.params.trainable().map(|(n, _)| n.to_string()).collect()
-    }
-
-    /// Number of f32 values of a parameter.
-    ///
-    /// # Errors
-    /// No parameter has that name.
-    pub fn param_len(&self, name: &str) -> Result<usize> {
-        Ok(self.param(name)?.value.numel)
-    }
-
-    /// GPS: the weights that have an update mask (set it with [`Model::set_gps_mask`]); empty for other
-    /// methods.
-    pub fn gps_mask_names(&self) -> Vec<String> {
-        let lp = &self.layout.params;
-        lp.names.iter().zip(&lp.list).filter(|(_, p)| p.mask.is_some()).map(|(n, _)| n.clone()).collect()
-    }
-
-    /// Whether a parameter trains.
-    ///
-    /// # Errors
-    /// No parameter has that name.
-    pub fn is_trainable(&self, name: &str) -> Result<bool> {
-        Ok(self.param(name)?.grad.is_some())
-    }
-
-    /// The branch prefixes (`blocks.<l>.attn.qkv.q`, ..., `blocks.<l>.mlp.fc2`), in the order that indexes
-    /// [`Model::sparsity`] and [`Model::thresholds`].
-    pub fn branch_names(&self) -> Vec<String> {
-        self.layout.branches.iter().map(|b| b.prefix.clone()).collect()
-    }
-
-    /// Fraction of entries each sparse branch zeroes (0 for dense branches), indexed like
-    /// [`Model::branch_names`]. The allocator changes it during training.
-    pub fn sparsity(&self) -> &[f32] {
-        &self.sparsity
-    }
-
-    /// Sets the sparsity of every branch (each in [0, 1]).
-    ///
-    /// # Errors
-    /// The wrong number of values, or a value outside [0, 1].
-    pub fn set_sparsity(&mut self, sparsity: &[f32]) -> Result<()> {
-        if sparsity.len() != self.sparsity.len() {
-            return Err(Error::invalid(
-                "sparsity",
-                format!("{} values for {} branches", sparsity.len(), self.sparsity.len()),
-            ));
-        }
-        if let Some(bad) = sparsity.iter().find(|s| !(0.0..=1.0).contains(*s)) {
-            return Err(Error::invalid("sparsity", format!("{bad} is outside [0, 1]")));
-        }
-        self.sparsity.copy_from_slice(sparsity);
-        Ok(())
-    }
-
-    /// Reads any planned f32 tensor by its plan name (see [`Plan::table`] / [`Plan::tensor_table`]), e.g. a
-    /// gradient `grad.<param>` or an allocator EMA `alloc.ipt.<branch>.In_Qs`. Scratch tensors hold whatever
-    /// the last op left there.
-    ///
-    /// # Errors
-    /// No f32 tensor has that name.
-    pub fn read_tensor(&self, name: &str) -> Result<Vec<f32>> {
-        match self.rt.plan.find(name) {
-            Some(t) if t.dtype == DType::F32 => self.rt.download(t),
-            _ => Err(Error::invalid("tensor", format!("the plan has no f32 tensor '{name}'"))),
-        }
-    }
-
-    /// Training mode (the default) applies dropout and drop-path; evaluation turns it off.
-    pub fn set_training(&mut self, on: bool) {
-        self.training = on;
-    }
-
-    /// Whether dropout and drop-path apply.
-    pub fn is_training(&self) -> bool {
-        self.training
-    }
-
-    /// AdamW steps taken (the bias correction's t; also mixed into every dropout mask's seed).
-    pub fn step_count(&self) -> u64 {
-        self.step
-    }
-
-    /// Sets the step count, as a resumed run does from its checkpoint.
-    pub fn set_step_count(&mut self, step: u64) {
-        self.step = step;
-    }
-
-    /// Stochastic depth of the blocks' residual branches: the rate of the last block, rising linearly from 0
-    /// at the first (timm's `drop_path_rate`; the official recipe uses 0.1). 0 turns it off.
-    ///
-    /// # Errors
-    /// A rate outside [0, 1).
-    pub fn set_block_drop_path(&mut self, rate: f32) -> Result<()> {
-        if !(0.0..1.0).contains(&rate) {
-            return Err(Error::invalid("block drop-path", format!("rate {rate} is outside [0, 1)")));
-        }
-        self.block_drop_path = rate;
-        Ok(())
-    }
-
-    /// Seed of every dropout and drop-path mask (mixed with the step count, so each step draws new masks).
-    pub fn set_regularisation_seed(&mut self, seed: u64) {
-        self.reg_seed = seed;
     }
 }
 

@@ -21,7 +21,6 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::io::safetensors::{f32_values, serialize, File, RawTensor};
-use crate::model::plan::BranchParams;
 use crate::model::{Model, ViTConfig};
 use crate::train::recipe::TrainConfig;
 
@@ -98,19 +97,17 @@ pub(crate) fn fnv1a64(bytes: &[u8]) -> String {
 /// Every tensor a checkpoint of `model` holds: name → (device tensor, shape).
 fn checkpoint_tensors(model: &Model) -> Vec<(String, crate::runtime::Tensor, Vec<usize>)> {
     let mut out = Vec::new();
-    let shape_of = |t: crate::runtime::Tensor| model.rt.plan.spec(t).shape.clone();
-    for (name, p) in model.layout.params.trainable() {
+    let shape_of = |t: crate::runtime::Tensor| model.plan().spec(t).shape.clone();
+    for (name, p) in model.trainable_params() {
         out.push((format!("param.{name}"), p.value, shape_of(p.value)));
         out.push((format!("adamw.m.{name}"), p.m.expect("trainable parameters have AdamW m"), shape_of(p.value)));
         out.push((format!("adamw.v.{name}"), p.v.expect("trainable parameters have AdamW v"), shape_of(p.value)));
     }
-    for br in &model.layout.branches {
-        if let BranchParams::Kernel { ema: Some([ia, ua, ib, ub]), .. } = br.params {
-            let p = &br.prefix;
-            out.push((format!("alloc.ipt.{p}.In_Qs"), ia, shape_of(ia)));
-            out.push((format!("alloc.unc.{p}.In_Qs"), ua, shape_of(ua)));
-            out.push((format!("alloc.ipt.{p}.Out_Qs"), ib, shape_of(ib)));
-            out.push((format!("alloc.unc.{p}.Out_Qs"), ub, shape_of(ub)));
+    let tracked = model.allocator_factors().unwrap_or_default();
+    for (p, factors) in model.branch_names().iter().zip(tracked) {
+        for (leaf, f) in ["In_Qs", "Out_Qs"].iter().zip(factors) {
+            out.push((format!("alloc.ipt.{p}.{leaf}"), f.ipt, shape_of(f.ipt)));
+            out.push((format!("alloc.unc.{p}.{leaf}"), f.unc, shape_of(f.unc)));
         }
     }
     out
@@ -148,12 +145,12 @@ pub fn save_checkpoint(path: &Path, model: &Model, state: &TrainState, config: O
     let mut meta = CheckpointMeta {
         format: "snella-checkpoint".into(),
         version: CHECKPOINT_VERSION,
-        method: model.method.name(),
-        model: model.cfg.clone(),
+        method: model.method().name(),
+        model: model.config().clone(),
         config: config.cloned(),
         config_hash: config.map(|c| c.hash()).transpose()?,
-        adam_step: model.step,
-        sparsity: model.sparsity.clone(),
+        adam_step: model.step_count(),
+        sparsity: model.sparsity().to_vec(),
         state: state.clone(),
         checksum: String::new(),
     };
@@ -217,16 +214,16 @@ pub fn load_checkpoint(path: &Path, model: &mut Model, config: Option<&TrainConf
     let ck = File::read(path)?;
     let meta = parse_meta(path, &ck)?;
     let file = path.display().to_string();
-    let ours = model.method.name();
+    let ours = model.method().name();
     if meta.method != ours {
         return Err(Error::invalid(
             "checkpoint",
             format!("{file} was written by method {} but this model trains {ours}", meta.method),
         ));
     }
-    if meta.model != model.cfg {
+    if &meta.model != model.config() {
         let a = serde_json::to_value(&meta.model).unwrap_or_default();
-        let b = serde_json::to_value(&model.cfg).unwrap_or_default();
+        let b = serde_json::to_value(model.config()).unwrap_or_default();
         return Err(Error::invalid(
             "checkpoint",
             format!("{file} is for another model configuration (differs in: {})", diff_fields(&a, &b)),
@@ -243,10 +240,10 @@ pub fn load_checkpoint(path: &Path, model: &mut Model, config: Option<&TrainConf
             }
         }
     }
-    if meta.sparsity.len() != model.sparsity.len() {
+    if meta.sparsity.len() != model.sparsity().len() {
         return Err(Error::format(
             path,
-            format!("{} sparsity entries for {} branches", meta.sparsity.len(), model.sparsity.len()),
+            format!("{} sparsity entries for {} branches", meta.sparsity.len(), model.sparsity().len()),
         ));
     }
     if let Some(bad) = meta.sparsity.iter().find(|s| !(0.0..=1.0).contains(*s)) {
@@ -275,8 +272,8 @@ pub fn load_checkpoint(path: &Path, model: &mut Model, config: Option<&TrainConf
     for (t, d) in data {
         model.rt.upload(t, &d)?;
     }
-    model.step = meta.adam_step;
-    model.sparsity.copy_from_slice(&meta.sparsity);
+    model.set_step_count(meta.adam_step);
+    model.sparsity_mut().copy_from_slice(&meta.sparsity);
     Ok(meta)
 }
 
