@@ -75,9 +75,9 @@ impl Model {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         for br in &self.layout.branches {
             match br.params {
-                BranchParams::Kernel { a, b, mix, d, .. } => {
-                    for (p, n) in [(a, br.n_in), (b, br.n_out)] {
-                        let bound = 1.0 / ((n * d) as f64).sqrt();
+                BranchParams::Kernel { in_qs, out_qs, mix, half_rank, .. } => {
+                    for (p, n) in [(in_qs, br.n_in), (out_qs, br.n_out)] {
+                        let bound = 1.0 / ((n * half_rank) as f64).sqrt();
                         let v: Vec<f32> = (0..p.value.numel).map(|_| rng.gen_range(-bound..bound) as f32).collect();
                         self.rt.upload(p.value, &v)?;
                     }
@@ -332,7 +332,9 @@ impl Model {
             .branches
             .iter()
             .map(|br| match br.params {
-                BranchParams::Kernel { a, b, ema: Some([ea, eb]), .. } => Some([tracked(a, ea), tracked(b, eb)]),
+                BranchParams::Kernel { in_qs, out_qs, ema: Some([e_in, e_out]), .. } => {
+                    Some([tracked(in_qs, e_in), tracked(out_qs, e_out)])
+                }
                 _ => None,
             })
             .collect()

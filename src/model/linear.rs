@@ -180,13 +180,9 @@ impl Linears<'_> {
 
     /// M of a kernel branch, in its scratch.                                  (in, out)
     fn kernel_m(&self, br: &Branch, sc: &BranchScratch) -> Result<Tensor> {
-        let BranchParams::Kernel { a, b, mix, kind, d, .. } = br.params else {
-            unreachable!("LoRA branches are merged as B·A")
-        };
-        let (n_in, n_out) = (br.n_in, br.n_out);
-        let f = Factors { a: a.value, b: b.value, mix: mix.map(|m| m.map(|p| p.value)), n_in, n_out, d };
-        let m = sc.m.slice(0, n_in * n_out);
-        merge_forward(self.rt, m, &f, kind, sc.merge.as_ref().expect("kernel branch scratch"))?;
+        let BranchParams::Kernel { kind, .. } = br.params else { unreachable!("LoRA branches are merged as B·A") };
+        let m = sc.m.slice(0, br.n_in * br.n_out);
+        merge_forward(self.rt, m, &kernel_factors(br), kind, sc.merge.as_ref().expect("kernel branch scratch"))?;
         Ok(m)
     }
 
@@ -220,7 +216,8 @@ impl Linears<'_> {
     }
 
     /// The factor gradients of a branch whose matrix the merge just built, accumulated.
-    /// Kernel: ∂L/∂M_s = xᵀ·dy (in, out), then ∂L/∂M = ∂L/∂M_s·|M|·mask in place, then ∂A, ∂B (and α, γ, β).
+    /// Kernel: ∂L/∂M_s = xᵀ·dy (in, out), then ∂L/∂M = ∂L/∂M_s·|M|·mask in place, then ∂In_Qs, ∂Out_Qs (and
+    /// α, γ, β).
     /// LoRA: ∂L/∂W = dyᵀ·x (out, in), then ∂L/∂B += ∂W·Aᵀ and ∂L/∂A += Bᵀ·∂W.
     /// x: (rows, in) the branch input   dy: the Linear's output gradient (rows, out_total), this branch's columns
     fn factor_backward(
@@ -233,8 +230,8 @@ impl Linears<'_> {
         rows: usize,
     ) -> Result<()> {
         let (rt, n_in, n_out) = (self.rt, br.n_in, br.n_out);
-        let (a, b, mix, kind, sparse, d) = match br.params {
-            BranchParams::Kernel { a, b, mix, kind, sparse, d, .. } => (a, b, mix, kind, sparse, d),
+        let (in_qs, out_qs, mix, kind, sparse) = match br.params {
+            BranchParams::Kernel { in_qs, out_qs, mix, kind, sparse, .. } => (in_qs, out_qs, mix, kind, sparse),
             BranchParams::Lora { a, b, r } => {
                 let dy = dy.slice(br.row0, dy.numel - br.row0);
                 let dw = sc.dms.slice(0, n_out * n_in);
@@ -244,7 +241,6 @@ impl Linears<'_> {
                 return matmul(rt, ga, b.value, dw, Matmul::new(r, n_in, n_out, true, false).accumulate());
             }
         };
-        let f = Factors { a: a.value, b: b.value, mix: mix.map(|m| m.map(|p| p.value)), n_in, n_out, d };
         let dy = dy.slice(br.row0, dy.numel - br.row0);
         let dms = sc.dms.slice(0, n_in * n_out);
         matmul(rt, dms, x, dy, Matmul::new(n_in, n_out, rows, true, false).ld(0, lin.n_out, 0))?;
@@ -254,11 +250,11 @@ impl Linears<'_> {
         let dmix = mix.map(|m| m.map(|p| p.grad.expect("branch factors train")));
         merge_backward(
             rt,
-            a.grad.expect("branch factors train"),
-            b.grad.expect("branch factors train"),
+            in_qs.grad.expect("branch factors train"),
+            out_qs.grad.expect("branch factors train"),
             dmix,
             dms,
-            &f,
+            &kernel_factors(br),
             kind,
             sc.merge.as_ref().expect("merge scratch"),
         )
@@ -350,6 +346,15 @@ impl Linears<'_> {
         }
         Ok(())
     }
+}
+
+/// The factors of a kernel branch as the merge reads them (ops' a, b, d are In_Qs, Out_Qs and r/2).
+fn kernel_factors(br: &Branch) -> Factors {
+    let BranchParams::Kernel { in_qs, out_qs, mix, half_rank, .. } = br.params else {
+        unreachable!("only kernel branches have In_Qs and Out_Qs")
+    };
+    let mix = mix.map(|m| m.map(|p| p.value));
+    Factors { a: in_qs.value, b: out_qs.value, mix, n_in: br.n_in, n_out: br.n_out, d: half_rank }
 }
 
 /// dst (fp32) = w0, a frozen weight stored as fp32 or bf16.                        dst, w0: (n)

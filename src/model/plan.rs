@@ -1,7 +1,7 @@
 //! The plan of a model: every tensor a training step touches, with its pool, shape and dtype, laid out before
 //! anything is allocated (llm.c's `fill_in_activation_sizes`), and the handles the step reads them by.
-//! Shapes: B images, T = 1 + patches tokens, D width, F MLP width, H heads of Dh, V classes, BT = B·T rows
-//! of the residual stream.
+//! Shapes: B images, T = 1 + patches tokens, D width, F MLP width, H heads of hd, V classes, BT = B·T rows
+//! of the residual stream, r/2 = `half_rank` the width of a kernel branch's factor pieces.
 //!
 //! [`plan_model`] adds the tensors in a fixed order (offsets depend on it): the shared work buffers
 //! ([`plan_work`]), the backbone parameters ([`plan_params`]), the branches of the method and their scratch
@@ -145,15 +145,15 @@ impl Params {
 pub(crate) enum BranchParams {
     /// W = W0 + B·A: A (r, in), B (out, r).
     Lora { a: Param, b: Param, r: usize },
-    /// M from In_Qs (2, in, r/2), Out_Qs (2, out, r/2) and optionally α, γ, β; `ema` holds the allocator's
-    /// importance and uncertainty EMAs of In_Qs and Out_Qs (same shapes) when the allocator runs.
+    /// M from the factors In_Qs (2, in, r/2) and Out_Qs (2, out, r/2) (the official names) and, for the
+    /// mixture, α, γ, β; `ema` holds the allocator's EMAs of In_Qs and Out_Qs when the allocator runs.
     Kernel {
-        a: Param,
-        b: Param,
+        in_qs: Param,
+        out_qs: Param,
         mix: Option<[Param; 3]>,
         kind: KernelKind,
         sparse: bool,
-        d: usize,
+        half_rank: usize,
         ema: Option<[FactorEma; 2]>,
     },
 }
@@ -211,12 +211,25 @@ pub(crate) struct Linear {
     pub(crate) scratch: usize,
 }
 
+/// A LayerNorm's affine parameters (its forward, recompute and backward calls are in `vit.rs`).  w, b: (D)
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LayerNorm {
+    pub(crate) w: Param,
+    pub(crate) b: Param,
+}
+
+/// The per-row statistics a LayerNorm forward saves for its backward.       mean, rstd: (rows)
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct NormStats {
+    pub(crate) mean: Tensor,
+    pub(crate) rstd: Tensor,
+}
+
 /// What the backward needs from one block's forward.
 pub(crate) struct BlockActs {
-    /// LayerNorm 1 output and statistics.                (BT, D), (BT), (BT)
+    /// LayerNorm 1 output and statistics.                (BT, D), (BT) each
     pub(crate) ln1: Tensor,
-    pub(crate) ln1_mean: Tensor,
-    pub(crate) ln1_rstd: Tensor,
+    pub(crate) ln1_stats: NormStats,
     /// Fused q|k|v projection.                            (BT, 3D)
     pub(crate) qkv: Tensor,
     /// Attention probabilities.                           (B, H, T, T)
@@ -225,9 +238,9 @@ pub(crate) struct BlockActs {
     pub(crate) attn: Tensor,
     /// Residual stream after attention.                   (BT, D)
     pub(crate) x_mid: Tensor,
+    /// LayerNorm 2 output and statistics.                (BT, D), (BT) each
     pub(crate) ln2: Tensor,
-    pub(crate) ln2_mean: Tensor,
-    pub(crate) ln2_rstd: Tensor,
+    pub(crate) ln2_stats: NormStats,
     /// fc1 output before GELU, and after.                  (BT, F), (BT, F)
     pub(crate) fc1: Tensor,
     pub(crate) gelu: Tensor,
@@ -237,11 +250,11 @@ pub(crate) struct BlockActs {
 }
 
 pub(crate) struct Block {
-    pub(crate) norm1: (Param, Param),
+    pub(crate) norm1: LayerNorm,
     pub(crate) qkv: Linear,
     pub(crate) proj: Linear,
     pub(crate) ls1: Option<Param>,
-    pub(crate) norm2: (Param, Param),
+    pub(crate) norm2: LayerNorm,
     pub(crate) fc1: Linear,
     pub(crate) fc2: Linear,
     pub(crate) ls2: Option<Param>,
@@ -304,11 +317,11 @@ pub(crate) struct Layout {
     pub(crate) patches: Tensor,
     /// Residual stream entering each block and after the last: (L+1) × (BT, D).
     pub(crate) resid: Vec<Tensor>,
-    /// Final norm: cls rows in, normalised out, statistics.  (B, D), (B, D), (B), (B)
+    /// Final norm: its parameters, the cls rows in, normalised out, statistics.  (B, D), (B, D), (B) each
+    pub(crate) final_norm: LayerNorm,
     pub(crate) cls_in: Tensor,
     pub(crate) feats: Tensor,
-    pub(crate) lnf_mean: Tensor,
-    pub(crate) lnf_rstd: Tensor,
+    pub(crate) lnf_stats: NormStats,
     /// Threshold t of every sparse branch from the last forward.   (branches)
     pub(crate) thresholds: Tensor,
     pub(crate) branches: Vec<Branch>,
@@ -363,8 +376,10 @@ pub(crate) fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, mem: Memory
     }
     let cls_in = plan.f32("act.head.cls_in", &[b, d], a);
     let feats = plan.f32("act.head.feats", &[b, d], a);
-    let lnf_mean = plan.f32("act.head.lnf_mean", &[b], a);
-    let lnf_rstd = plan.f32("act.head.lnf_rstd", &[b], a);
+    let lnf_stats =
+        NormStats { mean: plan.f32("act.head.lnf_mean", &[b], a), rstd: plan.f32("act.head.lnf_rstd", &[b], a) };
+    let norm = |n: &str| *params.get(n).expect("every backbone tensor is planned");
+    let final_norm = LayerNorm { w: norm("norm.weight"), b: norm("norm.bias") };
     let logits = plan.f32("act.head.logits", &[b, v], a);
     let losses = plan.f32("act.head.losses", &[b], a);
     let thresholds = plan.f32("act.branch.thresholds", &[branches.len().max(1)], a);
@@ -379,10 +394,10 @@ pub(crate) fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, mem: Memory
         logits,
         patches,
         resid,
+        final_norm,
         cls_in,
         feats,
-        lnf_mean,
-        lnf_rstd,
+        lnf_stats,
         thresholds,
         branches,
         recompute,
@@ -401,7 +416,7 @@ fn plan_work(
     mem: MemoryOptions,
 ) -> (Work, Tensor, Recomputed) {
     let (d, f, h, t, v) = (cfg.embed_dim, cfg.mlp_hidden, cfg.num_heads, cfg.tokens(), cfg.num_classes);
-    let (bt, np, dh) = (b * t, cfg.num_patches(), cfg.head_dim());
+    let (bt, np, hd) = (b * t, cfg.num_patches(), cfg.head_dim());
     let (recompute, bf16) = (mem.recompute, mem.precision == Precision::Bf16);
     let full = method.trains_backbone();
     plan.add_cublas_workspace();
@@ -414,10 +429,10 @@ fn plan_work(
     //  - `wide_b` holds the recomputed qkv (attention part) and fc1 output (MLP part) at `Recompute::Block`.
     let patches_len = if full { 0 } else { b * np * cfg.patch_dim() };
     let regularised = matches!(method, Method::Kernel(k) if k.regularised());
-    let heads = plan.f32("work.heads", &[(4 * b * h * t * dh).max(bt * f)], s);
+    let heads = plan.f32("work.heads", &[(4 * b * h * t * hd).max(bt * f)], s);
     let wide_a = plan.f32("work.wide_a", &[(bt * 3 * d).max(bt * f).max(patches_len)], s);
     let wide_b = (recompute >= Recompute::Block).then(|| plan.f32("work.wide_b", &[(bt * 3 * d).max(bt * f)], s));
-    let quarter = b * h * t * dh;
+    let quarter = b * h * t * hd;
     let work = Work {
         dres: plan.f32("work.dres", &[bt, d], s),
         dy: plan.f32("work.dy", &[bt, d], s),
@@ -429,7 +444,7 @@ fn plan_work(
         v: heads.slice(2 * quarter, quarter),
         o: heads.slice(3 * quarter, quarter),
         dscores: plan.f32("work.attn.dscores", &[b, h, t, t], s),
-        dtmp: plan.f32("work.attn.dtmp", &[b, h, t, dh], s),
+        dtmp: plan.f32("work.attn.dtmp", &[b, h, t, hd], s),
         reg_x: regularised.then(|| plan.f32("work.reg_x", &[bt, d.max(f)], s)),
         reg_xb: regularised.then(|| plan.f32("work.reg_xb", &[bt, d.max(f)], s)),
         x: bf16.then(|| plan.f32("work.x", &[bt, d], s)),
@@ -523,20 +538,20 @@ fn plan_branches(
                     r: *r,
                 },
                 Method::Kernel(k) => {
-                    let hd = k.r / 2;
-                    let a = params.add(plan, &format!("{prefix}.In_Qs"), &[2, n_in, hd], true);
-                    let bb = params.add(plan, &format!("{prefix}.Out_Qs"), &[2, n_out, hd], true);
+                    let half_rank = k.r / 2;
+                    let in_qs = params.add(plan, &format!("{prefix}.In_Qs"), &[2, n_in, half_rank], true);
+                    let out_qs = params.add(plan, &format!("{prefix}.Out_Qs"), &[2, n_out, half_rank], true);
                     let mix = k.mixture.then(|| {
                         ["alpha", "gamma", "beta"].map(|leaf| params.add(plan, &format!("{prefix}.{leaf}"), &[1], true))
                     });
                     let ema = (k.sparse && k.allocator).then(|| {
                         let mut ema = |leaf: &str, n: usize| FactorEma {
-                            ipt: plan.f32(format!("alloc.ipt.{prefix}.{leaf}"), &[2, n, hd], Pool::Optimizer),
-                            unc: plan.f32(format!("alloc.unc.{prefix}.{leaf}"), &[2, n, hd], Pool::Optimizer),
+                            ipt: plan.f32(format!("alloc.ipt.{prefix}.{leaf}"), &[2, n, half_rank], Pool::Optimizer),
+                            unc: plan.f32(format!("alloc.unc.{prefix}.{leaf}"), &[2, n, half_rank], Pool::Optimizer),
                         };
                         [ema("In_Qs", n_in), ema("Out_Qs", n_out)]
                     });
-                    BranchParams::Kernel { a, b: bb, mix, kind: k.kernel, sparse: k.sparse, d: hd, ema }
+                    BranchParams::Kernel { in_qs, out_qs, mix, kind: k.kernel, sparse: k.sparse, half_rank, ema }
                 }
                 _ => unreachable!("only LoRA and the kernel family have branches"),
             };
@@ -550,7 +565,7 @@ fn plan_branches(
         let pre = format!("branch.scratch.{tag}");
         let (merge, compete) = match method {
             Method::Kernel(k) => (
-                Some(MergeScratch::plan(plan, &pre, n_in, n_out, k.r / 2)),
+                Some(MergeScratch::plan(plan, &pre, n_in, n_out, k.r / 2)), // r/2: the factors' half_rank
                 k.sparse.then(|| CompeteScratch::plan(plan, &pre, n_in * n_out)),
             ),
             _ => (None, None),
@@ -606,26 +621,24 @@ fn plan_block(
     let ls_trains = cfg.layer_scale && method.trains_backbone();
     let acts = BlockActs {
         ln1: keep("ln1", &[bt, d], recomputed.ln),
-        ln1_mean: keep("ln1_mean", &[bt], None),
-        ln1_rstd: keep("ln1_rstd", &[bt], None),
+        ln1_stats: NormStats { mean: keep("ln1_mean", &[bt], None), rstd: keep("ln1_rstd", &[bt], None) },
         qkv: keep("qkv", &[bt, 3 * d], recomputed.qkv),
         probs: keep("probs", &[b, h, t, t], recomputed.probs),
         attn: keep("attn", &[bt, d], recomputed.attn),
         x_mid,
         ln2: keep("ln2", &[bt, d], recomputed.ln),
-        ln2_mean: keep("ln2_mean", &[bt], None),
-        ln2_rstd: keep("ln2_rstd", &[bt], None),
+        ln2_stats: NormStats { mean: keep("ln2_mean", &[bt], None), rstd: keep("ln2_rstd", &[bt], None) },
         fc1: keep("fc1", &[bt, f], recomputed.fc1),
         gelu: keep("gelu", &[bt, f], recomputed.gelu),
         proj_out: ls_trains.then(|| plan.f32(format!("{pre}.proj_out"), &[bt, d], a)),
         fc2_out: ls_trains.then(|| plan.f32(format!("{pre}.fc2_out"), &[bt, d], a)),
     };
     Block {
-        norm1: (p("norm1.weight"), p("norm1.bias")),
+        norm1: LayerNorm { w: p("norm1.weight"), b: p("norm1.bias") },
         qkv: lin("attn.qkv.weight", "attn.qkv.bias", d, 3 * d, qkv_br, 0),
         proj: lin("attn.proj.weight", "attn.proj.bias", d, d, bl(Position::Proj), 0),
         ls1: cfg.layer_scale.then(|| p("ls1.gamma")),
-        norm2: (p("norm2.weight"), p("norm2.bias")),
+        norm2: LayerNorm { w: p("norm2.weight"), b: p("norm2.bias") },
         fc1: lin("mlp.fc1.weight", "mlp.fc1.bias", d, f, bl(Position::Fc1), 1),
         fc2: lin("mlp.fc2.weight", "mlp.fc2.bias", f, d, bl(Position::Fc2), 2),
         ls2: cfg.layer_scale.then(|| p("ls2.gamma")),

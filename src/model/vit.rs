@@ -9,7 +9,7 @@
 use crate::error::{Error, Result};
 use crate::model::config::ViTConfig;
 use crate::model::linear::{BranchDrop, Linears, MaskStream};
-use crate::model::plan::{plan_model, Layout, MemoryOptions, Param, Recompute};
+use crate::model::plan::{plan_model, LayerNorm, Layout, MemoryOptions, NormStats, Param, Recompute};
 use crate::ops::adamw::{adamw, AdamWStep};
 use crate::ops::add::{add_bias, axpy, bias_backward, mul_cols, mul_cols_backward_gamma, scale_copy};
 use crate::ops::attention::{attention_backward, attention_forward, permute_heads, Heads};
@@ -76,8 +76,8 @@ impl Model {
             Err(Error::OutOfMemory { need_mib, free_mib, .. }) => {
                 // The plan grows with the batch: binary search for the largest that fits (12 MiB of slack
                 // for the per-pool allocation granularity).
-                let fits = |bb: usize| {
-                    plan_model(cfg, &method, bb, memory)
+                let fits = |candidate: usize| {
+                    plan_model(cfg, &method, candidate, memory)
                         .map(|(p, _)| crate::runtime::mib(p.total_bytes()) + 12.0 < free_mib)
                         .unwrap_or(false)
                 };
@@ -227,7 +227,7 @@ impl Model {
         let heads = Heads { b, n: t, h: cfg.num_heads, hd: cfg.head_dim() };
         for (l, blk) in lo.blocks.iter().enumerate() {
             let ac = &blk.acts;
-            let sl = |t: Tensor, w: usize| t.slice(0, bt * w);
+            let sl = |buf: Tensor, width: usize| buf.slice(0, bt * width);
             // The block's input x, mid-block sum xm and output xo: the kept tensors themselves, or (bf16 storage)
             // fp32 scratch whose values are rounded to bf16 as they are kept, so the forward goes on with
             // exactly what the backward will widen.
@@ -236,21 +236,11 @@ impl Model {
                 _ => (sl(lo.resid[l], d), sl(ac.x_mid, d), sl(lo.resid[l + 1], d)),
             };
             let bf16 = lo.work.x.is_some();
-            layernorm_forward(
-                rt,
-                sl(ac.ln1, d),
-                ac.ln1_mean,
-                ac.ln1_rstd,
-                x,
-                blk.norm1.0.value,
-                blk.norm1.1.value,
-                d,
-                cfg.eps,
-            )?;
+            blk.norm1.forward(rt, sl(ac.ln1, d), ac.ln1_stats, x, cfg.eps)?;
             lins.forward(&blk.qkv, sl(ac.qkv, 3 * d), sl(ac.ln1, d), bt)?;
             let buf = lo.work.attention(ac.probs.slice(0, b * cfg.num_heads * t * t));
             attention_forward(rt, sl(ac.attn, d), sl(ac.qkv, 3 * d), &buf, heads)?;
-            let y = ac.proj_out.map(|t| sl(t, d)).unwrap_or(sl(lo.work.dy, d));
+            let y = ac.proj_out.map(|out| sl(out, d)).unwrap_or(sl(lo.work.dy, d));
             lins.forward(&blk.proj, y, sl(ac.attn, d), bt)?;
             if let Some(p) = self.block_drop(l) {
                 drop_path(rt, y, y, t * d, p, self.step_seed(), MaskStream::AttnResidual.id(l))?;
@@ -259,20 +249,10 @@ impl Model {
             if bf16 {
                 bf16_round(rt, sl(ac.x_mid, d), xm)?;
             }
-            layernorm_forward(
-                rt,
-                sl(ac.ln2, d),
-                ac.ln2_mean,
-                ac.ln2_rstd,
-                xm,
-                blk.norm2.0.value,
-                blk.norm2.1.value,
-                d,
-                cfg.eps,
-            )?;
+            blk.norm2.forward(rt, sl(ac.ln2, d), ac.ln2_stats, xm, cfg.eps)?;
             lins.forward(&blk.fc1, sl(ac.fc1, cfg.mlp_hidden), sl(ac.ln2, d), bt)?;
             gelu_forward(rt, sl(ac.gelu, cfg.mlp_hidden), sl(ac.fc1, cfg.mlp_hidden))?;
-            let y = ac.fc2_out.map(|t| sl(t, d)).unwrap_or(sl(lo.work.dy, d));
+            let y = ac.fc2_out.map(|out| sl(out, d)).unwrap_or(sl(lo.work.dy, d));
             lins.forward(&blk.fc2, y, sl(ac.gelu, cfg.mlp_hidden), bt)?;
             if let Some(p) = self.block_drop(l) {
                 drop_path(rt, y, y, t * d, p, self.step_seed(), MaskStream::MlpResidual.id(l))?;
@@ -285,17 +265,7 @@ impl Model {
         // Only the cls rows reach the loss: the final norm runs on them alone (LayerNorm is per row).
         let (cls_in, feats) = (lo.cls_in.slice(0, b * d), lo.feats.slice(0, b * d));
         cls_gather(rt, cls_in, lo.work.x.unwrap_or(lo.resid[cfg.depth]), b, t, d)?;
-        layernorm_forward(
-            rt,
-            feats,
-            lo.lnf_mean,
-            lo.lnf_rstd,
-            cls_in,
-            pget("norm.weight"),
-            pget("norm.bias"),
-            d,
-            cfg.eps,
-        )?;
+        lo.final_norm.forward(rt, feats, lo.lnf_stats, cls_in, cfg.eps)?;
         let logits = lo.logits.slice(0, b * v);
         matmul(rt, logits, feats, pget("head.weight"), Matmul::new(b, v, d, false, true))?;
         add_bias(rt, logits, pget("head.bias"))
@@ -337,13 +307,13 @@ impl Model {
         let b = self.require_batch()?;
         let (rt, lo, cfg) = (&self.rt, &self.layout, &self.cfg);
         let lins = self.linears();
-        let (d, t, v, fh) = (cfg.embed_dim, cfg.tokens(), cfg.num_classes, cfg.mlp_hidden);
+        let (d, f, t, v) = (cfg.embed_dim, cfg.mlp_hidden, cfg.tokens(), cfg.num_classes);
         let bt = b * t;
         let np = cfg.num_patches();
         rt.zero_pool(Pool::Grads)?;
         let p = |n: &str| *lo.params.get(n).expect("every backbone tensor is planned");
         let w = &lo.work;
-        let sl = |t: Tensor, width: usize| t.slice(0, bt * width);
+        let sl = |buf: Tensor, width: usize| buf.slice(0, bt * width);
 
         // Head: logits = feats·Whᵀ + bh.
         let (head_w, head_b) = (p("head.weight"), p("head.bias"));
@@ -360,19 +330,7 @@ impl Model {
         // Final norm on the cls rows, then scatter into the residual gradient (zero for the other rows).
         let dcls = w.dcls.slice(0, b * d);
         rt.zero(dcls)?;
-        let (nw, nb) = (p("norm.weight"), p("norm.bias"));
-        layernorm_backward(
-            rt,
-            dcls,
-            nw.grad,
-            nb.grad,
-            dfeat,
-            lo.cls_in.slice(0, b * d),
-            nw.value,
-            lo.lnf_mean,
-            lo.lnf_rstd,
-            d,
-        )?;
+        lo.final_norm.backward(rt, dcls, dfeat, lo.cls_in.slice(0, b * d), lo.lnf_stats)?;
         let dres = sl(w.dres, d);
         cls_scatter(rt, dres, dcls, b, t, d)?;
 
@@ -391,22 +349,13 @@ impl Model {
             };
             // MLP: x_out = x_mid + ls2 ⊙ fc2(GELU(fc1(LN2(x_mid)))). First rebuild what was not kept.
             if rc >= Recompute::Norms {
-                layernorm_apply(
-                    rt,
-                    sl(ac.ln2, d),
-                    x_mid,
-                    ac.ln2_mean,
-                    ac.ln2_rstd,
-                    blk.norm2.0.value,
-                    blk.norm2.1.value,
-                    d,
-                )?;
+                blk.norm2.apply(rt, sl(ac.ln2, d), x_mid, ac.ln2_stats)?;
             }
             if rc >= Recompute::Block {
-                lins.forward(&blk.fc1, sl(ac.fc1, fh), sl(ac.ln2, d), bt)?;
+                lins.forward(&blk.fc1, sl(ac.fc1, f), sl(ac.ln2, d), bt)?;
             }
             if rc >= Recompute::Norms {
-                gelu_forward(rt, sl(ac.gelu, fh), sl(ac.fc1, fh))?;
+                gelu_forward(rt, sl(ac.gelu, f), sl(ac.fc1, f))?;
             }
             let drop = |which: MaskStream| self.block_drop(l).map(|p| (p, self.step_seed(), which.id(l), t * d));
             let dy = residual_branch_backward(
@@ -414,38 +363,18 @@ impl Model {
                 sl(w.dy, d),
                 dres,
                 blk.ls2,
-                ac.fc2_out.map(|t| sl(t, d)),
+                ac.fc2_out.map(|out| sl(out, d)),
                 drop(MaskStream::MlpResidual),
             )?;
-            let du = sl(w.du, fh);
-            lins.backward(&blk.fc2, du, dy, sl(ac.gelu, fh), bt)?;
-            gelu_backward(rt, du, sl(ac.fc1, fh), du)?;
+            let du = sl(w.du, f);
+            lins.backward(&blk.fc2, du, dy, sl(ac.gelu, f), bt)?;
+            gelu_backward(rt, du, sl(ac.fc1, f), du)?;
             let dh = sl(w.dh, d);
             lins.backward(&blk.fc1, dh, du, sl(ac.ln2, d), bt)?;
-            layernorm_backward(
-                rt,
-                dres,
-                blk.norm2.0.grad,
-                blk.norm2.1.grad,
-                dh,
-                x_mid,
-                blk.norm2.0.value,
-                ac.ln2_mean,
-                ac.ln2_rstd,
-                d,
-            )?;
+            blk.norm2.backward(rt, dres, dh, x_mid, ac.ln2_stats)?;
             // Attention: x_mid = x_in + ls1 ⊙ proj(attn(qkv(LN1(x_in)))).
             if rc >= Recompute::Norms {
-                layernorm_apply(
-                    rt,
-                    sl(ac.ln1, d),
-                    x_in,
-                    ac.ln1_mean,
-                    ac.ln1_rstd,
-                    blk.norm1.0.value,
-                    blk.norm1.1.value,
-                    d,
-                )?;
+                blk.norm1.apply(rt, sl(ac.ln1, d), x_in, ac.ln1_stats)?;
             }
             let qkv = sl(ac.qkv, 3 * d);
             if rc >= Recompute::Block {
@@ -466,7 +395,7 @@ impl Model {
                 sl(w.dy, d),
                 dres,
                 blk.ls1,
-                ac.proj_out.map(|t| sl(t, d)),
+                ac.proj_out.map(|out| sl(out, d)),
                 drop(MaskStream::AttnResidual),
             )?;
             lins.backward(&blk.proj, dh, dy, sl(ac.attn, d), bt)?;
@@ -474,18 +403,7 @@ impl Model {
             let (dscores, dtmp) = (w.dscores.slice(0, b * cfg.num_heads * t * t), w.dtmp.slice(0, bt * d));
             attention_backward(rt, dqkv, dh, &buf, dscores, dtmp, heads)?;
             lins.backward(&blk.qkv, dh, dqkv, sl(ac.ln1, d), bt)?;
-            layernorm_backward(
-                rt,
-                dres,
-                blk.norm1.0.grad,
-                blk.norm1.1.grad,
-                dh,
-                x_in,
-                blk.norm1.0.value,
-                ac.ln1_mean,
-                ac.ln1_rstd,
-                d,
-            )?;
+            blk.norm1.backward(rt, dres, dh, x_in, ac.ln1_stats)?;
         }
         // Embedding: cls token, position table and (full fine-tuning) the patch projection.
         let (cls, pos, pw, pb) =
@@ -533,6 +451,26 @@ impl Model {
             adamw(&self.rt, p.value, g, p.m.expect("trainable: AdamW m"), p.v.expect("trainable: AdamW v"), st)?;
         }
         Ok(())
+    }
+}
+
+impl LayerNorm {
+    /// out = LN(x) per row, saving the statistics.                          out, x: (rows, D)
+    fn forward(&self, rt: &Runtime, out: Tensor, stats: NormStats, x: Tensor, eps: f32) -> Result<()> {
+        let (w, b) = (self.w.value, self.b.value);
+        layernorm_forward(rt, out, stats.mean, stats.rstd, x, w, b, w.numel, eps)
+    }
+
+    /// out = LN(x) again from the saved statistics, bit-identical to the forward (what recomputation reads).
+    fn apply(&self, rt: &Runtime, out: Tensor, x: Tensor, stats: NormStats) -> Result<()> {
+        let (w, b) = (self.w.value, self.b.value);
+        layernorm_apply(rt, out, x, stats.mean, stats.rstd, w, b, w.numel)
+    }
+
+    /// dx += LN'(x)ᵀ·dy; the gradients of w and b accumulated when they train.   dx, dy, x: (rows, D)
+    fn backward(&self, rt: &Runtime, dx: Tensor, dy: Tensor, x: Tensor, stats: NormStats) -> Result<()> {
+        let w = self.w.value;
+        layernorm_backward(rt, dx, self.w.grad, self.b.grad, dy, x, w, stats.mean, stats.rstd, w.numel)
     }
 }
 
