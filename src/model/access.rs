@@ -64,7 +64,7 @@ impl Model {
         Ok(())
     }
 
-    /// Initialises every branch as the official code does: kernel factors (2, n, r/2) ~ kaiming_uniform(a=√5),
+    /// Initialises every branch as the official code does (method.md §13): kernel factors (2, n, r/2) ~ kaiming_uniform(a=√5),
     /// i.e. U(±1/√(n·r/2)); α = γ = 1, β = 0; LoRA A (r, in) and B (out, r) ~ N(0, 0.02²) (the official model
     /// re-initialises every Linear, LoRA's included, with trunc_normal(0.02)). Deterministic by `seed`.
     ///

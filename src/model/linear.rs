@@ -1,14 +1,14 @@
 //! The adapted Linear, y = x·(W0 + ΔW)ᵀ + b: the one place where a fine-tuning method meets the model.
 //!
 //! Merged (the default): each branch builds its update in scratch and adds it into a copy of W0 there
-//! (the kernel family: M from the factors (`ops::kmerge`), sparsified to M_s (`ops::compete`), added
-//! transposed; LoRA: B·A), and the Linear is one GEMM with that W. M is never kept: the backward rebuilds it,
-//! with the threshold its forward selected, and takes each branch's factor gradients while its M is in
-//! scratch, before the input gradient goes through the same W.
+//! (the kernel family: M from the factors (`ops::kmerge`, method.md §2–§3), sparsified to M_s
+//! (`ops::compete`, §4–§5), added transposed; LoRA: B·A), and the Linear is one GEMM with that W (§6). M is
+//! never kept: the backward rebuilds it, with the threshold its forward selected, and takes each branch's
+//! factor gradients (§7) while its M is in scratch, before the input gradient goes through the same W.
 //!
 //! Unmerged (training with the official recipe's branch dropout or drop-path): y = x·W0ᵀ + b +
 //! Σ_branches DropPath(Dropout(x)·M_s), one dropout mask shared by q, k and v, none on proj's input. The
-//! masks are hashes of (seed, stream, index), never stored; [`MaskStream`] names the streams of a block.
+//! masks are hashes of (seed, stream, index), never stored (§15); [`MaskStream`] names the streams of a block.
 use crate::error::Result;
 use crate::model::config::Position;
 use crate::model::plan::{Branch, BranchParams, BranchScratch, Layout, Linear};
@@ -215,7 +215,7 @@ impl Linears<'_> {
         self.layout.thresholds.slice(br.id, 1)
     }
 
-    /// The factor gradients of a branch whose matrix the merge just built, accumulated.
+    /// The factor gradients of a branch whose matrix the merge just built, accumulated (method.md §7).
     /// Kernel: ∂L/∂M_s = xᵀ·dy (in, out), then ∂L/∂M = ∂L/∂M_s·|M|·mask in place, then ∂In_Qs, ∂Out_Qs (and
     /// α, γ, β).
     /// LoRA: ∂L/∂W = dyᵀ·x (out, in), then ∂L/∂B += ∂W·Aᵀ and ∂L/∂A += Bᵀ·∂W.

@@ -272,7 +272,7 @@ impl Model {
     }
 
     /// Seed of this step's masks (the AdamW step count moves on after the backward, so forward and backward
-    /// of one step share it).
+    /// of one step share it; method.md §15).
     fn step_seed(&self) -> u64 {
         self.reg_seed ^ (self.step + 1).wrapping_mul(GOLDEN_GAMMA)
     }
@@ -422,8 +422,8 @@ impl Model {
 
     /// One AdamW step on the trainable set with the gradients of the last backward (β = 0.9, 0.999,
     /// ε = 1e-8, torch's operation order; decay on tensors of ≥ 2 dimensions but biases, pos_embed and
-    /// cls_token, as the official `set_weight_decay`). GPS masks
-    /// the gradients; the masked-out entries do not decay either.
+    /// cls_token, as the official `set_weight_decay`: method.md §12). GPS masks the gradients; the
+    /// masked-out entries do not decay either.
     ///
     /// # Errors
     /// A learning rate or weight decay that is negative or not finite; device failures.

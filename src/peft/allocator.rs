@@ -1,6 +1,7 @@
 //! SNELLA's bi-level sparsity allocation (official `sparse_allocator.Allocator`, metric 'ipt'):
-//! layers compete for a global non-zero budget by EMA importance × uncertainty (inter-layer), and
-//! inside each layer the magnitude quantile decides which entries survive (intra-layer, `ops::compete`).
+//! layers compete for a global non-zero budget by EMA importance × uncertainty (inter-layer, method.md
+//! §8–§11), and inside each layer the magnitude quantile decides which entries survive (intra-layer,
+//! `ops::compete`, §4–§5).
 //! All schedule "steps" are epochs. Numerics follow the official code: EMAs in fp32 on the device, layer
 //! scores and the budget split in fp32, the ratios s_l in double.
 use crate::error::{Error, Result};
@@ -107,7 +108,7 @@ impl Allocator {
     }
 
     /// (budget in non-zero entries, reallocate?) at the start of `epoch` (cubic decay from the initial to the
-    /// target budget).
+    /// target budget, method.md §10).
     pub fn schedule(&self, epoch: usize) -> (f64, bool) {
         let c = &self.cfg;
         if epoch <= c.init_warmup {
@@ -122,7 +123,8 @@ impl Allocator {
         (v, epoch.is_multiple_of(c.mask_interval))
     }
 
-    /// The EMA update, after every optimizer step, from the updated parameters and that step's gradients.
+    /// The EMA update (method.md §8), after every optimizer step, from the updated parameters and that step's
+    /// gradients.
     ///
     /// # Errors
     /// `Invalid { option: "allocator" }` when `model` is not the model it was built for; a failed device op.
@@ -135,7 +137,8 @@ impl Allocator {
         Ok(())
     }
 
-    /// Normalised layer scores: mean(Ī·Ū) of In_Qs plus that of Out_Qs, divided by their total (uniform when all are 0).
+    /// Normalised layer scores (method.md §9): mean(Ī·Ū) of In_Qs plus that of Out_Qs, divided by their total
+    /// (uniform when all are 0).
     ///
     /// # Errors
     /// `Invalid { option: "allocator" }` when `model` is not the model it was built for; a failed device op.
@@ -154,7 +157,8 @@ impl Allocator {
     }
 
     /// Integer non-zero counts per layer: alloc = min(cap, trunc(V·p)), then what capped layers could not
-    /// take is redistributed over the others in proportion to p, all in fp32 as the official loop.
+    /// take is redistributed over the others in proportion to p, all in fp32 as the official loop
+    /// (method.md §11).
     pub(crate) fn split_budget(scores: &[f32], volume: f64, caps: &[f64]) -> Result<Vec<i32>> {
         let vol = volume as f32;
         let caps: Vec<f32> = caps.iter().map(|&c| c as f32).collect();
