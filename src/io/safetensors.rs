@@ -199,8 +199,8 @@ pub(crate) fn serialize(
     ::safetensors::serialize(views, &Some(meta)).map_err(|e| Error::format(what, format!("cannot serialise: {e:?}")))
 }
 
-/// Writes weights in timm names as safetensors (F32, metadata `format: pt`), atomically
-/// ([`crate::train::checkpoint::write_atomic`]): on any error `path` is untouched and no temporary is left.
+/// Writes weights in timm names as safetensors (F32, metadata `format: pt`), atomically (a temporary file,
+/// fsync, rename): on any error `path` is untouched and no temporary is left.
 ///
 /// # Errors
 /// `Invalid { option: "tensor" }` naming a tensor whose values do not fill its shape; `Io` naming the path

@@ -646,11 +646,11 @@ fn plan_block(
     }
 }
 
-/// Plans every tensor of a training step without allocating anything: the same plan [`Model::new`]
-/// allocates, so its sizes are exact on any machine.
+/// Plans every tensor of a training step without allocating anything: the same plan
+/// [`Model::new`](crate::model::Model::new) allocates, so its sizes are exact on any machine.
 ///
 /// # Errors
-/// An invalid configuration or method (see [`Model::new`]).
+/// An invalid configuration or method (see [`Model::new`](crate::model::Model::new)).
 pub fn plan(cfg: &ViTConfig, method: &Method, batch: usize, memory: impl Into<MemoryOptions>) -> Result<Plan> {
     Ok(plan_model(cfg, method, batch, memory.into())?.0)
 }

@@ -1,4 +1,4 @@
-//! Labelled image sources. Batches of them are `super::loader`'s.
+//! Labelled image sources (the batches of them are `loader.rs`'s).
 //!
 //! * [`ImageFolder`] — one subfolder per class, JPEG/PNG files inside (torchvision `ImageFolder`).
 //! * [`Idx`] — MNIST / Fashion-MNIST IDX files, gzipped or not.
