@@ -150,23 +150,23 @@ pub(crate) struct RawTensor<'a> {
     bytes: Cow<'a, [u8]>,
 }
 
+/// The little-endian bytes of `data`: its own memory on a little-endian host (no copy), byte-swapped otherwise.
+fn le_bytes<T: bytemuck::Pod>(data: &[T]) -> Cow<'_, [u8]> {
+    let raw: &[u8] = bytemuck::cast_slice(data);
+    if cfg!(target_endian = "little") {
+        Cow::Borrowed(raw)
+    } else {
+        Cow::Owned(raw.chunks_exact(std::mem::size_of::<T>()).flat_map(|c| c.iter().rev().copied()).collect())
+    }
+}
+
 impl<'a> RawTensor<'a> {
     pub(crate) fn f32(shape: Vec<usize>, data: &'a [f32]) -> RawTensor<'a> {
-        let bytes = if cfg!(target_endian = "little") {
-            Cow::Borrowed(bytemuck::cast_slice::<f32, u8>(data))
-        } else {
-            Cow::Owned(data.iter().flat_map(|x| x.to_le_bytes()).collect())
-        };
-        RawTensor { dtype: Dtype::F32, shape, bytes }
+        RawTensor { dtype: Dtype::F32, shape, bytes: le_bytes(data) }
     }
 
     pub(crate) fn u32(shape: Vec<usize>, data: &'a [u32]) -> RawTensor<'a> {
-        let bytes = if cfg!(target_endian = "little") {
-            Cow::Borrowed(bytemuck::cast_slice::<u32, u8>(data))
-        } else {
-            Cow::Owned(data.iter().flat_map(|x| x.to_le_bytes()).collect())
-        };
-        RawTensor { dtype: Dtype::U32, shape, bytes }
+        RawTensor { dtype: Dtype::U32, shape, bytes: le_bytes(data) }
     }
 
     /// The same tensor with its own copy of the bytes (for values that do not outlive the encoding).

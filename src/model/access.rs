@@ -401,7 +401,7 @@ impl Model {
                 }
                 let target = format!("blocks.{l}.{leaf}");
                 let sc = &self.layout.branch_scratch[lin.scratch];
-                let w = lins.merge(lin, |_, br, applied| {
+                let w = lins.merge(lin, |br, applied| {
                     let (n_in, n_out) = (br.n_in, br.n_out);
                     let rows = |t: Tensor| t.slice(br.row0 * n_in, n_out * n_in);
                     per_branch(BranchUpdate {

@@ -83,7 +83,7 @@ impl Linears<'_> {
         if let (Some(drop), false) = (self.drop, lin.branches.is_empty()) {
             return self.unmerged_forward(lin, drop, y, x, rows);
         }
-        let w = if lin.branches.is_empty() { self.weight_f32(lin)? } else { self.merge(lin, |_, _, _| Ok(()))? };
+        let w = if lin.branches.is_empty() { self.weight_f32(lin)? } else { self.merge(lin, |_, _| Ok(()))? };
         matmul(self.rt, y, x, w, Matmul::new(rows, lin.n_out, lin.n_in, false, true))?;
         add_bias(self.rt, y, lin.b.value)
     }
@@ -97,8 +97,12 @@ impl Linears<'_> {
         let w = if lin.branches.is_empty() {
             self.weight_f32(lin)?
         } else {
+            // The forward's W again, with the thresholds its forward selected from the same factors (the
+            // quantile select, 4 passes over M on CUDA, runs once per step instead of twice; same bits); each
+            // branch's factor gradients are taken while its M is in scratch.
             let sc = &self.layout.branch_scratch[lin.scratch];
-            self.merge_again(lin, |_, br, _| self.factor_backward(lin, br, sc, x, dy, rows))?
+            let again = |br: &Branch, sc: &BranchScratch| self.branch_matrix_again(br, sc);
+            self.merge_with(lin, again, |br, _| self.factor_backward(lin, br, sc, x, dy, rows))?
         };
         if let Some(gw) = lin.w.grad {
             matmul(self.rt, gw, dy, x, Matmul::new(lin.n_out, lin.n_in, rows, true, false).accumulate())?;
@@ -125,39 +129,30 @@ impl Linears<'_> {
         Ok(w)
     }
 
-    /// Builds W0 + Σ branch updates into the Linear's scratch W (out_total, in) and returns it, calling
-    /// `after(k, branch, applied)` right after branch k is added, while its matrix is still in scratch
-    /// (`applied`: M_s, or M for dense kinds, of a kernel branch; None for LoRA). Each sparse branch selects
-    /// its threshold t = quantile(|M|, s) here and writes it to the table. The export builds through here.
+    /// The forward's merge: W0 + Σ branch updates in the Linear's scratch W (out_total, in), each sparse
+    /// branch selecting its threshold t = quantile(|M|, s) and writing it to the table. `after(branch,
+    /// applied)` runs right after each branch is added, while its matrix is still in scratch (`applied`: M_s,
+    /// or M for dense kinds, of a kernel branch; None for LoRA). The export builds through here.
     pub(crate) fn merge(
         &self,
         lin: &Linear,
-        after: impl FnMut(usize, &Branch, Option<Tensor>) -> Result<()>,
+        after: impl FnMut(&Branch, Option<Tensor>) -> Result<()>,
     ) -> Result<Tensor> {
         self.merge_with(lin, |br, sc| self.branch_matrix(br, sc), after)
     }
 
-    /// The backward's rebuild of [`Linears::merge`]: the same W, with the thresholds this step's forward
-    /// selected from the same factors (the quantile select, 4 passes over M on CUDA, runs once per step
-    /// instead of twice; same bits).
-    fn merge_again(
-        &self,
-        lin: &Linear,
-        after: impl FnMut(usize, &Branch, Option<Tensor>) -> Result<()>,
-    ) -> Result<Tensor> {
-        self.merge_with(lin, |br, sc| self.branch_matrix_again(br, sc), after)
-    }
-
+    /// W0 + Σ branch updates, each kernel branch's matrix from `kernel_matrix` (`branch_matrix` in the
+    /// forward, `branch_matrix_again` in the backward); returns W.
     fn merge_with(
         &self,
         lin: &Linear,
         kernel_matrix: impl Fn(&Branch, &BranchScratch) -> Result<Tensor>,
-        mut after: impl FnMut(usize, &Branch, Option<Tensor>) -> Result<()>,
+        mut after: impl FnMut(&Branch, Option<Tensor>) -> Result<()>,
     ) -> Result<Tensor> {
         let rt = self.rt;
         let sc = &self.layout.branch_scratch[lin.scratch];
         let w = sc.w.slice(0, lin.n_out * lin.n_in);
-        for (k, br) in lin.branches.iter().enumerate() {
+        for br in &lin.branches {
             let (n_in, n_out) = (br.n_in, br.n_out);
             let dst = w.slice(br.row0 * n_in, n_out * n_in);
             let w0 = lin.w.value.slice(br.row0 * n_in, n_out * n_in);
@@ -166,34 +161,31 @@ impl Linears<'_> {
                     // W = W0 + B·A                                    (out, in)
                     copy_frozen(rt, dst, w0)?;
                     matmul(rt, dst, b.value, a.value, Matmul::new(n_out, n_in, r, false, false).accumulate())?;
-                    after(k, br, None)?;
+                    after(br, None)?;
                 }
                 BranchParams::Kernel { .. } => {
                     let applied = kernel_matrix(br, sc)?;
                     add_frozen_transposed(rt, dst, w0, applied, n_in, n_out)?;
-                    after(k, br, Some(applied))?;
+                    after(br, Some(applied))?;
                 }
             }
         }
         Ok(w)
     }
 
-    /// M of a kernel branch, in its scratch.                                  (in, out)
-    fn kernel_m(&self, br: &Branch, sc: &BranchScratch) -> Result<Tensor> {
+    /// M of a kernel branch in its scratch, and (sparse kinds) the scratch its M_s goes to.   (in, out) each
+    fn kernel_m(&self, br: &Branch, sc: &BranchScratch) -> Result<(Tensor, Option<Tensor>)> {
         let BranchParams::Kernel { kind, .. } = br.params else { unreachable!("LoRA branches are merged as B·A") };
         let m = sc.m.slice(0, br.n_in * br.n_out);
         merge_forward(self.rt, m, &kernel_factors(br), kind, sc.merge.as_ref().expect("kernel branch scratch"))?;
-        Ok(m)
+        Ok((m, br.is_sparse().then(|| sc.ms.slice(0, m.numel))))
     }
 
     /// Forward: M, and for sparse kinds t = quantile(|M|, s) (into the threshold table) and M_s. Returns the
     /// matrix the branch applies (M_s, or M for dense kinds).                 (in, out)
     fn branch_matrix(&self, br: &Branch, sc: &BranchScratch) -> Result<Tensor> {
-        let m = self.kernel_m(br, sc)?;
-        if !br.is_sparse() {
-            return Ok(m);
-        }
-        let ms = sc.ms.slice(0, m.numel);
+        let (m, ms) = self.kernel_m(br, sc)?;
+        let Some(ms) = ms else { return Ok(m) };
         let scratch = sc.compete.as_ref().expect("compete scratch");
         sparsify_forward(self.rt, ms, self.threshold(br), m, self.sparsity[br.id], scratch)?;
         Ok(ms)
@@ -201,11 +193,8 @@ impl Linears<'_> {
 
     /// Backward: M again, and M_s with the threshold of this step's forward.   (in, out)
     fn branch_matrix_again(&self, br: &Branch, sc: &BranchScratch) -> Result<Tensor> {
-        let m = self.kernel_m(br, sc)?;
-        if !br.is_sparse() {
-            return Ok(m);
-        }
-        let ms = sc.ms.slice(0, m.numel);
+        let (m, ms) = self.kernel_m(br, sc)?;
+        let Some(ms) = ms else { return Ok(m) };
         sparsify_apply(self.rt, ms, m, self.threshold(br))?;
         Ok(ms)
     }
