@@ -1,7 +1,7 @@
 //! The ViT training step, written out: [`Model::new`] plans and allocates every tensor (`plan.rs`),
 //! `forward_logits` runs the layers in order, [`Model::backward`] walks them in reverse, and
 //! [`Model::adamw_step`] updates the trainable set. Shapes: B images, T = 1 + patches tokens, D width,
-//! F MLP width, H heads of Dh, V classes, BT = B·T rows of the residual stream.
+//! F MLP width, H heads of hd, V classes, BT = B·T rows of the residual stream.
 //!
 //! Every block Linear goes through `linear.rs`, where the method's branches meet the model: they never keep
 //! M or M_s between forward and backward (each Linear builds its merged weight W0 + M_sᵀ in scratch, uses
@@ -31,6 +31,8 @@ use crate::runtime::{Backend, Pool, Runtime, Tensor};
 /// names (`blocks.0.attn.qkv.weight`, ...); branch factors are `<linear>[.q|.k|.v].<leaf>` (see
 /// [`Model::param_names`]).
 pub struct Model {
+    // Fields are the model's own (pub(super)); the few that are pub(crate) are read by selftest.rs (method,
+    // block_drop_path, reg_seed) or hold the device other modules run ops on (rt).
     pub(super) cfg: ViTConfig,
     pub(crate) method: Method,
     /// Planned batch size; a step may use fewer images.
