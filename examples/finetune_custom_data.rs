@@ -6,7 +6,8 @@ use snella::model::{Model, Recompute, ViTConfig};
 use snella::peft::allocator::{Allocator, AllocatorConfig};
 use snella::peft::Method;
 use snella::train::augment::Transform;
-use snella::train::data::{Dataset, ImageFolder, Loader};
+use snella::train::data::{Dataset, ImageFolder};
+use snella::train::loader::Loader;
 use snella::{Backend, Device};
 
 /// The caller's data source: batches of (images (b, 3, H, W), labels).

@@ -3,9 +3,10 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 
 use crate::error::{Error, Result};
+use crate::io::safetensors::{f32_values, i64_values, File};
 use crate::model::{MemoryOptions, Model, ViTConfig};
 use crate::peft::Method;
 use crate::runtime::Backend;
@@ -90,20 +91,17 @@ impl GoldenCase {
         let text = std::fs::read_to_string(&jpath).map_err(|e| Error::io(&jpath, e))?;
         let manifest: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| Error::format(&jpath, e.to_string()))?;
-        let bytes = std::fs::read(&spath).map_err(|e| Error::io(&spath, e))?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::format(&spath, e.to_string()))?;
+        let file = File::read(&spath)?;
         let mut tensors = HashMap::new();
         let mut labels = Vec::new();
-        for (k, v) in st.tensors() {
+        for (k, v) in file.tensors()?.tensors() {
             match v.dtype() {
                 Dtype::F32 => {
-                    let data: Vec<f32> =
-                        v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+                    let data = f32_values(&spath, &k, &v)?;
                     tensors.insert(k, (v.shape().to_vec(), data));
                 }
                 Dtype::I64 if k == "input.labels" => {
-                    labels =
-                        v.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as i32).collect();
+                    labels = i64_values(&spath, &k, &v)?.into_iter().map(|y| y as i32).collect();
                 }
                 d => return Err(Error::format(&spath, format!("tensor {k}: unexpected dtype {d:?}"))),
             }
@@ -193,10 +191,10 @@ impl GoldenCase {
             model.set_param(&name, self.get(&key)?)?;
         }
         if let Some(sp) = self.manifest["method"]["sparsity_per_branch"].as_object() {
-            for br in &model.layout.branches {
-                let s = sp.get(&br.prefix).and_then(|v| v.as_f64());
-                model.sparsity[br.id] =
-                    s.ok_or_else(|| Error::format(&self.path, format!("no sparsity for {}", br.prefix)))? as f32;
+            for (i, prefix) in model.branch_names().iter().enumerate() {
+                let s = sp.get(prefix).and_then(|v| v.as_f64());
+                model.sparsity_mut()[i] =
+                    s.ok_or_else(|| Error::format(&self.path, format!("no sparsity for {prefix}")))? as f32;
             }
         }
         model.set_batch(self.get("input.images")?, &self.labels)?;

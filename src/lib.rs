@@ -31,10 +31,12 @@ pub mod error;
 pub mod golden;
 #[cfg(test)]
 mod golden_parity;
+mod io;
 pub mod model;
 mod ops;
 pub mod peft;
 pub mod report;
+mod rng;
 mod runtime;
 pub mod selftest;
 pub mod train;

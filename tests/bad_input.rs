@@ -13,8 +13,9 @@ use snella::peft::{KernelMethod, Method};
 use snella::report::{memory, speed};
 use snella::train::augment::Transform;
 use snella::train::checkpoint::{load_checkpoint, read_checkpoint_meta, save_checkpoint, write_atomic, TrainState};
-use snella::train::data::{decode_image, Dataset, Example, Idx, ImageFolder, Loader};
+use snella::train::data::{decode_image, Dataset, Example, Idx, ImageFolder};
 use snella::train::export::{apply_sparse_delta, read_sparse_delta, write_sparse_delta, DeltaBranch, SparseDelta};
+use snella::train::loader::Loader;
 use snella::train::trainer::{evaluate, Trainer};
 use snella::{Backend, GemmPrecision, KernelKind, Result};
 

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use image::{GrayAlphaImage, GrayImage, ImageBuffer, Luma, Rgb, RgbImage, RgbaImage};
 use snella::train::augment::{Transform, IMAGENET_MEAN, IMAGENET_STD};
-use snella::train::data::{subset, Batch, Dataset, Example, Idx, ImageFolder, Loader};
+use snella::train::data::{subset, Dataset, Example, Idx, ImageFolder};
+use snella::train::loader::{Batch, Loader};
 use snella::{Error, Result};
 
 /// A fresh, empty folder unique to this process and call.

@@ -32,7 +32,7 @@ fn trained_at(dir: &Path, weights: &Path, data: &Path, method: &str, sparsity: f
 }
 
 /// Logits of `model` on a batch.
-fn logits(model: &mut Model, b: &snella::train::data::Batch) -> Vec<f32> {
+fn logits(model: &mut Model, b: &snella::train::loader::Batch) -> Vec<f32> {
     model.set_batch(&b.images, &b.labels).unwrap();
     model.forward().unwrap();
     model.logits().unwrap()

@@ -7,11 +7,17 @@
 //! `safetensors.torch.save_file(torch.load(path, map_location="cpu"), out)` (taking `["model"]` or
 //! `["state_dict"]` first where the file wraps the weights).
 use crate::error::{Error, Result};
+use crate::io::read_up_to;
+use crate::io::safetensors::{self, fills};
 use crate::model::config::ViTConfig;
 use crate::model::posembed::{resize_pos_embed, PosResize};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{Read, Write};
+use crate::rng::trunc_normal;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
 use std::path::{Path, PathBuf};
+
+// The writer of this format lives with the other safetensors code.
+pub use crate::io::safetensors::write_safetensors;
 
 /// Tensors by name: (shape, fp32 values in row-major order).
 pub type TensorMap = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
@@ -92,7 +98,7 @@ pub fn detect(path: &Path) -> Result<Format> {
         }
         return Ok(Format::GoogleNpz);
     }
-    let names = safetensors_names(path)?;
+    let names = safetensors::header_names(path)?;
     classify_names(&names).ok_or_else(|| {
         let first: Vec<&str> = names.iter().take(8).map(String::as_str).collect();
         Error::format(
@@ -102,38 +108,6 @@ pub fn detect(path: &Path) -> Result<Format> {
             ),
         )
     })
-}
-
-fn read_up_to(f: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
-}
-
-/// Tensor names of a safetensors file, from its header only.
-fn safetensors_names(path: &Path) -> Result<Vec<String>> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
-    let mut n8 = [0u8; 8];
-    if read_up_to(&mut f, &mut n8).map_err(|e| Error::io(path, e))? < 8 {
-        return Err(Error::format(path, "not a safetensors file: shorter than its 8-byte header length"));
-    }
-    let n = u64::from_le_bytes(n8);
-    if n > len.saturating_sub(8) || n > 100 << 20 {
-        return Err(Error::format(path, format!("not a safetensors file: header length {n} for a {len}-byte file")));
-    }
-    let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
-    let v: serde_json::Value = serde_json::from_slice(&header)
-        .map_err(|e| Error::format(path, format!("not a safetensors file: header is not JSON ({e})")))?;
-    let obj =
-        v.as_object().ok_or_else(|| Error::format(path, "not a safetensors file: header is not a JSON object"))?;
-    Ok(obj.keys().filter(|k| *k != "__metadata__").cloned().collect())
 }
 
 fn strip_hf_prefix(n: &str) -> &str {
@@ -162,11 +136,6 @@ fn classify_names(names: &[String]) -> Option<Format> {
     }
     let timm = names.iter().any(|n| n.starts_with("blocks.") || n == "cls_token" || n.starts_with("patch_embed."));
     timm.then_some(Format::Timm)
-}
-
-/// Whether `n` values fill a tensor of `shape` exactly (false when the shape's size overflows).
-fn fills(shape: &[usize], n: usize) -> bool {
-    shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) == Some(n)
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -209,29 +178,10 @@ fn check_no_registers(w: &Weights) -> Result<()> {
 }
 
 fn read_safetensors(path: &Path) -> Result<TensorMap> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::format(path, format!("not a valid safetensors file (truncated or corrupt?): {e:?}")))?;
+    let file = safetensors::File::read(path)?;
     let mut out = TensorMap::new();
-    for (name, view) in st.tensors() {
-        let raw = view.data();
-        let data: Vec<f32> = match view.dtype() {
-            safetensors::Dtype::F32 => {
-                raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-            }
-            safetensors::Dtype::F16 => {
-                raw.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
-            }
-            safetensors::Dtype::BF16 => {
-                raw.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
-            }
-            other => {
-                return Err(Error::format(
-                    path,
-                    format!("tensor '{name}' has dtype {other:?}; only F32, F16 and BF16 are supported"),
-                ))
-            }
-        };
+    for (name, view) in file.tensors()?.tensors() {
+        let data = safetensors::float_values(path, &name, &view)?;
         let shape = view.shape().to_vec();
         if !fills(&shape, data.len()) {
             return Err(Error::format(path, format!("tensor '{name}': {} values for shape {shape:?}", data.len())));
@@ -761,26 +711,6 @@ pub fn adapt_to_config_with(w: Weights, cfg: &ViTConfig, seed: u64, mode: PosRes
     Ok((Weights { tensors: out, source }, notes))
 }
 
-/// `n` draws of N(0, std²) truncated to [-2, 2] (timm's `trunc_normal_(std=std)`: the cut is absolute), by
-/// Box–Muller from `rng`. Used for the head re-initialisation here and the trainer's random backbones.
-pub(crate) fn trunc_normal(rng: &mut impl rand::RngCore, n: usize, std: f64) -> Vec<f32> {
-    let unit = |r: &mut dyn rand::RngCore| (r.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        // Box–Muller on (0, 1] × [0, 1).
-        let u1 = 1.0 - unit(rng);
-        let u2 = unit(rng);
-        let r = (-2.0 * u1.ln()).sqrt();
-        for z in [r * (std::f64::consts::TAU * u2).cos(), r * (std::f64::consts::TAU * u2).sin()] {
-            let x = z * std;
-            if out.len() < n && (-2.0..=2.0).contains(&x) {
-                out.push(x as f32);
-            }
-        }
-    }
-    out
-}
-
 // ---------------------------------------------------------------------------------------------------------
 // Configuration inference
 // ---------------------------------------------------------------------------------------------------------
@@ -844,61 +774,4 @@ pub fn infer_config(w: &Weights, num_heads: usize, img_size: (usize, usize)) -> 
     // validate() also wants classes > 0; check the rest with a stand-in.
     ViTConfig { num_classes: num_classes.max(1), ..cfg.clone() }.validate()?;
     Ok(cfg)
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Writing
-// ---------------------------------------------------------------------------------------------------------
-
-/// Writes weights in timm names as safetensors (F32, metadata `format: pt`), atomically: the bytes go to
-/// `<path>.tmp`, which is renamed over `path` once complete; on any error the temporary is removed and `path` is
-/// untouched.
-///
-/// # Errors
-/// `Invalid { option: "tensor" }` naming a tensor whose values do not fill its shape; `Io` naming the path
-/// that could not be written.
-pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> Result<()> {
-    for (name, (shape, data)) in tensors {
-        if !fills(shape, data.len()) {
-            return Err(Error::invalid("tensor", format!("'{name}' has {} values for shape {shape:?}", data.len())));
-        }
-    }
-    let le: Vec<std::borrow::Cow<[u8]>> = tensors
-        .values()
-        .map(|(_, data)| {
-            if cfg!(target_endian = "little") {
-                std::borrow::Cow::Borrowed(bytemuck::cast_slice::<f32, u8>(data))
-            } else {
-                std::borrow::Cow::Owned(data.iter().flat_map(|x| x.to_le_bytes()).collect())
-            }
-        })
-        .collect();
-    let mut views = Vec::with_capacity(tensors.len());
-    for ((name, (shape, _)), bytes) in tensors.iter().zip(&le) {
-        let v = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-            .map_err(|e| Error::invalid("tensor", format!("'{name}': {e:?}")))?;
-        views.push((name.as_str(), v));
-    }
-    let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
-    let bytes =
-        safetensors::serialize(views, &meta).map_err(|e| Error::format(path, format!("cannot serialise: {e:?}")))?;
-    drop(le);
-
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(&tmp, e));
-    }
-    if let Err(e) = std::fs::rename(&tmp, path) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    Ok(())
 }

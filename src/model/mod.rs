@@ -1,9 +1,15 @@
-//! The ViT: configuration, parameters, forward and backward written out per layer, checkpoint loaders.
+//! The ViT: configuration, the plan of every tensor of a step, the forward and backward written out per
+//! layer, checkpoint loaders.
+mod access;
 pub mod config;
+mod linear;
 pub mod load;
+mod plan;
 pub mod vit;
 
+pub(crate) use access::TrackedFactor;
 pub use config::{Position, ViTConfig};
-pub(crate) use vit::plan_model;
-pub use vit::{plan, MemoryOptions, Model, Precision, Recompute};
+pub(crate) use plan::plan_model;
+pub use plan::{plan, MemoryOptions, Precision, Recompute};
+pub use vit::Model;
 pub mod posembed;

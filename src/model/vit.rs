@@ -1,578 +1,29 @@
-//! The ViT training step, written out: the plan of every tensor, the forward, the backward in reverse,
-//! AdamW on the trainable set. Shapes: B images, T = 1 + patches tokens, D width, F MLP width,
-//! H heads of hd, V classes, BT = B·T rows of the residual stream.
+//! The ViT training step, written out: [`Model::new`] plans and allocates every tensor (`plan.rs`),
+//! `forward_logits` runs the layers in order, [`Model::backward`] walks them in reverse, and
+//! [`Model::adamw_step`] updates the trainable set. Shapes: B images, T = 1 + patches tokens, D width,
+//! F MLP width, H heads of hd, V classes, BT = B·T rows of the residual stream.
 //!
-//! The branches of a method (LoRA, the kernelized sparse branches) never keep M or M_s between forward
-//! and backward: each Linear builds its merged weight W0 + M_sᵀ in scratch, uses it, and the backward
-//! rebuilds it. Scratch is shared between layers through scopes of the plan (see `runtime::plan`).
-use std::collections::HashMap;
-
+//! Every block Linear goes through `linear.rs`, where the method's branches meet the model: they never keep
+//! M or M_s between forward and backward (each Linear builds its merged weight W0 + M_sᵀ in scratch, uses
+//! it, and the backward rebuilds it). Accessors are in `access.rs`.
 use crate::error::{Error, Result};
-use crate::model::config::{Position, ViTConfig};
+use crate::model::config::ViTConfig;
+use crate::model::linear::{BranchDrop, Linears, MaskStream};
+use crate::model::plan::{plan_model, LayerNorm, Layout, MemoryOptions, NormStats, Param, Recompute};
 use crate::ops::adamw::{adamw, AdamWStep};
 use crate::ops::add::{add_bias, axpy, bias_backward, mul_cols, mul_cols_backward_gamma, scale_copy};
-use crate::ops::attention::{attention_backward, attention_forward, permute_heads, AttentionBuffers, Heads};
-use crate::ops::compete::{add_transposed, sparsify_apply, sparsify_backward, sparsify_forward, CompeteScratch};
+use crate::ops::attention::{attention_backward, attention_forward, permute_heads, Heads};
 use crate::ops::convert::{bf16_round, bf16_widen};
-use crate::ops::dropout::{drop_path, dropout};
+use crate::ops::dropout::drop_path;
 use crate::ops::embed::{cls_gather, cls_scatter, embed_backward, embed_forward, patchify, PatchGeom};
 use crate::ops::gelu::{gelu_backward, gelu_forward};
-use crate::ops::kmerge::{merge_backward, merge_forward, Factors, KernelKind, MergeScratch};
 use crate::ops::layernorm::{layernorm_apply, layernorm_backward, layernorm_forward};
 use crate::ops::loss::cross_entropy;
 use crate::ops::mask::mask_grad;
 use crate::ops::matmul::{matmul, Matmul};
-use crate::ops::GemmPrecision;
-use crate::peft::{decays, Method};
-use crate::runtime::{Backend, DType, Device, Plan, Pool, PoolUsage, Runtime, Tensor};
-
-/// How much of a block's forward the backward recomputes instead of keeping (each level includes the ones
-/// before it). Recomputed tensors live in one shared scratch buffer instead of one per layer.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
-pub enum Recompute {
-    /// Keep every activation.
-    None,
-    /// LayerNorm outputs (from the saved mean/rstd, bit-identical) and GELU outputs: elementwise, cheap.
-    Norms,
-    /// Also the attention probabilities and output, from the saved q|k|v (one batched GEMM pair + softmax).
-    #[default]
-    Attention,
-    /// Also the qkv and fc1 projections (re-running those Linears): only the residual stream is kept.
-    Block,
-}
-
-/// How the frozen backbone and the kept residual stream are stored. The arithmetic is fp32 either way.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// Everything fp32 (what the golden vectors check).
-    #[default]
-    Fp32,
-    /// bf16 storage of the frozen block Linear weights (qkv, proj, fc1, fc2: widened to fp32 in scratch
-    /// where they are used, merged with the fp32 branches there) and of the residual-stream checkpoints the
-    /// backward keeps (each block's input and mid-block sum, rounded in the forward itself, so the backward
-    /// differentiates exactly the forward that ran). Factors, gradients, optimizer state, every other
-    /// activation and all math stay fp32. Trainable weights (full fine-tuning, GPS) stay fp32.
-    Bf16,
-}
-
-impl Precision {
-    /// `fp32` or `bf16`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Precision::Fp32 => "fp32",
-            Precision::Bf16 => "bf16",
-        }
-    }
-}
-
-/// The memory knobs of a model: what the backward recomputes and how the backbone is stored. A bare
-/// [`Recompute`] converts into options with fp32 storage.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MemoryOptions {
-    /// What the backward recomputes instead of keeping.
-    pub recompute: Recompute,
-    /// Storage precision of the frozen weights and the residual stream.
-    pub precision: Precision,
-}
-
-impl From<Recompute> for MemoryOptions {
-    fn from(recompute: Recompute) -> MemoryOptions {
-        MemoryOptions { recompute, precision: Precision::Fp32 }
-    }
-}
-
-/// A parameter: its value, and for trainable ones the gradient and AdamW moments.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Param {
-    pub(crate) value: Tensor,
-    pub(crate) grad: Option<Tensor>,
-    pub(crate) m: Option<Tensor>,
-    pub(crate) v: Option<Tensor>,
-    pub(crate) decay: bool,
-    /// GPS: the fixed update mask (u8, same shape) of a block Linear weight.
-    pub(crate) mask: Option<Tensor>,
-}
-
-/// Every parameter by name, in plan order.
-#[derive(Default)]
-pub(crate) struct Params {
-    pub(crate) names: Vec<String>,
-    pub(crate) list: Vec<Param>,
-    index: HashMap<String, usize>,
-}
-
-impl Params {
-    fn add(&mut self, plan: &mut Plan, name: &str, shape: &[usize], trainable: bool) -> Param {
-        self.add_stored(plan, name, shape, trainable, DType::F32)
-    }
-
-    /// A parameter whose frozen value is stored as `frozen_dtype` (trainable ones are always fp32 masters).
-    fn add_stored(
-        &mut self,
-        plan: &mut Plan,
-        name: &str,
-        shape: &[usize],
-        trainable: bool,
-        frozen_dtype: DType,
-    ) -> Param {
-        let p = if trainable {
-            Param {
-                value: plan.f32(name, shape, Pool::Trainable),
-                grad: Some(plan.f32(format!("grad.{name}"), shape, Pool::Grads)),
-                m: Some(plan.f32(format!("adamw.m.{name}"), shape, Pool::Optimizer)),
-                v: Some(plan.f32(format!("adamw.v.{name}"), shape, Pool::Optimizer)),
-                decay: decays(name, shape),
-                mask: None,
-            }
-        } else {
-            let value = plan.add(name, shape, frozen_dtype, Pool::Frozen);
-            Param { value, grad: None, m: None, v: None, decay: false, mask: None }
-        };
-        self.index.insert(name.to_string(), self.list.len());
-        self.names.push(name.to_string());
-        self.list.push(p);
-        p
-    }
-
-    pub(crate) fn get(&self, name: &str) -> Option<&Param> {
-        self.index.get(name).map(|&i| &self.list[i])
-    }
-
-    /// (name, param) of the trainable set.
-    pub(crate) fn trainable(&self) -> impl Iterator<Item = (&str, &Param)> {
-        self.names.iter().map(String::as_str).zip(&self.list).filter(|(_, p)| p.grad.is_some())
-    }
-}
-
-/// The trainable tensors of one branch (plan handles: copied once per Linear call, so size is no concern).
-#[derive(Clone, Copy, Debug)]
-#[allow(clippy::large_enum_variant)]
-pub(crate) enum BranchParams {
-    /// W = W0 + B·A: A (r, in), B (out, r).
-    Lora { a: Param, b: Param, r: usize },
-    /// M from In_Qs (2, in, r/2), Out_Qs (2, out, r/2) and optionally α, γ, β; `ema` holds the allocator's
-    /// importance and uncertainty EMAs of In_Qs and Out_Qs (same shapes) when the allocator runs.
-    Kernel {
-        a: Param,
-        b: Param,
-        mix: Option<[Param; 3]>,
-        kind: KernelKind,
-        sparse: bool,
-        d: usize,
-        ema: Option<[Tensor; 4]>,
-    },
-}
-
-/// The branch on one Linear (q, k and v have one each on the fused qkv Linear).
-#[derive(Clone, Debug)]
-pub(crate) struct Branch {
-    pub(crate) prefix: String,
-    pub(crate) block: usize,
-    pub(crate) pos: Position,
-    /// Index among all branches (module order); indexes `Model::sparsity` and the threshold table.
-    pub(crate) id: usize,
-    /// First output row of the Linear's weight that this branch adapts (q: 0, k: D, v: 2D).
-    pub(crate) row0: usize,
-    pub(crate) n_in: usize,
-    pub(crate) n_out: usize,
-    pub(crate) params: BranchParams,
-}
-
-/// Scratch of the branches of one Linear shape; the scopes of the three shapes alias each other.
-pub(crate) struct BranchScratch {
-    /// The merged weight W0 + M_sᵀ of the whole Linear (out_total, in).
-    pub(crate) w: Tensor,
-    /// M and M_s (in, out) of one branch.
-    pub(crate) m: Tensor,
-    pub(crate) ms: Tensor,
-    /// ∂L/∂M_s (in, out), then ∂L/∂M in place; for LoRA ∂L/∂W (out, in).
-    pub(crate) dms: Tensor,
-    pub(crate) merge: Option<MergeScratch>,
-    pub(crate) compete: Option<CompeteScratch>,
-}
-
-/// A block Linear: y = x·Wᵀ + b (+ branches).  w: (out, in)  b: (out)
-pub(crate) struct Linear {
-    pub(crate) w: Param,
-    pub(crate) b: Param,
-    pub(crate) n_in: usize,
-    pub(crate) n_out: usize,
-    pub(crate) branches: Vec<Branch>,
-    /// Which `Layout::branch_scratch` entry serves this Linear.
-    pub(crate) scratch: usize,
-}
-
-/// What the backward needs from one block's forward.
-pub(crate) struct BlockActs {
-    /// LayerNorm 1 output and statistics.                (BT, D), (BT), (BT)
-    pub(crate) ln1: Tensor,
-    pub(crate) ln1_mean: Tensor,
-    pub(crate) ln1_rstd: Tensor,
-    /// Fused q|k|v projection.                            (BT, 3D)
-    pub(crate) qkv: Tensor,
-    /// Attention probabilities.                           (B, H, T, T)
-    pub(crate) probs: Tensor,
-    /// Merged heads (input of proj).                      (BT, D)
-    pub(crate) attn: Tensor,
-    /// Residual stream after attention.                   (BT, D)
-    pub(crate) x_mid: Tensor,
-    pub(crate) ln2: Tensor,
-    pub(crate) ln2_mean: Tensor,
-    pub(crate) ln2_rstd: Tensor,
-    /// fc1 output before GELU, and after.                  (BT, F), (BT, F)
-    pub(crate) fc1: Tensor,
-    pub(crate) gelu: Tensor,
-    /// Outputs of proj and fc2 before LayerScale, kept only when γ trains.   (BT, D)
-    pub(crate) proj_out: Option<Tensor>,
-    pub(crate) fc2_out: Option<Tensor>,
-}
-
-pub(crate) struct Block {
-    pub(crate) norm1: (Param, Param),
-    pub(crate) qkv: Linear,
-    pub(crate) proj: Linear,
-    pub(crate) ls1: Option<Param>,
-    pub(crate) norm2: (Param, Param),
-    pub(crate) fc1: Linear,
-    pub(crate) fc2: Linear,
-    pub(crate) ls2: Option<Param>,
-    pub(crate) acts: BlockActs,
-}
-
-/// Buffers reused by every layer (persistent scratch, scope 0).
-pub(crate) struct Work {
-    /// ∂L/∂ residual stream, running from the head down.  (BT, D)
-    pub(crate) dres: Tensor,
-    /// A Linear output or its gradient.                    (BT, D)
-    pub(crate) dy: Tensor,
-    /// Input gradient of a Linear.                          (BT, D)
-    pub(crate) dh: Tensor,
-    pub(crate) dqkv: Tensor,
-    /// (BT, F): ∂L/∂(GELU output), then ∂L/∂(fc1 output) in place.
-    pub(crate) du: Tensor,
-    /// Head-major q, k, v and attention output.             (B, H, T, hd) each
-    pub(crate) q: Tensor,
-    pub(crate) k: Tensor,
-    pub(crate) v: Tensor,
-    pub(crate) o: Tensor,
-    pub(crate) dscores: Tensor,
-    pub(crate) dtmp: Tensor,
-    /// Branch dropout/drop-path (kernel methods with those rates only): the dropped-out branch input and a
-    /// per-branch copy (drop-path, then the input gradient through the branch).   (BT, max(D, F)) each
-    pub(crate) reg_x: Option<Tensor>,
-    pub(crate) reg_xb: Option<Tensor>,
-    /// bf16 storage: the fp32 residual stream of the block being run (its input, then its output) and its
-    /// mid-block sum; the kept bf16 copies are widened into them in the backward.   (BT, D) each
-    pub(crate) x: Option<Tensor>,
-    pub(crate) xm: Option<Tensor>,
-    /// bf16 storage without branches (linear probe): a frozen Linear weight widened to fp32.  (max(3D·D, F·D))
-    pub(crate) w0: Option<Tensor>,
-    /// Head: final-norm cls rows, gradients.                (B, D), (B, V)
-    pub(crate) dfeat: Tensor,
-    pub(crate) dcls: Tensor,
-    pub(crate) dlogits: Tensor,
-}
-
-impl Work {
-    /// The attention buffers of one layer: the shared head-major scratch and that layer's probabilities.
-    fn attention(&self, probs: Tensor) -> AttentionBuffers {
-        AttentionBuffers { q: self.q, k: self.k, v: self.v, o: self.o, probs }
-    }
-}
-
-/// Every tensor handle of a planned model.
-pub(crate) struct Layout {
-    pub(crate) params: Params,
-    pub(crate) blocks: Vec<Block>,
-    pub(crate) branch_scratch: Vec<BranchScratch>,
-    pub(crate) work: Work,
-    /// Images (B, C, H, W), labels (B) i32, per-sample losses (B), logits (B, V).
-    pub(crate) images: Tensor,
-    pub(crate) labels: Tensor,
-    pub(crate) losses: Tensor,
-    pub(crate) logits: Tensor,
-    /// Patches (B·Np, C·P·P): an activation when the patch embedding trains, scratch otherwise.
-    pub(crate) patches: Tensor,
-    /// Residual stream entering each block and after the last: (L+1) × (BT, D).
-    pub(crate) resid: Vec<Tensor>,
-    /// Final norm: cls rows in, normalised out, statistics.  (B, D), (B, D), (B), (B)
-    pub(crate) cls_in: Tensor,
-    pub(crate) feats: Tensor,
-    pub(crate) lnf_mean: Tensor,
-    pub(crate) lnf_rstd: Tensor,
-    /// Threshold t of every sparse branch from the last forward.   (branches)
-    pub(crate) thresholds: Tensor,
-    pub(crate) branches: Vec<Branch>,
-    pub(crate) recompute: Recompute,
-    pub(crate) precision: Precision,
-}
-
-/// Plans every tensor of a training step of `cfg` under `method` at batch `b`, keeping activations as
-/// `recompute` says.
-pub(crate) fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, mem: MemoryOptions) -> Result<(Plan, Layout)> {
-    let MemoryOptions { recompute, precision } = mem;
-    let bf16 = precision == Precision::Bf16;
-    cfg.validate()?;
-    method.validate()?;
-    if b == 0 {
-        return Err(Error::invalid("batch", "must be at least 1"));
-    }
-    // The largest tensor of a step (a (B, H, T, T) score block or a (BT, max(3D, F)) activation) must be
-    // addressable; f64 cannot overflow where usize products could.
-    let (tf, hf) = (cfg.tokens() as f64, cfg.num_heads as f64);
-    let widest = (3.0 * cfg.embed_dim as f64).max(cfg.mlp_hidden as f64).max(hf * tf);
-    if b as f64 * tf * widest * 4.0 > (1u64 << 48) as f64 {
-        return Err(Error::invalid("batch", format!("batch {b} makes a tensor of this model exceed 2^48 bytes")));
-    }
-    let (d, f, h, t, v) = (cfg.embed_dim, cfg.mlp_hidden, cfg.num_heads, cfg.tokens(), cfg.num_classes);
-    let bt = b * t;
-    let np = cfg.num_patches();
-    let full = method.trains_backbone();
-    let mut plan = Plan::new();
-    let mut params = Params::default();
-
-    // Persistent scratch first (scope 0): cuBLAS workspace and the per-layer gradient buffers.
-    plan.add_cublas_workspace();
-    let s = Pool::Scratch;
-    let hd = cfg.head_dim();
-    // Buffers that are never live at the same time share storage (hand-placed, llm.c style):
-    //  - `heads` holds q|k|v|o during attention (forward, and backward's attention part), and ∂L/∂u during the
-    //    backward's MLP part, which ends before the attention part starts;
-    //  - `wide_a` holds ∂L/∂qkv (attention part of the backward), the recomputed GELU output (forward MLP and
-    //    backward MLP part), and the patches before block 0 when the patch embedding is frozen;
-    //  - `wide_b` holds the recomputed qkv (attention part) and fc1 output (MLP part) at `Recompute::Block`.
-    let patches_len = if full { 0 } else { b * np * cfg.patch_dim() };
-    let regularised = matches!(method, Method::Kernel(k) if k.regularised());
-    let heads = plan.f32("work.heads", &[(4 * b * h * t * hd).max(bt * f)], s);
-    let wide_a = plan.f32("work.wide_a", &[(bt * 3 * d).max(bt * f).max(patches_len)], s);
-    let wide_b = (recompute >= Recompute::Block).then(|| plan.f32("work.wide_b", &[(bt * 3 * d).max(bt * f)], s));
-    let quarter = b * h * t * hd;
-    let work = Work {
-        dres: plan.f32("work.dres", &[bt, d], s),
-        dy: plan.f32("work.dy", &[bt, d], s),
-        dh: plan.f32("work.dh", &[bt, d], s),
-        dqkv: wide_a.slice(0, bt * 3 * d),
-        du: heads.slice(0, bt * f),
-        q: heads.slice(0, quarter),
-        k: heads.slice(quarter, quarter),
-        v: heads.slice(2 * quarter, quarter),
-        o: heads.slice(3 * quarter, quarter),
-        dscores: plan.f32("work.attn.dscores", &[b, h, t, t], s),
-        dtmp: plan.f32("work.attn.dtmp", &[b, h, t, hd], s),
-        reg_x: regularised.then(|| plan.f32("work.reg_x", &[bt, d.max(f)], s)),
-        reg_xb: regularised.then(|| plan.f32("work.reg_xb", &[bt, d.max(f)], s)),
-        x: bf16.then(|| plan.f32("work.x", &[bt, d], s)),
-        xm: bf16.then(|| plan.f32("work.xm", &[bt, d], s)),
-        w0: (bf16 && !full && !method.has_branches()).then(|| plan.f32("work.w0", &[(3 * d * d).max(f * d)], s)),
-        dfeat: plan.f32("work.dfeat", &[b, d], s),
-        dcls: plan.f32("work.dcls", &[b, d], s),
-        dlogits: plan.f32("work.dlogits", &[b, v], s),
-    };
-    let patches = if full {
-        plan.f32("act.patches", &[b * np, cfg.patch_dim()], Pool::Activations)
-    } else {
-        wide_a.slice(0, b * np * cfg.patch_dim())
-    };
-    // Shared buffers of the activations the backward recomputes (one for all layers; ln serves LN1 and LN2,
-    // which are never needed at the same time).
-    let shared = |plan: &mut Plan, level: Recompute, name: &str, shape: &[usize]| {
-        (recompute >= level).then(|| plan.f32(format!("work.recompute.{name}"), shape, s))
-    };
-    let r_ln = shared(&mut plan, Recompute::Norms, "ln", &[bt, d]);
-    let r_gelu = (recompute >= Recompute::Norms).then(|| wide_a.slice(0, bt * f));
-    let r_probs = shared(&mut plan, Recompute::Attention, "probs", &[b, h, t, t]);
-    let r_attn = shared(&mut plan, Recompute::Attention, "attn", &[bt, d]);
-    let r_qkv = wide_b.map(|w| w.slice(0, bt * 3 * d));
-    let r_fc1 = wide_b.map(|w| w.slice(0, bt * f));
-
-    // Parameters, in timm order.
-    let trainable = |name: &str| full || matches!(name, "cls_token" | "head.weight" | "head.bias");
-    let shapes = cfg.param_shapes();
-    let mut by_name: HashMap<String, Param> = HashMap::new();
-    // bf16 storage: the four block Linear weights, the bulk of the backbone (the rest is small).
-    let block_linear = |name: &str| {
-        name.starts_with("blocks.")
-            && ["attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight"]
-                .iter()
-                .any(|w| name.ends_with(w))
-    };
-    for (name, shape) in &shapes {
-        let dtype = if bf16 && block_linear(name) { DType::BF16 } else { DType::F32 };
-        let p = params.add_stored(&mut plan, name, shape, trainable(name), dtype);
-        by_name.insert(name.clone(), p);
-    }
-    if let Method::Gps { .. } = method {
-        for (name, shape) in &shapes {
-            if name.starts_with("blocks.") && name.ends_with("weight") && shape.len() == 2 {
-                let i = params.index[name.as_str()];
-                params.list[i].mask = Some(plan.add(format!("gps.mask.{name}"), shape, DType::U8, Pool::Optimizer));
-                params.list[i].decay = false; // the official GPS groups do not decay the masked weights
-            }
-        }
-    }
-
-    // Branch parameters, in the official module order (q, k, v, proj, fc1, fc2 per block).
-    let mut branches = Vec::new();
-    if method.has_branches() {
-        for blk in 0..cfg.depth {
-            for pos in Position::ALL {
-                let (n_in, n_out) = cfg.linear_shape(pos);
-                let prefix = pos.branch_prefix(blk);
-                let row0 = match pos {
-                    Position::K => d,
-                    Position::V => 2 * d,
-                    _ => 0,
-                };
-                let bp = match method {
-                    Method::Lora { r } => BranchParams::Lora {
-                        a: params.add(&mut plan, &format!("{prefix}.A"), &[*r, n_in], true),
-                        b: params.add(&mut plan, &format!("{prefix}.B"), &[n_out, *r], true),
-                        r: *r,
-                    },
-                    Method::Kernel(k) => {
-                        let hd = k.r / 2;
-                        let a = params.add(&mut plan, &format!("{prefix}.In_Qs"), &[2, n_in, hd], true);
-                        let bb = params.add(&mut plan, &format!("{prefix}.Out_Qs"), &[2, n_out, hd], true);
-                        let mix = k.mixture.then(|| {
-                            ["alpha", "gamma", "beta"]
-                                .map(|leaf| params.add(&mut plan, &format!("{prefix}.{leaf}"), &[1], true))
-                        });
-                        let ema = (k.sparse && k.allocator).then(|| {
-                            let o = Pool::Optimizer;
-                            [
-                                plan.f32(format!("alloc.ipt.{prefix}.In_Qs"), &[2, n_in, hd], o),
-                                plan.f32(format!("alloc.unc.{prefix}.In_Qs"), &[2, n_in, hd], o),
-                                plan.f32(format!("alloc.ipt.{prefix}.Out_Qs"), &[2, n_out, hd], o),
-                                plan.f32(format!("alloc.unc.{prefix}.Out_Qs"), &[2, n_out, hd], o),
-                            ]
-                        });
-                        BranchParams::Kernel { a, b: bb, mix, kind: k.kernel, sparse: k.sparse, d: hd, ema }
-                    }
-                    _ => unreachable!(),
-                };
-                let id = branches.len();
-                branches.push(Branch { prefix, block: blk, pos, id, row0, n_in, n_out, params: bp });
-            }
-        }
-    }
-
-    // Branch scratch: one scope per Linear shape, aliasing each other (one Linear runs at a time).
-    let mut branch_scratch = Vec::new();
-    let shape_scopes: [(&str, usize, usize, usize); 3] = [("attn", d, d, 3 * d), ("fc1", d, f, f), ("fc2", f, d, d)];
-    if method.has_branches() {
-        for (tag, n_in, n_out, w_out) in shape_scopes {
-            plan.scope();
-            let pre = format!("branch.scratch.{tag}");
-            let (merge, compete) = match method {
-                Method::Kernel(k) => (
-                    Some(MergeScratch::plan(&mut plan, &pre, n_in, n_out, k.r / 2)),
-                    k.sparse.then(|| CompeteScratch::plan(&mut plan, &pre, n_in * n_out)),
-                ),
-                _ => (None, None),
-            };
-            branch_scratch.push(BranchScratch {
-                w: plan.f32(format!("{pre}.W"), &[w_out, n_in], s),
-                m: plan.f32(format!("{pre}.M"), &[n_in, n_out], s),
-                ms: plan.f32(format!("{pre}.M_s"), &[n_in, n_out], s),
-                dms: plan.f32(format!("{pre}.dM_s"), &[n_in, n_out], s),
-                merge,
-                compete,
-            });
-        }
-    }
-
-    // Activations.
-    let a = Pool::Activations;
-    let images = plan.f32("input.images", &[b, cfg.in_chans, cfg.img_size.0, cfg.img_size.1], a);
-    let labels = plan.add("input.labels", &[b], DType::I32, a);
-    // The residual stream checkpoints: block inputs and mid-block sums (bf16 storage: rounded to bf16).
-    let stream = if bf16 { DType::BF16 } else { DType::F32 };
-    let mut resid = vec![plan.add("act.resid.0", &[bt, d], stream, a)];
-    let ls_trains = cfg.layer_scale && full;
-    let mut blocks = Vec::new();
-    for l in 0..cfg.depth {
-        let p = |n: &str| by_name[&format!("blocks.{l}.{n}")];
-        let bl =
-            |pos: Position| branches.iter().filter(|br| br.block == l && br.pos == pos).cloned().collect::<Vec<_>>();
-        let lin = |w: &str, bias: &str, n_in: usize, n_out: usize, br: Vec<Branch>, scratch: usize| Linear {
-            w: p(w),
-            b: p(bias),
-            n_in,
-            n_out,
-            branches: br,
-            scratch,
-        };
-        let mut qkv_br = bl(Position::Q);
-        qkv_br.extend(bl(Position::K));
-        qkv_br.extend(bl(Position::V));
-        let pre = format!("act.blocks.{l}");
-        let x_mid = plan.add(format!("{pre}.x_mid"), &[bt, d], stream, a);
-        let mut keep = |name: &str, shape: &[usize], shared: Option<Tensor>| {
-            shared.unwrap_or_else(|| plan.f32(format!("{pre}.{name}"), shape, a))
-        };
-        let acts = BlockActs {
-            ln1: keep("ln1", &[bt, d], r_ln),
-            ln1_mean: keep("ln1_mean", &[bt], None),
-            ln1_rstd: keep("ln1_rstd", &[bt], None),
-            qkv: keep("qkv", &[bt, 3 * d], r_qkv),
-            probs: keep("probs", &[b, h, t, t], r_probs),
-            attn: keep("attn", &[bt, d], r_attn),
-            x_mid,
-            ln2: keep("ln2", &[bt, d], r_ln),
-            ln2_mean: keep("ln2_mean", &[bt], None),
-            ln2_rstd: keep("ln2_rstd", &[bt], None),
-            fc1: keep("fc1", &[bt, f], r_fc1),
-            gelu: keep("gelu", &[bt, f], r_gelu),
-            proj_out: ls_trains.then(|| plan.f32(format!("{pre}.proj_out"), &[bt, d], a)),
-            fc2_out: ls_trains.then(|| plan.f32(format!("{pre}.fc2_out"), &[bt, d], a)),
-        };
-        blocks.push(Block {
-            norm1: (p("norm1.weight"), p("norm1.bias")),
-            qkv: lin("attn.qkv.weight", "attn.qkv.bias", d, 3 * d, qkv_br, 0),
-            proj: lin("attn.proj.weight", "attn.proj.bias", d, d, bl(Position::Proj), 0),
-            ls1: cfg.layer_scale.then(|| p("ls1.gamma")),
-            norm2: (p("norm2.weight"), p("norm2.bias")),
-            fc1: lin("mlp.fc1.weight", "mlp.fc1.bias", d, f, bl(Position::Fc1), 1),
-            fc2: lin("mlp.fc2.weight", "mlp.fc2.bias", f, d, bl(Position::Fc2), 2),
-            ls2: cfg.layer_scale.then(|| p("ls2.gamma")),
-            acts,
-        });
-        resid.push(plan.add(format!("act.resid.{}", l + 1), &[bt, d], stream, a));
-    }
-    let cls_in = plan.f32("act.head.cls_in", &[b, d], a);
-    let feats = plan.f32("act.head.feats", &[b, d], a);
-    let lnf_mean = plan.f32("act.head.lnf_mean", &[b], a);
-    let lnf_rstd = plan.f32("act.head.lnf_rstd", &[b], a);
-    let logits = plan.f32("act.head.logits", &[b, v], a);
-    let losses = plan.f32("act.head.losses", &[b], a);
-    let thresholds = plan.f32("act.branch.thresholds", &[branches.len().max(1)], a);
-    let layout = Layout {
-        params,
-        blocks,
-        branch_scratch,
-        work,
-        images,
-        labels,
-        losses,
-        logits,
-        patches,
-        resid,
-        cls_in,
-        feats,
-        lnf_mean,
-        lnf_rstd,
-        thresholds,
-        branches,
-        recompute,
-        precision,
-    };
-    Ok((plan, layout))
-}
+use crate::peft::Method;
+use crate::rng::GOLDEN_GAMMA;
+use crate::runtime::{Backend, Pool, Runtime, Tensor};
 
 /// A ViT with its fine-tuning method, planned for a batch size and allocated on a device: the unit a
 /// caller trains. The cycle of a step is [`Model::set_batch`], [`Model::forward`] (the loss),
@@ -580,22 +31,24 @@ pub(crate) fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, mem: Memory
 /// names (`blocks.0.attn.qkv.weight`, ...); branch factors are `<linear>[.q|.k|.v].<leaf>` (see
 /// [`Model::param_names`]).
 pub struct Model {
-    pub(crate) cfg: ViTConfig,
+    // Fields are the model's own (pub(super)); the few that are pub(crate) are read by selftest.rs (method,
+    // block_drop_path, reg_seed) or hold the device other modules run ops on (rt).
+    pub(super) cfg: ViTConfig,
     pub(crate) method: Method,
     /// Planned batch size; a step may use fewer images.
-    pub(crate) batch: usize,
+    pub(super) batch: usize,
     pub(crate) rt: Runtime,
-    pub(crate) layout: Layout,
+    pub(super) layout: Layout,
     /// Fraction of entries zeroed per branch (sparse kernel methods), indexed by `Branch::id`.
-    pub(crate) sparsity: Vec<f32>,
+    pub(super) sparsity: Vec<f32>,
     /// AdamW step count (1-based after the first step).
-    pub(crate) step: u64,
+    pub(super) step: u64,
     /// Images in the last forward.
-    last_b: usize,
+    pub(super) last_b: usize,
     /// Whether a forward ran on the current batch (the backward needs its activations).
-    forward_done: bool,
+    pub(super) forward_done: bool,
     /// Training mode: dropout and drop-path apply (evaluation turns it off).
-    pub(crate) training: bool,
+    pub(super) training: bool,
     /// Stochastic depth of the blocks' residual branches: rate of the last block, linearly from 0 at the
     /// first (timm's `drop_path_rate`; the official recipe uses 0.1). 0 = off.
     pub(crate) block_drop_path: f32,
@@ -625,8 +78,8 @@ impl Model {
             Err(Error::OutOfMemory { need_mib, free_mib, .. }) => {
                 // The plan grows with the batch: binary search for the largest that fits (12 MiB of slack
                 // for the per-pool allocation granularity).
-                let fits = |bb: usize| {
-                    plan_model(cfg, &method, bb, memory)
+                let fits = |candidate: usize| {
+                    plan_model(cfg, &method, candidate, memory)
                         .map(|(p, _)| crate::runtime::mib(p.total_bytes()) + 12.0 < free_mib)
                         .unwrap_or(false)
                 };
@@ -662,123 +115,6 @@ impl Model {
             block_drop_path: 0.0,
             reg_seed: 0,
         })
-    }
-
-    /// Sets a parameter (or a branch parameter) by name; `data` is row-major with the parameter's shape.
-    ///
-    /// # Errors
-    /// No parameter of that name, or `data` of the wrong length (both named in the message).
-    pub fn set_param(&self, name: &str, data: &[f32]) -> Result<()> {
-        let p = self.param(name)?;
-        self.rt.upload(p.value, data)
-    }
-
-    pub(crate) fn param(&self, name: &str) -> Result<&Param> {
-        self.layout
-            .params
-            .get(name)
-            .ok_or_else(|| Error::invalid("parameter", format!("the model has no parameter '{name}'")))
-    }
-
-    /// The current value of a parameter, row-major.
-    ///
-    /// # Errors
-    /// No parameter of that name; a failed device copy.
-    pub fn get_param(&self, name: &str) -> Result<Vec<f32>> {
-        self.rt.download(self.param(name)?.value)
-    }
-
-    /// ∂loss/∂parameter from the last [`Model::backward`] (same shape as the parameter).
-    ///
-    /// # Errors
-    /// No parameter of that name, or a frozen one (it has no gradient).
-    pub fn get_grad(&self, name: &str) -> Result<Vec<f32>> {
-        let p = self.param(name)?;
-        let g = p.grad.ok_or_else(|| Error::invalid("parameter", format!("'{name}' is frozen and has no gradient")))?;
-        self.rt.download(g)
-    }
-
-    /// Sets every backbone tensor from `w` (timm names, adapted to this model's configuration by
-    /// [`crate::model::load::adapt_to_config`]).
-    ///
-    /// # Errors
-    /// [`Error::MissingTensor`] / [`Error::ShapeMismatch`] naming the tensor and the file.
-    pub fn load_backbone(&self, w: &crate::model::load::Weights) -> Result<()> {
-        for (name, shape) in self.cfg.param_shapes() {
-            let file = w.source.display().to_string();
-            let (got, data) =
-                w.tensors.get(&name).ok_or_else(|| Error::MissingTensor { file: file.clone(), name: name.clone() })?;
-            if *got != shape {
-                return Err(Error::ShapeMismatch { file, name, got: got.clone(), want: shape });
-            }
-            self.set_param(&name, data)?;
-        }
-        Ok(())
-    }
-
-    /// Initialises every branch as the official code does: kernel factors (2, n, r/2) ~ kaiming_uniform(a=√5),
-    /// i.e. U(±1/√(n·r/2)); α = γ = 1, β = 0; LoRA A (r, in) and B (out, r) ~ N(0, 0.02²) (the official model
-    /// re-initialises every Linear, LoRA's included, with trunc_normal(0.02)). Deterministic by `seed`.
-    ///
-    /// # Errors
-    /// A failed device copy.
-    pub fn init_branches(&self, seed: u64) -> Result<()> {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        for br in &self.layout.branches {
-            match br.params {
-                BranchParams::Kernel { a, b, mix, d, .. } => {
-                    for (p, n) in [(a, br.n_in), (b, br.n_out)] {
-                        let bound = 1.0 / ((n * d) as f64).sqrt();
-                        let v: Vec<f32> = (0..p.value.numel).map(|_| rng.gen_range(-bound..bound) as f32).collect();
-                        self.rt.upload(p.value, &v)?;
-                    }
-                    if let Some([alpha, gamma, beta]) = mix {
-                        self.rt.upload(alpha.value, &[1.0])?;
-                        self.rt.upload(gamma.value, &[1.0])?;
-                        self.rt.upload(beta.value, &[0.0])?;
-                    }
-                }
-                BranchParams::Lora { a, b, .. } => {
-                    for p in [a, b] {
-                        let v: Vec<f32> = (0..p.value.numel)
-                            .map(|_| 0.02 * rng.sample::<f32, _>(rand_distr::StandardNormal))
-                            .collect();
-                        self.rt.upload(p.value, &v)?;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// The final-norm cls features (b, D) of the last forward (what the head reads); empty before one.
-    ///
-    /// # Errors
-    /// A failed device copy.
-    pub fn features(&self) -> Result<Vec<f32>> {
-        self.rt.download(self.layout.feats.slice(0, self.last_b * self.cfg.embed_dim))
-    }
-
-    /// Sets the GPS update mask of a weight: one byte per entry, row-major, 1 = updated (see
-    /// [`Model::gps_mask_names`]).
-    ///
-    /// # Errors
-    /// No parameter of that name, one without a mask, or a mask of the wrong length.
-    pub fn set_gps_mask(&self, name: &str, mask: &[u8]) -> Result<()> {
-        let p = self.param(name)?;
-        let m = p.mask.ok_or_else(|| Error::invalid("parameter", format!("'{name}' has no GPS mask")))?;
-        if mask.len() != m.numel {
-            return Err(Error::invalid(
-                "gps mask",
-                format!("{} values for {name} of {} elements", mask.len(), m.numel),
-            ));
-        }
-        match &self.rt.backend {
-            Backend::Cpu => self.rt.u8_mut(m).copy_from_slice(mask),
-            Backend::Cuda(c) => c.upload(self.rt.ptr(m), mask)?,
-        }
-        Ok(())
     }
 
     /// Uploads a batch of `b` images, 1 <= b <= [`Model::batch_size`]: `images` (b, C, H, W) row-major f32
@@ -833,14 +169,6 @@ impl Model {
         Ok(losses.iter().sum::<f32>() / b as f32)
     }
 
-    /// Logits (b, V) of the last forward; empty before one.
-    ///
-    /// # Errors
-    /// A failed device copy.
-    pub fn logits(&self) -> Result<Vec<f32>> {
-        self.rt.download(self.layout.logits.slice(0, self.last_b * self.cfg.num_classes))
-    }
-
     /// Inference: the logits (b, V) of `images` (b, C, H, W), 1 <= b <= [`Model::batch_size`], in evaluation
     /// mode (no dropout or drop-path) and without labels. Replaces the uploaded batch; a
     /// [`Model::backward`] needs a new [`Model::set_batch`] and [`Model::forward`] after it.
@@ -873,6 +201,7 @@ impl Model {
 
     fn forward_logits(&mut self, b: usize) -> Result<()> {
         let (rt, lo, cfg) = (&self.rt, &self.layout, &self.cfg);
+        let lins = self.linears();
         let (d, t, v) = (cfg.embed_dim, cfg.tokens(), cfg.num_classes);
         let bt = b * t;
         let np = cfg.num_patches();
@@ -900,7 +229,7 @@ impl Model {
         let heads = Heads { b, n: t, h: cfg.num_heads, hd: cfg.head_dim() };
         for (l, blk) in lo.blocks.iter().enumerate() {
             let ac = &blk.acts;
-            let sl = |t: Tensor, w: usize| t.slice(0, bt * w);
+            let sl = |buf: Tensor, width: usize| buf.slice(0, bt * width);
             // The block's input x, mid-block sum xm and output xo: the kept tensors themselves, or (bf16 storage)
             // fp32 scratch whose values are rounded to bf16 as they are kept, so the forward goes on with
             // exactly what the backward will widen.
@@ -909,46 +238,26 @@ impl Model {
                 _ => (sl(lo.resid[l], d), sl(ac.x_mid, d), sl(lo.resid[l + 1], d)),
             };
             let bf16 = lo.work.x.is_some();
-            layernorm_forward(
-                rt,
-                sl(ac.ln1, d),
-                ac.ln1_mean,
-                ac.ln1_rstd,
-                x,
-                blk.norm1.0.value,
-                blk.norm1.1.value,
-                d,
-                cfg.eps,
-            )?;
-            self.linear_forward(&blk.qkv, sl(ac.qkv, 3 * d), sl(ac.ln1, d), bt)?;
+            blk.norm1.forward(rt, sl(ac.ln1, d), ac.ln1_stats, x, cfg.eps)?;
+            lins.forward(&blk.qkv, sl(ac.qkv, 3 * d), sl(ac.ln1, d), bt)?;
             let buf = lo.work.attention(ac.probs.slice(0, b * cfg.num_heads * t * t));
             attention_forward(rt, sl(ac.attn, d), sl(ac.qkv, 3 * d), &buf, heads)?;
-            let y = ac.proj_out.map(|t| sl(t, d)).unwrap_or(sl(lo.work.dy, d));
-            self.linear_forward(&blk.proj, y, sl(ac.attn, d), bt)?;
+            let y = ac.proj_out.map(|out| sl(out, d)).unwrap_or(sl(lo.work.dy, d));
+            lins.forward(&blk.proj, y, sl(ac.attn, d), bt)?;
             if let Some(p) = self.block_drop(l) {
-                drop_path(rt, y, y, t * d, p, self.step_seed(), l as u64 * 16 + 10)?;
+                drop_path(rt, y, y, t * d, p, self.step_seed(), MaskStream::AttnResidual.id(l))?;
             }
             residual(rt, xm, x, y, blk.ls1)?;
             if bf16 {
                 bf16_round(rt, sl(ac.x_mid, d), xm)?;
             }
-            layernorm_forward(
-                rt,
-                sl(ac.ln2, d),
-                ac.ln2_mean,
-                ac.ln2_rstd,
-                xm,
-                blk.norm2.0.value,
-                blk.norm2.1.value,
-                d,
-                cfg.eps,
-            )?;
-            self.linear_forward(&blk.fc1, sl(ac.fc1, cfg.mlp_hidden), sl(ac.ln2, d), bt)?;
+            blk.norm2.forward(rt, sl(ac.ln2, d), ac.ln2_stats, xm, cfg.eps)?;
+            lins.forward(&blk.fc1, sl(ac.fc1, cfg.mlp_hidden), sl(ac.ln2, d), bt)?;
             gelu_forward(rt, sl(ac.gelu, cfg.mlp_hidden), sl(ac.fc1, cfg.mlp_hidden))?;
-            let y = ac.fc2_out.map(|t| sl(t, d)).unwrap_or(sl(lo.work.dy, d));
-            self.linear_forward(&blk.fc2, y, sl(ac.gelu, cfg.mlp_hidden), bt)?;
+            let y = ac.fc2_out.map(|out| sl(out, d)).unwrap_or(sl(lo.work.dy, d));
+            lins.forward(&blk.fc2, y, sl(ac.gelu, cfg.mlp_hidden), bt)?;
             if let Some(p) = self.block_drop(l) {
-                drop_path(rt, y, y, t * d, p, self.step_seed(), l as u64 * 16 + 11)?;
+                drop_path(rt, y, y, t * d, p, self.step_seed(), MaskStream::MlpResidual.id(l))?;
             }
             residual(rt, xo, xm, y, blk.ls2)?;
             if bf16 {
@@ -958,269 +267,34 @@ impl Model {
         // Only the cls rows reach the loss: the final norm runs on them alone (LayerNorm is per row).
         let (cls_in, feats) = (lo.cls_in.slice(0, b * d), lo.feats.slice(0, b * d));
         cls_gather(rt, cls_in, lo.work.x.unwrap_or(lo.resid[cfg.depth]), b, t, d)?;
-        layernorm_forward(
-            rt,
-            feats,
-            lo.lnf_mean,
-            lo.lnf_rstd,
-            cls_in,
-            pget("norm.weight"),
-            pget("norm.bias"),
-            d,
-            cfg.eps,
-        )?;
+        lo.final_norm.forward(rt, feats, lo.lnf_stats, cls_in, cfg.eps)?;
         let logits = lo.logits.slice(0, b * v);
         matmul(rt, logits, feats, pget("head.weight"), Matmul::new(b, v, d, false, true))?;
         add_bias(rt, logits, pget("head.bias"))
     }
 
-    /// y = x·Wᵀ + b with W = W0 + (branches merged in).        y: (rows, out)  x: (rows, in)
-    fn linear_forward(&self, lin: &Linear, y: Tensor, x: Tensor, rows: usize) -> Result<()> {
-        let rt = &self.rt;
-        if self.branch_regularised() && !lin.branches.is_empty() {
-            return self.linear_unmerged(lin, y, x, rows, None);
-        }
-        let w = if lin.branches.is_empty() { self.weight_f32(lin)? } else { self.build_merged_weight(lin, None)? };
-        matmul(rt, y, x, w, Matmul::new(rows, lin.n_out, lin.n_in, false, true))?;
-        add_bias(rt, y, lin.b.value)
-    }
-
-    /// The Linear's own weight W0 as fp32 (out, in): the parameter itself, or (bf16 storage) widened into the
-    /// Linear's branch scratch W (free on the unmerged path) or, without branches, into work.w0.
-    fn weight_f32(&self, lin: &Linear) -> Result<Tensor> {
-        let w0 = lin.w.value;
-        if w0.dtype != DType::BF16 {
-            return Ok(w0);
-        }
-        let into = match lin.branches.is_empty() {
-            true => self.layout.work.w0.expect("bf16 storage without branches plans work.w0"),
-            false => self.layout.branch_scratch[lin.scratch].w,
-        };
-        let w = into.slice(0, w0.numel);
-        bf16_widen(&self.rt, w, w0)?;
-        Ok(w)
-    }
-
-    /// Builds W0 + Σ branches into the Linear's scratch W. With `grad = Some((x, dy, rows))` it also runs
-    /// each branch's parameter backward right after rebuilding its M (so M is built once per pass).
-    fn build_merged_weight(&self, lin: &Linear, grad: Option<(Tensor, Tensor, usize)>) -> Result<Tensor> {
-        let Some((x, dy, rows)) = grad else {
-            return self.merge_linear(lin, false, |_, _, _| Ok(()));
-        };
-        let sc = &self.layout.branch_scratch[lin.scratch];
-        self.merge_linear(lin, true, |_, br, _| self.branch_factor_backward(lin, br, sc, x, dy, rows))
-    }
-
-    /// Builds W0 + Σ branches into the Linear's scratch W (out_total, in) and returns it, calling
-    /// `after(k, branch, applied)` right after branch k is merged, while its matrix is still in scratch
-    /// (`applied`: M_s, or M for dense kinds, of a kernel branch; None for LoRA). `backward`: the branches'
-    /// thresholds come from this step's forward (see `build_branch_matrix`). The export reads the
-    /// branches through the same path.
-    pub(crate) fn merge_linear(
-        &self,
-        lin: &Linear,
-        backward: bool,
-        mut after: impl FnMut(usize, &Branch, Option<Tensor>) -> Result<()>,
-    ) -> Result<Tensor> {
-        let rt = &self.rt;
-        let sc = &self.layout.branch_scratch[lin.scratch];
-        let w = sc.w.slice(0, lin.n_out * lin.n_in);
-        for (k, br) in lin.branches.iter().enumerate() {
-            let (n_in, n_out) = (br.n_in, br.n_out);
-            let dst = w.slice(br.row0 * n_in, n_out * n_in);
-            let w0 = lin.w.value.slice(br.row0 * n_in, n_out * n_in);
-            match br.params {
-                BranchParams::Lora { a, b, r } => {
-                    // W = W0 + B·A                                    (out, in)
-                    copy_frozen(rt, dst, w0)?;
-                    matmul(rt, dst, b.value, a.value, Matmul::new(n_out, n_in, r, false, false).accumulate())?;
-                    after(k, br, None)?;
-                }
-                BranchParams::Kernel { .. } => {
-                    let applied = self.build_branch_matrix(br, sc, backward)?;
-                    add_frozen_transposed(rt, dst, w0, applied, n_in, n_out)?;
-                    after(k, br, Some(applied))?;
-                }
-            }
-        }
-        Ok(w)
-    }
-
-    /// M (and, sparse, t and M_s) of a kernel branch in its scratch; returns the matrix the branch applies
-    /// (M_s, or M for dense kinds).                                        (in, out)
-    /// `backward`: this pass's forward already selected t from the same factors, so it is reused (the
-    /// quantile select, 4 passes over M on CUDA, runs once per step instead of twice; same bits).
-    fn build_branch_matrix(&self, br: &Branch, sc: &BranchScratch, backward: bool) -> Result<Tensor> {
-        let BranchParams::Kernel { a, b, mix, kind, sparse, d, .. } = br.params else {
-            unreachable!("LoRA branches are merged as B·A")
-        };
-        let (n_in, n_out) = (br.n_in, br.n_out);
-        let f = Factors { a: a.value, b: b.value, mix: mix.map(|m| m.map(|p| p.value)), n_in, n_out, d };
-        let (m, ms) = (sc.m.slice(0, n_in * n_out), sc.ms.slice(0, n_in * n_out));
-        merge_forward(&self.rt, m, &f, kind, sc.merge.as_ref().expect("kernel branch scratch"))?;
-        if !sparse {
-            return Ok(m);
-        }
-        let t = self.layout.thresholds.slice(br.id, 1);
-        if backward {
-            sparsify_apply(&self.rt, ms, m, t)?;
-        } else {
-            let scratch = sc.compete.as_ref().expect("compete scratch");
-            sparsify_forward(&self.rt, ms, t, m, self.sparsity[br.id], scratch)?;
-        }
-        Ok(ms)
-    }
-
-    /// The factor gradients of a branch whose matrix `merge_linear` just built, accumulated.
-    /// Kernel: ∂L/∂M_s = xᵀ·dy (in, out), then ∂L/∂M = ∂L/∂M_s·|M|·mask in place, then ∂A, ∂B (and α, γ, β).
-    /// LoRA: ∂L/∂W = dyᵀ·x (out, in), then ∂L/∂B += ∂W·Aᵀ and ∂L/∂A += Bᵀ·∂W.
-    /// x: (rows, in) the branch input   dy: the Linear's output gradient (rows, out_total), this branch's columns
-    fn branch_factor_backward(
-        &self,
-        lin: &Linear,
-        br: &Branch,
-        sc: &BranchScratch,
-        x: Tensor,
-        dy: Tensor,
-        rows: usize,
-    ) -> Result<()> {
-        let (rt, n_in, n_out) = (&self.rt, br.n_in, br.n_out);
-        let (a, b, mix, kind, sparse, d) = match br.params {
-            BranchParams::Kernel { a, b, mix, kind, sparse, d, .. } => (a, b, mix, kind, sparse, d),
-            BranchParams::Lora { a, b, r } => {
-                let dy = dy.slice(br.row0, dy.numel - br.row0);
-                let dw = sc.dms.slice(0, n_out * n_in);
-                matmul(rt, dw, dy, x, Matmul::new(n_out, n_in, rows, true, false).ld(lin.n_out, 0, 0))?;
-                let (ga, gb) = (a.grad.expect("branch factors train"), b.grad.expect("branch factors train"));
-                matmul(rt, gb, dw, a.value, Matmul::new(n_out, r, n_in, false, true).accumulate())?;
-                return matmul(rt, ga, b.value, dw, Matmul::new(r, n_in, n_out, true, false).accumulate());
-            }
-        };
-        let f = Factors { a: a.value, b: b.value, mix: mix.map(|m| m.map(|p| p.value)), n_in, n_out, d };
-        let dy = dy.slice(br.row0, dy.numel - br.row0);
-        let dms = sc.dms.slice(0, n_in * n_out);
-        matmul(rt, dms, x, dy, Matmul::new(n_in, n_out, rows, true, false).ld(0, lin.n_out, 0))?;
-        if sparse {
-            sparsify_backward(rt, dms, dms, sc.m.slice(0, n_in * n_out), self.layout.thresholds.slice(br.id, 1))?;
-        }
-        let dmix = mix.map(|m| m.map(|p| p.grad.expect("branch factors train")));
-        merge_backward(
-            rt,
-            a.grad.expect("branch factors train"),
-            b.grad.expect("branch factors train"),
-            dmix,
-            dms,
-            &f,
-            kind,
-            sc.merge.as_ref().expect("merge scratch"),
-        )
-    }
-
-    /// Whether the kernel branches run unmerged this pass (training with branch dropout or drop-path).
-    fn branch_regularised(&self) -> bool {
-        self.training && matches!(self.method, Method::Kernel(k) if k.regularised())
-    }
-
     /// Seed of this step's masks (the AdamW step count moves on after the backward, so forward and backward
-    /// of one step share it).
+    /// of one step share it; method.md §15).
     fn step_seed(&self) -> u64 {
-        self.reg_seed ^ (self.step + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        self.reg_seed ^ (self.step + 1).wrapping_mul(GOLDEN_GAMMA)
     }
 
-    /// A Linear whose kernel branches carry dropout/drop-path, as the official TuningModule:
-    /// y = x·W0ᵀ + b + Σ_branches DropPath(Dropout(x)·M_s) (one dropout mask shared by q, k, v; no dropout on
-    /// proj's input). Forward with `dy = None` (writes `out` = y); with `dy = Some` the backward: `out` = ∂L/∂x
-    /// (overwritten) and the factor gradients accumulated. The masks are regenerated, never stored.
-    fn linear_unmerged(&self, lin: &Linear, out: Tensor, x: Tensor, rows: usize, dy: Option<Tensor>) -> Result<()> {
-        let Method::Kernel(k) = self.method else { unreachable!() };
-        let rt = &self.rt;
-        let sc = &self.layout.branch_scratch[lin.scratch];
-        let (block, pos) = (lin.branches[0].block as u64, lin.branches[0].pos);
-        let seed = self.step_seed();
-        let per_sample = self.cfg.tokens() * lin.n_in;
-        let w0 = self.weight_f32(lin)?;
-        match dy {
-            None => {
-                matmul(rt, out, x, w0, Matmul::new(rows, lin.n_out, lin.n_in, false, true))?;
-                add_bias(rt, out, lin.b.value)?;
+    /// The adapted Linears of this pass: unmerged, with the step's masks, in training with branch dropout or
+    /// drop-path; merged otherwise.
+    pub(super) fn linears(&self) -> Linears<'_> {
+        let drop = match self.method {
+            Method::Kernel(k) if self.training && k.regularised() => {
+                Some(BranchDrop { dropout: k.dropout, drop_path: k.drop_path, seed: self.step_seed() })
             }
-            Some(g) => matmul(rt, out, g, w0, Matmul::new(rows, lin.n_in, lin.n_out, false, false))?,
-        }
-        // The branch input: dropped out (q/k/v share one mask), except proj's.
-        let xd = self.layout.work.reg_x.expect("regularisation scratch").slice(0, rows * lin.n_in);
-        let xb = self.layout.work.reg_xb.expect("regularisation scratch").slice(0, rows * lin.n_in);
-        let slot = match pos {
-            Position::Q | Position::K | Position::V => 0,
-            Position::Proj => 1,
-            Position::Fc1 => 2,
-            Position::Fc2 => 3,
+            _ => None,
         };
-        let input_stream = (pos != Position::Proj && k.dropout > 0.0).then_some(block * 16 + slot);
-        match input_stream {
-            Some(st) => dropout(rt, xd, x, k.dropout, seed, st)?,
-            None => scale_copy(rt, xd, x, 1.0)?,
-        }
-        for br in &lin.branches {
-            let applied = self.build_branch_matrix(br, sc, dy.is_some())?;
-            let path_stream = block * 16 + 4 + br.pos as u64;
-            // The branch input of this branch: drop-path scales whole samples (the same as scaling its output).
-            if k.drop_path > 0.0 {
-                drop_path(rt, xb, xd, per_sample, k.drop_path, seed, path_stream)?;
-            } else {
-                scale_copy(rt, xb, xd, 1.0)?;
-            }
-            let cols = Matmul::new(rows, br.n_out, br.n_in, false, false);
-            match dy {
-                None => matmul(
-                    rt,
-                    out.slice(br.row0, out.numel - br.row0),
-                    xb,
-                    applied,
-                    cols.ld(0, 0, lin.n_out).accumulate(),
-                )?,
-                Some(g) => {
-                    self.branch_factor_backward(lin, br, sc, xb, g, rows)?;
-                    // ∂L/∂x through the branch: dy·M_sᵀ, then the drop-path and dropout masks, added to ∂L/∂x.
-                    let g = g.slice(br.row0, g.numel - br.row0);
-                    matmul(rt, xb, g, applied, Matmul::new(rows, br.n_in, br.n_out, false, true).ld(lin.n_out, 0, 0))?;
-                    if k.drop_path > 0.0 {
-                        drop_path(rt, xb, xb, per_sample, k.drop_path, seed, path_stream)?;
-                    }
-                    if let Some(st) = input_stream {
-                        dropout(rt, xb, xb, k.dropout, seed, st)?;
-                    }
-                    axpy(rt, out, xb, 1.0)?;
-                }
-            }
-        }
-        Ok(())
+        Linears { rt: &self.rt, layout: &self.layout, sparsity: &self.sparsity, drop, tokens: self.cfg.tokens() }
     }
 
     /// Stochastic depth of block `l`'s residual branches: its rate (linear from 0 at the first block), or None.
     fn block_drop(&self, l: usize) -> Option<f32> {
         let rate = if self.cfg.depth > 1 { self.block_drop_path * l as f32 / (self.cfg.depth - 1) as f32 } else { 0.0 };
         (self.training && rate > 0.0).then_some(rate)
-    }
-
-    /// Backward of a Linear: dx = dy·W (overwrites dx), weight/bias/branch gradients accumulated.
-    /// dy: (rows, out)  x: (rows, in)  dx: (rows, in)
-    fn linear_backward(&self, lin: &Linear, dx: Tensor, dy: Tensor, x: Tensor, rows: usize) -> Result<()> {
-        let rt = &self.rt;
-        if self.branch_regularised() && !lin.branches.is_empty() {
-            return self.linear_unmerged(lin, dx, x, rows, Some(dy));
-        }
-        let w = if lin.branches.is_empty() {
-            self.weight_f32(lin)?
-        } else {
-            self.build_merged_weight(lin, Some((x, dy, rows)))?
-        };
-        if let Some(gw) = lin.w.grad {
-            matmul(rt, gw, dy, x, Matmul::new(lin.n_out, lin.n_in, rows, true, false).accumulate())?;
-        }
-        if let Some(gb) = lin.b.grad {
-            bias_backward(rt, gb, dy)?;
-        }
-        matmul(rt, dx, dy, w, Matmul::new(rows, lin.n_in, lin.n_out, false, false))
     }
 
     /// Backward pass of the last forward: gradients of the trainable set (zeroed first), read them with
@@ -1234,13 +308,14 @@ impl Model {
         }
         let b = self.require_batch()?;
         let (rt, lo, cfg) = (&self.rt, &self.layout, &self.cfg);
-        let (d, t, v, fh) = (cfg.embed_dim, cfg.tokens(), cfg.num_classes, cfg.mlp_hidden);
+        let lins = self.linears();
+        let (d, f, t, v) = (cfg.embed_dim, cfg.mlp_hidden, cfg.tokens(), cfg.num_classes);
         let bt = b * t;
         let np = cfg.num_patches();
         rt.zero_pool(Pool::Grads)?;
         let p = |n: &str| *lo.params.get(n).expect("every backbone tensor is planned");
         let w = &lo.work;
-        let sl = |t: Tensor, width: usize| t.slice(0, bt * width);
+        let sl = |buf: Tensor, width: usize| buf.slice(0, bt * width);
 
         // Head: logits = feats·Whᵀ + bh.
         let (head_w, head_b) = (p("head.weight"), p("head.bias"));
@@ -1257,19 +332,7 @@ impl Model {
         // Final norm on the cls rows, then scatter into the residual gradient (zero for the other rows).
         let dcls = w.dcls.slice(0, b * d);
         rt.zero(dcls)?;
-        let (nw, nb) = (p("norm.weight"), p("norm.bias"));
-        layernorm_backward(
-            rt,
-            dcls,
-            nw.grad,
-            nb.grad,
-            dfeat,
-            lo.cls_in.slice(0, b * d),
-            nw.value,
-            lo.lnf_mean,
-            lo.lnf_rstd,
-            d,
-        )?;
+        lo.final_norm.backward(rt, dcls, dfeat, lo.cls_in.slice(0, b * d), lo.lnf_stats)?;
         let dres = sl(w.dres, d);
         cls_scatter(rt, dres, dcls, b, t, d)?;
 
@@ -1288,58 +351,36 @@ impl Model {
             };
             // MLP: x_out = x_mid + ls2 ⊙ fc2(GELU(fc1(LN2(x_mid)))). First rebuild what was not kept.
             if rc >= Recompute::Norms {
-                layernorm_apply(
-                    rt,
-                    sl(ac.ln2, d),
-                    x_mid,
-                    ac.ln2_mean,
-                    ac.ln2_rstd,
-                    blk.norm2.0.value,
-                    blk.norm2.1.value,
-                    d,
-                )?;
+                blk.norm2.apply(rt, sl(ac.ln2, d), x_mid, ac.ln2_stats)?;
             }
             if rc >= Recompute::Block {
-                self.linear_forward(&blk.fc1, sl(ac.fc1, fh), sl(ac.ln2, d), bt)?;
+                lins.forward(&blk.fc1, sl(ac.fc1, f), sl(ac.ln2, d), bt)?;
             }
             if rc >= Recompute::Norms {
-                gelu_forward(rt, sl(ac.gelu, fh), sl(ac.fc1, fh))?;
+                gelu_forward(rt, sl(ac.gelu, f), sl(ac.fc1, f))?;
             }
-            let drop = |which: u64| self.block_drop(l).map(|p| (p, self.step_seed(), l as u64 * 16 + which, t * d));
-            let dy = residual_branch_backward(rt, sl(w.dy, d), dres, blk.ls2, ac.fc2_out.map(|t| sl(t, d)), drop(11))?;
-            let du = sl(w.du, fh);
-            self.linear_backward(&blk.fc2, du, dy, sl(ac.gelu, fh), bt)?;
-            gelu_backward(rt, du, sl(ac.fc1, fh), du)?;
-            let dh = sl(w.dh, d);
-            self.linear_backward(&blk.fc1, dh, du, sl(ac.ln2, d), bt)?;
-            layernorm_backward(
+            let drop = |which: MaskStream| self.block_drop(l).map(|p| (p, self.step_seed(), which.id(l), t * d));
+            let dy = residual_branch_backward(
                 rt,
+                sl(w.dy, d),
                 dres,
-                blk.norm2.0.grad,
-                blk.norm2.1.grad,
-                dh,
-                x_mid,
-                blk.norm2.0.value,
-                ac.ln2_mean,
-                ac.ln2_rstd,
-                d,
+                blk.ls2,
+                ac.fc2_out.map(|out| sl(out, d)),
+                drop(MaskStream::MlpResidual),
             )?;
+            let du = sl(w.du, f);
+            lins.backward(&blk.fc2, du, dy, sl(ac.gelu, f), bt)?;
+            gelu_backward(rt, du, sl(ac.fc1, f), du)?;
+            let dh = sl(w.dh, d);
+            lins.backward(&blk.fc1, dh, du, sl(ac.ln2, d), bt)?;
+            blk.norm2.backward(rt, dres, dh, x_mid, ac.ln2_stats)?;
             // Attention: x_mid = x_in + ls1 ⊙ proj(attn(qkv(LN1(x_in)))).
             if rc >= Recompute::Norms {
-                layernorm_apply(
-                    rt,
-                    sl(ac.ln1, d),
-                    x_in,
-                    ac.ln1_mean,
-                    ac.ln1_rstd,
-                    blk.norm1.0.value,
-                    blk.norm1.1.value,
-                    d,
-                )?;
+                blk.norm1.apply(rt, sl(ac.ln1, d), x_in, ac.ln1_stats)?;
             }
             let qkv = sl(ac.qkv, 3 * d);
             if rc >= Recompute::Block {
-                self.linear_forward(&blk.qkv, qkv, sl(ac.ln1, d), bt)?;
+                lins.forward(&blk.qkv, qkv, sl(ac.ln1, d), bt)?;
             }
             let buf = w.attention(ac.probs.slice(0, b * cfg.num_heads * t * t));
             if rc >= Recompute::Attention {
@@ -1351,24 +392,20 @@ impl Model {
                 permute_heads(rt, buf.k, qkv.slice(d, qkv.numel - d), heads, 3 * d, true)?;
                 permute_heads(rt, buf.v, qkv.slice(2 * d, qkv.numel - 2 * d), heads, 3 * d, true)?;
             }
-            let dy = residual_branch_backward(rt, sl(w.dy, d), dres, blk.ls1, ac.proj_out.map(|t| sl(t, d)), drop(10))?;
-            self.linear_backward(&blk.proj, dh, dy, sl(ac.attn, d), bt)?;
+            let dy = residual_branch_backward(
+                rt,
+                sl(w.dy, d),
+                dres,
+                blk.ls1,
+                ac.proj_out.map(|out| sl(out, d)),
+                drop(MaskStream::AttnResidual),
+            )?;
+            lins.backward(&blk.proj, dh, dy, sl(ac.attn, d), bt)?;
             let dqkv = sl(w.dqkv, 3 * d);
             let (dscores, dtmp) = (w.dscores.slice(0, b * cfg.num_heads * t * t), w.dtmp.slice(0, bt * d));
             attention_backward(rt, dqkv, dh, &buf, dscores, dtmp, heads)?;
-            self.linear_backward(&blk.qkv, dh, dqkv, sl(ac.ln1, d), bt)?;
-            layernorm_backward(
-                rt,
-                dres,
-                blk.norm1.0.grad,
-                blk.norm1.1.grad,
-                dh,
-                x_in,
-                blk.norm1.0.value,
-                ac.ln1_mean,
-                ac.ln1_rstd,
-                d,
-            )?;
+            lins.backward(&blk.qkv, dh, dqkv, sl(ac.ln1, d), bt)?;
+            blk.norm1.backward(rt, dres, dh, x_in, ac.ln1_stats)?;
         }
         // Embedding: cls token, position table and (full fine-tuning) the patch projection.
         let (cls, pos, pw, pb) =
@@ -1387,8 +424,8 @@ impl Model {
 
     /// One AdamW step on the trainable set with the gradients of the last backward (β = 0.9, 0.999,
     /// ε = 1e-8, torch's operation order; decay on tensors of ≥ 2 dimensions but biases, pos_embed and
-    /// cls_token, as the official `set_weight_decay`). GPS masks
-    /// the gradients; the masked-out entries do not decay either.
+    /// cls_token, as the official `set_weight_decay`: method.md §12). GPS masks the gradients; the
+    /// masked-out entries do not decay either.
     ///
     /// # Errors
     /// A learning rate or weight decay that is negative or not finite; device failures.
@@ -1417,207 +454,25 @@ impl Model {
         }
         Ok(())
     }
-
-    /// Thresholds t of every branch from the last forward (0 for dense branches), indexed like
-    /// [`Model::branch_names`].
-    ///
-    /// # Errors
-    /// A failed device copy.
-    pub fn thresholds(&self) -> Result<Vec<f32>> {
-        let n = self.layout.branches.len();
-        Ok(if n == 0 { vec![] } else { self.rt.download(self.layout.thresholds.slice(0, n))? })
-    }
-
-    /// The architecture this model was planned for.
-    pub fn config(&self) -> &ViTConfig {
-        &self.cfg
-    }
-
-    /// The fine-tuning method.
-    pub fn method(&self) -> &Method {
-        &self.method
-    }
-
-    /// What the backward recomputes and how the backbone is stored.
-    pub fn memory_options(&self) -> MemoryOptions {
-        MemoryOptions { recompute: self.layout.recompute, precision: self.layout.precision }
-    }
-
-    /// The planned batch size: a step takes 1 to this many images.
-    pub fn batch_size(&self) -> usize {
-        self.batch
-    }
-
-    /// Where the ops run.
-    pub fn device(&self) -> Device {
-        self.rt.device()
-    }
-
-    /// The memory plan: every tensor of a training step with its pool, shape and offset.
-    pub fn plan(&self) -> &Plan {
-        &self.rt.plan
-    }
-
-    /// Per pool: bytes planned, allocated, and the high-water mark touched by the ops so far.
-    pub fn pool_report(&self) -> Vec<(Pool, PoolUsage)> {
-        self.rt.pool_report()
-    }
-
-    /// CUDA: device bytes in use above the level measured before the pools were allocated (the whole
-    /// footprint of this model, the CUDA context excluded). `None` on the CPU.
-    ///
-    /// # Errors
-    /// The driver's memory query failed.
-    pub fn device_used_above_baseline(&self) -> Result<Option<usize>> {
-        self.rt.device_used_above_baseline()
-    }
-
-    /// Precision of the CUDA matrix products (exact fp32 by default; the CPU always computes in fp32).
-    pub fn set_gemm_precision(&self, p: GemmPrecision) {
-        self.rt.set_gemm_precision(p)
-    }
-
-    /// Every parameter name (timm names for the backbone, `<linear>.<q|k|v|>.<leaf>` for branches), in plan
-    /// order.
-    pub fn param_names(&self) -> Vec<String> {
-        self.layout.params.names.clone()
-    }
-
-    /// The names of the parameters the method trains (the ones with gradients and AdamW state).
-    pub fn trainable_names(&self) -> Vec<String> {
-        self.layout.params.trainable().map(|(n, _)| n.to_string()).collect()
-    }
-
-    /// Number of f32 values of a parameter.
-    ///
-    /// # Errors
-    /// No parameter has that name.
-    pub fn param_len(&self, name: &str) -> Result<usize> {
-        Ok(self.param(name)?.value.numel)
-    }
-
-    /// GPS: the weights that have an update mask (set it with [`Model::set_gps_mask`]); empty for other
-    /// methods.
-    pub fn gps_mask_names(&self) -> Vec<String> {
-        let lp = &self.layout.params;
-        lp.names.iter().zip(&lp.list).filter(|(_, p)| p.mask.is_some()).map(|(n, _)| n.clone()).collect()
-    }
-
-    /// Whether a parameter trains.
-    ///
-    /// # Errors
-    /// No parameter has that name.
-    pub fn is_trainable(&self, name: &str) -> Result<bool> {
-        Ok(self.param(name)?.grad.is_some())
-    }
-
-    /// The branch prefixes (`blocks.<l>.attn.qkv.q`, ..., `blocks.<l>.mlp.fc2`), in the order that indexes
-    /// [`Model::sparsity`] and [`Model::thresholds`].
-    pub fn branch_names(&self) -> Vec<String> {
-        self.layout.branches.iter().map(|b| b.prefix.clone()).collect()
-    }
-
-    /// Fraction of entries each sparse branch zeroes (0 for dense branches), indexed like
-    /// [`Model::branch_names`]. The allocator changes it during training.
-    pub fn sparsity(&self) -> &[f32] {
-        &self.sparsity
-    }
-
-    /// Sets the sparsity of every branch (each in [0, 1]).
-    ///
-    /// # Errors
-    /// The wrong number of values, or a value outside [0, 1].
-    pub fn set_sparsity(&mut self, sparsity: &[f32]) -> Result<()> {
-        if sparsity.len() != self.sparsity.len() {
-            return Err(Error::invalid(
-                "sparsity",
-                format!("{} values for {} branches", sparsity.len(), self.sparsity.len()),
-            ));
-        }
-        if let Some(bad) = sparsity.iter().find(|s| !(0.0..=1.0).contains(*s)) {
-            return Err(Error::invalid("sparsity", format!("{bad} is outside [0, 1]")));
-        }
-        self.sparsity.copy_from_slice(sparsity);
-        Ok(())
-    }
-
-    /// Reads any planned f32 tensor by its plan name (see [`Plan::table`] / [`Plan::tensor_table`]), e.g. a
-    /// gradient `grad.<param>` or an allocator EMA `alloc.ipt.<branch>.In_Qs`. Scratch tensors hold whatever
-    /// the last op left there.
-    ///
-    /// # Errors
-    /// No f32 tensor has that name.
-    pub fn read_tensor(&self, name: &str) -> Result<Vec<f32>> {
-        match self.rt.plan.find(name) {
-            Some(t) if t.dtype == DType::F32 => self.rt.download(t),
-            _ => Err(Error::invalid("tensor", format!("the plan has no f32 tensor '{name}'"))),
-        }
-    }
-
-    /// Training mode (the default) applies dropout and drop-path; evaluation turns it off.
-    pub fn set_training(&mut self, on: bool) {
-        self.training = on;
-    }
-
-    /// Whether dropout and drop-path apply.
-    pub fn is_training(&self) -> bool {
-        self.training
-    }
-
-    /// AdamW steps taken (the bias correction's t; also mixed into every dropout mask's seed).
-    pub fn step_count(&self) -> u64 {
-        self.step
-    }
-
-    /// Sets the step count, as a resumed run does from its checkpoint.
-    pub fn set_step_count(&mut self, step: u64) {
-        self.step = step;
-    }
-
-    /// Stochastic depth of the blocks' residual branches: the rate of the last block, rising linearly from 0
-    /// at the first (timm's `drop_path_rate`; the official recipe uses 0.1). 0 turns it off.
-    ///
-    /// # Errors
-    /// A rate outside [0, 1).
-    pub fn set_block_drop_path(&mut self, rate: f32) -> Result<()> {
-        if !(0.0..1.0).contains(&rate) {
-            return Err(Error::invalid("block drop-path", format!("rate {rate} is outside [0, 1)")));
-        }
-        self.block_drop_path = rate;
-        Ok(())
-    }
-
-    /// Seed of every dropout and drop-path mask (mixed with the step count, so each step draws new masks).
-    pub fn set_regularisation_seed(&mut self, seed: u64) {
-        self.reg_seed = seed;
-    }
 }
 
-/// Plans every tensor of a training step without allocating anything: the same plan [`Model::new`]
-/// allocates, so its sizes are exact on any machine.
-///
-/// # Errors
-/// An invalid configuration or method (see [`Model::new`]).
-pub fn plan(cfg: &ViTConfig, method: &Method, batch: usize, memory: impl Into<MemoryOptions>) -> Result<Plan> {
-    Ok(plan_model(cfg, method, batch, memory.into())?.0)
-}
-
-/// dst (fp32) = w0, a frozen weight stored as fp32 or bf16.                        dst, w0: (n)
-fn copy_frozen(rt: &Runtime, dst: Tensor, w0: Tensor) -> Result<()> {
-    match w0.dtype {
-        DType::BF16 => bf16_widen(rt, dst, w0),
-        _ => scale_copy(rt, dst, w0, 1.0),
+impl LayerNorm {
+    /// out = LN(x) per row, saving the statistics.                          out, x: (rows, D)
+    fn forward(&self, rt: &Runtime, out: Tensor, stats: NormStats, x: Tensor, eps: f32) -> Result<()> {
+        let (w, b) = (self.w.value, self.b.value);
+        layernorm_forward(rt, out, stats.mean, stats.rstd, x, w, b, w.numel, eps)
     }
-}
 
-/// dst (out, in) = w0 + msᵀ with ms (in, out), w0 stored as fp32 or bf16 (then widened into dst first).
-fn add_frozen_transposed(rt: &Runtime, dst: Tensor, w0: Tensor, ms: Tensor, n_in: usize, n_out: usize) -> Result<()> {
-    match w0.dtype {
-        DType::BF16 => {
-            bf16_widen(rt, dst, w0)?;
-            add_transposed(rt, dst, dst, ms, n_in, n_out)
-        }
-        _ => add_transposed(rt, dst, w0, ms, n_in, n_out),
+    /// out = LN(x) again from the saved statistics, bit-identical to the forward (what recomputation reads).
+    fn apply(&self, rt: &Runtime, out: Tensor, x: Tensor, stats: NormStats) -> Result<()> {
+        let (w, b) = (self.w.value, self.b.value);
+        layernorm_apply(rt, out, x, stats.mean, stats.rstd, w, b, w.numel)
+    }
+
+    /// dx += LN'(x)ᵀ·dy; the gradients of w and b accumulated when they train.   dx, dy, x: (rows, D)
+    fn backward(&self, rt: &Runtime, dx: Tensor, dy: Tensor, x: Tensor, stats: NormStats) -> Result<()> {
+        let w = self.w.value;
+        layernorm_backward(rt, dx, self.w.grad, self.b.grad, dy, x, w, stats.mean, stats.rstd, w.numel)
     }
 }
 

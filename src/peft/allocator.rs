@@ -1,11 +1,11 @@
 //! SNELLA's bi-level sparsity allocation (official `sparse_allocator.Allocator`, metric 'ipt'):
-//! layers compete for a global non-zero budget by EMA importance × uncertainty (inter-layer), and
-//! inside each layer the magnitude quantile decides which entries survive (intra-layer, `ops::compete`).
+//! layers compete for a global non-zero budget by EMA importance × uncertainty (inter-layer, method.md
+//! §8–§11), and inside each layer the magnitude quantile decides which entries survive (intra-layer,
+//! `ops::compete`, §4–§5).
 //! All schedule "steps" are epochs. Numerics follow the official code: EMAs in fp32 on the device, layer
 //! scores and the budget split in fp32, the ratios s_l in double.
 use crate::error::{Error, Result};
-use crate::model::vit::BranchParams;
-use crate::model::Model;
+use crate::model::{Model, TrackedFactor};
 use crate::ops::importance::{importance_sum, importance_update};
 
 /// The knobs of the allocator, with the released scripts' values as defaults.
@@ -77,15 +77,10 @@ impl Allocator {
     /// `Invalid` when the model has no sparse kernel branches with allocator state, a ratio is outside
     /// [0, 1], a β is outside [0, 1), or `mask_interval` / `total_epochs` is 0 (each naming the field).
     pub fn new(model: &Model, cfg: AllocatorConfig) -> Result<Allocator> {
-        let ok = model
-            .layout
-            .branches
-            .iter()
-            .all(|b| matches!(b.params, BranchParams::Kernel { sparse: true, ema: Some(_), .. }));
-        if model.layout.branches.is_empty() || !ok {
+        if model.allocator_factors().is_none_or(|f| f.is_empty()) {
             return Err(Error::invalid(
                 "allocator",
-                format!("method {} has no sparse kernel branches with allocator state", model.method.name()),
+                format!("method {} has no sparse kernel branches with allocator state", model.method().name()),
             ));
         }
         for (name, v) in [("init_ratio", cfg.init_ratio), ("target_ratio", cfg.target_ratio)] {
@@ -101,18 +96,19 @@ impl Allocator {
         if cfg.mask_interval == 0 || cfg.total_epochs == 0 {
             return Err(Error::invalid("allocator", "mask_interval and total_epochs must be positive"));
         }
-        let caps: Vec<f64> = model.layout.branches.iter().map(|b| (b.n_in * b.n_out) as f64).collect();
+        let shapes = model.branch_shapes();
+        let caps: Vec<f64> = shapes.iter().map(|&(n_in, n_out)| (n_in * n_out) as f64).collect();
         let (mut init_nonzero, mut target_nonzero) = (0.0, 0.0);
-        for b in &model.layout.branches {
+        for &(n_in, n_out) in &shapes {
             // ((1 − ratio)·in)·out, in this order, as the official Python sums it.
-            init_nonzero += (1.0 - cfg.init_ratio) * b.n_in as f64 * b.n_out as f64;
-            target_nonzero += (1.0 - cfg.target_ratio) * b.n_in as f64 * b.n_out as f64;
+            init_nonzero += (1.0 - cfg.init_ratio) * n_in as f64 * n_out as f64;
+            target_nonzero += (1.0 - cfg.target_ratio) * n_in as f64 * n_out as f64;
         }
         Ok(Allocator { cfg, caps, init_nonzero, target_nonzero })
     }
 
     /// (budget in non-zero entries, reallocate?) at the start of `epoch` (cubic decay from the initial to the
-    /// target budget).
+    /// target budget, method.md §10).
     pub fn schedule(&self, epoch: usize) -> (f64, bool) {
         let c = &self.cfg;
         if epoch <= c.init_warmup {
@@ -127,35 +123,31 @@ impl Allocator {
         (v, epoch.is_multiple_of(c.mask_interval))
     }
 
-    /// The EMA update, after every optimizer step, from the updated parameters and that step's gradients.
+    /// The EMA update (method.md §8), after every optimizer step, from the updated parameters and that step's
+    /// gradients.
     ///
     /// # Errors
     /// `Invalid { option: "allocator" }` when `model` is not the model it was built for; a failed device op.
     pub fn update(&self, model: &Model) -> Result<()> {
-        self.check_model(model)?;
-        for br in &model.layout.branches {
-            if let BranchParams::Kernel { a, b, ema: Some([ia, ua, ib, ub]), .. } = br.params {
-                let (ga, gb) = (a.grad.expect("branch factors train"), b.grad.expect("branch factors train"));
-                importance_update(&model.rt, ia, ua, a.value, ga, self.cfg.beta1, self.cfg.beta2)?;
-                importance_update(&model.rt, ib, ub, b.value, gb, self.cfg.beta1, self.cfg.beta2)?;
+        for factors in self.factors_of(model)? {
+            for f in factors {
+                importance_update(&model.rt, f.ipt, f.unc, f.value, f.grad, self.cfg.beta1, self.cfg.beta2)?;
             }
         }
         Ok(())
     }
 
-    /// Normalised layer scores: mean(Ī·Ū) of In_Qs plus that of Out_Qs, divided by their total (uniform when all are 0).
+    /// Normalised layer scores (method.md §9): mean(Ī·Ū) of In_Qs plus that of Out_Qs, divided by their total
+    /// (uniform when all are 0).
     ///
     /// # Errors
     /// `Invalid { option: "allocator" }` when `model` is not the model it was built for; a failed device op.
     pub fn scores(&self, model: &Model) -> Result<Vec<f32>> {
-        self.check_model(model)?;
         let mut raw = Vec::with_capacity(self.caps.len());
-        for br in &model.layout.branches {
-            if let BranchParams::Kernel { ema: Some([ia, ua, ib, ub]), .. } = br.params {
-                let sa = (importance_sum(&model.rt, ia, ua)? / ia.numel as f64) as f32;
-                let sb = (importance_sum(&model.rt, ib, ub)? / ib.numel as f64) as f32;
-                raw.push(sa + sb);
-            }
+        for [a, b] in self.factors_of(model)? {
+            let sa = (importance_sum(&model.rt, a.ipt, a.unc)? / a.ipt.numel as f64) as f32;
+            let sb = (importance_sum(&model.rt, b.ipt, b.unc)? / b.ipt.numel as f64) as f32;
+            raw.push(sa + sb);
         }
         let total: f32 = raw.iter().sum();
         if total == 0.0 {
@@ -165,7 +157,8 @@ impl Allocator {
     }
 
     /// Integer non-zero counts per layer: alloc = min(cap, trunc(V·p)), then what capped layers could not
-    /// take is redistributed over the others in proportion to p, all in fp32 as the official loop.
+    /// take is redistributed over the others in proportion to p, all in fp32 as the official loop
+    /// (method.md §11).
     pub(crate) fn split_budget(scores: &[f32], volume: f64, caps: &[f64]) -> Result<Vec<i32>> {
         let vol = volume as f32;
         let caps: Vec<f32> = caps.iter().map(|&c| c as f32).collect();
@@ -205,32 +198,32 @@ impl Allocator {
         let alloc = Allocator::split_budget(&scores, volume, &self.caps)?;
         let sparsity: Vec<f64> =
             alloc.iter().zip(&self.caps).map(|(&a, &c)| (1.0 - a as f64 / c).clamp(0.0, 1.0)).collect();
-        for (i, &s) in sparsity.iter().enumerate() {
-            model.sparsity[i] = s as f32;
+        for (dst, &s) in model.sparsity_mut().iter_mut().zip(&sparsity) {
+            *dst = s as f32;
         }
         Ok(Reallocation { budget: volume, scores, alloc, sparsity })
     }
 
     /// Sets every layer of `model` to the initial ratio (the state before the first reallocation).
     pub fn reset(&self, model: &mut Model) {
-        model.sparsity.iter_mut().for_each(|s| *s = self.cfg.init_ratio as f32);
+        model.sparsity_mut().iter_mut().for_each(|s| *s = self.cfg.init_ratio as f32);
     }
 
-    /// `model` has the branches this allocator was built for (same count and sizes).
-    fn check_model(&self, model: &Model) -> Result<()> {
-        let caps = model.layout.branches.iter().map(|b| (b.n_in * b.n_out) as f64);
-        let ema = model.layout.branches.iter().all(|b| matches!(b.params, BranchParams::Kernel { ema: Some(_), .. }));
-        if !ema || model.sparsity.len() != self.caps.len() || !caps.eq(self.caps.iter().copied()) {
-            return Err(Error::invalid(
+    /// The tracked factors of `model`, which must have the branches this allocator was built for (same count
+    /// and sizes, with allocator state).
+    fn factors_of(&self, model: &Model) -> Result<Vec<[TrackedFactor; 2]>> {
+        let caps = model.branch_shapes().into_iter().map(|(n_in, n_out)| (n_in * n_out) as f64);
+        match model.allocator_factors() {
+            Some(f) if model.sparsity().len() == self.caps.len() && caps.eq(self.caps.iter().copied()) => Ok(f),
+            _ => Err(Error::invalid(
                 "allocator",
                 format!(
                     "the model ({} with {} branches) is not the one this allocator was built for ({} branches)",
-                    model.method.name(),
-                    model.layout.branches.len(),
+                    model.method().name(),
+                    model.branch_shapes().len(),
                     self.caps.len()
                 ),
-            ));
+            )),
         }
-        Ok(())
     }
 }

@@ -1,6 +1,6 @@
 //! Parameter-efficient methods: which tensors train, and the branches added to the block Linears.
-//! The method itself (merge, competition) lives in `ops::kmerge` / `ops::compete`; the bi-level
-//! allocator in `allocator.rs`.
+//! The method itself (merge, competition) lives in `ops::kmerge` / `ops::compete` and meets the model in
+//! `model/linear.rs`; the bi-level allocator in `allocator.rs`. Its equations: `docs/method.md`.
 pub mod allocator;
 
 use crate::error::{Error, Result};
@@ -228,7 +228,7 @@ impl Method {
 }
 
 /// Decoupled weight decay applies to tensors with ≥ 2 dimensions, except biases, pos_embed and cls_token
-/// (the official `set_weight_decay`).
+/// (the official `set_weight_decay`; method.md §12).
 pub(crate) fn decays(name: &str, shape: &[usize]) -> bool {
     shape.len() >= 2 && !name.ends_with(".bias") && !matches!(name, "pos_embed" | "cls_token" | "dist_token")
 }

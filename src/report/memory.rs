@@ -3,7 +3,7 @@
 //! MB = torch.cuda.max_memory_allocated / 2^20).
 use std::fmt::Write;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::{plan_model, MemoryOptions, Precision, Recompute, ViTConfig};
 use crate::peft::Method;
 use crate::runtime::{mib, Pool};
@@ -301,14 +301,10 @@ pub fn measure(
 /// Writes `text` to `path` atomically (temporary file, then rename), so no partial output is left.
 ///
 /// # Errors
-/// `Io` naming the path that could not be written.
+/// `Io` naming the path that could not be written; `Invalid { option: "output path" }` for a path without a
+/// file name.
 pub fn write_atomic(path: &std::path::Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("out")));
-    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
+    crate::io::write_atomic(path, text.as_bytes())
 }
 
 #[cfg(test)]

@@ -101,11 +101,11 @@ pub fn step_speed(
     let mut model = Model::new(backend, &cfg, method, batch, memory)?;
     model.rt.set_gemm_precision(gemm);
     model.init_branches(0)?;
-    for (i, name) in model.layout.params.names.clone().iter().enumerate() {
+    for (i, name) in model.param_names().iter().enumerate() {
         if name.starts_with("branch.") {
             continue;
         }
-        let n = model.layout.params.list[i].value.numel;
+        let n = model.param_len(name)?;
         let v: Vec<f32> = if name.ends_with("norm1.weight") || name.ends_with("norm2.weight") || name == "norm.weight" {
             vec![1.0; n]
         } else {

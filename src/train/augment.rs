@@ -1,4 +1,4 @@
-//! The paper's image pipelines (spec e.1), each a [`Transform`] applied to an [`Example`] with an RNG.
+//! The paper's image pipelines (method.md §16), each a [`Transform`] applied to an [`Example`] with an RNG.
 //!
 //! * [`Transform::TrainFgvc`] — FGVC training (timm `create_transform(224, is_training=True,
 //!   interpolation='bicubic', hflip=0.5, scale=(0.08,1), ratio=(3/4,4/3))`): RandomResizedCrop (bicubic),
@@ -26,11 +26,11 @@ pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 /// ImageNet channel standard deviations (timm `IMAGENET_DEFAULT_STD`).
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
-/// RandomResizedCrop scale range (fraction of the image area), as in spec e.1.
+/// RandomResizedCrop scale range (fraction of the image area), as in method.md §16.
 pub(crate) const RRC_SCALE: (f64, f64) = (0.08, 1.0);
-/// RandomResizedCrop aspect-ratio range (width / height), as in spec e.1.
+/// RandomResizedCrop aspect-ratio range (width / height), as in method.md §16.
 pub(crate) const RRC_RATIO: (f64, f64) = (3.0 / 4.0, 4.0 / 3.0);
-/// ColorJitter strengths (brightness, contrast, saturation), as in spec e.1; hue is not jittered.
+/// ColorJitter strengths (brightness, contrast, saturation), as in method.md §16; hue is not jittered.
 pub(crate) const JITTER: [f32; 3] = [0.4, 0.4, 0.4];
 
 /// Resampling filter of [`resize`].
@@ -442,7 +442,7 @@ impl std::fmt::Display for Transform {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::data::SplitMix64;
+    use crate::rng::SplitMix64;
     use rand::SeedableRng;
 
     fn ex(h: usize, w: usize, f: impl Fn(usize, usize, usize) -> f32) -> Example {

@@ -17,15 +17,15 @@
 //! Files are written atomically ([`write_atomic`]): to a temporary file in the same folder, synced, then
 //! renamed over the target; on any error the temporary is removed and the target is untouched.
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use safetensors::{Dtype, SafeTensors};
-
 use crate::error::{Error, Result};
-use crate::model::vit::BranchParams;
+use crate::io::safetensors::{f32_values, serialize, File, RawTensor};
 use crate::model::{Model, ViTConfig};
 use crate::train::recipe::TrainConfig;
+
+// Checkpoints are written with the crate's one atomic writer.
+pub use crate::io::write_atomic;
 
 /// Format version written into [`CheckpointMeta::version`].
 pub(crate) const CHECKPOINT_VERSION: u32 = 1;
@@ -94,102 +94,20 @@ pub(crate) fn fnv1a64(bytes: &[u8]) -> String {
     format!("{h:016x}")
 }
 
-/// Writes `bytes` to `path` atomically: a temporary `.<name>.tmp-<pid>` in the same folder, `fsync`, then
-/// a rename over `path`. On any error the temporary is removed, `path` is left as it was, and the error
-/// (`Error::Io`) names the path that failed.
-///
-/// # Errors
-/// `Invalid { option: "output path" }` for a path without a file name; `Io` naming `path`.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::invalid("output path", format!("{} has no file name", path.display())))?
-        .to_string_lossy()
-        .into_owned();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    if let Err(e) = std::fs::rename(&tmp, path) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    Ok(())
-}
-
-/// One tensor to serialise: dtype, shape and little-endian bytes.
-pub(crate) struct RawTensor {
-    pub dtype: Dtype,
-    pub shape: Vec<usize>,
-    pub bytes: Vec<u8>,
-}
-
-impl RawTensor {
-    pub fn f32(shape: Vec<usize>, data: &[f32]) -> RawTensor {
-        RawTensor { dtype: Dtype::F32, shape, bytes: data.iter().flat_map(|x| x.to_le_bytes()).collect() }
-    }
-    pub fn u32(shape: Vec<usize>, data: &[u32]) -> RawTensor {
-        RawTensor { dtype: Dtype::U32, shape, bytes: data.iter().flat_map(|x| x.to_le_bytes()).collect() }
-    }
-}
-
-/// Serialises tensors + string metadata to safetensors bytes.
-pub(crate) fn serialize(
-    tensors: &BTreeMap<String, RawTensor>,
-    meta: HashMap<String, String>,
-    what: &Path,
-) -> Result<Vec<u8>> {
-    let mut views = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
-        let v = safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.bytes)
-            .map_err(|e| Error::invalid("tensor", format!("'{name}': {e:?}")))?;
-        views.push((name.as_str(), v));
-    }
-    safetensors::serialize(views, &Some(meta)).map_err(|e| Error::format(what, format!("cannot serialise: {e:?}")))
-}
-
-/// Reads a safetensors file written by this module or `export`: (bytes, header length, metadata map).
-/// Errors: `Error::Io` (unreadable), `Error::Format` (truncated or corrupt, naming the file).
-pub(crate) fn read_safetensors_file(path: &Path) -> Result<(Vec<u8>, usize, HashMap<String, String>)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let (n, meta) = SafeTensors::read_metadata(&bytes)
-        .map_err(|e| Error::format(path, format!("not a valid safetensors file (truncated or corrupt?): {e:?}")))?;
-    SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::format(path, format!("not a valid safetensors file (truncated or corrupt?): {e:?}")))?;
-    let m = meta.metadata().clone().unwrap_or_default();
-    Ok((bytes, n, m))
-}
-
-/// F32 tensor data of a view, checked.
-pub(crate) fn view_f32(path: &Path, name: &str, v: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>> {
-    if v.dtype() != Dtype::F32 {
-        return Err(Error::format(path, format!("tensor '{name}' has dtype {:?}, expected F32", v.dtype())));
-    }
-    Ok(v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
-}
-
 /// Every tensor a checkpoint of `model` holds: name → (device tensor, shape).
 fn checkpoint_tensors(model: &Model) -> Vec<(String, crate::runtime::Tensor, Vec<usize>)> {
     let mut out = Vec::new();
-    let shape_of = |t: crate::runtime::Tensor| model.rt.plan.spec(t).shape.clone();
-    for (name, p) in model.layout.params.trainable() {
+    let shape_of = |t: crate::runtime::Tensor| model.plan().spec(t).shape.clone();
+    for (name, p) in model.trainable_params() {
         out.push((format!("param.{name}"), p.value, shape_of(p.value)));
         out.push((format!("adamw.m.{name}"), p.m.expect("trainable parameters have AdamW m"), shape_of(p.value)));
         out.push((format!("adamw.v.{name}"), p.v.expect("trainable parameters have AdamW v"), shape_of(p.value)));
     }
-    for br in &model.layout.branches {
-        if let BranchParams::Kernel { ema: Some([ia, ua, ib, ub]), .. } = br.params {
-            let p = &br.prefix;
-            out.push((format!("alloc.ipt.{p}.In_Qs"), ia, shape_of(ia)));
-            out.push((format!("alloc.unc.{p}.In_Qs"), ua, shape_of(ua)));
-            out.push((format!("alloc.ipt.{p}.Out_Qs"), ib, shape_of(ib)));
-            out.push((format!("alloc.unc.{p}.Out_Qs"), ub, shape_of(ub)));
+    let tracked = model.allocator_factors().unwrap_or_default();
+    for (p, factors) in model.branch_names().iter().zip(tracked) {
+        for (leaf, f) in ["In_Qs", "Out_Qs"].iter().zip(factors) {
+            out.push((format!("alloc.ipt.{p}.{leaf}"), f.ipt, shape_of(f.ipt)));
+            out.push((format!("alloc.unc.{p}.{leaf}"), f.unc, shape_of(f.unc)));
         }
     }
     out
@@ -220,25 +138,25 @@ pub fn save_checkpoint(path: &Path, model: &Model, state: &TrainState, config: O
                 ));
             }
         }
-        tensors.insert(name, RawTensor::f32(shape, &data));
+        tensors.insert(name, RawTensor::f32(shape, &data).into_owned());
     }
     // The checksum covers the data section, which depends only on the tensors, so serialise twice: once to
     // learn the data bytes (the header does not influence them), once with the checksum in the metadata.
     let mut meta = CheckpointMeta {
         format: "snella-checkpoint".into(),
         version: CHECKPOINT_VERSION,
-        method: model.method.name(),
-        model: model.cfg.clone(),
+        method: model.method().name(),
+        model: model.config().clone(),
         config: config.cloned(),
         config_hash: config.map(|c| c.hash()).transpose()?,
-        adam_step: model.step,
-        sparsity: model.sparsity.clone(),
+        adam_step: model.step_count(),
+        sparsity: model.sparsity().to_vec(),
         state: state.clone(),
         checksum: String::new(),
     };
     let mut data = Vec::new();
     for t in tensors.values() {
-        data.extend_from_slice(&t.bytes);
+        data.extend_from_slice(t.bytes());
     }
     meta.checksum = fnv1a64(&data);
     drop(data);
@@ -252,12 +170,11 @@ pub fn save_checkpoint(path: &Path, model: &Model, state: &TrainState, config: O
 /// # Errors
 /// `Error::Io` (unreadable), `Error::Format` (not a checkpoint, truncated, corrupt), naming the file.
 pub fn read_checkpoint_meta(path: &Path) -> Result<CheckpointMeta> {
-    let (bytes, n, map) = read_safetensors_file(path)?;
-    parse_meta(path, &bytes, n, &map)
+    parse_meta(path, &File::read(path)?)
 }
 
-fn parse_meta(path: &Path, bytes: &[u8], n: usize, map: &HashMap<String, String>) -> Result<CheckpointMeta> {
-    let json = map.get(META_KEY).ok_or_else(|| {
+fn parse_meta(path: &Path, file: &File) -> Result<CheckpointMeta> {
+    let json = file.metadata(META_KEY).ok_or_else(|| {
         Error::format(path, "is a safetensors file but not a snella checkpoint (no 'snella_checkpoint' metadata)")
     })?;
     let meta: CheckpointMeta =
@@ -271,7 +188,7 @@ fn parse_meta(path: &Path, bytes: &[u8], n: usize, map: &HashMap<String, String>
             ),
         ));
     }
-    let sum = fnv1a64(&bytes[8 + n..]);
+    let sum = fnv1a64(file.data());
     if sum != meta.checksum {
         return Err(Error::format(
             path,
@@ -294,19 +211,19 @@ fn parse_meta(path: &Path, bytes: &[u8], n: usize, map: &HashMap<String, String>
 /// recipe, naming the differences), `MissingTensor` / `UnexpectedTensors` / `ShapeMismatch`. Every check runs
 /// before the first upload, so on error the model is unchanged (a failing device copy aside).
 pub fn load_checkpoint(path: &Path, model: &mut Model, config: Option<&TrainConfig>) -> Result<CheckpointMeta> {
-    let (bytes, n, map) = read_safetensors_file(path)?;
-    let meta = parse_meta(path, &bytes, n, &map)?;
+    let ck = File::read(path)?;
+    let meta = parse_meta(path, &ck)?;
     let file = path.display().to_string();
-    let ours = model.method.name();
+    let ours = model.method().name();
     if meta.method != ours {
         return Err(Error::invalid(
             "checkpoint",
             format!("{file} was written by method {} but this model trains {ours}", meta.method),
         ));
     }
-    if meta.model != model.cfg {
+    if &meta.model != model.config() {
         let a = serde_json::to_value(&meta.model).unwrap_or_default();
-        let b = serde_json::to_value(&model.cfg).unwrap_or_default();
+        let b = serde_json::to_value(model.config()).unwrap_or_default();
         return Err(Error::invalid(
             "checkpoint",
             format!("{file} is for another model configuration (differs in: {})", diff_fields(&a, &b)),
@@ -323,17 +240,16 @@ pub fn load_checkpoint(path: &Path, model: &mut Model, config: Option<&TrainConf
             }
         }
     }
-    if meta.sparsity.len() != model.sparsity.len() {
+    if meta.sparsity.len() != model.sparsity().len() {
         return Err(Error::format(
             path,
-            format!("{} sparsity entries for {} branches", meta.sparsity.len(), model.sparsity.len()),
+            format!("{} sparsity entries for {} branches", meta.sparsity.len(), model.sparsity().len()),
         ));
     }
     if let Some(bad) = meta.sparsity.iter().find(|s| !(0.0..=1.0).contains(*s)) {
         return Err(Error::format(path, format!("sparsity {bad} is outside [0, 1]")));
     }
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::format(path, format!("not a valid safetensors file (truncated or corrupt?): {e:?}")))?;
+    let st = ck.tensors()?;
     let want = checkpoint_tensors(model);
     let mut data = Vec::with_capacity(want.len());
     for (name, t, shape) in &want {
@@ -346,7 +262,7 @@ pub fn load_checkpoint(path: &Path, model: &mut Model, config: Option<&TrainConf
                 want: shape.clone(),
             });
         }
-        data.push((*t, view_f32(path, name, &v)?));
+        data.push((*t, f32_values(path, name, &v)?));
     }
     let known: std::collections::HashSet<&str> = want.iter().map(|(n, _, _)| n.as_str()).collect();
     let extra: Vec<String> = st.names().into_iter().filter(|n| !known.contains(n.as_str())).cloned().collect();
@@ -356,8 +272,8 @@ pub fn load_checkpoint(path: &Path, model: &mut Model, config: Option<&TrainConf
     for (t, d) in data {
         model.rt.upload(t, &d)?;
     }
-    model.step = meta.adam_step;
-    model.sparsity.copy_from_slice(&meta.sparsity);
+    model.set_step_count(meta.adam_step);
+    model.sparsity_mut().copy_from_slice(&meta.sparsity);
     Ok(meta)
 }
 

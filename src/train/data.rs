@@ -1,11 +1,8 @@
-//! Labelled image sources and the batch loader.
+//! Labelled image sources (the batches of them are `loader.rs`'s).
 //!
 //! * [`ImageFolder`] — one subfolder per class, JPEG/PNG files inside (torchvision `ImageFolder`).
 //! * [`Idx`] — MNIST / Fashion-MNIST IDX files, gzipped or not.
 //! * [`Subset`] / [`subset`] — a deterministic (optionally stratified) subset of another dataset.
-//! * [`Loader`] — shuffled, transformed batches, decoded in parallel with rayon; every example's
-//!   augmentation RNG is derived from `(seed, epoch, dataset index)` only, so batches do not depend on
-//!   the number of threads.
 //!
 //! Items are decoded lazily by index; errors name the file at fault.
 use std::collections::BTreeMap;
@@ -13,11 +10,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rand::{Rng, RngCore, SeedableRng};
-use rayon::prelude::*;
-
-use super::augment::Transform;
 use crate::error::{Error, Result};
+use crate::rng::{example_seed, permutation, splitmix64, SplitMix64};
 
 /// One decoded example: an RGB image as f32 in `[0, 1]`, CHW, and its label.
 #[derive(Clone, Debug, PartialEq)]
@@ -85,77 +79,6 @@ forward_dataset!(&D, Arc<D>, Box<D>);
 
 fn out_of_range(i: usize, len: usize) -> Error {
     Error::invalid("dataset index", format!("{i} is out of range for a dataset of {len} items"))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Deterministic randomness
-// ---------------------------------------------------------------------------------------------
-
-/// The SplitMix64 finaliser: a bijective 64-bit mix.
-pub(crate) fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// The seed of one example's augmentation RNG: a hash of `(seed, epoch, dataset index)` only.
-pub(crate) fn example_seed(seed: u64, epoch: u64, index: u64) -> u64 {
-    splitmix64(splitmix64(splitmix64(seed) ^ epoch) ^ index)
-}
-
-/// A small, fast, seedable RNG (SplitMix64) whose stream is fixed by this crate, not by `rand`'s
-/// version: used for every data-pipeline draw.
-#[derive(Clone, Debug)]
-pub(crate) struct SplitMix64 {
-    state: u64,
-}
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> SplitMix64 {
-        SplitMix64 { state: seed }
-    }
-}
-
-impl RngCore for SplitMix64 {
-    fn next_u32(&mut self) -> u32 {
-        (self.next_u64() >> 32) as u32
-    }
-    fn next_u64(&mut self) -> u64 {
-        let z = splitmix64(self.state);
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z
-    }
-    fn fill_bytes(&mut self, dest: &mut [u8]) {
-        for chunk in dest.chunks_mut(8) {
-            let v = self.next_u64().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> std::result::Result<(), rand::Error> {
-        self.fill_bytes(dest);
-        Ok(())
-    }
-}
-
-impl SeedableRng for SplitMix64 {
-    type Seed = [u8; 8];
-    fn from_seed(seed: [u8; 8]) -> SplitMix64 {
-        SplitMix64::new(u64::from_le_bytes(seed))
-    }
-    fn seed_from_u64(state: u64) -> SplitMix64 {
-        SplitMix64::new(state)
-    }
-}
-
-/// A uniformly random permutation of `0..n` (Fisher–Yates).
-pub(crate) fn permutation(n: usize, rng: &mut impl Rng) -> Vec<usize> {
-    let mut p: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        let j = rng.gen_range(0..=i);
-        p.swap(i, j);
-    }
-    p
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -705,177 +628,6 @@ impl<D: Dataset> Dataset for Subset<D> {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Loader
-// ---------------------------------------------------------------------------------------------
-
-/// A batch of transformed examples.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Batch {
-    /// `(b, 3, height, width)` row-major, after the transform.
-    pub images: Vec<f32>,
-    /// Class of every example.
-    pub labels: Vec<i32>,
-    /// The dataset index of every example.
-    pub indices: Vec<usize>,
-    /// Image rows in pixels (the transform's size).
-    pub height: usize,
-    /// Image columns in pixels (the transform's size).
-    pub width: usize,
-}
-
-impl Batch {
-    /// The number of examples.
-    pub fn len(&self) -> usize {
-        self.labels.len()
-    }
-    /// Whether the batch holds no example.
-    pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
-    }
-}
-
-/// Batches of a dataset: `Loader::new(dataset, transform, batch, shuffle, seed, drop_last)`;
-/// [`Loader::epoch`] yields `Result<Batch>`.
-///
-/// The epoch's order is `0..len`, or with `shuffle` a permutation drawn from
-/// `SplitMix64(example_seed(seed, epoch, u64::MAX))`. Each batch is decoded and transformed in
-/// parallel (rayon, on the current pool); example `i` is transformed with
-/// `SplitMix64(example_seed(seed, epoch, i))`, so the batches depend on `(seed, epoch)` only, never on
-/// the thread count. A failing example ends that batch with the error of the first failing example
-/// in batch order.
-pub struct Loader<D: Dataset> {
-    dataset: D,
-    transform: Transform,
-    batch: usize,
-    shuffle: bool,
-    seed: u64,
-    drop_last: bool,
-}
-
-impl<D: Dataset> Loader<D> {
-    /// A loader of `batch`-image batches of `dataset` through `transform`; `shuffle` draws a new order per
-    /// epoch from `seed`; `drop_last` drops a final partial batch.
-    ///
-    /// # Errors
-    /// `Invalid { option: "batch size" }` for `batch == 0`.
-    pub fn new(
-        dataset: D,
-        transform: Transform,
-        batch: usize,
-        shuffle: bool,
-        seed: u64,
-        drop_last: bool,
-    ) -> Result<Self> {
-        if batch == 0 {
-            return Err(Error::invalid("batch size", "must be at least 1"));
-        }
-        Ok(Loader { dataset, transform, batch, shuffle, seed, drop_last })
-    }
-
-    /// The dataset it reads.
-    pub fn dataset(&self) -> &D {
-        &self.dataset
-    }
-    /// The pipeline applied to every example.
-    pub fn transform(&self) -> Transform {
-        self.transform
-    }
-    /// Examples per batch (the last one may be smaller unless `drop_last`).
-    pub fn batch_size(&self) -> usize {
-        self.batch
-    }
-
-    /// Batches per epoch.
-    pub fn num_batches(&self) -> usize {
-        let n = self.dataset.len();
-        if self.drop_last {
-            n / self.batch
-        } else {
-            n.div_ceil(self.batch)
-        }
-    }
-
-    /// The dataset indices in the order epoch `epoch` visits them.
-    pub fn order(&self, epoch: usize) -> Vec<usize> {
-        let n = self.dataset.len();
-        if self.shuffle {
-            let mut rng = SplitMix64::new(example_seed(self.seed, epoch as u64, u64::MAX));
-            permutation(n, &mut rng)
-        } else {
-            (0..n).collect()
-        }
-    }
-
-    /// The batches of epoch `epoch`.
-    pub fn epoch(&self, epoch: usize) -> Epoch<'_, D> {
-        let order = self.order(epoch);
-        Epoch { loader: self, order, pos: 0, epoch, left: self.num_batches() }
-    }
-
-    /// Decodes and transforms the given dataset indices as epoch `epoch` would.
-    ///
-    /// # Errors
-    /// The first failing example's error in `indices` order: an index out of range, a decoding error naming
-    /// the file, an example whose image is not `3 × height × width` values (`Invalid { option: "dataset" }`),
-    /// a label that does not fit in i32.
-    pub fn make_batch(&self, epoch: usize, indices: &[usize]) -> Result<Batch> {
-        let results: Vec<Result<(Vec<f32>, usize)>> = indices
-            .par_iter()
-            .map(|&i| {
-                let ex = self.dataset.get(i)?;
-                let mut rng = SplitMix64::new(example_seed(self.seed, epoch as u64, i as u64));
-                let img = self.transform.apply(&ex, &mut rng).map_err(|e| match e {
-                    Error::Invalid { msg, .. } => Error::invalid("dataset", format!("item {i}: {msg}")),
-                    e => e,
-                })?;
-                Ok((img, ex.label))
-            })
-            .collect();
-        let size = self.transform.size();
-        let mut images = Vec::with_capacity(indices.len() * 3 * size * size);
-        let mut labels = Vec::with_capacity(indices.len());
-        for r in results {
-            let (img, label) = r?;
-            images.extend_from_slice(&img);
-            labels.push(
-                i32::try_from(label).map_err(|_| Error::invalid("label", format!("{label} does not fit in i32")))?,
-            );
-        }
-        Ok(Batch { images, labels, indices: indices.to_vec(), height: size, width: size })
-    }
-}
-
-/// The batches of one epoch (see [`Loader::epoch`]).
-pub struct Epoch<'a, D: Dataset> {
-    loader: &'a Loader<D>,
-    order: Vec<usize>,
-    pos: usize,
-    epoch: usize,
-    left: usize,
-}
-
-impl<D: Dataset> Iterator for Epoch<'_, D> {
-    type Item = Result<Batch>;
-
-    fn next(&mut self) -> Option<Result<Batch>> {
-        if self.left == 0 {
-            return None;
-        }
-        self.left -= 1;
-        let end = (self.pos + self.loader.batch).min(self.order.len());
-        let idx = &self.order[self.pos..end];
-        self.pos = end;
-        Some(self.loader.make_batch(self.epoch, idx))
-    }
-
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        (self.left, Some(self.left))
-    }
-}
-
-impl<D: Dataset> ExactSizeIterator for Epoch<'_, D> {}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -896,22 +648,5 @@ mod tests {
         let mut junk = good.to_vec();
         junk.extend_from_slice(&[0, 1, 2]);
         assert!(check_jpeg_structure(&junk).is_ok());
-    }
-
-    #[test]
-    fn splitmix_is_stable() {
-        // Reference values of SplitMix64 seeded with 0 (Vigna's reference implementation).
-        let mut r = SplitMix64::new(0);
-        assert_eq!(r.next_u64(), 0xE220_A839_7B1D_CDAF);
-        assert_eq!(r.next_u64(), 0x6E78_9E6A_A1B9_65F4);
-        assert_ne!(example_seed(0, 0, 1), example_seed(0, 1, 0));
-    }
-
-    #[test]
-    fn permutation_is_a_permutation() {
-        let mut p = permutation(100, &mut SplitMix64::new(5));
-        assert_ne!(p, (0..100).collect::<Vec<_>>());
-        p.sort_unstable();
-        assert_eq!(p, (0..100).collect::<Vec<_>>());
     }
 }

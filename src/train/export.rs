@@ -17,37 +17,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::model::load::{write_safetensors, TensorMap, Weights};
-use crate::model::vit::{BranchParams, Linear};
+use crate::io::safetensors::{f32_values, fills, serialize, u32_values, write_safetensors, File, RawTensor};
+use crate::io::write_atomic;
+use crate::model::load::{TensorMap, Weights};
 use crate::model::{Model, ViTConfig};
-use crate::ops::compete::kept_count;
-use crate::train::checkpoint::{read_safetensors_file, serialize, view_f32, write_atomic, RawTensor};
 
 /// The `__metadata__` key of a sparse-delta file.
 pub(crate) const DELTA_META_KEY: &str = "snella_sparse_delta";
-
-/// Every Linear of the model with the timm name of its weight, in block order.
-fn linears(model: &Model) -> Vec<(String, &Linear)> {
-    let mut out = Vec::new();
-    for (l, b) in model.layout.blocks.iter().enumerate() {
-        out.push((format!("blocks.{l}.attn.qkv.weight"), &b.qkv));
-        out.push((format!("blocks.{l}.attn.proj.weight"), &b.proj));
-        out.push((format!("blocks.{l}.mlp.fc1.weight"), &b.fc1));
-        out.push((format!("blocks.{l}.mlp.fc2.weight"), &b.fc2));
-    }
-    out
-}
-
-/// Builds W0 + Σ branch updates of one Linear into its scratch W on the device (the forward's own path,
-/// `Model::merge_linear`) and calls `per_branch(branch index in lin.branches, update tensor or None for
-/// LoRA)` after each branch.
-fn build_linear(
-    model: &Model,
-    lin: &Linear,
-    mut per_branch: impl FnMut(usize, Option<crate::runtime::Tensor>) -> Result<()>,
-) -> Result<crate::runtime::Tensor> {
-    model.merge_linear(lin, false, |k, _, applied| per_branch(k, applied))
-}
 
 /// The model's weights with every branch merged in, in timm names and `cfg.param_shapes()` shapes
 /// (exactly the tensors a `Method::Linear` / `Method::Full` model of the same configuration has).
@@ -56,16 +32,9 @@ fn build_linear(
 /// # Errors
 /// Device transfer failures only.
 pub fn merged_weights(model: &Model) -> Result<TensorMap> {
-    let mut merged: HashMap<String, Vec<f32>> = HashMap::new();
-    for (name, lin) in linears(model) {
-        if lin.branches.is_empty() {
-            continue;
-        }
-        let w = build_linear(model, lin, |_, _| Ok(()))?;
-        merged.insert(name, model.rt.download(w)?);
-    }
+    let mut merged: HashMap<String, Vec<f32>> = model.merged_linear_weights()?.into_iter().collect();
     let mut out = TensorMap::new();
-    for (name, shape) in model.cfg.param_shapes() {
+    for (name, shape) in model.config().param_shapes() {
         let data = match merged.remove(&name) {
             Some(d) => d,
             None => model.get_param(&name)?,
@@ -89,25 +58,11 @@ pub fn export_merged(model: &Model, path: &Path) -> Result<()> {
 /// # Errors
 /// Device failures only.
 pub fn kept_stats(model: &Model) -> Result<Vec<(String, f32, usize, usize)>> {
-    let mut out = Vec::with_capacity(model.layout.branches.len());
-    for (_, lin) in linears(model) {
-        if lin.branches.is_empty() {
-            continue;
-        }
-        let sc = &model.layout.branch_scratch[lin.scratch];
-        build_linear(model, lin, |k, _| {
-            let br = &lin.branches[k];
-            let total = br.n_in * br.n_out;
-            let kept = match br.params {
-                BranchParams::Kernel { sparse: true, .. } => {
-                    kept_count(&model.rt, sc.m.slice(0, total), model.layout.thresholds.slice(br.id, 1))?
-                }
-                _ => total,
-            };
-            out.push((br.prefix.clone(), model.sparsity[br.id], kept, total));
-            Ok(())
-        })?;
-    }
+    let mut out = Vec::with_capacity(model.sparsity().len());
+    model.for_each_branch_update(|u| {
+        out.push((u.prefix.to_string(), u.sparsity, u.kept()?, u.n_in * u.n_out));
+        Ok(())
+    })?;
     Ok(out)
 }
 
@@ -183,83 +138,44 @@ struct DeltaMeta {
 /// `Invalid { option: "export" }` for full fine-tuning and GPS, whose update is the whole backbone (export
 /// merged weights instead); device failures.
 pub fn sparse_delta(model: &Model) -> Result<SparseDelta> {
-    if model.method.trains_backbone() {
+    if model.method().trains_backbone() {
         return Err(Error::invalid(
             "export",
             format!(
                 "method {} trains the whole backbone: a sparse delta would be the full model; export merged weights",
-                model.method.name()
+                model.method().name()
             ),
         ));
     }
     let mut branches = Vec::new();
-    for (target, lin) in linears(model) {
-        if lin.branches.is_empty() {
-            continue;
-        }
-        let mut got: Vec<DeltaBranch> = Vec::new();
-        let sc = &model.layout.branch_scratch[lin.scratch];
-        build_linear(model, lin, |k, upd| {
-            let br = &lin.branches[k];
-            let (n_in, n_out) = (br.n_in, br.n_out);
-            let (mut indices, mut values) = (Vec::new(), Vec::new());
-            let kept;
-            match upd {
-                Some(ms) => {
-                    // ms is (in, out); emit in (out, in) order.
-                    let v = model.rt.download(ms)?;
-                    kept = match br.params {
-                        BranchParams::Kernel { sparse: true, .. } => {
-                            kept_count(&model.rt, sc.m.slice(0, n_in * n_out), model.layout.thresholds.slice(br.id, 1))?
-                        }
-                        _ => n_in * n_out,
-                    };
-                    for o in 0..n_out {
-                        for i in 0..n_in {
-                            let x = v[i * n_out + o];
-                            if x != 0.0 {
-                                indices.push((o * n_in + i) as u32);
-                                values.push(x);
-                            }
-                        }
-                    }
-                }
-                None => {
-                    // LoRA: the merged rows minus W0 (what W0 must gain to equal the merged weight).
-                    let w = model.rt.download(sc.w.slice(br.row0 * n_in, n_out * n_in))?;
-                    let w0 = model.rt.download(lin.w.value.slice(br.row0 * n_in, n_out * n_in))?;
-                    kept = n_in * n_out;
-                    for (j, (a, b)) in w.iter().zip(&w0).enumerate() {
-                        let x = a - b;
-                        if x != 0.0 {
-                            indices.push(j as u32);
-                            values.push(x);
-                        }
-                    }
-                }
+    model.for_each_branch_update(|u| {
+        let (mut indices, mut values) = (Vec::new(), Vec::new());
+        for (j, x) in u.delta()?.into_iter().enumerate() {
+            if x != 0.0 {
+                indices.push(j as u32);
+                values.push(x);
             }
-            got.push(DeltaBranch {
-                prefix: br.prefix.clone(),
-                target: target.clone(),
-                row0: br.row0,
-                n_out,
-                n_in,
-                kept,
-                indices,
-                values,
-            });
-            Ok(())
-        })?;
-        branches.extend(got);
-    }
+        }
+        branches.push(DeltaBranch {
+            prefix: u.prefix.to_string(),
+            target: u.target.to_string(),
+            row0: u.row0,
+            n_out: u.n_out,
+            n_in: u.n_in,
+            kept: u.kept()?,
+            indices,
+            values,
+        });
+        Ok(())
+    })?;
     let mut dense = TensorMap::new();
-    let shapes: HashMap<String, Vec<usize>> = model.cfg.param_shapes().into_iter().collect();
-    for (name, _) in model.layout.params.trainable() {
-        if let Some(shape) = shapes.get(name) {
-            dense.insert(name.to_string(), (shape.clone(), model.get_param(name)?));
+    let shapes: HashMap<String, Vec<usize>> = model.config().param_shapes().into_iter().collect();
+    for name in model.trainable_names() {
+        if let Some(shape) = shapes.get(&name) {
+            dense.insert(name.clone(), (shape.clone(), model.get_param(&name)?));
         }
     }
-    Ok(SparseDelta { method: model.method.name(), model: model.cfg.clone(), branches, dense })
+    Ok(SparseDelta { method: model.method().name(), model: model.config().clone(), branches, dense })
 }
 
 /// Writes a sparse delta as safetensors, atomically: per branch either `<prefix>.indices` (U32) and
@@ -299,7 +215,7 @@ pub fn write_sparse_delta(path: &Path, delta: &SparseDelta) -> Result<()> {
             for (&i, &v) in b.indices.iter().zip(&b.values) {
                 full[i as usize] = v;
             }
-            tensors.insert(format!("{}.values", b.prefix), RawTensor::f32(vec![b.n_out, b.n_in], &full));
+            tensors.insert(format!("{}.values", b.prefix), RawTensor::f32(vec![b.n_out, b.n_in], &full).into_owned());
         } else {
             tensors.insert(format!("{}.indices", b.prefix), RawTensor::u32(vec![b.indices.len()], &b.indices));
             tensors.insert(format!("{}.values", b.prefix), RawTensor::f32(vec![b.values.len()], &b.values));
@@ -316,7 +232,7 @@ pub fn write_sparse_delta(path: &Path, delta: &SparseDelta) -> Result<()> {
         });
     }
     for (name, (shape, data)) in &delta.dense {
-        if shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) != Some(data.len()) {
+        if !fills(shape, data.len()) {
             return Err(Error::invalid("export", format!("'{name}' has {} values for shape {shape:?}", data.len())));
         }
         tensors.insert(name.clone(), RawTensor::f32(shape.clone(), data));
@@ -340,17 +256,16 @@ pub fn write_sparse_delta(path: &Path, delta: &SparseDelta) -> Result<()> {
 /// `Error::Io`, `Error::Format` (truncated, corrupt, not a sparse delta, inconsistent sizes),
 /// `MissingTensor`, all naming the file.
 pub fn read_sparse_delta(path: &Path) -> Result<SparseDelta> {
-    let (bytes, _, map) = read_safetensors_file(path)?;
-    let json = map
-        .get(DELTA_META_KEY)
+    let file = File::read(path)?;
+    let json = file
+        .metadata(DELTA_META_KEY)
         .ok_or_else(|| Error::format(path, "is a safetensors file but not a snella sparse delta (no metadata)"))?;
     let meta: DeltaMeta =
         serde_json::from_str(json).map_err(|e| Error::format(path, format!("corrupt sparse-delta metadata: {e}")))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::format(path, format!("not a valid safetensors file (truncated or corrupt?): {e:?}")))?;
-    let file = path.display().to_string();
+    let st = file.tensors()?;
+    let shown = path.display().to_string();
     let get =
-        |name: &str| st.tensor(name).map_err(|_| Error::MissingTensor { file: file.clone(), name: name.to_string() });
+        |name: &str| st.tensor(name).map_err(|_| Error::MissingTensor { file: shown.clone(), name: name.to_string() });
     let mut branches = Vec::new();
     for b in meta.branches {
         let values_name = format!("{}.values", b.prefix);
@@ -359,7 +274,7 @@ pub fn read_sparse_delta(path: &Path) -> Result<SparseDelta> {
             .checked_mul(b.n_in)
             .ok_or_else(|| Error::format(path, format!("{}: a {}x{} block is too large", b.prefix, b.n_out, b.n_in)))?;
         let (indices, values) = if b.dense {
-            let full = view_f32(path, &values_name, &get(&values_name)?)?;
+            let full = f32_values(path, &values_name, &get(&values_name)?)?;
             if full.len() != total {
                 return Err(Error::format(
                     path,
@@ -381,16 +296,9 @@ pub fn read_sparse_delta(path: &Path) -> Result<SparseDelta> {
             }
             (indices, values)
         } else {
-            let iv = get(&format!("{}.indices", b.prefix))?;
-            if iv.dtype() != safetensors::Dtype::U32 {
-                return Err(Error::format(
-                    path,
-                    format!("{}.indices has dtype {:?}, expected U32", b.prefix, iv.dtype()),
-                ));
-            }
-            let indices: Vec<u32> =
-                iv.data().chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-            let values = view_f32(path, &values_name, &get(&values_name)?)?;
+            let indices_name = format!("{}.indices", b.prefix);
+            let indices = u32_values(path, &indices_name, &get(&indices_name)?)?;
+            let values = f32_values(path, &values_name, &get(&values_name)?)?;
             if indices.len() != b.nnz || values.len() != b.nnz {
                 return Err(Error::format(
                     path,
@@ -425,7 +333,7 @@ pub fn read_sparse_delta(path: &Path) -> Result<SparseDelta> {
     let mut dense = TensorMap::new();
     for name in meta.dense {
         let v = get(&name)?;
-        dense.insert(name.clone(), (v.shape().to_vec(), view_f32(path, &name, &v)?));
+        dense.insert(name.clone(), (v.shape().to_vec(), f32_values(path, &name, &v)?));
     }
     Ok(SparseDelta { method: meta.method, model: meta.model, branches, dense })
 }
@@ -440,7 +348,6 @@ pub fn read_sparse_delta(path: &Path) -> Result<SparseDelta> {
 /// whose values do not fill its shape), with nothing changed in `weights` when any check fails.
 pub fn apply_sparse_delta(weights: &mut Weights, delta: &SparseDelta) -> Result<()> {
     let file = weights.source.display().to_string();
-    let fills = |shape: &[usize], n: usize| shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) == Some(n);
     for b in &delta.branches {
         let (shape, data) = weights
             .tensors
@@ -508,7 +415,7 @@ pub fn export_all(model: &Model, dir: &Path) -> Result<Vec<std::path::PathBuf>> 
     let merged = dir.join("merged.safetensors");
     export_merged(model, &merged)?;
     out.push(merged);
-    if !model.method.trains_backbone() {
+    if !model.method().trains_backbone() {
         let p = dir.join("delta.safetensors");
         write_sparse_delta(&p, &sparse_delta(model)?)?;
         out.push(p);

@@ -1,9 +1,9 @@
 //! Training recipes: [`TrainConfig`], read from TOML files (`recipes/*.toml`) and adjusted with
 //! `key=value` overrides from the command line.
 //!
-//! Every field has a default: the paper's recipe (spec e.1: AdamW lr 1e-3, 100 epochs, 10 warm-up epochs
+//! Every field has a default: the paper's recipe (method.md §14: AdamW lr 1e-3, 100 epochs, 10 warm-up epochs
 //! from 1e-6, cosine to 1e-5; SNELLA allocator β1 = β2 = 0.85, init_warmup = final_warmup = 0,
-//! mask_interval = 1). A recipe file only needs the fields it changes. Unknown keys are an error (a typo
+//! mask_interval = 1: §8–§10). A recipe file only needs the fields it changes. Unknown keys are an error (a typo
 //! must not silently fall back to a default).
 //!
 //! Validation is split in two: [`TrainConfig::validate`] checks values (no file system access, so the

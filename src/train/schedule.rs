@@ -1,4 +1,4 @@
-//! The learning-rate schedule of the paper's recipe (spec e.1): timm 0.5.4's `CosineLRScheduler` with a
+//! The learning-rate schedule of the paper's recipe (method.md §14): timm 0.5.4's `CosineLRScheduler` with a
 //! linear warm-up, stepped once per **epoch** after the epoch (`lr_scheduler.step(epoch)`).
 //!
 //! The rate used *during* epoch `e` is therefore:

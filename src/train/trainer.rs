@@ -19,18 +19,18 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::error::{Error, Result};
-use crate::model::load::trunc_normal;
 use crate::model::load::{adapt_to_config, infer_config, read_checkpoint, TensorMap, Weights};
 use crate::model::{Model, ViTConfig};
 use crate::peft::allocator::Allocator;
 use crate::peft::Method;
+use crate::rng::{example_seed, trunc_normal, unit_f64, SplitMix64};
 use crate::runtime::Backend;
 use crate::train::checkpoint::{checkpoint_path, load_checkpoint, save_checkpoint, TrainState};
-use crate::train::data::{example_seed, subset, Dataset, Idx, ImageFolder, Loader, SplitMix64};
+use crate::train::data::{subset, Dataset, Idx, ImageFolder};
 use crate::train::export::kept_stats;
+use crate::train::loader::Loader;
 use crate::train::recipe::{parse_device, DataFormat, TrainConfig};
 use crate::train::schedule::cosine_lr;
-use rand::RngCore;
 
 /// A boxed dataset, as the trainer's loaders hold them.
 pub type BoxDataset = Box<dyn Dataset>;
@@ -152,14 +152,15 @@ pub fn evaluate<D: Dataset>(model: &mut Model, loader: &Loader<D>) -> Result<(f6
 
 fn evaluate_with<D: Dataset>(model: &mut Model, loader: &Loader<D>, bar: &ProgressBar) -> Result<(f64, f64)> {
     // Evaluation mode: no dropout or drop-path (restored afterwards, also on error).
-    let training = std::mem::replace(&mut model.training, false);
+    let training = model.is_training();
+    model.set_training(false);
     let r = evaluate_batches(model, loader, bar);
-    model.training = training;
+    model.set_training(training);
     r
 }
 
 fn evaluate_batches<D: Dataset>(model: &mut Model, loader: &Loader<D>, bar: &ProgressBar) -> Result<(f64, f64)> {
-    let v = model.cfg.num_classes;
+    let v = model.config().num_classes;
     let (mut loss, mut right, mut n) = (0.0f64, 0u64, 0u64);
     for batch in loader.epoch(0) {
         let batch = batch?;
@@ -209,15 +210,13 @@ pub fn random_backbone(cfg: &ViTConfig, seed: u64) -> TensorMap {
 /// Device failures only.
 pub fn init_method(model: &Model, seed: u64) -> Result<()> {
     model.init_branches(seed)?;
-    if let Method::Gps { density } = model.method {
-        for (k, name) in model.layout.params.names.iter().enumerate() {
-            let p = model.layout.params.list[k];
-            if p.mask.is_some() {
+    if let Method::Gps { density } = *model.method() {
+        let masked = model.gps_mask_names();
+        for (k, name) in model.param_names().iter().enumerate() {
+            if masked.contains(name) {
                 let mut rng = SplitMix64::new(example_seed(seed, 0x6E5_3A5C, k as u64));
-                let mask: Vec<u8> = (0..p.value.numel)
-                    .map(|_| ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < density as f64)
-                    .map(u8::from)
-                    .collect();
+                let mask: Vec<u8> =
+                    (0..model.param_len(name)?).map(|_| unit_f64(&mut rng) < density as f64).map(u8::from).collect();
                 model.set_gps_mask(name, &mask)?;
             }
         }
@@ -352,8 +351,8 @@ impl Trainer {
         std::fs::create_dir_all(&config.out_dir).map_err(|e| Error::io(&config.out_dir, e))?;
         notes.push(format!(
             "{} on {:?}: {} train / {} test images, {} classes, {} trainable parameters",
-            model.method.name(),
-            model.rt.device(),
+            model.method().name(),
+            model.device(),
             train_loader.dataset().len(),
             test_loader.dataset().len(),
             vc.num_classes,
@@ -363,7 +362,7 @@ impl Trainer {
     }
 
     fn count_trainable(model: &Model) -> usize {
-        model.layout.params.trainable().map(|(_, p)| p.value.numel).sum()
+        model.trainable_len()
     }
 
     /// Trainable scalars of the model.
@@ -453,8 +452,8 @@ impl Trainer {
         c.validate()?;
         let session = Instant::now();
         let base_elapsed = self.state.elapsed_s;
-        let v = self.model.cfg.num_classes;
-        let sparse = matches!(self.model.method, Method::Kernel(k) if k.sparse);
+        let v = self.model.config().num_classes;
+        let sparse = matches!(self.model.method(), Method::Kernel(k) if k.sparse);
         if self.state.global_step == 0 && self.state.step_in_epoch == 0 && self.state.epoch == 0 {
             self.save()?; // the state before any update: a last good checkpoint always exists
         }
@@ -605,7 +604,7 @@ impl Trainer {
 
     fn summary(&self, completed: bool, last_train_loss: Option<f64>) -> Summary {
         Summary {
-            method: self.model.method.name(),
+            method: self.model.method().name(),
             completed,
             epochs_done: self.state.epoch,
             steps: self.state.global_step,

@@ -1,0 +1,366 @@
+//! The adapted Linear, y = x·(W0 + ΔW)ᵀ + b: the one place where a fine-tuning method meets the model.
+//!
+//! Merged (the default): each branch builds its update in scratch and adds it into a copy of W0 there
+//! (the kernel family: M from the factors (`ops::kmerge`, method.md §2–§3), sparsified to M_s
+//! (`ops::compete`, §4–§5), added transposed; LoRA: B·A), and the Linear is one GEMM with that W (§6). M is
+//! never kept: the backward rebuilds it, with the threshold its forward selected, and takes each branch's
+//! factor gradients (§7) while its M is in scratch, before the input gradient goes through the same W.
+//!
+//! Unmerged (training with the official recipe's branch dropout or drop-path): y = x·W0ᵀ + b +
+//! Σ_branches DropPath(Dropout(x)·M_s), one dropout mask shared by q, k and v, none on proj's input. The
+//! masks are hashes of (seed, stream, index), never stored (§15); [`MaskStream`] names the streams of a block.
+use crate::error::Result;
+use crate::model::config::Position;
+use crate::model::plan::{Branch, BranchParams, BranchScratch, Layout, Linear};
+use crate::ops::add::{add_bias, axpy, bias_backward, scale_copy};
+use crate::ops::compete::{add_transposed, sparsify_apply, sparsify_backward, sparsify_forward};
+use crate::ops::convert::bf16_widen;
+use crate::ops::dropout::{drop_path, dropout};
+use crate::ops::kmerge::{merge_backward, merge_forward, Factors};
+use crate::ops::matmul::{matmul, Matmul};
+use crate::runtime::{DType, Runtime, Tensor};
+
+/// The dropout and drop-path masks of one block. Each is a stream of hashed keep decisions (`ops::dropout`);
+/// a block owns the stream ids `16·block .. 16·block + 15`, so no two masks of a step share one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MaskStream {
+    /// Dropout on the input of the q, k and v branches (one mask for the three).
+    QkvDropout,
+    /// Dropout on fc1's branch input.
+    Fc1Dropout,
+    /// Dropout on fc2's branch input.
+    Fc2Dropout,
+    /// Drop-path on the output of one branch.
+    BranchPath(Position),
+    /// Stochastic depth of the attention residual branch.
+    AttnResidual,
+    /// Stochastic depth of the MLP residual branch.
+    MlpResidual,
+}
+
+impl MaskStream {
+    /// The stream id of this mask in block `block` (slot 1 would be proj's input dropout, which the official
+    /// code does not have).
+    pub(crate) fn id(self, block: usize) -> u64 {
+        let slot = match self {
+            MaskStream::QkvDropout => 0,
+            MaskStream::Fc1Dropout => 2,
+            MaskStream::Fc2Dropout => 3,
+            MaskStream::BranchPath(pos) => 4 + pos as u64,
+            MaskStream::AttnResidual => 10,
+            MaskStream::MlpResidual => 11,
+        };
+        block as u64 * 16 + slot
+    }
+}
+
+/// Branch dropout and drop-path of a training pass (the official TuningModule's), and the seed of its masks.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BranchDrop {
+    /// Dropout rate of the branch inputs (q, k, v share one mask; proj has none).
+    pub(crate) dropout: f32,
+    /// Drop-path rate of every branch output.
+    pub(crate) drop_path: f32,
+    /// This step's seed (the backward regenerates the forward's masks from it).
+    pub(crate) seed: u64,
+}
+
+/// What every adapted Linear of a pass reads besides its own tensors.
+pub(crate) struct Linears<'a> {
+    pub(crate) rt: &'a Runtime,
+    pub(crate) layout: &'a Layout,
+    /// Fraction of entries zeroed per branch, by `Branch::id`.
+    pub(crate) sparsity: &'a [f32],
+    /// Training with branch dropout or drop-path: the branches run unmerged.
+    pub(crate) drop: Option<BranchDrop>,
+    /// Tokens per image: drop-path keeps or drops an image's rows together.
+    pub(crate) tokens: usize,
+}
+
+impl Linears<'_> {
+    /// y = x·Wᵀ + b with W = W0 + the branches' updates.                   y: (rows, out)  x: (rows, in)
+    pub(crate) fn forward(&self, lin: &Linear, y: Tensor, x: Tensor, rows: usize) -> Result<()> {
+        if let (Some(drop), false) = (self.drop, lin.branches.is_empty()) {
+            return self.unmerged_forward(lin, drop, y, x, rows);
+        }
+        let w = if lin.branches.is_empty() { self.weight_f32(lin)? } else { self.merge(lin, |_, _| Ok(()))? };
+        matmul(self.rt, y, x, w, Matmul::new(rows, lin.n_out, lin.n_in, false, true))?;
+        add_bias(self.rt, y, lin.b.value)
+    }
+
+    /// Backward: dx = dy·W (overwrites dx); the gradients of W0 and b (when they train) and of the branch
+    /// factors accumulated.                                     dy: (rows, out)  x, dx: (rows, in)
+    pub(crate) fn backward(&self, lin: &Linear, dx: Tensor, dy: Tensor, x: Tensor, rows: usize) -> Result<()> {
+        if let (Some(drop), false) = (self.drop, lin.branches.is_empty()) {
+            return self.unmerged_backward(lin, drop, dx, dy, x, rows);
+        }
+        let w = if lin.branches.is_empty() {
+            self.weight_f32(lin)?
+        } else {
+            // The forward's W again, with the thresholds its forward selected from the same factors (the
+            // quantile select, 4 passes over M on CUDA, runs once per step instead of twice; same bits); each
+            // branch's factor gradients are taken while its M is in scratch.
+            let sc = &self.layout.branch_scratch[lin.scratch];
+            let again = |br: &Branch, sc: &BranchScratch| self.branch_matrix_again(br, sc);
+            self.merge_with(lin, again, |br, _| self.factor_backward(lin, br, sc, x, dy, rows))?
+        };
+        if let Some(gw) = lin.w.grad {
+            matmul(self.rt, gw, dy, x, Matmul::new(lin.n_out, lin.n_in, rows, true, false).accumulate())?;
+        }
+        if let Some(gb) = lin.b.grad {
+            bias_backward(self.rt, gb, dy)?;
+        }
+        matmul(self.rt, dx, dy, w, Matmul::new(rows, lin.n_in, lin.n_out, false, false))
+    }
+
+    /// The Linear's own weight W0 as fp32 (out, in): the parameter itself, or (bf16 storage) widened into the
+    /// Linear's branch scratch W (free on the unmerged path) or, without branches, into work.w0.
+    fn weight_f32(&self, lin: &Linear) -> Result<Tensor> {
+        let w0 = lin.w.value;
+        if w0.dtype != DType::BF16 {
+            return Ok(w0);
+        }
+        let into = match lin.branches.is_empty() {
+            true => self.layout.work.w0.expect("bf16 storage without branches plans work.w0"),
+            false => self.layout.branch_scratch[lin.scratch].w,
+        };
+        let w = into.slice(0, w0.numel);
+        bf16_widen(self.rt, w, w0)?;
+        Ok(w)
+    }
+
+    /// The forward's merge: W0 + Σ branch updates in the Linear's scratch W (out_total, in), each sparse
+    /// branch selecting its threshold t = quantile(|M|, s) and writing it to the table. `after(branch,
+    /// applied)` runs right after each branch is added, while its matrix is still in scratch (`applied`: M_s,
+    /// or M for dense kinds, of a kernel branch; None for LoRA). The export builds through here.
+    pub(crate) fn merge(
+        &self,
+        lin: &Linear,
+        after: impl FnMut(&Branch, Option<Tensor>) -> Result<()>,
+    ) -> Result<Tensor> {
+        self.merge_with(lin, |br, sc| self.branch_matrix(br, sc), after)
+    }
+
+    /// W0 + Σ branch updates, each kernel branch's matrix from `kernel_matrix` (`branch_matrix` in the
+    /// forward, `branch_matrix_again` in the backward); returns W.
+    fn merge_with(
+        &self,
+        lin: &Linear,
+        kernel_matrix: impl Fn(&Branch, &BranchScratch) -> Result<Tensor>,
+        mut after: impl FnMut(&Branch, Option<Tensor>) -> Result<()>,
+    ) -> Result<Tensor> {
+        let rt = self.rt;
+        let sc = &self.layout.branch_scratch[lin.scratch];
+        let w = sc.w.slice(0, lin.n_out * lin.n_in);
+        for br in &lin.branches {
+            let (n_in, n_out) = (br.n_in, br.n_out);
+            let dst = w.slice(br.row0 * n_in, n_out * n_in);
+            let w0 = lin.w.value.slice(br.row0 * n_in, n_out * n_in);
+            match br.params {
+                BranchParams::Lora { a, b, r } => {
+                    // W = W0 + B·A                                    (out, in)
+                    copy_frozen(rt, dst, w0)?;
+                    matmul(rt, dst, b.value, a.value, Matmul::new(n_out, n_in, r, false, false).accumulate())?;
+                    after(br, None)?;
+                }
+                BranchParams::Kernel { .. } => {
+                    let applied = kernel_matrix(br, sc)?;
+                    add_frozen_transposed(rt, dst, w0, applied, n_in, n_out)?;
+                    after(br, Some(applied))?;
+                }
+            }
+        }
+        Ok(w)
+    }
+
+    /// M of a kernel branch in its scratch, and (sparse kinds) the scratch its M_s goes to.   (in, out) each
+    fn kernel_m(&self, br: &Branch, sc: &BranchScratch) -> Result<(Tensor, Option<Tensor>)> {
+        let BranchParams::Kernel { kind, .. } = br.params else { unreachable!("LoRA branches are merged as B·A") };
+        let m = sc.m.slice(0, br.n_in * br.n_out);
+        merge_forward(self.rt, m, &kernel_factors(br), kind, sc.merge.as_ref().expect("kernel branch scratch"))?;
+        Ok((m, br.is_sparse().then(|| sc.ms.slice(0, m.numel))))
+    }
+
+    /// Forward: M, and for sparse kinds t = quantile(|M|, s) (into the threshold table) and M_s. Returns the
+    /// matrix the branch applies (M_s, or M for dense kinds).                 (in, out)
+    fn branch_matrix(&self, br: &Branch, sc: &BranchScratch) -> Result<Tensor> {
+        let (m, ms) = self.kernel_m(br, sc)?;
+        let Some(ms) = ms else { return Ok(m) };
+        let scratch = sc.compete.as_ref().expect("compete scratch");
+        sparsify_forward(self.rt, ms, self.threshold(br), m, self.sparsity[br.id], scratch)?;
+        Ok(ms)
+    }
+
+    /// Backward: M again, and M_s with the threshold of this step's forward.   (in, out)
+    fn branch_matrix_again(&self, br: &Branch, sc: &BranchScratch) -> Result<Tensor> {
+        let (m, ms) = self.kernel_m(br, sc)?;
+        let Some(ms) = ms else { return Ok(m) };
+        sparsify_apply(self.rt, ms, m, self.threshold(br))?;
+        Ok(ms)
+    }
+
+    /// The threshold t of a sparse branch, from its last forward.             (1)
+    fn threshold(&self, br: &Branch) -> Tensor {
+        self.layout.thresholds.slice(br.id, 1)
+    }
+
+    /// The factor gradients of a branch whose matrix the merge just built, accumulated (method.md §7).
+    /// Kernel: ∂L/∂M_s = xᵀ·dy (in, out), then ∂L/∂M = ∂L/∂M_s·|M|·mask in place, then ∂In_Qs, ∂Out_Qs (and
+    /// α, γ, β).
+    /// LoRA: ∂L/∂W = dyᵀ·x (out, in), then ∂L/∂B += ∂W·Aᵀ and ∂L/∂A += Bᵀ·∂W.
+    /// x: (rows, in) the branch input   dy: the Linear's output gradient (rows, out_total), this branch's columns
+    fn factor_backward(
+        &self,
+        lin: &Linear,
+        br: &Branch,
+        sc: &BranchScratch,
+        x: Tensor,
+        dy: Tensor,
+        rows: usize,
+    ) -> Result<()> {
+        let (rt, n_in, n_out) = (self.rt, br.n_in, br.n_out);
+        let (in_qs, out_qs, mix, kind, sparse) = match br.params {
+            BranchParams::Kernel { in_qs, out_qs, mix, kind, sparse, .. } => (in_qs, out_qs, mix, kind, sparse),
+            BranchParams::Lora { a, b, r } => {
+                let dy = dy.slice(br.row0, dy.numel - br.row0);
+                let dw = sc.dms.slice(0, n_out * n_in);
+                matmul(rt, dw, dy, x, Matmul::new(n_out, n_in, rows, true, false).ld(lin.n_out, 0, 0))?;
+                let (ga, gb) = (a.grad.expect("branch factors train"), b.grad.expect("branch factors train"));
+                matmul(rt, gb, dw, a.value, Matmul::new(n_out, r, n_in, false, true).accumulate())?;
+                return matmul(rt, ga, b.value, dw, Matmul::new(r, n_in, n_out, true, false).accumulate());
+            }
+        };
+        let dy = dy.slice(br.row0, dy.numel - br.row0);
+        let dms = sc.dms.slice(0, n_in * n_out);
+        matmul(rt, dms, x, dy, Matmul::new(n_in, n_out, rows, true, false).ld(0, lin.n_out, 0))?;
+        if sparse {
+            sparsify_backward(rt, dms, dms, sc.m.slice(0, n_in * n_out), self.threshold(br))?;
+        }
+        let dmix = mix.map(|m| m.map(|p| p.grad.expect("branch factors train")));
+        merge_backward(
+            rt,
+            in_qs.grad.expect("branch factors train"),
+            out_qs.grad.expect("branch factors train"),
+            dmix,
+            dms,
+            &kernel_factors(br),
+            kind,
+            sc.merge.as_ref().expect("merge scratch"),
+        )
+    }
+
+    /// The dropout mask of a Linear's branch input, None for proj's (the official code drops out no proj
+    /// input) or when the rate is 0.
+    fn input_mask(lin: &Linear, drop: BranchDrop) -> Option<u64> {
+        let first = &lin.branches[0];
+        let stream = match first.pos {
+            Position::Q | Position::K | Position::V => MaskStream::QkvDropout,
+            Position::Proj => return None,
+            Position::Fc1 => MaskStream::Fc1Dropout,
+            Position::Fc2 => MaskStream::Fc2Dropout,
+        };
+        (drop.dropout > 0.0).then_some(stream.id(first.block))
+    }
+
+    /// x_d = Dropout(x), the input every branch of the Linear reads, in work.reg_x.      (rows, in)
+    fn dropped_input(&self, lin: &Linear, drop: BranchDrop, x: Tensor, rows: usize) -> Result<Tensor> {
+        let xd = self.layout.work.reg_x.expect("regularisation scratch").slice(0, rows * lin.n_in);
+        match Linears::input_mask(lin, drop) {
+            Some(stream) => dropout(self.rt, xd, x, drop.dropout, drop.seed, stream)?,
+            None => scale_copy(self.rt, xd, x, 1.0)?,
+        }
+        Ok(xd)
+    }
+
+    /// One branch's input DropPath(x_d), in work.reg_xb: drop-path scales whole images, which is the same as
+    /// scaling the branch's output.                                            (rows, in)
+    fn branch_input(&self, lin: &Linear, br: &Branch, drop: BranchDrop, xd: Tensor, rows: usize) -> Result<Tensor> {
+        let xb = self.layout.work.reg_xb.expect("regularisation scratch").slice(0, rows * lin.n_in);
+        if drop.drop_path > 0.0 {
+            let stream = MaskStream::BranchPath(br.pos).id(br.block);
+            drop_path(self.rt, xb, xd, self.tokens * lin.n_in, drop.drop_path, drop.seed, stream)?;
+        } else {
+            scale_copy(self.rt, xb, xd, 1.0)?;
+        }
+        Ok(xb)
+    }
+
+    /// y = x·W0ᵀ + b + Σ_branches DropPath(Dropout(x)·M_s).                y: (rows, out)  x: (rows, in)
+    fn unmerged_forward(&self, lin: &Linear, drop: BranchDrop, y: Tensor, x: Tensor, rows: usize) -> Result<()> {
+        let (rt, sc) = (self.rt, &self.layout.branch_scratch[lin.scratch]);
+        let w0 = self.weight_f32(lin)?;
+        matmul(rt, y, x, w0, Matmul::new(rows, lin.n_out, lin.n_in, false, true))?;
+        add_bias(rt, y, lin.b.value)?;
+        let xd = self.dropped_input(lin, drop, x, rows)?;
+        for br in &lin.branches {
+            let applied = self.branch_matrix(br, sc)?;
+            let xb = self.branch_input(lin, br, drop, xd, rows)?;
+            let cols = Matmul::new(rows, br.n_out, br.n_in, false, false).ld(0, 0, lin.n_out).accumulate();
+            matmul(rt, y.slice(br.row0, y.numel - br.row0), xb, applied, cols)?;
+        }
+        Ok(())
+    }
+
+    /// The backward of [`Linears::unmerged_forward`]: dx = dy·W0 + Σ_branches Dropout'(DropPath'(dy·M_sᵀ))
+    /// (overwrites dx), the factor gradients accumulated; the masks are regenerated from their streams.
+    /// dy: (rows, out)  x, dx: (rows, in)
+    fn unmerged_backward(
+        &self,
+        lin: &Linear,
+        drop: BranchDrop,
+        dx: Tensor,
+        dy: Tensor,
+        x: Tensor,
+        rows: usize,
+    ) -> Result<()> {
+        let (rt, sc) = (self.rt, &self.layout.branch_scratch[lin.scratch]);
+        let w0 = self.weight_f32(lin)?;
+        matmul(rt, dx, dy, w0, Matmul::new(rows, lin.n_in, lin.n_out, false, false))?;
+        let xd = self.dropped_input(lin, drop, x, rows)?;
+        for br in &lin.branches {
+            let applied = self.branch_matrix_again(br, sc)?;
+            let xb = self.branch_input(lin, br, drop, xd, rows)?;
+            self.factor_backward(lin, br, sc, xb, dy, rows)?;
+            // ∂L/∂x through the branch: dy·M_sᵀ, then the drop-path and dropout masks, added to ∂L/∂x.
+            let g = dy.slice(br.row0, dy.numel - br.row0);
+            matmul(rt, xb, g, applied, Matmul::new(rows, br.n_in, br.n_out, false, true).ld(lin.n_out, 0, 0))?;
+            if drop.drop_path > 0.0 {
+                let stream = MaskStream::BranchPath(br.pos).id(br.block);
+                drop_path(rt, xb, xb, self.tokens * lin.n_in, drop.drop_path, drop.seed, stream)?;
+            }
+            if let Some(stream) = Linears::input_mask(lin, drop) {
+                dropout(rt, xb, xb, drop.dropout, drop.seed, stream)?;
+            }
+            axpy(rt, dx, xb, 1.0)?;
+        }
+        Ok(())
+    }
+}
+
+/// The factors of a kernel branch as the merge reads them (ops' a, b, d are In_Qs, Out_Qs and r/2).
+fn kernel_factors(br: &Branch) -> Factors {
+    let BranchParams::Kernel { in_qs, out_qs, mix, half_rank, .. } = br.params else {
+        unreachable!("only kernel branches have In_Qs and Out_Qs")
+    };
+    let mix = mix.map(|m| m.map(|p| p.value));
+    Factors { a: in_qs.value, b: out_qs.value, mix, n_in: br.n_in, n_out: br.n_out, d: half_rank }
+}
+
+/// dst (fp32) = w0, a frozen weight stored as fp32 or bf16.                        dst, w0: (n)
+fn copy_frozen(rt: &Runtime, dst: Tensor, w0: Tensor) -> Result<()> {
+    match w0.dtype {
+        DType::BF16 => bf16_widen(rt, dst, w0),
+        _ => scale_copy(rt, dst, w0, 1.0),
+    }
+}
+
+/// dst (out, in) = w0 + msᵀ with ms (in, out), w0 stored as fp32 or bf16 (then widened into dst first).
+fn add_frozen_transposed(rt: &Runtime, dst: Tensor, w0: Tensor, ms: Tensor, n_in: usize, n_out: usize) -> Result<()> {
+    match w0.dtype {
+        DType::BF16 => {
+            bf16_widen(rt, dst, w0)?;
+            add_transposed(rt, dst, dst, ms, n_in, n_out)
+        }
+        _ => add_transposed(rt, dst, w0, ms, n_in, n_out),
+    }
+}

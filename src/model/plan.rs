@@ -1,0 +1,656 @@
+//! The plan of a model: every tensor a training step touches, with its pool, shape and dtype, laid out before
+//! anything is allocated (llm.c's `fill_in_activation_sizes`), and the handles the step reads them by.
+//! Shapes: B images, T = 1 + patches tokens, D width, F MLP width, H heads of hd, V classes, BT = B·T rows
+//! of the residual stream, r/2 = `half_rank` the width of a kernel branch's factor pieces.
+//!
+//! [`plan_model`] adds the tensors in a fixed order (offsets depend on it): the shared work buffers
+//! ([`plan_work`]), the backbone parameters ([`plan_params`]), the branches of the method and their scratch
+//! ([`plan_branches`]), then the activations, block by block ([`plan_block`]).
+use std::collections::HashMap;
+
+use crate::error::{Error, Result};
+use crate::model::config::{Position, ViTConfig};
+use crate::ops::attention::AttentionBuffers;
+use crate::ops::compete::CompeteScratch;
+use crate::ops::kmerge::{KernelKind, MergeScratch};
+use crate::peft::{decays, Method};
+use crate::runtime::{DType, Plan, Pool, Tensor};
+
+/// How much of a block's forward the backward recomputes instead of keeping (each level includes the ones
+/// before it). Recomputed tensors live in one shared scratch buffer instead of one per layer.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+pub enum Recompute {
+    /// Keep every activation.
+    None,
+    /// LayerNorm outputs (from the saved mean/rstd, bit-identical) and GELU outputs: elementwise, cheap.
+    Norms,
+    /// Also the attention probabilities and output, from the saved q|k|v (one batched GEMM pair + softmax).
+    #[default]
+    Attention,
+    /// Also the qkv and fc1 projections (re-running those Linears): only the residual stream is kept.
+    Block,
+}
+
+/// How the frozen backbone and the kept residual stream are stored. The arithmetic is fp32 either way.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything fp32 (what the golden vectors check).
+    #[default]
+    Fp32,
+    /// bf16 storage of the frozen block Linear weights (qkv, proj, fc1, fc2: widened to fp32 in scratch
+    /// where they are used, merged with the fp32 branches there) and of the residual-stream checkpoints the
+    /// backward keeps (each block's input and mid-block sum, rounded in the forward itself, so the backward
+    /// differentiates exactly the forward that ran). Factors, gradients, optimizer state, every other
+    /// activation and all math stay fp32. Trainable weights (full fine-tuning, GPS) stay fp32.
+    Bf16,
+}
+
+impl Precision {
+    /// `fp32` or `bf16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+/// The memory knobs of a model: what the backward recomputes and how the backbone is stored. A bare
+/// [`Recompute`] converts into options with fp32 storage.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryOptions {
+    /// What the backward recomputes instead of keeping.
+    pub recompute: Recompute,
+    /// Storage precision of the frozen weights and the residual stream.
+    pub precision: Precision,
+}
+
+impl From<Recompute> for MemoryOptions {
+    fn from(recompute: Recompute) -> MemoryOptions {
+        MemoryOptions { recompute, precision: Precision::Fp32 }
+    }
+}
+
+/// A parameter: its value, and for trainable ones the gradient and AdamW moments.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Param {
+    pub(crate) value: Tensor,
+    pub(crate) grad: Option<Tensor>,
+    pub(crate) m: Option<Tensor>,
+    pub(crate) v: Option<Tensor>,
+    pub(crate) decay: bool,
+    /// GPS: the fixed update mask (u8, same shape) of a block Linear weight.
+    pub(crate) mask: Option<Tensor>,
+}
+
+/// Every parameter by name, in plan order.
+#[derive(Default)]
+pub(crate) struct Params {
+    pub(crate) names: Vec<String>,
+    pub(crate) list: Vec<Param>,
+    index: HashMap<String, usize>,
+}
+
+impl Params {
+    fn add(&mut self, plan: &mut Plan, name: &str, shape: &[usize], trainable: bool) -> Param {
+        self.add_stored(plan, name, shape, trainable, DType::F32)
+    }
+
+    /// A parameter whose frozen value is stored as `frozen_dtype` (trainable ones are always fp32 masters).
+    fn add_stored(
+        &mut self,
+        plan: &mut Plan,
+        name: &str,
+        shape: &[usize],
+        trainable: bool,
+        frozen_dtype: DType,
+    ) -> Param {
+        let p = if trainable {
+            Param {
+                value: plan.f32(name, shape, Pool::Trainable),
+                grad: Some(plan.f32(format!("grad.{name}"), shape, Pool::Grads)),
+                m: Some(plan.f32(format!("adamw.m.{name}"), shape, Pool::Optimizer)),
+                v: Some(plan.f32(format!("adamw.v.{name}"), shape, Pool::Optimizer)),
+                decay: decays(name, shape),
+                mask: None,
+            }
+        } else {
+            let value = plan.add(name, shape, frozen_dtype, Pool::Frozen);
+            Param { value, grad: None, m: None, v: None, decay: false, mask: None }
+        };
+        self.index.insert(name.to_string(), self.list.len());
+        self.names.push(name.to_string());
+        self.list.push(p);
+        p
+    }
+
+    pub(crate) fn get(&self, name: &str) -> Option<&Param> {
+        self.index.get(name).map(|&i| &self.list[i])
+    }
+
+    /// (name, param) of the trainable set.
+    pub(crate) fn trainable(&self) -> impl Iterator<Item = (&str, &Param)> {
+        self.names.iter().map(String::as_str).zip(&self.list).filter(|(_, p)| p.grad.is_some())
+    }
+}
+
+/// The trainable tensors of one branch (plan handles: copied once per Linear call, so size is no concern).
+#[derive(Clone, Copy, Debug)]
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum BranchParams {
+    /// W = W0 + B·A: A (r, in), B (out, r).
+    Lora { a: Param, b: Param, r: usize },
+    /// M from the factors In_Qs (2, in, r/2) and Out_Qs (2, out, r/2) (the official names) and, for the
+    /// mixture, α, γ, β; `ema` holds the allocator's EMAs of In_Qs and Out_Qs when the allocator runs.
+    Kernel {
+        in_qs: Param,
+        out_qs: Param,
+        mix: Option<[Param; 3]>,
+        kind: KernelKind,
+        sparse: bool,
+        half_rank: usize,
+        ema: Option<[FactorEma; 2]>,
+    },
+}
+
+/// The allocator's EMAs of one factor tensor, shaped like it: importance Ī and uncertainty Ū.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FactorEma {
+    pub(crate) ipt: Tensor,
+    pub(crate) unc: Tensor,
+}
+
+/// The branch on one Linear (q, k and v have one each on the fused qkv Linear).
+#[derive(Clone, Debug)]
+pub(crate) struct Branch {
+    pub(crate) prefix: String,
+    pub(crate) block: usize,
+    pub(crate) pos: Position,
+    /// Index among all branches (module order); indexes `Model::sparsity` and the threshold table.
+    pub(crate) id: usize,
+    /// First output row of the Linear's weight that this branch adapts (q: 0, k: D, v: 2D).
+    pub(crate) row0: usize,
+    pub(crate) n_in: usize,
+    pub(crate) n_out: usize,
+    pub(crate) params: BranchParams,
+}
+
+impl Branch {
+    /// Whether the branch sparsifies its M (SNELL, SNELLA): it has a threshold t.
+    pub(crate) fn is_sparse(&self) -> bool {
+        matches!(self.params, BranchParams::Kernel { sparse: true, .. })
+    }
+}
+
+/// Scratch of the branches of one Linear shape; the scopes of the three shapes alias each other.
+pub(crate) struct BranchScratch {
+    /// The merged weight W0 + M_sᵀ of the whole Linear (out_total, in).
+    pub(crate) w: Tensor,
+    /// M and M_s (in, out) of one branch.
+    pub(crate) m: Tensor,
+    pub(crate) ms: Tensor,
+    /// ∂L/∂M_s (in, out), then ∂L/∂M in place; for LoRA ∂L/∂W (out, in).
+    pub(crate) dms: Tensor,
+    pub(crate) merge: Option<MergeScratch>,
+    pub(crate) compete: Option<CompeteScratch>,
+}
+
+/// A block Linear: y = x·Wᵀ + b (+ branches).  w: (out, in)  b: (out)
+pub(crate) struct Linear {
+    pub(crate) w: Param,
+    pub(crate) b: Param,
+    pub(crate) n_in: usize,
+    pub(crate) n_out: usize,
+    pub(crate) branches: Vec<Branch>,
+    /// Which `Layout::branch_scratch` entry serves this Linear.
+    pub(crate) scratch: usize,
+}
+
+/// A LayerNorm's affine parameters (its forward, recompute and backward calls are in `vit.rs`).  w, b: (D)
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LayerNorm {
+    pub(crate) w: Param,
+    pub(crate) b: Param,
+}
+
+/// The per-row statistics a LayerNorm forward saves for its backward.       mean, rstd: (rows)
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct NormStats {
+    pub(crate) mean: Tensor,
+    pub(crate) rstd: Tensor,
+}
+
+/// What the backward needs from one block's forward.
+pub(crate) struct BlockActs {
+    /// LayerNorm 1 output and statistics.                (BT, D), (BT) each
+    pub(crate) ln1: Tensor,
+    pub(crate) ln1_stats: NormStats,
+    /// Fused q|k|v projection.                            (BT, 3D)
+    pub(crate) qkv: Tensor,
+    /// Attention probabilities.                           (B, H, T, T)
+    pub(crate) probs: Tensor,
+    /// Merged heads (input of proj).                      (BT, D)
+    pub(crate) attn: Tensor,
+    /// Residual stream after attention.                   (BT, D)
+    pub(crate) x_mid: Tensor,
+    /// LayerNorm 2 output and statistics.                (BT, D), (BT) each
+    pub(crate) ln2: Tensor,
+    pub(crate) ln2_stats: NormStats,
+    /// fc1 output before GELU, and after.                  (BT, F), (BT, F)
+    pub(crate) fc1: Tensor,
+    pub(crate) gelu: Tensor,
+    /// Outputs of proj and fc2 before LayerScale, kept only when γ trains.   (BT, D)
+    pub(crate) proj_out: Option<Tensor>,
+    pub(crate) fc2_out: Option<Tensor>,
+}
+
+pub(crate) struct Block {
+    pub(crate) norm1: LayerNorm,
+    pub(crate) qkv: Linear,
+    pub(crate) proj: Linear,
+    pub(crate) ls1: Option<Param>,
+    pub(crate) norm2: LayerNorm,
+    pub(crate) fc1: Linear,
+    pub(crate) fc2: Linear,
+    pub(crate) ls2: Option<Param>,
+    pub(crate) acts: BlockActs,
+}
+
+/// Buffers reused by every layer (persistent scratch, scope 0).
+pub(crate) struct Work {
+    /// ∂L/∂ residual stream, running from the head down.  (BT, D)
+    pub(crate) dres: Tensor,
+    /// A Linear output or its gradient.                    (BT, D)
+    pub(crate) dy: Tensor,
+    /// Input gradient of a Linear.                          (BT, D)
+    pub(crate) dh: Tensor,
+    pub(crate) dqkv: Tensor,
+    /// (BT, F): ∂L/∂(GELU output), then ∂L/∂(fc1 output) in place.
+    pub(crate) du: Tensor,
+    /// Head-major q, k, v and attention output.             (B, H, T, hd) each
+    pub(crate) q: Tensor,
+    pub(crate) k: Tensor,
+    pub(crate) v: Tensor,
+    pub(crate) o: Tensor,
+    pub(crate) dscores: Tensor,
+    pub(crate) dtmp: Tensor,
+    /// Branch dropout/drop-path (kernel methods with those rates only): the dropped-out branch input and a
+    /// per-branch copy (drop-path, then the input gradient through the branch).   (BT, max(D, F)) each
+    pub(crate) reg_x: Option<Tensor>,
+    pub(crate) reg_xb: Option<Tensor>,
+    /// bf16 storage: the fp32 residual stream of the block being run (its input, then its output) and its
+    /// mid-block sum; the kept bf16 copies are widened into them in the backward.   (BT, D) each
+    pub(crate) x: Option<Tensor>,
+    pub(crate) xm: Option<Tensor>,
+    /// bf16 storage without branches (linear probe): a frozen Linear weight widened to fp32.  (max(3D·D, F·D))
+    pub(crate) w0: Option<Tensor>,
+    /// Head: final-norm cls rows, gradients.                (B, D), (B, V)
+    pub(crate) dfeat: Tensor,
+    pub(crate) dcls: Tensor,
+    pub(crate) dlogits: Tensor,
+}
+
+impl Work {
+    /// The attention buffers of one layer: the shared head-major scratch and that layer's probabilities.
+    pub(crate) fn attention(&self, probs: Tensor) -> AttentionBuffers {
+        AttentionBuffers { q: self.q, k: self.k, v: self.v, o: self.o, probs }
+    }
+}
+
+/// Every tensor handle of a planned model.
+pub(crate) struct Layout {
+    pub(crate) params: Params,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) branch_scratch: Vec<BranchScratch>,
+    pub(crate) work: Work,
+    /// Images (B, C, H, W), labels (B) i32, per-sample losses (B), logits (B, V).
+    pub(crate) images: Tensor,
+    pub(crate) labels: Tensor,
+    pub(crate) losses: Tensor,
+    pub(crate) logits: Tensor,
+    /// Patches (B·Np, C·P·P): an activation when the patch embedding trains, scratch otherwise.
+    pub(crate) patches: Tensor,
+    /// Residual stream entering each block and after the last: (L+1) × (BT, D).
+    pub(crate) resid: Vec<Tensor>,
+    /// Final norm: its parameters, the cls rows in, normalised out, statistics.  (B, D), (B, D), (B) each
+    pub(crate) final_norm: LayerNorm,
+    pub(crate) cls_in: Tensor,
+    pub(crate) feats: Tensor,
+    pub(crate) lnf_stats: NormStats,
+    /// Threshold t of every sparse branch from the last forward.   (branches)
+    pub(crate) thresholds: Tensor,
+    pub(crate) branches: Vec<Branch>,
+    pub(crate) recompute: Recompute,
+    pub(crate) precision: Precision,
+}
+
+/// Buffers of the activations that the backward recomputes instead of keeping: one for all layers, each
+/// present from its recompute level on (`ln` serves LN1 and LN2, which are never needed at the same time).
+struct Recomputed {
+    ln: Option<Tensor>,
+    gelu: Option<Tensor>,
+    probs: Option<Tensor>,
+    attn: Option<Tensor>,
+    qkv: Option<Tensor>,
+    fc1: Option<Tensor>,
+}
+
+/// Plans every tensor of a training step of `cfg` under `method` at batch `b`, keeping activations as
+/// `mem.recompute` says and storing them as `mem.precision` says.
+pub(crate) fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, mem: MemoryOptions) -> Result<(Plan, Layout)> {
+    let MemoryOptions { recompute, precision } = mem;
+    cfg.validate()?;
+    method.validate()?;
+    if b == 0 {
+        return Err(Error::invalid("batch", "must be at least 1"));
+    }
+    // The largest tensor of a step (a (B, H, T, T) score block or a (BT, max(3D, F)) activation) must be
+    // addressable; f64 cannot overflow where usize products could.
+    let (tf, hf) = (cfg.tokens() as f64, cfg.num_heads as f64);
+    let widest = (3.0 * cfg.embed_dim as f64).max(cfg.mlp_hidden as f64).max(hf * tf);
+    if b as f64 * tf * widest * 4.0 > (1u64 << 48) as f64 {
+        return Err(Error::invalid("batch", format!("batch {b} makes a tensor of this model exceed 2^48 bytes")));
+    }
+    let (d, v, bt) = (cfg.embed_dim, cfg.num_classes, b * cfg.tokens());
+    let mut plan = Plan::new();
+    let (work, patches, recomputed) = plan_work(&mut plan, cfg, method, b, mem);
+    let mut params = plan_params(&mut plan, cfg, method, precision);
+    let (branches, branch_scratch) = plan_branches(&mut plan, &mut params, cfg, method);
+
+    // Activations.
+    let a = Pool::Activations;
+    let images = plan.f32("input.images", &[b, cfg.in_chans, cfg.img_size.0, cfg.img_size.1], a);
+    let labels = plan.add("input.labels", &[b], DType::I32, a);
+    // The residual stream checkpoints: block inputs and mid-block sums (bf16 storage: rounded to bf16).
+    let stream = if precision == Precision::Bf16 { DType::BF16 } else { DType::F32 };
+    let mut resid = vec![plan.add("act.resid.0", &[bt, d], stream, a)];
+    let mut blocks = Vec::new();
+    for l in 0..cfg.depth {
+        blocks.push(plan_block(&mut plan, cfg, method, b, l, &params, &branches, &recomputed, stream));
+        resid.push(plan.add(format!("act.resid.{}", l + 1), &[bt, d], stream, a));
+    }
+    let cls_in = plan.f32("act.head.cls_in", &[b, d], a);
+    let feats = plan.f32("act.head.feats", &[b, d], a);
+    let lnf_stats =
+        NormStats { mean: plan.f32("act.head.lnf_mean", &[b], a), rstd: plan.f32("act.head.lnf_rstd", &[b], a) };
+    let norm = |n: &str| *params.get(n).expect("every backbone tensor is planned");
+    let final_norm = LayerNorm { w: norm("norm.weight"), b: norm("norm.bias") };
+    let logits = plan.f32("act.head.logits", &[b, v], a);
+    let losses = plan.f32("act.head.losses", &[b], a);
+    let thresholds = plan.f32("act.branch.thresholds", &[branches.len().max(1)], a);
+    let layout = Layout {
+        params,
+        blocks,
+        branch_scratch,
+        work,
+        images,
+        labels,
+        losses,
+        logits,
+        patches,
+        resid,
+        final_norm,
+        cls_in,
+        feats,
+        lnf_stats,
+        thresholds,
+        branches,
+        recompute,
+        precision,
+    };
+    Ok((plan, layout))
+}
+
+/// The persistent scratch (scope 0: cuBLAS workspace and the per-layer gradient buffers), the patches, and
+/// the shared buffers of what the backward recomputes.
+fn plan_work(
+    plan: &mut Plan,
+    cfg: &ViTConfig,
+    method: &Method,
+    b: usize,
+    mem: MemoryOptions,
+) -> (Work, Tensor, Recomputed) {
+    let (d, f, h, t, v) = (cfg.embed_dim, cfg.mlp_hidden, cfg.num_heads, cfg.tokens(), cfg.num_classes);
+    let (bt, np, hd) = (b * t, cfg.num_patches(), cfg.head_dim());
+    let (recompute, bf16) = (mem.recompute, mem.precision == Precision::Bf16);
+    let full = method.trains_backbone();
+    plan.add_cublas_workspace();
+    let s = Pool::Scratch;
+    // Buffers that are never live at the same time share storage (hand-placed, llm.c style):
+    //  - `heads` holds q|k|v|o during attention (forward, and backward's attention part), and ∂L/∂u during the
+    //    backward's MLP part, which ends before the attention part starts;
+    //  - `wide_a` holds ∂L/∂qkv (attention part of the backward), the recomputed GELU output (forward MLP and
+    //    backward MLP part), and the patches before block 0 when the patch embedding is frozen;
+    //  - `wide_b` holds the recomputed qkv (attention part) and fc1 output (MLP part) at `Recompute::Block`.
+    let patches_len = if full { 0 } else { b * np * cfg.patch_dim() };
+    let regularised = matches!(method, Method::Kernel(k) if k.regularised());
+    let heads = plan.f32("work.heads", &[(4 * b * h * t * hd).max(bt * f)], s);
+    let wide_a = plan.f32("work.wide_a", &[(bt * 3 * d).max(bt * f).max(patches_len)], s);
+    let wide_b = (recompute >= Recompute::Block).then(|| plan.f32("work.wide_b", &[(bt * 3 * d).max(bt * f)], s));
+    let quarter = b * h * t * hd;
+    let work = Work {
+        dres: plan.f32("work.dres", &[bt, d], s),
+        dy: plan.f32("work.dy", &[bt, d], s),
+        dh: plan.f32("work.dh", &[bt, d], s),
+        dqkv: wide_a.slice(0, bt * 3 * d),
+        du: heads.slice(0, bt * f),
+        q: heads.slice(0, quarter),
+        k: heads.slice(quarter, quarter),
+        v: heads.slice(2 * quarter, quarter),
+        o: heads.slice(3 * quarter, quarter),
+        dscores: plan.f32("work.attn.dscores", &[b, h, t, t], s),
+        dtmp: plan.f32("work.attn.dtmp", &[b, h, t, hd], s),
+        reg_x: regularised.then(|| plan.f32("work.reg_x", &[bt, d.max(f)], s)),
+        reg_xb: regularised.then(|| plan.f32("work.reg_xb", &[bt, d.max(f)], s)),
+        x: bf16.then(|| plan.f32("work.x", &[bt, d], s)),
+        xm: bf16.then(|| plan.f32("work.xm", &[bt, d], s)),
+        w0: (bf16 && !full && !method.has_branches()).then(|| plan.f32("work.w0", &[(3 * d * d).max(f * d)], s)),
+        dfeat: plan.f32("work.dfeat", &[b, d], s),
+        dcls: plan.f32("work.dcls", &[b, d], s),
+        dlogits: plan.f32("work.dlogits", &[b, v], s),
+    };
+    let patches = if full {
+        plan.f32("act.patches", &[b * np, cfg.patch_dim()], Pool::Activations)
+    } else {
+        wide_a.slice(0, b * np * cfg.patch_dim())
+    };
+    let mut shared = |level: Recompute, name: &str, shape: &[usize]| {
+        (recompute >= level).then(|| plan.f32(format!("work.recompute.{name}"), shape, s))
+    };
+    let ln = shared(Recompute::Norms, "ln", &[bt, d]);
+    let gelu = (recompute >= Recompute::Norms).then(|| wide_a.slice(0, bt * f));
+    let probs = shared(Recompute::Attention, "probs", &[b, h, t, t]);
+    let attn = shared(Recompute::Attention, "attn", &[bt, d]);
+    let recomputed = Recomputed {
+        ln,
+        gelu,
+        probs,
+        attn,
+        qkv: wide_b.map(|w| w.slice(0, bt * 3 * d)),
+        fc1: wide_b.map(|w| w.slice(0, bt * f)),
+    };
+    (work, patches, recomputed)
+}
+
+/// The backbone parameters in timm order: trainable ones with gradient and AdamW moments, frozen block
+/// Linear weights in bf16 under bf16 storage, and GPS's update masks.
+fn plan_params(plan: &mut Plan, cfg: &ViTConfig, method: &Method, precision: Precision) -> Params {
+    let full = method.trains_backbone();
+    let trainable = |name: &str| full || matches!(name, "cls_token" | "head.weight" | "head.bias");
+    // bf16 storage: the four block Linear weights, the bulk of the backbone (the rest is small).
+    let block_linear = |name: &str| {
+        name.starts_with("blocks.")
+            && ["attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight"]
+                .iter()
+                .any(|w| name.ends_with(w))
+    };
+    let mut params = Params::default();
+    let shapes = cfg.param_shapes();
+    for (name, shape) in &shapes {
+        let dtype = if precision == Precision::Bf16 && block_linear(name) { DType::BF16 } else { DType::F32 };
+        params.add_stored(plan, name, shape, trainable(name), dtype);
+    }
+    if let Method::Gps { .. } = method {
+        for (name, shape) in &shapes {
+            if name.starts_with("blocks.") && name.ends_with("weight") && shape.len() == 2 {
+                let i = params.index[name.as_str()];
+                params.list[i].mask = Some(plan.add(format!("gps.mask.{name}"), shape, DType::U8, Pool::Optimizer));
+                params.list[i].decay = false; // the official GPS groups do not decay the masked weights
+            }
+        }
+    }
+    params
+}
+
+/// The branches of the method, in the official module order (q, k, v, proj, fc1, fc2 per block), with their
+/// trainable factors, and the scratch they are merged in: one scope per Linear shape, aliasing each other
+/// (one Linear runs at a time).
+fn plan_branches(
+    plan: &mut Plan,
+    params: &mut Params,
+    cfg: &ViTConfig,
+    method: &Method,
+) -> (Vec<Branch>, Vec<BranchScratch>) {
+    let (d, f) = (cfg.embed_dim, cfg.mlp_hidden);
+    let mut branches = Vec::new();
+    let mut branch_scratch = Vec::new();
+    if !method.has_branches() {
+        return (branches, branch_scratch);
+    }
+    for blk in 0..cfg.depth {
+        for pos in Position::ALL {
+            let (n_in, n_out) = cfg.linear_shape(pos);
+            let prefix = pos.branch_prefix(blk);
+            let row0 = match pos {
+                Position::K => d,
+                Position::V => 2 * d,
+                _ => 0,
+            };
+            let bp = match method {
+                Method::Lora { r } => BranchParams::Lora {
+                    a: params.add(plan, &format!("{prefix}.A"), &[*r, n_in], true),
+                    b: params.add(plan, &format!("{prefix}.B"), &[n_out, *r], true),
+                    r: *r,
+                },
+                Method::Kernel(k) => {
+                    let half_rank = k.r / 2;
+                    let in_qs = params.add(plan, &format!("{prefix}.In_Qs"), &[2, n_in, half_rank], true);
+                    let out_qs = params.add(plan, &format!("{prefix}.Out_Qs"), &[2, n_out, half_rank], true);
+                    let mix = k.mixture.then(|| {
+                        ["alpha", "gamma", "beta"].map(|leaf| params.add(plan, &format!("{prefix}.{leaf}"), &[1], true))
+                    });
+                    let ema = (k.sparse && k.allocator).then(|| {
+                        let mut ema = |leaf: &str, n: usize| FactorEma {
+                            ipt: plan.f32(format!("alloc.ipt.{prefix}.{leaf}"), &[2, n, half_rank], Pool::Optimizer),
+                            unc: plan.f32(format!("alloc.unc.{prefix}.{leaf}"), &[2, n, half_rank], Pool::Optimizer),
+                        };
+                        [ema("In_Qs", n_in), ema("Out_Qs", n_out)]
+                    });
+                    BranchParams::Kernel { in_qs, out_qs, mix, kind: k.kernel, sparse: k.sparse, half_rank, ema }
+                }
+                _ => unreachable!("only LoRA and the kernel family have branches"),
+            };
+            let id = branches.len();
+            branches.push(Branch { prefix, block: blk, pos, id, row0, n_in, n_out, params: bp });
+        }
+    }
+    let shape_scopes: [(&str, usize, usize, usize); 3] = [("attn", d, d, 3 * d), ("fc1", d, f, f), ("fc2", f, d, d)];
+    for (tag, n_in, n_out, w_out) in shape_scopes {
+        plan.scope();
+        let pre = format!("branch.scratch.{tag}");
+        let (merge, compete) = match method {
+            Method::Kernel(k) => (
+                Some(MergeScratch::plan(plan, &pre, n_in, n_out, k.r / 2)), // r/2: the factors' half_rank
+                k.sparse.then(|| CompeteScratch::plan(plan, &pre, n_in * n_out)),
+            ),
+            _ => (None, None),
+        };
+        let s = Pool::Scratch;
+        branch_scratch.push(BranchScratch {
+            w: plan.f32(format!("{pre}.W"), &[w_out, n_in], s),
+            m: plan.f32(format!("{pre}.M"), &[n_in, n_out], s),
+            ms: plan.f32(format!("{pre}.M_s"), &[n_in, n_out], s),
+            dms: plan.f32(format!("{pre}.dM_s"), &[n_in, n_out], s),
+            merge,
+            compete,
+        });
+    }
+    (branches, branch_scratch)
+}
+
+/// Block `l`: its parameters and branches, and what its backward needs from its forward (kept per layer,
+/// or the shared buffer of what the recompute level rebuilds).
+#[allow(clippy::too_many_arguments)]
+fn plan_block(
+    plan: &mut Plan,
+    cfg: &ViTConfig,
+    method: &Method,
+    b: usize,
+    l: usize,
+    params: &Params,
+    branches: &[Branch],
+    recomputed: &Recomputed,
+    stream: DType,
+) -> Block {
+    let (d, f, h, t) = (cfg.embed_dim, cfg.mlp_hidden, cfg.num_heads, cfg.tokens());
+    let bt = b * t;
+    let a = Pool::Activations;
+    let p = |n: &str| *params.get(&format!("blocks.{l}.{n}")).expect("every backbone tensor is planned");
+    let bl = |pos: Position| branches.iter().filter(|br| br.block == l && br.pos == pos).cloned().collect::<Vec<_>>();
+    let lin = |w: &str, bias: &str, n_in: usize, n_out: usize, br: Vec<Branch>, scratch: usize| Linear {
+        w: p(w),
+        b: p(bias),
+        n_in,
+        n_out,
+        branches: br,
+        scratch,
+    };
+    let mut qkv_br = bl(Position::Q);
+    qkv_br.extend(bl(Position::K));
+    qkv_br.extend(bl(Position::V));
+    let pre = format!("act.blocks.{l}");
+    let x_mid = plan.add(format!("{pre}.x_mid"), &[bt, d], stream, a);
+    let mut keep = |name: &str, shape: &[usize], shared: Option<Tensor>| {
+        shared.unwrap_or_else(|| plan.f32(format!("{pre}.{name}"), shape, a))
+    };
+    let ls_trains = cfg.layer_scale && method.trains_backbone();
+    let acts = BlockActs {
+        ln1: keep("ln1", &[bt, d], recomputed.ln),
+        ln1_stats: NormStats { mean: keep("ln1_mean", &[bt], None), rstd: keep("ln1_rstd", &[bt], None) },
+        qkv: keep("qkv", &[bt, 3 * d], recomputed.qkv),
+        probs: keep("probs", &[b, h, t, t], recomputed.probs),
+        attn: keep("attn", &[bt, d], recomputed.attn),
+        x_mid,
+        ln2: keep("ln2", &[bt, d], recomputed.ln),
+        ln2_stats: NormStats { mean: keep("ln2_mean", &[bt], None), rstd: keep("ln2_rstd", &[bt], None) },
+        fc1: keep("fc1", &[bt, f], recomputed.fc1),
+        gelu: keep("gelu", &[bt, f], recomputed.gelu),
+        proj_out: ls_trains.then(|| plan.f32(format!("{pre}.proj_out"), &[bt, d], a)),
+        fc2_out: ls_trains.then(|| plan.f32(format!("{pre}.fc2_out"), &[bt, d], a)),
+    };
+    Block {
+        norm1: LayerNorm { w: p("norm1.weight"), b: p("norm1.bias") },
+        qkv: lin("attn.qkv.weight", "attn.qkv.bias", d, 3 * d, qkv_br, 0),
+        proj: lin("attn.proj.weight", "attn.proj.bias", d, d, bl(Position::Proj), 0),
+        ls1: cfg.layer_scale.then(|| p("ls1.gamma")),
+        norm2: LayerNorm { w: p("norm2.weight"), b: p("norm2.bias") },
+        fc1: lin("mlp.fc1.weight", "mlp.fc1.bias", d, f, bl(Position::Fc1), 1),
+        fc2: lin("mlp.fc2.weight", "mlp.fc2.bias", f, d, bl(Position::Fc2), 2),
+        ls2: cfg.layer_scale.then(|| p("ls2.gamma")),
+        acts,
+    }
+}
+
+/// Plans every tensor of a training step without allocating anything: the same plan
+/// [`Model::new`](crate::model::Model::new) allocates, so its sizes are exact on any machine.
+///
+/// # Errors
+/// An invalid configuration or method (see [`Model::new`](crate::model::Model::new)).
+pub fn plan(cfg: &ViTConfig, method: &Method, batch: usize, memory: impl Into<MemoryOptions>) -> Result<Plan> {
+    Ok(plan_model(cfg, method, batch, memory.into())?.0)
+}
