@@ -249,7 +249,16 @@ fn compile_emulated(
         .flag("-fno-rtti")
         .flag("-Wno-unknown-pragmas") // #pragma unroll is nvcc's
         .files(&units);
-    build.try_compile("snella_emu_kernels").map_err(|e| format!("the host C++ compile failed: {e}"))?;
+    // No usable C++ compiler on this machine: the build goes on without the emulator (one warning). A kernel
+    // that the compiler rejects is a bug in cuda/: the build fails, as it does for nvcc.
+    let compiler = build.get_compiler();
+    let runs = Command::new(compiler.path()).arg("--version").output().is_ok_and(|o| o.status.success());
+    if !runs {
+        return Err(format!("no usable host C++ compiler ({}); install g++", compiler.path().display()));
+    }
+    if let Err(e) = build.try_compile("snella_emu_kernels") {
+        panic!("the host C++ compile of the kernels for the emulated device failed (the compiler's messages are above): {e}");
+    }
     fs::write(&stamp_file, stamp).map_err(|e| e.to_string())
 }
 

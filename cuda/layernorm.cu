@@ -58,20 +58,3 @@ extern "C" __global__ void snella_layernorm_backward(float* dinp, const float* d
         dx[i] += r * (g[i] * w[i] - a - xh * bsum);
     }
 }
-
-// dw (C) += sum_rows g * xhat;  db (C) += sum_rows g   (either may be null). Adds row after row into the
-// gradient itself, rounded one step at a time, exactly as the CPU loop does (bit-identical).
-extern "C" __global__ void snella_layernorm_backward_affine(float* dw, float* db, const float* dout, const float* inp,
-                                                            const float* mean, const float* rstd, int N, int C) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= C) return;
-    float sw = dw ? dw[i] : 0.0f, sb = db ? db[i] : 0.0f;
-    for (int r = 0; r < N; r++) {
-        float g = dout[(long)r * C + i];
-        float xh = __fmul_rn(__fsub_rn(inp[(long)r * C + i], mean[r]), rstd[r]);
-        sw = __fadd_rn(sw, __fmul_rn(g, xh));
-        sb = __fadd_rn(sb, g);
-    }
-    if (dw) dw[i] = sw;
-    if (db) db[i] = sb;
-}

@@ -128,6 +128,14 @@ __forceinline__ unsigned snella_emu_atomic_cas(const char* s, unsigned* a, unsig
 #define atomicExch(...) snella_emu_atomic_exch(SNELLA_EMU_SITE, __VA_ARGS__)
 #define atomicCAS(...) snella_emu_atomic_cas(SNELLA_EMU_SITE, __VA_ARGS__)
 
+// ---- CUDA's min and max for integers (floats use fminf/fmaxf) ----
+__forceinline__ int min(int a, int b) { return a < b ? a : b; }
+__forceinline__ int max(int a, int b) { return a > b ? a : b; }
+__forceinline__ unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+__forceinline__ unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+__forceinline__ long min(long a, long b) { return a < b ? a : b; }
+__forceinline__ long max(long a, long b) { return a > b ? a : b; }
+
 // ---- bit casts and integer intrinsics ----
 __forceinline__ unsigned __float_as_uint(float x) { return __builtin_bit_cast(unsigned, x); }
 __forceinline__ float __uint_as_float(unsigned x) { return __builtin_bit_cast(float, x); }

@@ -108,7 +108,7 @@ impl Linears<'_> {
             matmul(self.rt, gw, dy, x, Matmul::new(lin.n_out, lin.n_in, rows, true, false).accumulate())?;
         }
         if let Some(gb) = lin.b.grad {
-            bias_backward(self.rt, gb, dy)?;
+            bias_backward(self.rt, gb, dy, self.layout.work.colsum)?;
         }
         matmul(self.rt, dx, dy, w, Matmul::new(rows, lin.n_in, lin.n_out, false, false))
     }

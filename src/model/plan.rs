@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use crate::error::{Error, Result};
 use crate::model::config::{Position, ViTConfig};
 use crate::ops::attention::AttentionBuffers;
+use crate::ops::colsum::partials_len;
 use crate::ops::compete::CompeteScratch;
 use crate::ops::kmerge::{KernelKind, MergeScratch};
 use crate::peft::{decays, Method};
@@ -293,6 +294,9 @@ pub(crate) struct Work {
     pub(crate) dfeat: Tensor,
     pub(crate) dcls: Tensor,
     pub(crate) dlogits: Tensor,
+    /// The partial column sums of the bias, LayerScale and LayerNorm gradients (`ops::colsum`): the widest of
+    /// LayerNorm's two planes over (BT, D), a bias over (BT, max(3D, F)) and the head's over (B, V).
+    pub(crate) colsum: Tensor,
 }
 
 impl Work {
@@ -453,6 +457,11 @@ fn plan_work(
         dfeat: plan.f32("work.dfeat", &[b, d], s),
         dcls: plan.f32("work.dcls", &[b, d], s),
         dlogits: plan.f32("work.dlogits", &[b, v], s),
+        colsum: plan.f32(
+            "work.colsum",
+            &[partials_len(bt, d, 2).max(partials_len(bt, (3 * d).max(f), 1)).max(partials_len(b, v, 1))],
+            s,
+        ),
     };
     let patches = if full {
         plan.f32("act.patches", &[b * np, cfg.patch_dim()], Pool::Activations)

@@ -325,14 +325,14 @@ impl Model {
             matmul(rt, g, dlogits, feats, Matmul::new(v, d, b, true, false).accumulate())?;
         }
         if let Some(g) = head_b.grad {
-            bias_backward(rt, g, dlogits)?;
+            bias_backward(rt, g, dlogits, w.colsum)?;
         }
         let dfeat = w.dfeat.slice(0, b * d);
         matmul(rt, dfeat, dlogits, head_w.value, Matmul::new(b, d, v, false, false))?;
         // Final norm on the cls rows, then scatter into the residual gradient (zero for the other rows).
         let dcls = w.dcls.slice(0, b * d);
         rt.zero(dcls)?;
-        lo.final_norm.backward(rt, dcls, dfeat, lo.cls_in.slice(0, b * d), lo.lnf_stats)?;
+        lo.final_norm.backward(rt, dcls, dfeat, lo.cls_in.slice(0, b * d), lo.lnf_stats, w.colsum)?;
         let dres = sl(w.dres, d);
         cls_scatter(rt, dres, dcls, b, t, d)?;
 
@@ -367,13 +367,14 @@ impl Model {
                 blk.ls2,
                 ac.fc2_out.map(|out| sl(out, d)),
                 drop(MaskStream::MlpResidual),
+                w.colsum,
             )?;
             let du = sl(w.du, f);
             lins.backward(&blk.fc2, du, dy, sl(ac.gelu, f), bt)?;
             gelu_backward(rt, du, sl(ac.fc1, f), du)?;
             let dh = sl(w.dh, d);
             lins.backward(&blk.fc1, dh, du, sl(ac.ln2, d), bt)?;
-            blk.norm2.backward(rt, dres, dh, x_mid, ac.ln2_stats)?;
+            blk.norm2.backward(rt, dres, dh, x_mid, ac.ln2_stats, w.colsum)?;
             // Attention: x_mid = x_in + ls1 ⊙ proj(attn(qkv(LN1(x_in)))).
             if rc >= Recompute::Norms {
                 blk.norm1.apply(rt, sl(ac.ln1, d), x_in, ac.ln1_stats)?;
@@ -399,13 +400,14 @@ impl Model {
                 blk.ls1,
                 ac.proj_out.map(|out| sl(out, d)),
                 drop(MaskStream::AttnResidual),
+                w.colsum,
             )?;
             lins.backward(&blk.proj, dh, dy, sl(ac.attn, d), bt)?;
             let dqkv = sl(w.dqkv, 3 * d);
             let (dscores, dtmp) = (w.dscores.slice(0, b * cfg.num_heads * t * t), w.dtmp.slice(0, bt * d));
             attention_backward(rt, dqkv, dh, &buf, dscores, dtmp, heads)?;
             lins.backward(&blk.qkv, dh, dqkv, sl(ac.ln1, d), bt)?;
-            blk.norm1.backward(rt, dres, dh, x_in, ac.ln1_stats)?;
+            blk.norm1.backward(rt, dres, dh, x_in, ac.ln1_stats, w.colsum)?;
         }
         // Embedding: cls token, position table and (full fine-tuning) the patch projection.
         let (cls, pos, pw, pb) =
@@ -417,7 +419,7 @@ impl Model {
             matmul(rt, gw, dp, lo.patches, Matmul::new(d, cfg.patch_dim(), b * np, true, false).accumulate())?;
         }
         if let (Some(dp), Some(gb)) = (dpatch, pb.grad) {
-            bias_backward(rt, gb, dp)?;
+            bias_backward(rt, gb, dp, w.colsum)?;
         }
         Ok(())
     }
@@ -470,9 +472,10 @@ impl LayerNorm {
     }
 
     /// dx += LN'(x)ᵀ·dy; the gradients of w and b accumulated when they train.   dx, dy, x: (rows, D)
-    fn backward(&self, rt: &Runtime, dx: Tensor, dy: Tensor, x: Tensor, stats: NormStats) -> Result<()> {
+    /// part: the column-sum scratch (`Work::colsum`)
+    fn backward(&self, rt: &Runtime, dx: Tensor, dy: Tensor, x: Tensor, stats: NormStats, part: Tensor) -> Result<()> {
         let w = self.w.value;
-        layernorm_backward(rt, dx, self.w.grad, self.b.grad, dy, x, w, stats.mean, stats.rstd, w.numel)
+        layernorm_backward(rt, dx, self.w.grad, self.b.grad, dy, x, w, stats.mean, stats.rstd, w.numel, part)
     }
 }
 
@@ -495,6 +498,7 @@ fn residual_branch_backward(
     ls: Option<Param>,
     y: Option<Tensor>,
     drop: Option<(f32, u64, u64, usize)>,
+    part: Tensor,
 ) -> Result<Tensor> {
     let out = match ls {
         None if drop.is_none() => return Ok(dres),
@@ -504,7 +508,7 @@ fn residual_branch_backward(
         }
         Some(g) => {
             if let (Some(gg), Some(y)) = (g.grad, y) {
-                mul_cols_backward_gamma(rt, gg, dres, y)?;
+                mul_cols_backward_gamma(rt, gg, dres, y, part)?;
             }
             mul_cols(rt, dy, dres, g.value, false)?;
             dy

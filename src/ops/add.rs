@@ -1,6 +1,7 @@
 //! Elementwise and broadcast adds: bias add and its backward, residual (axpy) add, and the per-channel
-//! scale of LayerScale. CUDA twin: `cuda/add.cu`.
+//! scale of LayerScale. CUDA twin: `cuda/add.cu` (the column sums of the backwards: `ops::colsum`).
 use crate::error::Result;
+use crate::ops::colsum::{column_sums, Terms};
 use crate::runtime::cuda::{grid_1d, KArg};
 use crate::runtime::{Backend, Runtime, Tensor};
 
@@ -19,23 +20,10 @@ pub fn add_bias(rt: &Runtime, out: Tensor, bias: Tensor) -> Result<()> {
     Ok(())
 }
 
-/// `dbias[c] += Σ_r dout[r, c]`.                                        dout: (rows, cols)   dbias: (cols)
-pub fn bias_backward(rt: &Runtime, dbias: Tensor, dout: Tensor) -> Result<()> {
-    let cols = dbias.numel;
-    match &rt.backend {
-        Backend::Cpu => cpu::bias_backward(rt.f32_mut(dbias), rt.f32(dout)),
-        Backend::Cuda(cu) => cu.launch(
-            "snella_bias_backward",
-            grid_1d(cols, 128),
-            &[
-                KArg::Ptr(rt.ptr(dbias)),
-                KArg::Ptr(rt.ptr(dout)),
-                KArg::I32((dout.numel / cols) as i32),
-                KArg::I32(cols as i32),
-            ],
-        )?,
-    }
-    Ok(())
+/// `dbias[c] += Σ_r dout[r, c]`, in `ops::colsum`'s two stages.   dout: (rows, cols)   dbias: (cols)
+/// part: scratch of `colsum::partials_len(rows, cols, 1)`
+pub fn bias_backward(rt: &Runtime, dbias: Tensor, dout: Tensor, part: Tensor) -> Result<()> {
+    column_sums(rt, [Some(dbias), None], part, Terms::Plain { a: dout }, dbias.numel)
 }
 
 /// dst += alpha · src.                                                  dst, src: (n)
@@ -74,24 +62,10 @@ pub fn mul_cols(rt: &Runtime, out: Tensor, inp: Tensor, gamma: Tensor, accumulat
     Ok(())
 }
 
-/// `dgamma[c] += Σ_r dout[r, c] · inp[r, c]`.                          dout, inp: (rows, cols)   dgamma: (cols)
-pub fn mul_cols_backward_gamma(rt: &Runtime, dgamma: Tensor, dout: Tensor, inp: Tensor) -> Result<()> {
-    let cols = dgamma.numel;
-    match &rt.backend {
-        Backend::Cpu => cpu::mul_cols_backward_gamma(rt.f32_mut(dgamma), rt.f32(dout), rt.f32(inp)),
-        Backend::Cuda(cu) => cu.launch(
-            "snella_mul_cols_backward_gamma",
-            grid_1d(cols, 128),
-            &[
-                KArg::Ptr(rt.ptr(dgamma)),
-                KArg::Ptr(rt.ptr(dout)),
-                KArg::Ptr(rt.ptr(inp)),
-                KArg::I32((dout.numel / cols) as i32),
-                KArg::I32(cols as i32),
-            ],
-        )?,
-    }
-    Ok(())
+/// `dgamma[c] += Σ_r dout[r, c] · inp[r, c]`, in `ops::colsum`'s two stages.
+/// dout, inp: (rows, cols)   dgamma: (cols)   part: scratch of `colsum::partials_len(rows, cols, 1)`
+pub fn mul_cols_backward_gamma(rt: &Runtime, dgamma: Tensor, dout: Tensor, inp: Tensor, part: Tensor) -> Result<()> {
+    column_sums(rt, [Some(dgamma), None], part, Terms::Product { a: dout, b: inp }, dgamma.numel)
 }
 
 /// dst = alpha · src (copy with scale).                                 dst, src: (n)
@@ -114,13 +88,6 @@ pub(crate) mod cpu {
             row.iter_mut().zip(bias).for_each(|(o, &b)| *o += b);
         }
     }
-    pub fn bias_backward(dbias: &mut [f32], dout: &[f32]) {
-        let cols = dbias.len();
-        for (c, d) in dbias.iter_mut().enumerate() {
-            // Sum in row order, as the CUDA kernel does, so both are reproducible.
-            *d += dout.iter().skip(c).step_by(cols).sum::<f32>();
-        }
-    }
     pub fn axpy(dst: &mut [f32], src: &[f32], alpha: f32) {
         dst.iter_mut().zip(src).for_each(|(d, &s)| *d += alpha * s);
     }
@@ -131,18 +98,6 @@ pub(crate) mod cpu {
                 let v = x[i] * gamma[i];
                 o[i] = if accumulate { o[i] + v } else { v };
             }
-        }
-    }
-    pub fn mul_cols_backward_gamma(dgamma: &mut [f32], dout: &[f32], inp: &[f32]) {
-        let cols = dgamma.len();
-        for (c, d) in dgamma.iter_mut().enumerate() {
-            *d += dout
-                .iter()
-                .skip(c)
-                .step_by(cols)
-                .zip(inp.iter().skip(c).step_by(cols))
-                .map(|(g, x)| g * x)
-                .sum::<f32>();
         }
     }
 }
@@ -160,18 +115,9 @@ mod tests {
         super::cpu::add_bias(&mut y, &b);
         let want: Vec<f64> = (0..rows * cols).map(|i| x[i] as f64 + b[i % cols] as f64).collect();
         assert_close("add_bias", &y, &want, 1e-7);
-        let mut db = vec![1f32; cols];
-        super::cpu::bias_backward(&mut db, &x);
-        let want: Vec<f64> = (0..cols).map(|c| 1.0 + (0..rows).map(|r| x[r * cols + c] as f64).sum::<f64>()).collect();
-        assert_close("bias_backward", &db, &want, 1e-6);
         let mut o = vec![0f32; rows * cols];
         super::cpu::mul_cols(&mut o, &x, &b, false);
         let want: Vec<f64> = (0..rows * cols).map(|i| x[i] as f64 * b[i % cols] as f64).collect();
         assert_close("mul_cols", &o, &want, 1e-7);
-        let mut dg = vec![0f32; cols];
-        super::cpu::mul_cols_backward_gamma(&mut dg, &x, &x);
-        let want: Vec<f64> =
-            (0..cols).map(|c| (0..rows).map(|r| (x[r * cols + c] as f64).powi(2)).sum::<f64>()).collect();
-        assert_close("mul_cols_backward_gamma", &dg, &want, 1e-6);
     }
 }

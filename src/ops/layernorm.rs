@@ -1,5 +1,6 @@
 //! LayerNorm over the last dimension (eps given; the ViT uses 1e-6). CUDA twin: `cuda/layernorm.cu`.
 use crate::error::Result;
+use crate::ops::colsum::{column_sums, Terms};
 use crate::runtime::cuda::{grid_rows, KArg};
 use crate::runtime::{Backend, Runtime, Tensor};
 
@@ -78,8 +79,9 @@ pub fn layernorm_apply(
     Ok(())
 }
 
-/// dinp += LN'ᵀ·dout; dw += Σ_rows dout·x̂ and db += Σ_rows dout when given (trainable affine).
-/// dinp, dout, inp: (N, C)   mean, rstd: (N)   w, dw, db: (C)
+/// dinp += LN'ᵀ·dout; dw += Σ_rows dout·x̂ and db += Σ_rows dout when given (trainable affine), in
+/// `ops::colsum`'s two stages.
+/// dinp, dout, inp: (N, C)   mean, rstd: (N)   w, dw, db: (C)   part: scratch of `colsum::partials_len(N, C, 2)`
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward(
     rt: &Runtime,
@@ -92,55 +94,31 @@ pub fn layernorm_backward(
     mean: Tensor,
     rstd: Tensor,
     c: usize,
+    part: Tensor,
 ) -> Result<()> {
     let n = inp.numel / c;
     assert!(dinp.numel == inp.numel && dout.numel == inp.numel);
     match &rt.backend {
-        Backend::Cpu => cpu::backward(
-            rt.f32_mut(dinp),
-            dw.map(|t| rt.f32_mut(t)),
-            db.map(|t| rt.f32_mut(t)),
-            rt.f32(dout),
-            rt.f32(inp),
-            rt.f32(w),
-            rt.f32(mean),
-            rt.f32(rstd),
-            c,
-        ),
-        Backend::Cuda(cu) => {
-            let opt = |t: Option<Tensor>| rt.ptr_or_null(t); // null: not wanted
-            cu.launch(
-                "snella_layernorm_backward",
-                grid_rows(n, 256, 0),
-                &[
-                    KArg::Ptr(rt.ptr(dinp)),
-                    KArg::Ptr(rt.ptr(dout)),
-                    KArg::Ptr(rt.ptr(inp)),
-                    KArg::Ptr(rt.ptr(w)),
-                    KArg::Ptr(rt.ptr(mean)),
-                    KArg::Ptr(rt.ptr(rstd)),
-                    KArg::I32(n as i32),
-                    KArg::I32(c as i32),
-                ],
-            )?;
-            if dw.is_some() || db.is_some() {
-                // Column sums over rows: a second kernel, one thread per channel, deterministic order.
-                cu.launch(
-                    "snella_layernorm_backward_affine",
-                    crate::runtime::cuda::grid_1d(c, 256),
-                    &[
-                        KArg::Ptr(opt(dw)),
-                        KArg::Ptr(opt(db)),
-                        KArg::Ptr(rt.ptr(dout)),
-                        KArg::Ptr(rt.ptr(inp)),
-                        KArg::Ptr(rt.ptr(mean)),
-                        KArg::Ptr(rt.ptr(rstd)),
-                        KArg::I32(n as i32),
-                        KArg::I32(c as i32),
-                    ],
-                )?;
-            }
+        Backend::Cpu => {
+            cpu::backward(rt.f32_mut(dinp), rt.f32(dout), rt.f32(inp), rt.f32(w), rt.f32(mean), rt.f32(rstd), c)
         }
+        Backend::Cuda(cu) => cu.launch(
+            "snella_layernorm_backward",
+            grid_rows(n, 256, 0),
+            &[
+                KArg::Ptr(rt.ptr(dinp)),
+                KArg::Ptr(rt.ptr(dout)),
+                KArg::Ptr(rt.ptr(inp)),
+                KArg::Ptr(rt.ptr(w)),
+                KArg::Ptr(rt.ptr(mean)),
+                KArg::Ptr(rt.ptr(rstd)),
+                KArg::I32(n as i32),
+                KArg::I32(c as i32),
+            ],
+        )?,
+    }
+    if dw.is_some() || db.is_some() {
+        column_sums(rt, [dw, db], part, Terms::LayerNorm { dout, x: inp, mean, rstd }, c)?;
     }
     Ok(())
 }
@@ -184,17 +162,8 @@ pub(crate) mod cpu {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub fn backward(
-        dinp: &mut [f32],
-        mut dw: Option<&mut [f32]>,
-        mut db: Option<&mut [f32]>,
-        dout: &[f32],
-        inp: &[f32],
-        w: &[f32],
-        mean: &[f32],
-        rstd: &[f32],
-        c: usize,
-    ) {
+    /// The input gradient (the affine's gradients are `ops::colsum`'s).
+    pub fn backward(dinp: &mut [f32], dout: &[f32], inp: &[f32], w: &[f32], mean: &[f32], rstd: &[f32], c: usize) {
         for r in 0..inp.len() / c {
             let (x, g, dx) = (&inp[r * c..][..c], &dout[r * c..][..c], &mut dinp[r * c..][..c]);
             let (m, s) = (mean[r], rstd[r]);
@@ -211,12 +180,6 @@ pub(crate) mod cpu {
             for i in 0..c {
                 let xh = (x[i] - m) * s;
                 dx[i] += s * (g[i] * w[i] - dnorm_mean - xh * dnorm_norm_mean);
-                if let Some(dw) = dw.as_deref_mut() {
-                    dw[i] += g[i] * xh;
-                }
-                if let Some(db) = db.as_deref_mut() {
-                    db[i] += g[i];
-                }
             }
         }
     }
@@ -236,7 +199,8 @@ mod tests {
         let (mut y, mut m, mut s) = (vec![0f32; n * c], vec![0f32; n], vec![0f32; n]);
         super::cpu::forward(&mut y, &mut m, &mut s, &x, &w, &b, c, 1e-6);
         let (mut dx, mut dw, mut db) = (vec![0f32; n * c], vec![0f32; c], vec![0f32; c]);
-        super::cpu::backward(&mut dx, Some(&mut dw), Some(&mut db), &g, &x, &w, &m, &s, c);
+        super::cpu::backward(&mut dx, &g, &x, &w, &m, &s, c);
+        crate::ops::colsum::cpu::column_sums(Some(&mut dw), Some(&mut db), &g, c, |r, i, g| g * ((x[i] - m[r]) * s[r]));
         // f64 reference: forward, and the backward by central differences of Σ g·y.
         let fwd = |x: &[f64], w: &[f64], b: &[f64]| -> Vec<f64> {
             let mut y = vec![0f64; n * c];

@@ -3,6 +3,7 @@
 pub mod adamw;
 pub mod add;
 pub mod attention;
+pub mod colsum;
 pub mod compete;
 pub(crate) mod convert;
 pub mod dropout;

@@ -1,8 +1,10 @@
 //! Checks of `ops::add`: bias add and its backward, axpy, column scaling (LayerScale) and its gamma
-//! gradient, scaled copy.
+//! gradient, scaled copy. The backwards' column sums (`ops::colsum`) add in the same order on both devices:
+//! bit-exact.
 use super::{Case, CHANNELS, ELEMENTS, ROWS};
 use crate::error::Result;
 use crate::ops::add as op;
+use crate::ops::colsum::{partials_len, CHUNK};
 use crate::runtime::{Plan, Pool};
 
 pub(super) fn add_bias(cx: &mut Case) -> Result<()> {
@@ -16,14 +18,19 @@ pub(super) fn add_bias(cx: &mut Case) -> Result<()> {
     cx.compare(&tw, out)
 }
 
+/// Rows of the column-sum checks: two full chunks of `ops::colsum` and a ragged one.
+pub(super) const SUM_ROWS: usize = 2 * CHUNK + 45;
+
 pub(super) fn bias_backward(cx: &mut Case) -> Result<()> {
     let mut p = Plan::new();
-    let dout = p.f32("dout", &[ROWS, CHANNELS], Pool::Scratch);
+    let dout = p.f32("dout", &[SUM_ROWS, CHANNELS], Pool::Scratch);
     let dbias = p.f32("dbias", &[CHANNELS], Pool::Grads);
+    let part = p.f32("part", &[partials_len(SUM_ROWS, CHANNELS, 1)], Pool::Scratch);
     let tw = cx.twin(p)?;
     cx.input(&tw, dout, 1.0)?;
     cx.input(&tw, dbias, 1.0)?; // accumulates
-    tw.run(|rt| op::bias_backward(rt, dbias, dout))?;
+    tw.poison(&[part])?;
+    tw.run(|rt| op::bias_backward(rt, dbias, dout, part))?;
     cx.compare(&tw, dbias)
 }
 
@@ -57,14 +64,16 @@ pub(super) fn mul_cols(cx: &mut Case, accumulate: bool) -> Result<()> {
 
 pub(super) fn mul_cols_backward_gamma(cx: &mut Case) -> Result<()> {
     let mut p = Plan::new();
-    let dout = p.f32("dout", &[ROWS, CHANNELS], Pool::Scratch);
-    let inp = p.f32("inp", &[ROWS, CHANNELS], Pool::Activations);
+    let dout = p.f32("dout", &[SUM_ROWS, CHANNELS], Pool::Scratch);
+    let inp = p.f32("inp", &[SUM_ROWS, CHANNELS], Pool::Activations);
     let dgamma = p.f32("dgamma", &[CHANNELS], Pool::Grads);
+    let part = p.f32("part", &[partials_len(SUM_ROWS, CHANNELS, 1)], Pool::Scratch);
     let tw = cx.twin(p)?;
     cx.input(&tw, dout, 1.0)?;
     cx.input(&tw, inp, 1.0)?;
     cx.input(&tw, dgamma, 1.0)?; // accumulates
-    tw.run(|rt| op::mul_cols_backward_gamma(rt, dgamma, dout, inp))?;
+    tw.poison(&[part])?;
+    tw.run(|rt| op::mul_cols_backward_gamma(rt, dgamma, dout, inp, part))?;
     cx.compare(&tw, dgamma)
 }
 

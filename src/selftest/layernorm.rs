@@ -1,6 +1,7 @@
 //! Checks of `ops::layernorm`: the forward, the apply from saved statistics, the backward.
 use super::{Case, CHANNELS, ROWS};
 use crate::error::Result;
+use crate::ops::colsum::partials_len;
 use crate::ops::layernorm::{layernorm_apply, layernorm_backward, layernorm_forward};
 use crate::runtime::{Plan, Pool};
 
@@ -68,9 +69,11 @@ pub(super) fn apply(cx: &mut Case) -> Result<()> {
     cx.compare(&tw, out)
 }
 
-/// The backward in isolation: mean and rstd are computed here (f64) and given to both sides.
+/// The backward in isolation: mean and rstd are computed here (f64) and given to both sides. Rows over
+/// several chunks of the affine gradients' column sums, which add in the same order on both devices: dw and
+/// db are compared bit for bit.
 pub(super) fn backward(cx: &mut Case, affine: bool) -> Result<()> {
-    let (n, c) = (ROWS, CHANNELS);
+    let (n, c) = (super::add::SUM_ROWS, CHANNELS);
     let mut p = Plan::new();
     let x = p.f32("x", &[n, c], Pool::Activations);
     let w = p.f32("w", &[c], Pool::Frozen);
@@ -80,7 +83,9 @@ pub(super) fn backward(cx: &mut Case, affine: bool) -> Result<()> {
     let dinp = p.f32("dinp", &[n, c], Pool::Scratch);
     let dw = p.f32("dw", &[c], Pool::Grads);
     let db = p.f32("db", &[c], Pool::Grads);
+    let part = p.f32("part", &[partials_len(n, c, 2)], Pool::Scratch);
     let tw = cx.twin(p)?;
+    tw.poison(&[part])?;
     let xv = cx.input(&tw, x, 2.0)?;
     let (mv, rv) = row_stats(&xv, n, c);
     tw.upload(mean, &mv)?;
@@ -92,9 +97,11 @@ pub(super) fn backward(cx: &mut Case, affine: bool) -> Result<()> {
     cx.input(&tw, dw, 1.0)?;
     cx.input(&tw, db, 1.0)?;
     let (dwo, dbo) = if affine { (Some(dw), Some(db)) } else { (None, None) };
-    tw.run(|rt| layernorm_backward(rt, dinp, dwo, dbo, dout, x, w, mean, rstd, c))?;
+    tw.run(|rt| layernorm_backward(rt, dinp, dwo, dbo, dout, x, w, mean, rstd, c, part))?;
     cx.compare(&tw, dinp)?;
     // Without the affine gradients, dw and db must come back untouched (and equal on both sides).
-    cx.compare_as(&tw, dw, if affine { "dw" } else { "dw (untouched)" })?;
-    cx.compare_as(&tw, db, if affine { "db" } else { "db (untouched)" })
+    let (wt, bt) = (tw.cpu.download(dw)?, tw.cpu.download(db)?);
+    cx.compare_exact(if affine { "dw" } else { "dw (untouched)" }, &wt, &tw.dev.download(dw)?, |_| false);
+    cx.compare_exact(if affine { "db" } else { "db (untouched)" }, &bt, &tw.dev.download(db)?, |_| false);
+    Ok(())
 }
