@@ -73,8 +73,7 @@ pub fn column_sums(rt: &Runtime, dst: [Option<Tensor>; 2], part: Tensor, terms: 
                     _ => unreachable!("LayerNorm terms come with mean and rstd"),
                 }
             };
-            let (mut d0, mut d1) = (dst[0].map(|t| rt.f32_mut(t)), dst[1].map(|t| rt.f32_mut(t)));
-            cpu::column_sums(d0.as_deref_mut(), d1.as_deref_mut(), rt.f32(a), cols, term);
+            cpu::column_sums(dst[0].map(|t| rt.f32_mut(t)), dst[1].map(|t| rt.f32_mut(t)), rt.f32(a), cols, term);
         }
         Backend::Cuda(cu) => {
             let chunks = rows.div_ceil(CHUNK);
