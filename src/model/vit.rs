@@ -74,13 +74,18 @@ impl Model {
     ) -> Result<Model> {
         let memory = memory.into();
         let (plan, layout) = plan_model(cfg, &method, batch, memory)?;
+        let on_device = matches!(backend, Backend::Cuda(_));
         let rt = match Runtime::new(backend, plan) {
             Err(Error::OutOfMemory { need_mib, free_mib, .. }) => {
-                // The plan grows with the batch: binary search for the largest that fits (12 MiB of slack
-                // for the per-pool allocation granularity).
-                let fits = |candidate: usize| {
-                    plan_model(cfg, &method, candidate, memory)
-                        .map(|(p, _)| crate::runtime::mib(p.total_bytes()) + 12.0 < free_mib)
+                // The plan grows with the batch: binary search for the largest that fits, by the rule
+                // Runtime::new applies (on a GPU, the plan plus the headroom for the pools' rounding and cuBLAS).
+                let free = (free_mib * (1u64 << 20) as f64) as usize;
+                let fits = |bb: usize| {
+                    plan_model(cfg, &method, bb, memory)
+                        .map(|(p, _)| {
+                            let bytes = p.total_bytes();
+                            (if on_device { crate::runtime::device_bytes_needed(bytes) } else { bytes }) <= free
+                        })
                         .unwrap_or(false)
                 };
                 let (mut lo, mut hi) = (0, batch); // fits(lo) (or lo = 0), !fits(hi)

@@ -114,6 +114,12 @@ enum Arena {
 /// load kernels for shapes larger than the warm-up's and build cuBLASLt heuristics once the pools exist.
 pub(crate) const DEVICE_HEADROOM: usize = 6 * (2 << 20) + (64 << 20);
 
+/// Free device bytes a plan of `plan_bytes` needs: the rule of [`Runtime::new`], also used to find the largest
+/// batch that fits.
+pub(crate) fn device_bytes_needed(plan_bytes: usize) -> usize {
+    plan_bytes + DEVICE_HEADROOM
+}
+
 /// Per-pool accounting, as reported by `Runtime::pool_report`.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct PoolUsage {
@@ -138,7 +144,7 @@ impl Runtime {
     pub fn new(backend: Backend, plan: Plan) -> Result<Runtime> {
         if let Backend::Cuda(c) = &backend {
             let (free, _) = c.mem_info()?;
-            let need = plan.total_bytes() + DEVICE_HEADROOM;
+            let need = device_bytes_needed(plan.total_bytes());
             if need > free {
                 return Err(Error::OutOfMemory { need_mib: mib(need), free_mib: mib(free), max_batch: 0 });
             }
