@@ -99,6 +99,8 @@ enum State {
 
 #[derive(Clone, Copy)]
 struct Thread {
+    /// threadIdx.
+    idx: (u32, u32, u32),
     state: State,
     /// Where it waits (barrier or warp intrinsic).
     site: Site,
@@ -156,6 +158,8 @@ pub(crate) struct BlockRun {
     pub(crate) epoch: u32,
     pub(crate) shared: SharedMemory,
     pub(crate) fault: Option<String>,
+    /// The staged argument copy the last global access hit (most accesses hit the same one again).
+    pub(crate) last_group: usize,
 }
 
 thread_local! {
@@ -223,6 +227,7 @@ fn run_block(launch: &Launch, linear: usize) -> Result<(), String> {
                 epoch: 0,
                 shared: SharedMemory::new(),
                 fault: None,
+                last_group: 0,
             })
         });
         // SAFETY: the launch outlives this call; the pointer is cleared before returning.
@@ -230,13 +235,21 @@ fn run_block(launch: &Launch, linear: usize) -> Result<(), String> {
         run.block_idx = block_idx;
         run.epoch = 0;
         run.fault = None;
+        run.last_group = 0;
         run.shared.start_block(launch.dynamic_shared);
         while run.fibers.len() < n {
             run.fibers.push(Fiber::new());
         }
-        let idle = Thread { state: State::Runnable, site: Site(std::ptr::null()), value: 0, arg: 0, result: 0 };
+        let (bx, by) = (launch.block.0 as usize, launch.block.1 as usize);
         run.threads.clear();
-        run.threads.resize(n, idle);
+        run.threads.extend((0..n).map(|t| Thread {
+            idx: ((t % bx) as u32, ((t / bx) % by) as u32, (t / (bx * by)) as u32),
+            state: State::Runnable,
+            site: Site(std::ptr::null()),
+            value: 0,
+            arg: 0,
+            result: 0,
+        }));
         run.warps.clear();
         run.warps.extend((0..n.div_ceil(32)).map(|w| Warp {
             lanes: if (w + 1) * 32 <= n { u32::MAX } else { (1u32 << (n - w * 32)) - 1 },
@@ -350,13 +363,13 @@ fn describe_waits(r: &BlockRun, waiting: &[usize]) -> String {
 impl BlockRun {
     /// The next thread to run: the current warp's ready lanes first, then the following warps'.
     fn next_ready(&mut self) -> Option<u32> {
-        let warps = self.ready.len();
-        for i in 0..warps {
-            let w = (self.ready_warp + i) % warps;
+        let (warps, mut w) = (self.ready.len(), self.ready_warp);
+        for _ in 0..warps {
             if let Some(t) = self.ready[w].pop_front() {
                 self.ready_warp = w;
                 return Some(t);
             }
+            w = if w + 1 == warps { 0 } else { w + 1 };
         }
         None
     }
@@ -367,9 +380,7 @@ impl BlockRun {
     }
 
     fn thread_idx(&self, t: usize) -> (u32, u32, u32) {
-        let (bx, by, _) = self.launch().block;
-        let (bx, by) = (bx as usize, by as usize);
-        ((t % bx) as u32, ((t / bx) % by) as u32, (t / (bx * by)) as u32)
+        self.threads[t].idx
     }
 
     /// "<kernel>, block (x,y,z): <msg>".

@@ -363,13 +363,6 @@ impl Staging {
         }
     }
 
-    /// The group whose copy holds [addr, addr + bytes), if any.
-    pub(crate) fn find(&self, addr: usize, bytes: usize) -> Option<&Group> {
-        let i = self.groups.partition_point(|g| g.host <= addr);
-        let g = self.groups.get(i.checked_sub(1)?)?;
-        (addr + bytes <= g.host + g.bytes).then_some(g)
-    }
-
     /// Describes a global address that lies in no copy: relative to the nearest argument.
     pub(crate) fn describe_miss(&self, addr: usize, bytes: usize) -> String {
         let nearest = self.groups.iter().min_by_key(|g| {

@@ -225,49 +225,64 @@ fn check(addr: usize, bytes: usize, kind: Access) {
     }
     // SAFETY: a kernel is running on a fiber of this block; no other reference to it is live.
     let run: &mut BlockRun = unsafe { current() };
+    // Most accesses are global: the argument copies (a handful) are scanned from the one hit last.
+    let staging = run.launch().staging;
+    let n = staging.groups.len();
+    for k in 0..n {
+        let i = if run.last_group + k < n { run.last_group + k } else { run.last_group + k - n };
+        let g = &staging.groups[i];
+        if addr >= g.host && addr + bytes <= g.host + g.bytes {
+            run.last_group = i;
+            return;
+        }
+    }
+    let base = run.shared.base();
+    if addr >= base && addr < base + ARENA_BYTES {
+        return check_shared(run, addr - base, bytes, kind);
+    }
     if on_own_stack(run, addr) {
         return;
     }
-    let verb = match kind {
+    let msg = staging.describe_miss(addr, bytes);
+    fault("memcheck", &format!("global {} of {msg}", verb(kind)));
+}
+
+fn verb(kind: Access) -> &'static str {
+    match kind {
         Access::Read => "read",
         Access::Write => "write",
         Access::Atomic => "atomic update",
-    };
-    let base = run.shared.base();
-    if addr >= base && addr < base + ARENA_BYTES {
-        let off = addr - base;
-        let (name, start) = match run.shared.region(off, bytes) {
-            Ok((n, s)) => (n.to_string(), s),
-            Err(msg) => fault("memcheck", &format!("shared {verb} of {msg}")),
-        };
-        let (t, epoch) = (run.cur, run.epoch);
-        for word in off / 4..(off + bytes).div_ceil(4) {
-            if let Err((other, hazard)) = run.shared.race(word, t, epoch, kind) {
-                let who = match other {
-                    Some(o) => {
-                        let (bx, by, _) = run.launch().block;
-                        let (bx, by) = (bx as usize, by as usize);
-                        format!("thread ({},{},{})", o % bx, (o / bx) % by, o / (bx * by))
-                    }
-                    None => "another thread".to_string(),
-                };
-                fault(
-                    "racecheck",
-                    &format!(
-                        "{hazard} hazard: {verb} of `{name}`+{} (shared offset {:#x}), which {who} touched since the \
-                         last __syncthreads",
-                        word * 4 - start,
-                        word * 4
-                    ),
-                );
-            }
-        }
-        return;
     }
-    let staging = run.launch().staging;
-    if staging.find(addr, bytes).is_none() {
-        let msg = staging.describe_miss(addr, bytes);
-        fault("memcheck", &format!("global {verb} of {msg}"));
+}
+
+/// memcheck and racecheck of a shared-memory access at offset `off` of the block's shared memory.
+fn check_shared(run: &mut BlockRun, off: usize, bytes: usize, kind: Access) {
+    let (name, start) = match run.shared.region(off, bytes) {
+        Ok((n, s)) => (n.to_string(), s),
+        Err(msg) => fault("memcheck", &format!("shared {} of {msg}", verb(kind))),
+    };
+    let (t, epoch) = (run.cur, run.epoch);
+    for word in off / 4..(off + bytes).div_ceil(4) {
+        if let Err((other, hazard)) = run.shared.race(word, t, epoch, kind) {
+            let who = match other {
+                Some(o) => {
+                    let (bx, by, _) = run.launch().block;
+                    let (bx, by) = (bx as usize, by as usize);
+                    format!("thread ({},{},{})", o % bx, (o / bx) % by, o / (bx * by))
+                }
+                None => "another thread".to_string(),
+            };
+            fault(
+                "racecheck",
+                &format!(
+                    "{hazard} hazard: {} of `{name}`+{} (shared offset {:#x}), which {who} touched since the last \
+                     __syncthreads",
+                    verb(kind),
+                    word * 4 - start,
+                    word * 4
+                ),
+            );
+        }
     }
 }
 
