@@ -9,8 +9,8 @@
 //! of every branch (including blocks whose tensors are not stored, and each branch's own s): those are
 //! checked too, t against the manifest value with the atol of the branch's M.
 use crate::golden::{compare, golden_dir, list_cases, Compare, GoldenCase};
-use crate::ops::compete::{kept_count, sparsify_forward, CompeteScratch};
 use crate::ops::kmerge::{merge_forward, Factors, KernelKind, MergeScratch};
+use crate::ops::sparsify::{kept_count, sparsify_forward, SparsifyScratch};
 use crate::runtime::{Plan, Pool, Runtime};
 
 /// Outcome of one branch: compare lines and kept-count mismatches.
@@ -50,7 +50,7 @@ fn check_branch(case: &GoldenCase, branch: &str, rec: &serde_json::Value, mix: b
     let ms = plan.f32("M_s", &[n_in, n_out], Pool::Scratch);
     let t = plan.f32("t", &[1], Pool::Scratch);
     let msc = MergeScratch::plan(&mut plan, branch, n_in, n_out, d);
-    let csc = CompeteScratch::plan(&mut plan, branch, n_in * n_out);
+    let csc = SparsifyScratch::plan(&mut plan, branch, n_in * n_out);
     let rt = Runtime::cpu(plan);
     rt.upload(a, case.get(&a_key).unwrap()).unwrap();
     rt.upload(b, case.get(&b_key).unwrap()).unwrap();
@@ -59,7 +59,7 @@ fn check_branch(case: &GoldenCase, branch: &str, rec: &serde_json::Value, mix: b
             rt.upload(*tensor, case.get(&format!("param.{branch}.{leaf}")).unwrap()).unwrap();
         }
     }
-    let f = Factors { a, b, mix: mix.then_some(mixt), n_in, n_out, d };
+    let f = Factors { in_qs: a, out_qs: b, mix: mix.then_some(mixt), n_in, n_out, half_rank: d };
     merge_forward(&rt, m, &f, KernelKind::PiecewiseLinear, &msc).unwrap();
 
     let m_key = format!("merged.{branch}.M");

@@ -43,8 +43,7 @@ pub mod train;
 
 pub use error::{Error, Result};
 pub use ops::kmerge::KernelKind;
-pub use ops::GemmPrecision;
-pub use runtime::{mib, Backend, DType, Device, Plan, Pool, PoolUsage, TensorSpec};
+pub use runtime::{mib, Backend, DType, Device, GemmPrecision, Plan, Pool, PoolUsage, TensorSpec};
 
 /// Whether a usable GPU is present: `Ok(name)` of device 0 (the driver, a device, cuBLAS and this binary's
 /// kernels are all there), or `Err(reason)` saying what is missing. Never panics, also without a driver.

@@ -6,12 +6,17 @@ use rand::{Rng, RngCore, SeedableRng};
 /// SplitMix64's increment (2⁶⁴/φ, odd): the state advances by it, and seeds are spread with it.
 pub(crate) const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
 
-/// The SplitMix64 finaliser of `z + γ`: a bijective 64-bit mix (the output for state `z`).
-pub(crate) fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(GOLDEN_GAMMA);
+/// SplitMix64's finaliser: a bijective 64-bit mix (also the hash of the dropout masks, `ops::dropout`, whose
+/// CUDA twin is `snella_mix` in cuda/dropout.cu).
+pub(crate) fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// The SplitMix64 output for state `z`: the finaliser of `z + γ`.
+pub(crate) fn splitmix64(z: u64) -> u64 {
+    mix(z.wrapping_add(GOLDEN_GAMMA))
 }
 
 /// The seed of one example's RNG: a hash of `(seed, epoch, index)` only, so draws do not depend on the order

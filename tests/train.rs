@@ -130,7 +130,7 @@ fn shipped_recipes_load() {
         }
     }
     assert!(n >= 20, "only {n} recipes in {}", dir.display());
-    // Spot checks against spec d.6 / e.2.
+    // Spot checks against the official per-task hyperparameters (method.md §14).
     let cub = TrainConfig::load(&dir.join("snella32-cub.toml")).unwrap();
     assert_eq!((cub.batch, cub.lr, cub.weight_decay, cub.sparsity, cub.target_ratio), (16, 1e-3, 0.05, 0.0, 0.30));
     assert_eq!(cub.method().unwrap().name(), "snella32");

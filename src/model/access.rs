@@ -6,9 +6,9 @@ use crate::error::{Error, Result};
 use crate::model::config::ViTConfig;
 use crate::model::plan::{BranchParams, Linear, MemoryOptions, Param};
 use crate::model::vit::Model;
-use crate::ops::compete::kept_count;
-use crate::ops::GemmPrecision;
+use crate::ops::sparsify::kept_count;
 use crate::peft::Method;
+use crate::runtime::GemmPrecision;
 use crate::runtime::{Backend, DType, Device, Plan, Pool, PoolUsage, Runtime, Tensor};
 
 impl Model {

@@ -2,7 +2,7 @@
 //!
 //! Merged (the default): each branch builds its update in scratch and adds it into a copy of W0 there
 //! (the kernel family: M from the factors (`ops::kmerge`, method.md §2–§3), sparsified to M_s
-//! (`ops::compete`, §4–§5), added transposed; LoRA: B·A), and the Linear is one GEMM with that W (§6). M is
+//! (`ops::sparsify`, §4–§5), added transposed; LoRA: B·A), and the Linear is one GEMM with that W (§6). M is
 //! never kept: the backward rebuilds it, with the threshold its forward selected, and takes each branch's
 //! factor gradients (§7) while its M is in scratch, before the input gradient goes through the same W.
 //!
@@ -13,11 +13,11 @@ use crate::error::Result;
 use crate::model::config::Position;
 use crate::model::plan::{Branch, BranchParams, BranchScratch, Layout, Linear};
 use crate::ops::add::{add_bias, axpy, bias_backward, scale_copy};
-use crate::ops::compete::{add_transposed, sparsify_apply, sparsify_backward, sparsify_forward};
 use crate::ops::convert::bf16_widen;
 use crate::ops::dropout::{drop_path, dropout};
 use crate::ops::kmerge::{merge_backward, merge_forward, Factors};
 use crate::ops::matmul::{matmul, Matmul};
+use crate::ops::sparsify::{add_transposed, sparsify_apply, sparsify_backward, sparsify_forward};
 use crate::runtime::{DType, Runtime, Tensor};
 
 /// The dropout and drop-path masks of one block. Each is a stream of hashed keep decisions (`ops::dropout`);
@@ -186,7 +186,7 @@ impl Linears<'_> {
     fn branch_matrix(&self, br: &Branch, sc: &BranchScratch) -> Result<Tensor> {
         let (m, ms) = self.kernel_m(br, sc)?;
         let Some(ms) = ms else { return Ok(m) };
-        let scratch = sc.compete.as_ref().expect("compete scratch");
+        let scratch = sc.sparsify.as_ref().expect("sparsify scratch");
         sparsify_forward(self.rt, ms, self.threshold(br), m, self.sparsity[br.id], scratch)?;
         Ok(ms)
     }
@@ -343,7 +343,7 @@ fn kernel_factors(br: &Branch) -> Factors {
         unreachable!("only kernel branches have In_Qs and Out_Qs")
     };
     let mix = mix.map(|m| m.map(|p| p.value));
-    Factors { a: in_qs.value, b: out_qs.value, mix, n_in: br.n_in, n_out: br.n_out, d: half_rank }
+    Factors { in_qs: in_qs.value, out_qs: out_qs.value, mix, n_in: br.n_in, n_out: br.n_out, half_rank }
 }
 
 /// dst (fp32) = w0, a frozen weight stored as fp32 or bf16.                        dst, w0: (n)

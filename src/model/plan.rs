@@ -12,8 +12,8 @@ use crate::error::{Error, Result};
 use crate::model::config::{Position, ViTConfig};
 use crate::ops::attention::AttentionBuffers;
 use crate::ops::colsum::partials_len;
-use crate::ops::compete::CompeteScratch;
 use crate::ops::kmerge::{KernelKind, MergeScratch};
+use crate::ops::sparsify::SparsifyScratch;
 use crate::peft::{decays, Method};
 use crate::runtime::{DType, Plan, Pool, Tensor};
 
@@ -198,7 +198,7 @@ pub(crate) struct BranchScratch {
     /// ∂L/∂M_s (in, out), then ∂L/∂M in place; for LoRA ∂L/∂W (out, in).
     pub(crate) dms: Tensor,
     pub(crate) merge: Option<MergeScratch>,
-    pub(crate) compete: Option<CompeteScratch>,
+    pub(crate) sparsify: Option<SparsifyScratch>,
 }
 
 /// A block Linear: y = x·Wᵀ + b (+ branches).  w: (out, in)  b: (out)
@@ -572,10 +572,10 @@ fn plan_branches(
     for (tag, n_in, n_out, w_out) in shape_scopes {
         plan.scope();
         let pre = format!("branch.scratch.{tag}");
-        let (merge, compete) = match method {
+        let (merge, sparsify) = match method {
             Method::Kernel(k) => (
                 Some(MergeScratch::plan(plan, &pre, n_in, n_out, k.r / 2)), // r/2: the factors' half_rank
-                k.sparse.then(|| CompeteScratch::plan(plan, &pre, n_in * n_out)),
+                k.sparse.then(|| SparsifyScratch::plan(plan, &pre, n_in * n_out)),
             ),
             _ => (None, None),
         };
@@ -586,7 +586,7 @@ fn plan_branches(
             ms: plan.f32(format!("{pre}.M_s"), &[n_in, n_out], s),
             dms: plan.f32(format!("{pre}.dM_s"), &[n_in, n_out], s),
             merge,
-            compete,
+            sparsify,
         });
     }
     (branches, branch_scratch)

@@ -31,10 +31,9 @@ use crate::runtime::{Backend, Pool, Runtime, Tensor};
 /// names (`blocks.0.attn.qkv.weight`, ...); branch factors are `<linear>[.q|.k|.v].<leaf>` (see
 /// [`Model::param_names`]).
 pub struct Model {
-    // Fields are the model's own (pub(super)); the few that are pub(crate) are read by selftest.rs (method,
-    // block_drop_path, reg_seed) or hold the device other modules run ops on (rt).
+    // Fields are the model's own (pub(super)), except the device, which other modules run ops on (rt).
     pub(super) cfg: ViTConfig,
-    pub(crate) method: Method,
+    pub(super) method: Method,
     /// Planned batch size; a step may use fewer images.
     pub(super) batch: usize,
     pub(crate) rt: Runtime,
@@ -51,10 +50,10 @@ pub struct Model {
     pub(super) training: bool,
     /// Stochastic depth of the blocks' residual branches: rate of the last block, linearly from 0 at the
     /// first (timm's `drop_path_rate`; the official recipe uses 0.1). 0 = off.
-    pub(crate) block_drop_path: f32,
+    pub(super) block_drop_path: f32,
     /// Seed of every dropout and drop-path mask (mixed with the step count, so each step draws new masks
     /// and its backward regenerates its forward's).
-    pub(crate) reg_seed: u64,
+    pub(super) reg_seed: u64,
 }
 
 impl Model {

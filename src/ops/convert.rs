@@ -128,18 +128,11 @@ mod tests {
         bits.into_iter().map(f32::from_bits).collect()
     }
 
-    /// splitmix64, for bit patterns spread over the whole f32 range.
+    /// SplitMix64 draws, for bit patterns spread over the whole f32 range.
     fn random_bits(n: usize, seed: u64) -> Vec<u32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                let mut z = s;
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                (z ^ (z >> 31)) as u32
-            })
-            .collect()
+        use rand::RngCore;
+        let mut r = crate::rng::SplitMix64::new(seed);
+        (0..n).map(|_| r.next_u64() as u32).collect()
     }
 
     #[test]

@@ -2,16 +2,9 @@
 //! of (seed, stream, index), so the backward regenerates exactly the forward's mask. CUDA twin:
 //! `cuda/dropout.cu` (the same SplitMix64 hash on the device).
 use crate::error::Result;
+use crate::rng::{mix, GOLDEN_GAMMA};
 use crate::runtime::cuda::{grid_1d, KArg};
 use crate::runtime::{Backend, Runtime, Tensor};
-
-/// SplitMix64's output function.
-#[inline]
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
 
 /// Whether element `i` of mask `stream` survives a drop rate `p` under `seed`: u ≥ p with u uniform on
 /// (0, 1] in steps of 2⁻²⁴ (so p ≤ 2⁻²⁴ keeps everything). The (seed, stream) pair picks a SplitMix64
@@ -19,7 +12,7 @@ fn mix(mut z: u64) -> u64 {
 #[inline]
 pub fn keep(seed: u64, stream: u64, i: u64, p: f32) -> bool {
     let state = mix(mix(seed ^ 0x243F_6A88_85A3_08D3).wrapping_add(stream) ^ 0x1319_8A2E_0370_7344);
-    let z = mix(state.wrapping_add(i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+    let z = mix(state.wrapping_add(i.wrapping_add(1).wrapping_mul(GOLDEN_GAMMA)));
     (((z >> 40) + 1) as f32) * (1.0 / (1u64 << 24) as f32) >= p
 }
 

@@ -1,19 +1,7 @@
 //! Matrix products, row-major: C = alpha·op(A)·op(B) (+ C when accumulating), optionally strided batched.
 //! CPU: the `gemm` crate. CUDA: cuBLAS, exact fp32 SGEMM unless TF32/bf16 is asked for explicitly.
 use crate::error::{Error, Result};
-use crate::runtime::{Backend, Runtime, Tensor};
-
-/// Tensor-core modes of cuBLAS; the CPU always computes in fp32.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-pub enum GemmPrecision {
-    /// Plain fp32 (no tensor cores): matches the golden vectors.
-    #[default]
-    Fp32,
-    /// fp32 data, TF32 tensor cores.
-    Tf32,
-    /// fp32 data, bf16 tensor cores (inputs rounded to bf16, fp32 accumulation).
-    Bf16,
-}
+use crate::runtime::{Backend, GemmPrecision, Runtime, Tensor};
 
 /// Shape of one product: op(A) is (m, k), op(B) is (k, n), C is (m, n); `batch` contiguous products
 /// (A, B, C advance by m·k, k·n, m·n elements, or not at all when the stride is 0 = broadcast).

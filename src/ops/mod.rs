@@ -4,7 +4,6 @@ pub mod adamw;
 pub mod add;
 pub mod attention;
 pub mod colsum;
-pub mod compete;
 pub(crate) mod convert;
 pub mod dropout;
 pub mod embed;
@@ -16,8 +15,9 @@ pub mod loss;
 pub mod mask;
 pub mod matmul;
 pub mod softmax;
+pub mod sparsify;
 
-pub use matmul::{matmul, GemmPrecision, Matmul};
+pub use matmul::{matmul, Matmul};
 
 /// erf in f32 (std has none on stable): the CPU twin of CUDA's `erff`.
 #[inline]

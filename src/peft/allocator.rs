@@ -1,7 +1,7 @@
 //! SNELLA's bi-level sparsity allocation (official `sparse_allocator.Allocator`, metric 'ipt'):
 //! layers compete for a global non-zero budget by EMA importance × uncertainty (inter-layer, method.md
 //! §8–§11), and inside each layer the magnitude quantile decides which entries survive (intra-layer,
-//! `ops::compete`, §4–§5).
+//! `ops::sparsify`, §4–§5).
 //! All schedule "steps" are epochs. Numerics follow the official code: EMAs in fp32 on the device, layer
 //! scores and the budget split in fp32, the ratios s_l in double.
 use crate::error::{Error, Result};

@@ -1,5 +1,5 @@
 //! Parameter-efficient methods: which tensors train, and the branches added to the block Linears.
-//! The method itself (merge, competition) lives in `ops::kmerge` / `ops::compete` and meets the model in
+//! The method itself (merge, competition) lives in `ops::kmerge` / `ops::sparsify` and meets the model in
 //! `model/linear.rs`; the bi-level allocator in `allocator.rs`. Its equations: `docs/method.md`.
 pub mod allocator;
 

@@ -5,9 +5,9 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::model::{MemoryOptions, Model, Precision, Recompute, ViTConfig};
-use crate::ops::GemmPrecision;
 use crate::peft::allocator::{Allocator, AllocatorConfig};
 use crate::peft::Method;
+use crate::runtime::GemmPrecision;
 use crate::runtime::{mib, Backend};
 
 /// One measured configuration of `snella bench`.

@@ -21,7 +21,7 @@ use cudarc::driver::{
 
 use super::emu::{self, Emu};
 use crate::error::{Error, Result};
-use crate::ops::GemmPrecision;
+use crate::runtime::GemmPrecision;
 
 /// What a kernel parameter takes: the `KArg` variant of its C type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -10,10 +10,22 @@ pub mod planted;
 use std::cell::Cell;
 
 use crate::error::{Error, Result};
-use crate::ops::GemmPrecision;
 pub use cuda::{Cuda, DevPtr};
 pub(crate) use plan::Tensor;
 pub use plan::{mib, DType, Plan, Pool, TensorSpec};
+
+/// Tensor-core modes of the matrix products (cuBLAS compute types); the CPU always computes in fp32. The
+/// runtime holds the mode of its products (`Runtime::set_gemm_precision`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum GemmPrecision {
+    /// Plain fp32 (no tensor cores): matches the golden vectors.
+    #[default]
+    Fp32,
+    /// fp32 data, TF32 tensor cores.
+    Tf32,
+    /// fp32 data, bf16 tensor cores (inputs rounded to bf16, fp32 accumulation).
+    Bf16,
+}
 
 /// Where the engine runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]

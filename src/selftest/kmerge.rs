@@ -52,17 +52,17 @@ struct MergeSetup {
 
 fn merge_plan(p: &mut Plan, n_in: usize, n_out: usize, d: usize) -> MergeSetup {
     p.add_cublas_workspace();
-    let a = p.f32("in_qs", &[2, n_in, d], Pool::Trainable);
-    let b = p.f32("out_qs", &[2, n_out, d], Pool::Trainable);
+    let in_qs = p.f32("in_qs", &[2, n_in, d], Pool::Trainable);
+    let out_qs = p.f32("out_qs", &[2, n_out, d], Pool::Trainable);
     let mix = ["alpha", "gamma", "beta"].map(|n| p.f32(n, &[1], Pool::Trainable));
     let s = MergeScratch::plan(p, "selftest", n_in, n_out, d);
-    MergeSetup { f: Factors { a, b, mix: None, n_in, n_out, d }, mix, s }
+    MergeSetup { f: Factors { in_qs, out_qs, mix: None, n_in, n_out, half_rank: d }, mix, s }
 }
 
 /// Random factors and mixture scalars on both sides, poisoned scratch; returns [α, γ, β].
 fn merge_inputs(cx: &mut Case, tw: &Twin, st: &MergeSetup, scale: f32) -> Result<[f32; 3]> {
-    cx.input(tw, st.f.a, scale)?;
-    cx.input(tw, st.f.b, scale)?;
+    cx.input(tw, st.f.in_qs, scale)?;
+    cx.input(tw, st.f.out_qs, scale)?;
     let mv = mix_values(cx);
     for (t, v) in st.mix.iter().zip(mv) {
         tw.upload(*t, &[v])?;
@@ -177,9 +177,9 @@ pub(super) fn backward_coincident_rows(cx: &mut Case) -> Result<()> {
     let da = p.f32("d_in_qs (coincident rows)", &[2, n, d], Pool::Grads);
     let db = p.f32("d_out_qs (coincident rows)", &[2, n, d], Pool::Grads);
     let tw = cx.twin(p)?;
-    let a = cx.input(&tw, st.f.a, 0.7)?;
+    let a = cx.input(&tw, st.f.in_qs, 0.7)?;
     let b: Vec<f32> = a.iter().map(|&x| f32::from_bits(x.to_bits() + (cx.below(4) as u32))).collect();
-    tw.upload(st.f.b, &b)?;
+    tw.upload(st.f.out_qs, &b)?;
     cx.input(&tw, g, 1.0)?;
     tw.upload(da, &vec![0.0; 2 * n * d])?;
     tw.upload(db, &vec![0.0; 2 * n * d])?;

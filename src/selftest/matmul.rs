@@ -2,7 +2,8 @@
 //! broadcast B, row strides, and the TF32 and bf16 GEMM modes.
 use super::Case;
 use crate::error::Result;
-use crate::ops::{matmul, GemmPrecision, Matmul};
+use crate::ops::{matmul, Matmul};
+use crate::runtime::GemmPrecision;
 use crate::runtime::{Plan, Pool};
 
 pub(super) const ALL_TRANSPOSES: [(bool, bool); 4] = [(false, false), (true, false), (false, true), (true, true)];

@@ -13,7 +13,7 @@
 //! This file holds the registry ([`checks`]), the runner and the harness every check works with (`Case`,
 //! `Twin`, the seeded random source). The checks themselves live in one file per op family, named like the
 //! files of `src/ops/`: `matmul.rs`, `layernorm.rs`, `gelu.rs`, `softmax.rs`, `add.rs`, `loss.rs`,
-//! `adamw.rs`, `attention.rs`, `embed.rs`, `importance.rs`, `mask.rs`, `kmerge.rs`, `compete.rs`,
+//! `adamw.rs`, `attention.rs`, `embed.rs`, `importance.rs`, `mask.rs`, `kmerge.rs`, `sparsify.rs`,
 //! `dropout.rs`, `convert.rs`; `model.rs` holds the whole training steps of the golden cases. The
 //! selftest is where CUDA is compared with the CPU: an op's own tests (in `src/ops/`) test the CPU alone.
 //!
@@ -52,14 +52,14 @@ use std::time::Instant;
 use crate::error::{Error, Result};
 use crate::model::Recompute;
 use crate::ops::kmerge::KernelKind;
-use crate::ops::GemmPrecision;
+use crate::rng::{splitmix64, unit_f64, SplitMix64, GOLDEN_GAMMA};
 use crate::runtime::cuda::launch_counts;
+use crate::runtime::GemmPrecision;
 use crate::runtime::{Backend, Cuda, DType, Device, Plan, Runtime, Tensor};
 
 mod adamw;
 mod add;
 mod attention;
-mod compete;
 mod convert;
 mod dropout;
 mod embed;
@@ -72,6 +72,7 @@ mod mask;
 mod matmul;
 mod model;
 mod softmax;
+mod sparsify;
 
 /// One comparison of an op (or a small group of its variants) between the CPU and the device.
 pub(crate) struct Check {
@@ -152,24 +153,24 @@ pub(crate) fn checks() -> Vec<Check> {
         Check { name: "merge_backward_coincident_rows", tol: 1e-5, run: kmerge::backward_coincident_rows },
         // SNELLA: the magnitude competition. The threshold is an order statistic and M_s = M·|M| one
         // product per entry: both must be bit-exact, and so must the number of kept entries.
-        Check { name: "sparsify_s0", tol: 0.0, run: |cx| compete::sparsify(cx, 0.0) },
-        Check { name: "sparsify_s0.3", tol: 0.0, run: |cx| compete::sparsify(cx, 0.3) },
-        Check { name: "sparsify_s0.5", tol: 0.0, run: |cx| compete::sparsify(cx, 0.5) },
-        Check { name: "sparsify_s0.9", tol: 0.0, run: |cx| compete::sparsify(cx, 0.9) },
-        Check { name: "sparsify_s0.99", tol: 0.0, run: |cx| compete::sparsify(cx, 0.99) },
-        Check { name: "add_transposed", tol: 0.0, run: compete::add_transposed },
-        // The edge cases of the select, each at s ∈ compete::EDGE_SPARSITIES, bit for bit (NaN equals NaN
+        Check { name: "sparsify_s0", tol: 0.0, run: |cx| sparsify::sparsify(cx, 0.0) },
+        Check { name: "sparsify_s0.3", tol: 0.0, run: |cx| sparsify::sparsify(cx, 0.3) },
+        Check { name: "sparsify_s0.5", tol: 0.0, run: |cx| sparsify::sparsify(cx, 0.5) },
+        Check { name: "sparsify_s0.9", tol: 0.0, run: |cx| sparsify::sparsify(cx, 0.9) },
+        Check { name: "sparsify_s0.99", tol: 0.0, run: |cx| sparsify::sparsify(cx, 0.99) },
+        Check { name: "add_transposed", tol: 0.0, run: sparsify::add_transposed },
+        // The edge cases of the select, each at s ∈ sparsify::EDGE_SPARSITIES, bit for bit (NaN equals NaN
         // only where the input has one): n = 1, n = 2, ties and a zero, all zeros, a NaN, and a large M
         // whose histograms loop over the grid (capped at 1024 blocks of 256) several times.
-        Check { name: "sparsify_edge_n1", tol: 0.0, run: |cx| compete::edge_case(cx, compete::Edge::One) },
-        Check { name: "sparsify_edge_n2", tol: 0.0, run: |cx| compete::edge_case(cx, compete::Edge::Two) },
-        Check { name: "sparsify_edge_random_1001", tol: 0.0, run: |cx| compete::edge_case(cx, compete::Edge::Random) },
-        Check { name: "sparsify_edge_ties", tol: 0.0, run: |cx| compete::edge_case(cx, compete::Edge::Ties) },
-        Check { name: "sparsify_edge_zeros", tol: 0.0, run: |cx| compete::edge_case(cx, compete::Edge::Zeros) },
-        Check { name: "sparsify_edge_nan", tol: 0.0, run: |cx| compete::edge_case(cx, compete::Edge::Nan) },
-        Check { name: "sparsify_edge_large", tol: 0.0, run: |cx| compete::edge_case(cx, compete::Edge::Large) },
+        Check { name: "sparsify_edge_n1", tol: 0.0, run: |cx| sparsify::edge_case(cx, sparsify::Edge::One) },
+        Check { name: "sparsify_edge_n2", tol: 0.0, run: |cx| sparsify::edge_case(cx, sparsify::Edge::Two) },
+        Check { name: "sparsify_edge_random_1001", tol: 0.0, run: |cx| sparsify::edge_case(cx, sparsify::Edge::Random) },
+        Check { name: "sparsify_edge_ties", tol: 0.0, run: |cx| sparsify::edge_case(cx, sparsify::Edge::Ties) },
+        Check { name: "sparsify_edge_zeros", tol: 0.0, run: |cx| sparsify::edge_case(cx, sparsify::Edge::Zeros) },
+        Check { name: "sparsify_edge_nan", tol: 0.0, run: |cx| sparsify::edge_case(cx, sparsify::Edge::Nan) },
+        Check { name: "sparsify_edge_large", tol: 0.0, run: |cx| sparsify::edge_case(cx, sparsify::Edge::Large) },
         // A shape narrower than two tiles of add_transposed (n_out = 45 < 64) and a fixed t.
-        Check { name: "sparsify_backward_add_transposed_67x45", tol: 0.0, run: compete::backward_add_transposed_67x45 },
+        Check { name: "sparsify_backward_add_transposed_67x45", tol: 0.0, run: sparsify::backward_add_transposed_67x45 },
         // The whole training step on the golden cases (their masks have decisive gaps, so fp32 rounding
         // differences between the devices cannot flip them): loss, logits, thresholds, every gradient, and
         // the parameters after three AdamW steps (and the allocator's EMAs). 1e-4: cancelling sums (the
@@ -383,10 +384,10 @@ fn fresh_seed() -> u64 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
-    let mut s = nanos
+    let s = nanos
         ^ ((std::process::id() as u64) << 32)
-        ^ COUNTER.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    splitmix64(&mut s)
+        ^ COUNTER.fetch_add(1, Ordering::Relaxed).wrapping_mul(GOLDEN_GAMMA);
+    splitmix64(s)
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -634,24 +635,16 @@ impl Twin {
     }
 }
 
-/// splitmix64: small, fast and good enough for test inputs; no dependency.
-fn splitmix64(s: &mut u64) -> u64 {
-    *s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *s;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-struct Rng(u64);
+/// The checks' random source: `crate::rng`'s SplitMix64 with the helpers the checks need.
+struct Rng(SplitMix64);
 
 impl Rng {
     fn new(seed: u64) -> Rng {
-        Rng(seed)
+        Rng(SplitMix64::new(seed))
     }
     /// Uniform in [0, 1).
     fn uniform(&mut self) -> f64 {
-        (splitmix64(&mut self.0) >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+        unit_f64(&mut self.0)
     }
     fn below(&mut self, n: usize) -> usize {
         ((self.uniform() * n as f64) as usize).min(n.saturating_sub(1))

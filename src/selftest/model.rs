@@ -23,7 +23,7 @@ pub(super) fn step(cx: &mut Case, case: &str, memory: impl Into<MemoryOptions>) 
     let mut cpu = g.build_model(Backend::Cpu, memory)?;
     let mut dev = g.build_model(Backend::new(cx.dev)?, memory)?;
     let names = g.trainable();
-    let alloc = match cpu.method {
+    let alloc = match cpu.method() {
         Method::Kernel(k) if k.allocator => Some(Allocator::new(&cpu, AllocatorConfig::default())?),
         _ => None,
     };
@@ -80,8 +80,8 @@ pub(super) fn step_dropout(cx: &mut Case) -> Result<()> {
     let mut cpu = g.build_model_with(Backend::Cpu, Recompute::Attention, method)?;
     let mut dev = g.build_model_with(Backend::new(cx.dev)?, Recompute::Attention, method)?;
     for m in [&mut cpu, &mut dev] {
-        m.block_drop_path = 0.1;
-        m.reg_seed = 7;
+        m.set_block_drop_path(0.1)?;
+        m.set_regularisation_seed(7);
     }
     for step in 0..2 {
         let (lc, ld) = (cpu.forward()?, dev.forward()?);

@@ -14,10 +14,10 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::model::{MemoryOptions, Precision, Recompute};
 use crate::ops::kmerge::KernelKind;
-use crate::ops::GemmPrecision;
 use crate::peft::allocator::AllocatorConfig;
 use crate::peft::Method;
 use crate::runtime::Device;
+use crate::runtime::GemmPrecision;
 use crate::train::augment::Transform;
 
 /// Where the images come from.

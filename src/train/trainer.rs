@@ -337,8 +337,8 @@ impl Trainer {
         let backend = Backend::new(parse_device(&config.device)?)?;
         let mut model = Model::new(backend, &vc, method, config.batch, config.memory()?)?;
         model.rt.set_gemm_precision(config.gemm()?);
-        model.block_drop_path = config.drop_path as f32;
-        model.reg_seed = config.seed;
+        model.set_block_drop_path(config.drop_path as f32)?;
+        model.set_regularisation_seed(config.seed);
         model.load_backbone(&weights)?;
         drop(weights);
         init_method(&model, config.seed)?;

@@ -14,8 +14,8 @@
 //! cuBLAS's use of device memory is modelled: the first GEMM of each compute type loads its kernels, and
 //! without a workspace set by the caller the first GEMM allocates cuBLAS's default workspace.
 use super::{Emu, CUBLAS_DEFAULT_WORKSPACE, CUBLAS_MODULE_BYTES};
-use crate::ops::GemmPrecision;
 use crate::runtime::cuda::DevPtr;
+use crate::runtime::GemmPrecision;
 
 /// What cuBLAS keeps between calls.
 #[derive(Default)]

@@ -1,6 +1,6 @@
-//! Intra-layer magnitude competition (spec c.1–c.3): the threshold t = quantile(|M|, s), the sparsified
+//! Intra-layer magnitude competition (method.md §4–§6): the threshold t = quantile(|M|, s), the sparsified
 //! update M_s = M ⊙ sg(|M|) ⊙ 1[|M| > t], its backward, and the merged weight W0 + M_sᵀ.
-//! CUDA twin: `cuda/compete.cu`.
+//! CUDA twin: `cuda/sparsify.cu`.
 //!
 //! The quantile is torch.quantile (linear interpolation) as the official code ran it (torch ≤ 2.11):
 //! v = sort(|M|) ascending; rank = f32(s)·f32(n−1) computed in **fp32**; lo = trunc(rank), hi = ceil(rank),
@@ -19,7 +19,7 @@ use crate::runtime::cuda::{grid_1d, KArg};
 use crate::runtime::{Backend, DType, Plan, Pool, Runtime, Tensor};
 
 /// Device workspace of the threshold select of one layer (the CPU uses none). Pool::Scratch, current scope.
-pub struct CompeteScratch {
+pub struct SparsifyScratch {
     /// Per-rank digit histograms of the current pass.                     (2, 256) u32
     pub hist: Tensor,
     /// Key prefixes and remaining ranks of lo and hi, NaN flag.           (8) u32
@@ -28,11 +28,11 @@ pub struct CompeteScratch {
     pub numel: usize,
 }
 
-impl CompeteScratch {
-    pub fn plan(plan: &mut Plan, prefix: &str, numel: usize) -> CompeteScratch {
-        CompeteScratch {
-            hist: plan.add(format!("{prefix}.compete.hist"), &[2, 256], DType::I32, Pool::Scratch),
-            state: plan.add(format!("{prefix}.compete.state"), &[8], DType::I32, Pool::Scratch),
+impl SparsifyScratch {
+    pub fn plan(plan: &mut Plan, prefix: &str, numel: usize) -> SparsifyScratch {
+        SparsifyScratch {
+            hist: plan.add(format!("{prefix}.sparsify.hist"), &[2, 256], DType::I32, Pool::Scratch),
+            state: plan.add(format!("{prefix}.sparsify.state"), &[8], DType::I32, Pool::Scratch),
             numel,
         }
     }
@@ -59,9 +59,9 @@ pub fn lerp(lo: f32, hi: f32, w: f32) -> f32 {
     }
 }
 
-/// `t[0] = quantile_linear(|M|, s)` with the fp32 rank (spec c.1 / reference quantile_linear), `M_s = M * |M| * 1[|M| > t]` (strict).
+/// `t[0] = quantile_linear(|M|, s)` with the fp32 rank (method.md §4; the reference's quantile_linear), `M_s = M * |M| * 1[|M| > t]` (strict).
 /// t: (1) stays on the device (no host round trip on CUDA). ms, m: (numel); ms may be m (in place).
-pub fn sparsify_forward(rt: &Runtime, ms: Tensor, t: Tensor, m: Tensor, s: f32, sc: &CompeteScratch) -> Result<()> {
+pub fn sparsify_forward(rt: &Runtime, ms: Tensor, t: Tensor, m: Tensor, s: f32, sc: &SparsifyScratch) -> Result<()> {
     let n = m.numel;
     assert_eq!(ms.numel, n, "sparsify: M_s and M differ in size");
     assert_eq!(t.numel, 1, "sparsify: t is a 1-element tensor");
@@ -289,7 +289,7 @@ mod tests {
         m: Tensor,
         ms: Tensor,
         t: Tensor,
-        sc: CompeteScratch,
+        sc: SparsifyScratch,
     }
 
     fn setup(device: Device, n: usize) -> Setup {
@@ -297,7 +297,7 @@ mod tests {
         let m = plan.f32("m", &[n], Pool::Scratch);
         let ms = plan.f32("ms", &[n], Pool::Scratch);
         let t = plan.f32("t", &[1], Pool::Scratch);
-        let sc = CompeteScratch::plan(&mut plan, "c", n);
+        let sc = SparsifyScratch::plan(&mut plan, "c", n);
         let rt = Runtime::new(Backend::new(device).unwrap(), plan).unwrap();
         Setup { rt, m, ms, t, sc }
     }

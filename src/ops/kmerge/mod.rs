@@ -1,7 +1,7 @@
 //! The kernelized merge of SNELL / SNELLA: the dense update M (in × out) of one branch, built from its
 //! low-rank factors, and the backward of that merge. CUDA twin: `cuda/kmerge.cu`.
 //!
-//! Factors (spec b.2): A = In_Qs (2, n_in, d) and B = Out_Qs (2, n_out, d), d = r/2, H = 2 "pieces".
+//! Factors (method.md §2): A = In_Qs (2, n_in, d) and B = Out_Qs (2, n_out, d), d = r/2, H = 2 "pieces".
 //! Write A_h,i for row i of piece h, and a_i = [A_0,i, A_1,i] (r values) for the two pieces side by
 //! side; likewise B_h,j and b_j. Per piece, p_h = A_h,i·B_h,j, and p = p_0 + p_1 = a_i·b_j.
 //!
@@ -19,10 +19,10 @@
 //! * `Poly`: K = (a_i·b_j + 1)² − 1 = p·(p + 2) (degree-2 polynomial kernel minus its constant;
 //!   evaluated as p·(p + 2) to avoid the cancellation of (p+1)² − 1 for the tiny p of a kaiming init).
 //!
-//! Mixture (SNELLA / MixK, spec b.3), on top of any kernel: M = K + α·softmax_row(K/γ) + β, the softmax
+//! Mixture (SNELLA / MixK, method.md §3), on top of any kernel: M = K + α·softmax_row(K/γ) + β, the softmax
 //! over the out index j of each input row i; α, γ, β are 1-element device tensors (never read on the host).
 //!
-//! Backward (spec c.2). With G = dL/dM: dβ = ΣG, dα = ΣG·S, u = S·(αG − rowsum(αG·S)),
+//! Backward (method.md §7). With G = dL/dM: dβ = ΣG, dα = ΣG·S, u = S·(αG − rowsum(αG·S)),
 //! dK = G + u/γ, dγ = −Σu·K/γ². Then a ratio R per kind turns dK into factor gradients:
 //! * distance kernels (`PiecewiseLinear` per piece with R_h = c_h·dK / D_h (0 where D_h = 0, as torch's
 //!   `_euclidean_dist_backward`); `Rbf` with R = dK·(−2/r)·exp(−‖a−b‖²/r), shared by both pieces):
@@ -31,7 +31,7 @@
 //!
 //! The row/column sums ride along the GEMMs: R·[B_h | 1] (n_in, d+1) gives R·B_h and rowsum(R) at once,
 //! Rᵀ·[A_h | 1] gives Rᵀ·A_h and colsum(R). Nothing of the forward is kept: the backward recomputes K
-//! (mixture only) and the distances from the factors, which is the memory design of the method (spec b.5).
+//! (mixture only) and the distances from the factors, which is the memory design of the method (method.md §6).
 use cudarc::driver::LaunchConfig;
 
 use crate::error::Result;
@@ -83,36 +83,43 @@ impl KernelKind {
 /// mix = Some([alpha, gamma, beta]) (each a 1-element tensor) for the SNELLA/MixK mixture.
 #[derive(Clone, Copy, Debug)]
 pub struct Factors {
-    pub a: Tensor,
-    pub b: Tensor,
+    pub in_qs: Tensor,
+    pub out_qs: Tensor,
     pub mix: Option<[Tensor; 3]>,
     pub n_in: usize,
     pub n_out: usize,
-    pub d: usize,
+    /// r/2: the length of each factor row (the d of the formulas above).
+    pub half_rank: usize,
 }
 
 impl Factors {
     fn check(&self) {
-        assert_eq!(self.a.numel, PIECES * self.n_in * self.d, "kmerge: In_Qs must be (2, {}, {})", self.n_in, self.d);
         assert_eq!(
-            self.b.numel,
-            PIECES * self.n_out * self.d,
+            self.in_qs.numel,
+            PIECES * self.n_in * self.half_rank,
+            "kmerge: In_Qs must be (2, {}, {})",
+            self.n_in,
+            self.half_rank
+        );
+        assert_eq!(
+            self.out_qs.numel,
+            PIECES * self.n_out * self.half_rank,
             "kmerge: Out_Qs must be (2, {}, {})",
             self.n_out,
-            self.d
+            self.half_rank
         );
-        assert!(self.d >= 1 && self.d <= MAX_D, "kmerge: d = {} outside 1..={MAX_D}", self.d);
+        assert!(self.half_rank >= 1 && self.half_rank <= MAX_D, "kmerge: d = {} outside 1..={MAX_D}", self.half_rank);
         if let Some(mix) = &self.mix {
             assert!(mix.iter().all(|t| t.numel == 1), "kmerge: alpha, gamma, beta are 1-element tensors");
         }
     }
     /// Piece h of A: (n_in, d).
     fn a_piece(&self, h: usize) -> Tensor {
-        self.a.slice(h * self.n_in * self.d, self.n_in * self.d)
+        self.in_qs.slice(h * self.n_in * self.half_rank, self.n_in * self.half_rank)
     }
     /// Piece h of B: (n_out, d).
     fn b_piece(&self, h: usize) -> Tensor {
-        self.b.slice(h * self.n_out * self.d, self.n_out * self.d)
+        self.out_qs.slice(h * self.n_out * self.half_rank, self.n_out * self.half_rank)
     }
 }
 
@@ -154,14 +161,14 @@ impl MergeScratch {
 
     fn check(&self, f: &Factors) {
         assert!(
-            self.n_in == f.n_in && self.n_out == f.n_out && self.d == f.d,
+            self.n_in == f.n_in && self.n_out == f.n_out && self.d == f.half_rank,
             "kmerge: scratch planned for ({}, {}, {}), factors are ({}, {}, {})",
             self.n_in,
             self.n_out,
             self.d,
             f.n_in,
             f.n_out,
-            f.d
+            f.half_rank
         );
     }
 }
@@ -179,14 +186,14 @@ pub fn merge_forward(rt: &Runtime, m: Tensor, f: &Factors, kind: KernelKind, s: 
 }
 
 /// Given g = dL/dM (n_in, n_out) (overwritten: it ends as a ratio R), ACCUMULATES (+=) into
-/// da (2, n_in, d), db (2, n_out, d) and, with the mixture, dmix = [dalpha, dgamma, dbeta] (1 each).
+/// d_in_qs (2, n_in, d), d_out_qs (2, n_out, d) and, with the mixture, dmix = [dalpha, dgamma, dbeta] (1 each).
 /// Everything needed is recomputed from the factors. `dmix` may be None with `f.mix` set (frozen
 /// mixture scalars); the reverse is an error.
 #[allow(clippy::too_many_arguments)]
 pub fn merge_backward(
     rt: &Runtime,
-    da: Tensor,
-    db: Tensor,
+    d_in_qs: Tensor,
+    d_out_qs: Tensor,
     dmix: Option<[Tensor; 3]>,
     g: Tensor,
     f: &Factors,
@@ -195,10 +202,10 @@ pub fn merge_backward(
 ) -> Result<()> {
     f.check();
     s.check(f);
-    let (n_in, n_out, d) = (f.n_in, f.n_out, f.d);
+    let (n_in, n_out, d) = (f.n_in, f.n_out, f.half_rank);
     assert_eq!(g.numel, n_in * n_out, "kmerge: dM must be ({n_in}, {n_out})");
-    assert_eq!(da.numel, f.a.numel, "kmerge: dIn_Qs must be shaped like In_Qs");
-    assert_eq!(db.numel, f.b.numel, "kmerge: dOut_Qs must be shaped like Out_Qs");
+    assert_eq!(d_in_qs.numel, f.in_qs.numel, "kmerge: dIn_Qs must be shaped like In_Qs");
+    assert_eq!(d_out_qs.numel, f.out_qs.numel, "kmerge: dOut_Qs must be shaped like Out_Qs");
     assert!(dmix.is_none() || f.mix.is_some(), "kmerge: dmix given for factors without a mixture");
 
     // 1. Mixture: g := dL/dK (K recomputed into s.k), per-row partial sums, then dα, dγ, dβ.
@@ -217,18 +224,18 @@ pub fn merge_backward(
     // 3. Factor gradients per piece.
     for h in 0..PIECES {
         let (a_h, b_h) = (f.a_piece(h), f.b_piece(h));
-        let (da_h, db_h) = (da.slice(h * n_in * d, n_in * d), db.slice(h * n_out * d, n_out * d));
+        let (d_in_qs_h, d_out_qs_h) = (d_in_qs.slice(h * n_in * d, n_in * d), d_out_qs.slice(h * n_out * d, n_out * d));
         if kind.is_distance() {
             let r = if kind == KernelKind::PiecewiseLinear && h == 0 { s.k } else { g };
             augment(rt, s.aug_a, a_h, n_in, d)?;
             augment(rt, s.aug_b, b_h, n_out, d)?;
             matmul(rt, s.tmp_a, r, s.aug_b, Matmul::new(n_in, d + 1, n_out, false, false))?;
             matmul(rt, s.tmp_b, r, s.aug_a, Matmul::new(n_out, d + 1, n_in, true, false))?;
-            dist_grad(rt, da_h, a_h, s.tmp_a, n_in, d)?;
-            dist_grad(rt, db_h, b_h, s.tmp_b, n_out, d)?;
+            dist_grad(rt, d_in_qs_h, a_h, s.tmp_a, n_in, d)?;
+            dist_grad(rt, d_out_qs_h, b_h, s.tmp_b, n_out, d)?;
         } else {
-            matmul(rt, da_h, g, b_h, Matmul::new(n_in, d, n_out, false, false).accumulate())?;
-            matmul(rt, db_h, g, a_h, Matmul::new(n_out, d, n_in, true, false).accumulate())?;
+            matmul(rt, d_in_qs_h, g, b_h, Matmul::new(n_in, d, n_out, false, false).accumulate())?;
+            matmul(rt, d_out_qs_h, g, a_h, Matmul::new(n_out, d, n_in, true, false).accumulate())?;
         }
     }
     Ok(())
@@ -256,16 +263,16 @@ fn tile_cfg(n_in: usize, n_out: usize, d: usize) -> LaunchConfig {
 
 /// out (n_in, n_out) = K(A, B).
 fn kernel_forward(rt: &Runtime, out: Tensor, f: &Factors, kind: KernelKind) -> Result<()> {
-    let (n_in, n_out, d) = (f.n_in, f.n_out, f.d);
+    let (n_in, n_out, d) = (f.n_in, f.n_out, f.half_rank);
     match &rt.backend {
-        Backend::Cpu => cpu::forward(rt.f32_mut(out), rt.f32(f.a), rt.f32(f.b), n_in, n_out, d, kind),
+        Backend::Cpu => cpu::forward(rt.f32_mut(out), rt.f32(f.in_qs), rt.f32(f.out_qs), n_in, n_out, d, kind),
         Backend::Cuda(cu) => cu.launch(
             "snella_kmerge_forward",
             tile_cfg(n_in, n_out, d),
             &[
                 KArg::Ptr(rt.ptr(out)),
-                KArg::Ptr(rt.ptr(f.a)),
-                KArg::Ptr(rt.ptr(f.b)),
+                KArg::Ptr(rt.ptr(f.in_qs)),
+                KArg::Ptr(rt.ptr(f.out_qs)),
                 KArg::I32(n_in as i32),
                 KArg::I32(n_out as i32),
                 KArg::I32(d as i32),
@@ -360,17 +367,19 @@ fn mix_reduce(rt: &Runtime, dmix: [Tensor; 3], gamma: Tensor, part: Tensor, n_in
 /// dK -> R, see the module documentation. g (n_in, n_out) := R (R_1 for the piecewise-linear kernel,
 /// whose R_0 goes to r0 (n_in, n_out)).
 fn ratio(rt: &Runtime, g: Tensor, r0: Tensor, f: &Factors, kind: KernelKind) -> Result<()> {
-    let (n_in, n_out, d) = (f.n_in, f.n_out, f.d);
+    let (n_in, n_out, d) = (f.n_in, f.n_out, f.half_rank);
     match &rt.backend {
-        Backend::Cpu => cpu::ratio(rt.f32_mut(g), rt.f32_mut(r0), rt.f32(f.a), rt.f32(f.b), n_in, n_out, d, kind),
+        Backend::Cpu => {
+            cpu::ratio(rt.f32_mut(g), rt.f32_mut(r0), rt.f32(f.in_qs), rt.f32(f.out_qs), n_in, n_out, d, kind)
+        }
         Backend::Cuda(cu) => cu.launch(
             "snella_kmerge_ratio",
             tile_cfg(n_in, n_out, d),
             &[
                 KArg::Ptr(rt.ptr(g)),
                 KArg::Ptr(rt.ptr(r0)),
-                KArg::Ptr(rt.ptr(f.a)),
-                KArg::Ptr(rt.ptr(f.b)),
+                KArg::Ptr(rt.ptr(f.in_qs)),
+                KArg::Ptr(rt.ptr(f.out_qs)),
                 KArg::I32(n_in as i32),
                 KArg::I32(n_out as i32),
                 KArg::I32(d as i32),
@@ -665,248 +674,4 @@ pub(crate) mod reference {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::reference::mix_grads_f64;
-    use super::*;
-    use crate::ops::testing::*;
-    use crate::runtime::{Backend, Device};
-
-    const KINDS: [KernelKind; 5] =
-        [KernelKind::PiecewiseLinear, KernelKind::Linear, KernelKind::Rbf, KernelKind::Sigmoid, KernelKind::Poly];
-
-    /// The merge in f64 from the definitions (direct distances, no expanded form).
-    fn merge_f64(
-        kind: KernelKind,
-        a: &[f64],
-        b: &[f64],
-        mix: Option<[f64; 3]>,
-        n_in: usize,
-        n_out: usize,
-        d: usize,
-    ) -> Vec<f64> {
-        let r = (2 * d) as f64;
-        let mut m = vec![0f64; n_in * n_out];
-        for i in 0..n_in {
-            for j in 0..n_out {
-                let (mut sq, mut p) = ([0f64; 2], 0f64);
-                for h in 0..2 {
-                    for k in 0..d {
-                        let (x, y) = (a[(h * n_in + i) * d + k], b[(h * n_out + j) * d + k]);
-                        sq[h] += (x - y) * (x - y);
-                        p += x * y;
-                    }
-                }
-                m[i * n_out + j] = match kind {
-                    KernelKind::PiecewiseLinear => 0.1 * sq[0].sqrt() - 0.1 * sq[1].sqrt(),
-                    KernelKind::Linear => p,
-                    KernelKind::Rbf => (-(sq[0] + sq[1]) / r).exp() - 1.0,
-                    KernelKind::Sigmoid => p.tanh(),
-                    KernelKind::Poly => (p + 1.0) * (p + 1.0) - 1.0,
-                };
-            }
-        }
-        if let Some([al, gm, be]) = mix {
-            for row in m.chunks_mut(n_out) {
-                let mx = row.iter().fold(f64::MIN, |x, &k| x.max(k / gm));
-                let z: f64 = row.iter().map(|&k| (k / gm - mx).exp()).sum();
-                for k in row.iter_mut() {
-                    *k += al * (*k / gm - mx).exp() / z + be;
-                }
-            }
-        }
-        m
-    }
-
-    struct Setup {
-        rt: Runtime,
-        f: Factors,
-        m: Tensor,
-        g: Tensor,
-        da: Tensor,
-        db: Tensor,
-        dmix: [Tensor; 3],
-        s: MergeScratch,
-    }
-
-    fn setup(device: Device, n_in: usize, n_out: usize, d: usize, mix: bool) -> Setup {
-        let mut plan = Plan::new();
-        if device == Device::Cuda {
-            plan.add_cublas_workspace();
-        }
-        let a = plan.f32("a", &[2, n_in, d], Pool::Trainable);
-        let b = plan.f32("b", &[2, n_out, d], Pool::Trainable);
-        let mixt = [0, 1, 2].map(|c| plan.f32(format!("mix{c}"), &[1], Pool::Trainable));
-        let da = plan.f32("da", &[2, n_in, d], Pool::Grads);
-        let db = plan.f32("db", &[2, n_out, d], Pool::Grads);
-        let dmix = [0, 1, 2].map(|c| plan.f32(format!("dmix{c}"), &[1], Pool::Grads));
-        let m = plan.f32("m", &[n_in, n_out], Pool::Scratch);
-        let g = plan.f32("g", &[n_in, n_out], Pool::Scratch);
-        let s = MergeScratch::plan(&mut plan, "t", n_in, n_out, d);
-        let rt = Runtime::new(Backend::new(device).unwrap(), plan).unwrap();
-        let f = Factors { a, b, mix: mix.then_some(mixt), n_in, n_out, d };
-        Setup { rt, f, m, g, da, db, dmix, s }
-    }
-
-    fn to64(v: &[f32]) -> Vec<f64> {
-        v.iter().map(|&x| x as f64).collect()
-    }
-
-    const MIX: [f32; 3] = [1.3, 0.7, -0.2];
-
-    #[test]
-    fn forward_matches_f64_for_every_kind() {
-        let (n_in, n_out, d) = (13, 11, 3);
-        for kind in KINDS {
-            for mix in [false, true] {
-                for scale in [0.6f32, 0.02] {
-                    let st = setup(Device::Cpu, n_in, n_out, d, mix);
-                    let a = randn(2 * n_in * d, 1, scale);
-                    let b = randn(2 * n_out * d, 2, scale);
-                    st.rt.upload(st.f.a, &a).unwrap();
-                    st.rt.upload(st.f.b, &b).unwrap();
-                    if let Some(mt) = st.f.mix {
-                        for c in 0..3 {
-                            st.rt.upload(mt[c], &[MIX[c]]).unwrap();
-                        }
-                    }
-                    merge_forward(&st.rt, st.m, &st.f, kind, &st.s).unwrap();
-                    let want =
-                        merge_f64(kind, &to64(&a), &to64(&b), mix.then_some(MIX.map(|x| x as f64)), n_in, n_out, d);
-                    // The expanded distance cancels: its error is ~eps·‖a‖², relative to K ~ ‖a‖.
-                    let tol = if kind.is_distance() { 2e-6 } else { 1e-6 };
-                    assert_close(
-                        &format!("{kind:?} mix={mix} scale={scale} M"),
-                        &st.rt.download(st.m).unwrap(),
-                        &want,
-                        tol,
-                    );
-                }
-            }
-        }
-    }
-
-    /// Analytic gradients (f32) against central differences of the f64 merge, for L = Σ G ⊙ M.
-    fn check_backward(kind: KernelKind, mix: bool, scale: f32) {
-        let (n_in, n_out, d) = (7, 9, 3);
-        let st = setup(Device::Cpu, n_in, n_out, d, mix);
-        let a = randn(2 * n_in * d, 11, scale);
-        let b = randn(2 * n_out * d, 12, scale);
-        let gv = randn(n_in * n_out, 13, 1.0);
-        let da0 = randn(2 * n_in * d, 14, 1.0);
-        let db0 = randn(2 * n_out * d, 15, 1.0);
-        st.rt.upload(st.f.a, &a).unwrap();
-        st.rt.upload(st.f.b, &b).unwrap();
-        st.rt.upload(st.g, &gv).unwrap();
-        // Start from non-zero gradients: the backward accumulates.
-        st.rt.upload(st.da, &da0).unwrap();
-        st.rt.upload(st.db, &db0).unwrap();
-        for c in 0..3 {
-            st.rt.upload(st.dmix[c], &[0.5]).unwrap();
-            if let Some(mt) = st.f.mix {
-                st.rt.upload(mt[c], &[MIX[c]]).unwrap();
-            }
-        }
-        merge_backward(&st.rt, st.da, st.db, mix.then_some(st.dmix), st.g, &st.f, kind, &st.s).unwrap();
-
-        let (a64, b64, g64) = (to64(&a), to64(&b), to64(&gv));
-        let mix64 = MIX.map(|x| x as f64);
-        let loss = |a: &[f64], b: &[f64], mx: [f64; 3]| -> f64 {
-            merge_f64(kind, a, b, mix.then_some(mx), n_in, n_out, d).iter().zip(&g64).map(|(m, g)| m * g).sum()
-        };
-        let h = 1e-6 * scale as f64;
-        let fd = |x: &[f64], which: usize| -> Vec<f64> {
-            (0..x.len())
-                .map(|e| {
-                    let (mut p, mut q) = (x.to_vec(), x.to_vec());
-                    p[e] += h;
-                    q[e] -= h;
-                    let (lp, lq) = match which {
-                        0 => (loss(&p, &b64, mix64), loss(&q, &b64, mix64)),
-                        _ => (loss(&a64, &p, mix64), loss(&a64, &q, mix64)),
-                    };
-                    (lp - lq) / (2.0 * h)
-                })
-                .collect()
-        };
-        let sub = |got: Vec<f32>, base: &[f32]| -> Vec<f32> { got.iter().zip(base).map(|(g, b)| g - b).collect() };
-        let name = format!("{kind:?} mix={mix} scale={scale}");
-        let tol = 5e-6;
-        assert_close(&format!("{name} dIn_Qs"), &sub(st.rt.download(st.da).unwrap(), &da0), &fd(&a64, 0), tol);
-        assert_close(&format!("{name} dOut_Qs"), &sub(st.rt.download(st.db).unwrap(), &db0), &fd(&b64, 1), tol);
-        if mix {
-            let (closed, scale) = mix_grads_f64(&merge_f64(kind, &a64, &b64, None, n_in, n_out, d), &g64, mix64, n_out);
-            for c in 0..3 {
-                let got = (st.rt.download(st.dmix[c]).unwrap()[0] - 0.5) as f64;
-                assert!((got - closed[c]).abs() <= 1e-6 * scale[c].max(1.0), "{name} dmix[{c}] closed form");
-            }
-            for c in 0..3 {
-                let hh = 1e-6;
-                let (mut p, mut q) = (mix64, mix64);
-                p[c] += hh;
-                q[c] -= hh;
-                let want = (loss(&a64, &b64, p) - loss(&a64, &b64, q)) / (2.0 * hh);
-                let got = (st.rt.download(st.dmix[c]).unwrap()[0] - 0.5) as f64;
-                // Σ over cancelling terms of size ~1 (and the += into 0.5): absolute floor 1e-6.
-                assert!((got - want).abs() <= 1e-6 + 2e-5 * want.abs(), "{name} dmix[{c}]: got {got}, want {want}");
-            }
-        }
-    }
-
-    #[test]
-    fn backward_matches_finite_differences_for_every_kind() {
-        for kind in KINDS {
-            for mix in [false, true] {
-                check_backward(kind, mix, 0.5);
-            }
-        }
-        // Kaiming-like scale for the official kernel.
-        check_backward(KernelKind::PiecewiseLinear, true, 0.05);
-        check_backward(KernelKind::PiecewiseLinear, false, 0.05);
-    }
-
-    /// Rows that coincide up to the last bits: cdist's expanded distance is then rounding noise (0 or a tiny
-    /// positive value, depending on the last bit of a sum), so the ratio must be 0 rather than 0.1·g/noise.
-    #[test]
-    fn nearly_coincident_rows_have_zero_ratio() {
-        let (n, d) = (1, 8);
-        let base = randn(2 * d, 31, 0.7);
-        let expanded = |a: &[f32], b: &[f32]| {
-            let (an, bn) = (cpu::row_norms(a, n, d), cpu::row_norms(b, n, d));
-            let q = cpu::pair(a, b, &an, &bn, 0, 0, n, n, d);
-            (-2.0 * q.p[0] + q.a2[0]) + q.b2[0]
-        };
-        // b = a with one entry a few ulps away, chosen so that the expanded form leaves a positive residue.
-        let (a, b) = (1..200u32)
-            .map(|k| {
-                let mut b = base.clone();
-                b[k as usize % d] = f32::from_bits(b[k as usize % d].to_bits() + k % 7 + 1);
-                (base.clone(), b)
-            })
-            .find(|(a, b)| expanded(a, b) > 0.0)
-            .expect("some near-coincident pair leaves a positive expanded distance");
-        let d2 = expanded(&a, &b);
-        assert!(d2 < 1e-5, "the pair is not near-coincident: {d2}");
-        let (mut g, mut r0) = (vec![1.0f32], vec![f32::NAN]);
-        cpu::ratio(&mut g, &mut r0, &a, &b, n, n, d, KernelKind::PiecewiseLinear);
-        assert_eq!((r0[0], g[0]), (0.0, 0.0), "0.1·g/sqrt({d2}) would be {}", 0.1 / d2.sqrt());
-        // Rows apart keep their ratio.
-        let far: Vec<f32> = b.iter().map(|x| x + 0.5).collect();
-        let (mut g, mut r0) = (vec![1.0f32], vec![f32::NAN]);
-        cpu::ratio(&mut g, &mut r0, &a, &far, n, n, d, KernelKind::PiecewiseLinear);
-        assert!(r0[0] > 0.0 && r0[0].is_finite(), "{r0:?}");
-    }
-
-    /// The distance backward is 0 where D == 0 (torch `_euclidean_dist_backward`), not NaN.
-    #[test]
-    fn zero_distance_has_zero_ratio() {
-        let (n_in, n_out, d) = (2, 2, 2);
-        let st = setup(Device::Cpu, n_in, n_out, d, false);
-        let a = vec![1.0, 2.0, 0.5, 0.5, 3.0, 1.0, 0.0, 0.0];
-        st.rt.upload(st.f.a, &a).unwrap();
-        st.rt.upload(st.f.b, &a).unwrap(); // b == a: D_h[i,i] = 0
-        st.rt.upload(st.g, &[1.0; 4]).unwrap();
-        merge_backward(&st.rt, st.da, st.db, None, st.g, &st.f, KernelKind::PiecewiseLinear, &st.s).unwrap();
-        assert!(st.rt.download(st.da).unwrap().iter().all(|x| x.is_finite()));
-        assert!(st.rt.download(st.db).unwrap().iter().all(|x| x.is_finite()));
-    }
-}
+mod tests;

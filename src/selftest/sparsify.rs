@@ -1,11 +1,11 @@
-//! Checks of `ops::compete`, the magnitude competition of SNELLA: the threshold select, M_s, the kept count
+//! Checks of `ops::sparsify`, the magnitude competition of SNELLA: the threshold select, M_s, the kept count
 //! and the backward at several sparsities on a large M with ties and zeros; the select's edge cases (n = 1,
 //! n = 2, ties, all zeros, a NaN, a large M), each bit for bit at every sparsity of [`EDGE_SPARSITIES`];
 //! and the merged weight W0 + M_sᵀ.
 use super::Case;
 use crate::error::Result;
-use crate::ops::compete as op;
-use crate::ops::compete::{kept_count, sparsify_backward, sparsify_forward, CompeteScratch};
+use crate::ops::sparsify as op;
+use crate::ops::sparsify::{kept_count, sparsify_backward, sparsify_forward, SparsifyScratch};
 use crate::runtime::{Plan, Pool};
 
 /// About 300k entries (a ViT-B fc1 branch is 768x3072 = 2.4M; this keeps the CPU side quick).
@@ -24,7 +24,7 @@ pub(super) fn sparsify(cx: &mut Case, s: f32) -> Result<()> {
     let dms = p.f32("dM_s", &[n], Pool::Scratch);
     let dm = p.f32("dM", &[n], Pool::Scratch);
     let dms2 = p.f32("dM (in place)", &[n], Pool::Scratch);
-    let sc = CompeteScratch::plan(&mut p, "selftest", n);
+    let sc = SparsifyScratch::plan(&mut p, "selftest", n);
     let tw = cx.twin(p)?;
     let mut mv = cx.randn(n, 0.02);
     for _ in 0..n / 100 {
@@ -137,7 +137,7 @@ pub(super) fn edge_case(cx: &mut Case, edge: Edge) -> Result<()> {
     let m = p.f32("M", &[n], Pool::Scratch);
     let ms = p.f32("M_s", &[n], Pool::Scratch);
     let t = p.f32("t", &[1], Pool::Scratch);
-    let sc = CompeteScratch::plan(&mut p, "selftest", n);
+    let sc = SparsifyScratch::plan(&mut p, "selftest", n);
     let tw = cx.twin(p)?;
     tw.upload(m, &mv)?;
     let any_nan = mv.iter().any(|x| x.is_nan());

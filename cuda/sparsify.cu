@@ -1,4 +1,4 @@
-// Intra-layer magnitude competition (math: src/ops/compete.rs): the threshold t = quantile_linear(|M|, s)
+// Intra-layer magnitude competition (math: src/ops/sparsify.rs): the threshold t = quantile_linear(|M|, s)
 // found on the device by a radix select, the sparsified M_s = M*|M|*1[|M| > t], its backward and the
 // merged weight W0 + M_s^T.
 //
