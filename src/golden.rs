@@ -1,5 +1,7 @@
 //! Reader of the golden parity cases (`<case>.safetensors` + `<case>.json`, written by the PyTorch
-//! reference). The parity tests and `snella selftest` use it; users can point `SNELLA_GOLDEN` at new cases.
+//! reference, and `<case>.masks.safetensors`, the masks along its trajectories), and the comparisons the
+//! parity tests make. The parity tests and `snella selftest` use it; users can point `SNELLA_GOLDEN` at new
+//! cases.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -10,6 +12,9 @@ use crate::io::safetensors::{f32_values, i64_values, File};
 use crate::model::{MemoryOptions, Model, ViTConfig};
 use crate::peft::Method;
 use crate::runtime::Backend;
+
+mod masks;
+pub use masks::{compare_mask, MaskCheck, MaskRecord, MaskVerdict, Tie, TrajectoryMasks};
 
 /// One golden case: the reference's inputs, parameters and outputs for a small model and method.
 pub struct GoldenCase {
