@@ -297,6 +297,28 @@ pub fn compare_adamw(
     c
 }
 
+/// The end of a parity test: one `FAILED` line per tensor outside its tolerance and per mask that differs from
+/// the reference's beyond a tie ([`MaskCheck`]'s failures), then a panic that counts them.
+///
+/// # Panics
+/// When a comparison is not ok or a mask failed.
+pub fn assert_parity(compares: &[Compare], mask_failures: &[String]) {
+    let bad: Vec<_> = compares.iter().filter(|c| !c.ok()).collect();
+    for c in &bad {
+        println!("FAILED {}", c.line());
+    }
+    for f in mask_failures {
+        println!("FAILED {f}");
+    }
+    assert!(
+        bad.is_empty() && mask_failures.is_empty(),
+        "{} of {} tensors outside tolerance, {} masks differ from the reference's beyond a tie (see the FAILED lines)",
+        bad.len(),
+        compares.len(),
+        mask_failures.len()
+    );
+}
+
 /// max |got − want| over the entries not in `skip` (flat ranges); a length mismatch fails.
 pub fn compare(key: &str, got: &[f32], want: &[f32], atol: f64, skip: &[(usize, usize)]) -> Compare {
     if got.len() != want.len() {

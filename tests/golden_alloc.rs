@@ -3,7 +3,9 @@
 //! tie band is replayed, anything else fails: `golden::MaskCheck`), the losses along the run, the final EMA
 //! importance and parameters, and the manifest's allocator unit vectors (budget → allocation from the final
 //! EMA state).
-use snella::golden::{compare, compare_adamw, golden_dir, list_cases, test_backend, Compare, GoldenCase, MaskCheck};
+use snella::golden::{
+    assert_parity, compare, compare_adamw, golden_dir, list_cases, test_backend, Compare, GoldenCase, MaskCheck,
+};
 use snella::model::{Model, Recompute};
 use snella::peft::allocator::{Allocator, AllocatorConfig};
 use snella::peft::{KernelMethod, Method};
@@ -136,18 +138,5 @@ fn allocator_run_matches_the_reference() {
         }
     }
     assert!(ran > 0, "no golden case with an allocator run in {}", dir.display());
-    let bad: Vec<_> = all.iter().filter(|c| !c.ok()).collect();
-    for c in &bad {
-        println!("FAILED {}", c.line());
-    }
-    for f in &mask_failures {
-        println!("FAILED {f}");
-    }
-    assert!(
-        bad.is_empty() && mask_failures.is_empty(),
-        "{} of {} tensors outside tolerance, {} masks differ from the reference's beyond a tie",
-        bad.len(),
-        all.len(),
-        mask_failures.len()
-    );
+    assert_parity(&all, &mask_failures);
 }

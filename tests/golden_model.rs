@@ -3,7 +3,9 @@
 //! a tie inside the reference's tie band is replayed, anything else fails: `golden::MaskCheck`).
 //! Walks every case in `$SNELLA_GOLDEN` (default: tests/golden), so a new case needs no code change.
 //! Tolerances are the manifest's `suggested_atol` (10× the measured fp32 rounding spread).
-use snella::golden::{compare, compare_adamw, golden_dir, list_cases, test_backend, Compare, GoldenCase, MaskCheck};
+use snella::golden::{
+    assert_parity, compare, compare_adamw, golden_dir, list_cases, test_backend, Compare, GoldenCase, MaskCheck,
+};
 use snella::model::{Model, Recompute};
 
 /// A model of the case with its initial parameters, per-branch sparsity and input batch loaded.
@@ -94,20 +96,7 @@ fn forward_backward_and_adamw_match_the_reference() {
         println!("{:<16} {}", case.name, masks.summary());
         mask_failures.extend(masks.failures);
     }
-    let bad: Vec<_> = all.iter().filter(|c| !c.ok()).collect();
-    for c in &bad {
-        println!("FAILED {}", c.line());
-    }
-    for f in &mask_failures {
-        println!("FAILED {f}");
-    }
-    assert!(
-        bad.is_empty() && mask_failures.is_empty(),
-        "{} of {} tensors outside tolerance, {} masks differ from the reference's beyond a tie (see the NOT OK lines)",
-        bad.len(),
-        all.len(),
-        mask_failures.len()
-    );
+    assert_parity(&all, &mask_failures);
 }
 
 /// Recomputation changes memory, never numbers: every level gives bit-identical gradients. On the repository's
