@@ -189,13 +189,8 @@ pub fn compare_mask(rec: &MaskRecord, m: &[f32], t: f32) -> MaskVerdict {
     };
     let outside: Vec<usize> = differ.iter().copied().filter(|i| rec.tie_band.binary_search(i).is_err()).collect();
     if !outside.is_empty() {
-        let n = (outside.len(), differ.len());
-        return MaskVerdict::Mismatch(format!(
-            "{at}: {} of {} differing entries outside the tie band: {}",
-            n.0,
-            n.1,
-            entries(&outside)
-        ));
+        let counts = format!("{} of {} differing entries", outside.len(), differ.len());
+        return MaskVerdict::Mismatch(format!("{at}: {counts} outside the tie band: {}", entries(&outside)));
     }
     let engine_only = differ.iter().filter(|&&i| !rec.mask[i]).count();
     if 2 * engine_only != differ.len() {
