@@ -1,5 +1,7 @@
 //! Reader of the golden parity cases (`<case>.safetensors` + `<case>.json`, written by the PyTorch
-//! reference). The parity tests and `snella selftest` use it; users can point `SNELLA_GOLDEN` at new cases.
+//! reference, and `<case>.masks.safetensors`, the masks along its trajectories), and the comparisons the
+//! parity tests make. The parity tests and `snella selftest` use it; users can point `SNELLA_GOLDEN` at new
+//! cases.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -10,6 +12,9 @@ use crate::io::safetensors::{f32_values, i64_values, File};
 use crate::model::{MemoryOptions, Model, ViTConfig};
 use crate::peft::Method;
 use crate::runtime::Backend;
+
+mod masks;
+pub use masks::{compare_mask, MaskCheck, MaskRecord, MaskVerdict, Tie, TrajectoryMasks};
 
 /// One golden case: the reference's inputs, parameters and outputs for a small model and method.
 pub struct GoldenCase {
@@ -290,6 +295,28 @@ pub fn compare_adamw(
         c.max_abs = diffs.get(outliers.len()).map(|d| d.0).unwrap_or(0.0);
     }
     c
+}
+
+/// The end of a parity test: one `FAILED` line per tensor outside its tolerance and per mask that differs from
+/// the reference's beyond a tie ([`MaskCheck`]'s failures), then a panic that counts them.
+///
+/// # Panics
+/// When a comparison is not ok or a mask failed.
+pub fn assert_parity(compares: &[Compare], mask_failures: &[String]) {
+    let bad: Vec<_> = compares.iter().filter(|c| !c.ok()).collect();
+    for c in &bad {
+        println!("FAILED {}", c.line());
+    }
+    for f in mask_failures {
+        println!("FAILED {f}");
+    }
+    assert!(
+        bad.is_empty() && mask_failures.is_empty(),
+        "{} of {} tensors outside tolerance, {} masks differ from the reference's beyond a tie (see the FAILED lines)",
+        bad.len(),
+        compares.len(),
+        mask_failures.len()
+    );
 }
 
 /// max |got − want| over the entries not in `skip` (flat ranges); a length mismatch fails.

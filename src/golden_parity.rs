@@ -220,3 +220,118 @@ fn adamw_on_golden_gradients_matches_step1() {
         }
     }
 }
+
+/// The repository's own cases (the planted tests below need these exact cases, whatever `SNELLA_GOLDEN` says).
+fn repository_case(name: &str) -> GoldenCase {
+    GoldenCase::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden"), name).unwrap()
+}
+
+/// The mask replay takes exactly the threshold path: a model that replays the kept sets another model selected
+/// with |M| > t at other ratios gives that model's loss, logits and gradients bit for bit, at the recompute
+/// levels that rebuild nothing (None) and the most (Block: the qkv and fc1 Linears run again in the backward).
+#[test]
+fn mask_replay_is_the_threshold_path_bit_for_bit() {
+    let case = repository_case("snella_tiny");
+    let replayed = ["branch.blocks.0.attn.v", "branch.blocks.1.mlp.fc1", "branch.blocks.1.attn.proj"];
+    for rc in [crate::model::Recompute::None, crate::model::Recompute::Block] {
+        let run = |model: &mut crate::model::Model| {
+            let loss = model.forward().unwrap();
+            model.backward().unwrap();
+            let grads: Vec<Vec<f32>> = case.trainable().iter().map(|n| model.get_grad(n).unwrap()).collect();
+            (loss, model.logits().unwrap(), grads)
+        };
+        let kept_sets = |model: &crate::model::Model| -> Vec<(String, Vec<bool>)> {
+            let mats = model.sparse_branch_matrices().unwrap();
+            let kept = |(b, m, t): (String, Vec<f32>, f32)| (b, m.iter().map(|x| x.abs() > t).collect());
+            mats.into_iter().filter(|(b, _, _)| replayed.contains(&b.as_str())).map(kept).collect()
+        };
+        let mut want = case.build_model(crate::golden::test_backend(), rc).unwrap();
+        let expected = run(&mut want);
+        let masks = kept_sets(&want);
+        assert_eq!(masks.len(), replayed.len());
+
+        // The same case with other ratios on those branches: other kept sets, until the replay restores them.
+        let mut got = case.build_model(crate::golden::test_backend(), rc).unwrap();
+        let names = got.branch_names();
+        for b in replayed {
+            let i = names.iter().position(|n| n == b).unwrap();
+            got.sparsity_mut()[i] = if got.sparsity()[i] > 0.5 { 0.2 } else { 0.8 };
+        }
+        got.forward().unwrap();
+        for ((b, own), (_, theirs)) in kept_sets(&got).iter().zip(&masks) {
+            assert_ne!(own, theirs, "{b}: the other ratio keeps the same set; the test would prove nothing");
+        }
+        got.replay_masks(masks).unwrap();
+        let replay = run(&mut got);
+        assert!(replay.0 == expected.0, "{rc:?}: loss {} with the replay, {} by threshold", replay.0, expected.0);
+        assert!(replay.1 == expected.1, "{rc:?}: logits differ between the replay and the threshold path");
+        for ((n, g), w) in case.trainable().iter().zip(&replay.2).zip(&expected.2) {
+            assert!(g == w, "{rc:?}: grad.{n} differs between the replay and the threshold path");
+        }
+        got.replay_masks(Vec::new()).unwrap();
+        assert!(run(&mut got).0 != expected.0, "{rc:?}: the replay did not end");
+    }
+}
+
+/// Ties and bugs planted in a reference mask along snell_tiny's AdamW run, at the branch and step where the
+/// reference's tie band holds two entries (adamw2, branch.blocks.1.mlp.fc2: 4168 kept, 5375 dropped).
+/// A swap of the two is a tie: reported, replayed (so step 2 then leaves the unplanted reference), not a
+/// failure. A swap with an entry outside the band, or one entry flipped (the count changes), fails, naming
+/// the phase, branch, index, |M| and t.
+#[test]
+fn planted_ties_are_replayed_and_planted_bugs_are_named() {
+    use crate::golden::{compare_adamw, MaskCheck, TrajectoryMasks};
+    let case = repository_case("snell_tiny");
+    let (phase, branch) = ("adamw2", "branch.blocks.1.mlp.fc2");
+    let lr = case.manifest["adamw"]["lr"].as_f64().unwrap();
+    let wd = case.manifest["adamw"]["weight_decay"].as_f64().unwrap();
+    // Two AdamW steps with the reference's masks changed by `plant`; the check, and whether the branch's In_Qs
+    // after step 2 is within tolerance of the reference's.
+    let run = |what: &str, plant: &dyn Fn(&mut Vec<bool>)| {
+        println!("-- {what}, planted in the reference's mask at {phase} {branch}");
+        let mut masks = TrajectoryMasks::load(&case).unwrap().unwrap();
+        let rec = masks.get_mut(phase, branch).unwrap();
+        assert_eq!((rec.tie_band.clone(), rec.mask[4168], rec.mask[5375]), (vec![4168, 5375], true, false));
+        plant(&mut rec.mask);
+        let mut check = MaskCheck::with_masks(&case.name, Some(masks));
+        let mut model = case.build_model(crate::golden::test_backend(), crate::model::Recompute::None).unwrap();
+        for k in 1..=2 {
+            check.forward_backward(&mut model, &format!("adamw{k}")).unwrap();
+            model.adamw_step(lr, wd).unwrap();
+        }
+        let key = format!("adamw.step2.{branch}.In_Qs");
+        let got = model.get_param(&format!("{branch}.In_Qs")).unwrap();
+        let c = compare_adamw(&key, &got, case.get(&key).unwrap(), case.atol(&key).unwrap(), &[], lr, 2);
+        println!("{} {}\n{}", case.name, check.summary(), c.line());
+        (check, c.ok())
+    };
+
+    let (unplanted, ok) = run("nothing", &|_| {});
+    assert!(unplanted.failures.is_empty() && unplanted.ties.is_empty() && ok, "the unplanted run must pass");
+    assert_eq!(unplanted.compared, 2 * 12);
+
+    let (tie, ok) = run("a swap inside the band (a tie)", &|mask| mask.swap(4168, 5375));
+    assert!(tie.failures.is_empty(), "a swap inside the band is a tie: {:?}", tie.failures);
+    assert_eq!(tie.ties.len(), 1);
+    let line = tie.ties[0].line();
+    assert!(line.starts_with("tie at adamw2 branch.blocks.1.mlp.fc2: entries 4168, 5375 within "), "{line}");
+    assert!(line.ends_with("·t of t; reference mask replayed"), "{line}");
+    assert!(!ok, "the planted mask was replayed: the run leaves the unplanted reference's");
+
+    // The first entry the reference drops outside the band, swapped with the band's kept one.
+    let (outside, _) = run("a swap with an entry outside the band (must fail)", &|mask| {
+        let j = (0..mask.len()).find(|&j| !mask[j] && j != 5375).unwrap();
+        mask.swap(4168, j);
+    });
+    assert_eq!(outside.failures.len(), 1, "{:?}", outside.failures);
+    let msg = &outside.failures[0];
+    assert!(msg.starts_with("snell_tiny: mask at adamw2 branch.blocks.1.mlp.fc2: 1 of 2 differing entries outside"));
+    assert!(msg.contains("(|M| ") && msg.contains(", t ") && msg.contains("kept by the reference only"), "{msg}");
+    assert!(outside.ties.is_empty());
+
+    let (flipped, _) = run("one band entry flipped (must fail)", &|mask| mask[5375] = true);
+    assert_eq!(flipped.failures.len(), 1, "{:?}", flipped.failures);
+    let msg = &flipped.failures[0];
+    assert!(msg.contains("mask at adamw2 branch.blocks.1.mlp.fc2: inside the tie band but not a swap"), "{msg}");
+    assert!(msg.contains("the engine keeps 820, the reference 821") && msg.contains("entry 5375 (|M| "), "{msg}");
+}

@@ -1,7 +1,11 @@
 //! Parity of SNELLA's bi-level allocator with the reference: the cubic budget per epoch, the layer scores,
-//! the integer allocations and the ratios (exactly), the losses along the run, the final EMA importance and
-//! parameters, and the manifest's allocator unit vectors (budget → allocation from the final EMA state).
-use snella::golden::{compare, compare_adamw, golden_dir, list_cases, test_backend, Compare, GoldenCase};
+//! the integer allocations and the ratios (exactly), every mask along the run (a tie inside the reference's
+//! tie band is replayed, anything else fails: `golden::MaskCheck`), the losses along the run, the final EMA
+//! importance and parameters, and the manifest's allocator unit vectors (budget → allocation from the final
+//! EMA state).
+use snella::golden::{
+    assert_parity, compare, compare_adamw, golden_dir, list_cases, test_backend, Compare, GoldenCase, MaskCheck,
+};
 use snella::model::{Model, Recompute};
 use snella::peft::allocator::{Allocator, AllocatorConfig};
 use snella::peft::{KernelMethod, Method};
@@ -45,7 +49,7 @@ fn check(case: &GoldenCase, out: &mut Vec<Compare>, key: &str, got: &[f32]) {
 #[test]
 fn allocator_run_matches_the_reference() {
     let dir = golden_dir();
-    let mut all = Vec::new();
+    let (mut all, mut mask_failures) = (Vec::new(), Vec::new());
     let mut ran = 0;
     for name in list_cases(&dir).unwrap() {
         let case = GoldenCase::load(&dir, &name).unwrap();
@@ -71,6 +75,7 @@ fn allocator_run_matches_the_reference() {
         assert_eq!(alloc.init_nonzero, f("I_tot"), "{name}: I_tot");
         assert_eq!(alloc.target_nonzero, f("T_tot"), "{name}: T_tot");
         alloc.reset(&mut model);
+        let mut masks = MaskCheck::new(&case).unwrap();
         let mut losses = Vec::new();
         for (e, ep) in rec["epochs"].as_array().unwrap().iter().enumerate() {
             let (budget, re) = alloc.schedule(e);
@@ -88,14 +93,15 @@ fn allocator_run_matches_the_reference() {
             for (g, w) in got_sp.iter().zip(&want_sp) {
                 assert_eq!(*g as f32, *w as f32, "{name}: sparsity of epoch {e}: {got_sp:?} vs {want_sp:?}");
             }
-            for _ in 0..st["steps_per_epoch"].as_u64().unwrap() {
-                losses.push(model.forward().unwrap());
-                model.backward().unwrap();
+            for s in 0..st["steps_per_epoch"].as_u64().unwrap() {
+                losses.push(masks.forward_backward(&mut model, &format!("alloc_e{e}s{s}")).unwrap());
                 model.adamw_step(f("lr"), f("weight_decay")).unwrap();
                 alloc.update(&model).unwrap();
             }
         }
         check(&case, &mut all, "alloc.loss", &losses);
+        println!("{name:<16} {}", masks.summary());
+        mask_failures.extend(std::mem::take(&mut masks.failures));
         for prefix in model.branch_names() {
             for leaf in ["In_Qs", "Out_Qs"] {
                 for (ema, key) in [("ipt", "exp_avg_ipt"), ("unc", "exp_avg_unc")] {
@@ -132,9 +138,5 @@ fn allocator_run_matches_the_reference() {
         }
     }
     assert!(ran > 0, "no golden case with an allocator run in {}", dir.display());
-    let bad: Vec<_> = all.iter().filter(|c| !c.ok()).collect();
-    for c in &bad {
-        println!("FAILED {}", c.line());
-    }
-    assert!(bad.is_empty(), "{} of {} tensors outside tolerance", bad.len(), all.len());
+    assert_parity(&all, &mask_failures);
 }

@@ -1,5 +1,5 @@
 //! safetensors files, the one place that decodes and encodes them: a file read whole or its header only,
-//! tensor values decoded by dtype (F32, F16, BF16 → f32; U32; I64), tensors encoded with string metadata,
+//! tensor values decoded by dtype (F32, F16, BF16 → f32; U32; I64; U8), tensors encoded with string metadata,
 //! and timm-format F32 weights written atomically. Every error names the file.
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -140,6 +140,15 @@ pub(crate) fn u32_values(path: &Path, name: &str, v: &TensorView<'_>) -> Result<
 pub(crate) fn i64_values(path: &Path, name: &str, v: &TensorView<'_>) -> Result<Vec<i64>> {
     expect_dtype(path, name, v, Dtype::I64)?;
     Ok(v.data().chunks_exact(8).map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect())
+}
+
+/// The bytes of a U8 tensor (the golden cases' bit-packed trajectory masks).
+///
+/// # Errors
+/// `Format` naming the file and the tensor for another dtype.
+pub(crate) fn u8_values(path: &Path, name: &str, v: &TensorView<'_>) -> Result<Vec<u8>> {
+    expect_dtype(path, name, v, Dtype::U8)?;
+    Ok(v.data().to_vec())
 }
 
 /// One tensor to encode: dtype, shape and little-endian bytes (borrowed from the values on a

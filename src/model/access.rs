@@ -380,6 +380,47 @@ impl Model {
         self.merge_adapted(|_, _| Ok(()), f)
     }
 
+    /// M and its threshold t of every sparse kernel branch, module order: (prefix, M (in, out) row-major, t),
+    /// rebuilt by the forward's own merge from the current factors. Between a forward and the next AdamW step
+    /// the factors are that forward's, so `|M| > t` is the kept set it used, bit for bit (the golden
+    /// trajectory parity reads the engine's masks through this).
+    ///
+    /// # Errors
+    /// Device failures.
+    pub(crate) fn sparse_branch_matrices(&self) -> Result<Vec<(String, Vec<f32>, f32)>> {
+        let mut out = Vec::new();
+        self.for_each_branch_update(|u| {
+            if let Some((m, t)) = u.m_and_t {
+                out.push((u.prefix.to_string(), self.rt.download(m)?, self.rt.download(t)?[0]));
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Replays kept sets, test support for the golden trajectory parity (`golden::MaskCheck`): until the next
+    /// call, every pass uses `kept` in place of |M| > t for each branch named (the forward, the backward and
+    /// the backward's recomputation alike; t is still selected). An empty list ends the replay. It runs on the
+    /// host, through the runtime's download and upload, and plans no memory; a real run never sets it and
+    /// pays one `None` check per sparse branch and pass.
+    ///
+    /// # Errors
+    /// A name that is not a sparse kernel branch, or a kept set whose length is not the branch's in·out.
+    pub(crate) fn replay_masks(&mut self, masks: Vec<(String, Vec<bool>)>) -> Result<()> {
+        let mut replayed = vec![None; self.layout.branches.len()];
+        for (prefix, kept) in masks {
+            let br = self.layout.branches.iter().find(|b| b.prefix == prefix && b.is_sparse());
+            let br = br.ok_or_else(|| Error::invalid("mask replay", format!("no sparse branch '{prefix}'")))?;
+            if kept.len() != br.n_in * br.n_out {
+                let shape = format!("{}x{}", br.n_in, br.n_out);
+                return Err(Error::invalid("mask replay", format!("{} entries for {prefix} ({shape})", kept.len())));
+            }
+            replayed[br.id] = Some(kept);
+        }
+        self.replayed_masks = if replayed.iter().any(Option::is_some) { replayed } else { Vec::new() };
+        Ok(())
+    }
+
     /// Merges every Linear with branches, in block order (qkv, proj, fc1, fc2), handing each branch's update
     /// to `per_branch` as it is built and then the Linear's merged weight to `per_linear`.
     fn merge_adapted(

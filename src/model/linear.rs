@@ -75,6 +75,9 @@ pub(crate) struct Linears<'a> {
     pub(crate) drop: Option<BranchDrop>,
     /// Tokens per image: drop-path keeps or drops an image's rows together.
     pub(crate) tokens: usize,
+    /// Kept sets that replace |M| > t, by `Branch::id`: empty in every real run (test support, see
+    /// `Model::replay_masks`).
+    pub(crate) replayed: &'a [Option<Vec<bool>>],
 }
 
 impl Linears<'_> {
@@ -188,6 +191,9 @@ impl Linears<'_> {
         let Some(ms) = ms else { return Ok(m) };
         let scratch = sc.sparsify.as_ref().expect("sparsify scratch");
         sparsify_forward(self.rt, ms, self.threshold(br), m, self.sparsity[br.id], scratch)?;
+        if let Some(kept) = self.replayed(br) {
+            replay_kept(self.rt, ms, m, m, kept)?;
+        }
         Ok(ms)
     }
 
@@ -195,13 +201,21 @@ impl Linears<'_> {
     fn branch_matrix_again(&self, br: &Branch, sc: &BranchScratch) -> Result<Tensor> {
         let (m, ms) = self.kernel_m(br, sc)?;
         let Some(ms) = ms else { return Ok(m) };
-        sparsify_apply(self.rt, ms, m, self.threshold(br))?;
+        match self.replayed(br) {
+            Some(kept) => replay_kept(self.rt, ms, m, m, kept)?,
+            None => sparsify_apply(self.rt, ms, m, self.threshold(br))?,
+        }
         Ok(ms)
     }
 
     /// The threshold t of a sparse branch, from its last forward.             (1)
     fn threshold(&self, br: &Branch) -> Tensor {
         self.layout.thresholds.slice(br.id, 1)
+    }
+
+    /// The kept set replayed for a sparse branch in place of |M| > t, if any (never in a real run).
+    fn replayed(&self, br: &Branch) -> Option<&[bool]> {
+        self.replayed.get(br.id)?.as_deref()
     }
 
     /// The factor gradients of a branch whose matrix the merge just built, accumulated (method.md §7).
@@ -234,7 +248,11 @@ impl Linears<'_> {
         let dms = sc.dms.slice(0, n_in * n_out);
         matmul(rt, dms, x, dy, Matmul::new(n_in, n_out, rows, true, false).ld(0, lin.n_out, 0))?;
         if sparse {
-            sparsify_backward(rt, dms, dms, sc.m.slice(0, n_in * n_out), self.threshold(br))?;
+            let m = sc.m.slice(0, n_in * n_out);
+            match self.replayed(br) {
+                Some(kept) => replay_kept(rt, dms, dms, m, kept)?,
+                None => sparsify_backward(rt, dms, dms, m, self.threshold(br))?,
+            }
         }
         let dmix = mix.map(|m| m.map(|p| p.grad.expect("branch factors train")));
         merge_backward(
@@ -344,6 +362,17 @@ fn kernel_factors(br: &Branch) -> Factors {
     };
     let mix = mix.map(|m| m.map(|p| p.value));
     Factors { in_qs: in_qs.value, out_qs: out_qs.value, mix, n_in: br.n_in, n_out: br.n_out, half_rank }
+}
+
+/// out = x·|M| on the entries of `kept` and 0 elsewhere: the forward (x = M, out = M_s) and the backward
+/// (x = out = ∂L/∂M_s → ∂L/∂M) of sparsify with a given kept set in place of |M| > t (§5, §7). The same fp32
+/// product as `ops::compete`, so a kept set equal to |M| > t gives the same bits. Test support only
+/// (`Model::replay_masks`), so it runs on the host, through the runtime's download and upload: no kernel and
+/// no planned memory.                                                x, out, m: (in, out)   kept: (in·out)
+fn replay_kept(rt: &Runtime, out: Tensor, x: Tensor, m: Tensor, kept: &[bool]) -> Result<()> {
+    let (x, m) = (rt.download(x)?, rt.download(m)?);
+    let v: Vec<f32> = x.iter().zip(&m).zip(kept).map(|((&x, &m), &k)| x * if k { m.abs() } else { 0.0 }).collect();
+    rt.upload(out, &v)
 }
 
 /// dst (fp32) = w0, a frozen weight stored as fp32 or bf16.                        dst, w0: (n)

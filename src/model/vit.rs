@@ -54,6 +54,9 @@ pub struct Model {
     /// Seed of every dropout and drop-path mask (mixed with the step count, so each step draws new masks
     /// and its backward regenerates its forward's).
     pub(super) reg_seed: u64,
+    /// Kept sets the passes use instead of |M| > t, by `Branch::id`: empty except while the golden trajectory
+    /// parity replays a reference mask (`Model::replay_masks`).
+    pub(super) replayed_masks: Vec<Option<Vec<bool>>>,
 }
 
 impl Model {
@@ -118,6 +121,7 @@ impl Model {
             training: true,
             block_drop_path: 0.0,
             reg_seed: 0,
+            replayed_masks: Vec::new(),
         })
     }
 
@@ -292,7 +296,14 @@ impl Model {
             }
             _ => None,
         };
-        Linears { rt: &self.rt, layout: &self.layout, sparsity: &self.sparsity, drop, tokens: self.cfg.tokens() }
+        Linears {
+            rt: &self.rt,
+            layout: &self.layout,
+            sparsity: &self.sparsity,
+            drop,
+            tokens: self.cfg.tokens(),
+            replayed: &self.replayed_masks,
+        }
     }
 
     /// Stochastic depth of block `l`'s residual branches: its rate (linear from 0 at the first block), or None.
