@@ -366,7 +366,7 @@ fn kernel_factors(br: &Branch) -> Factors {
 
 /// out = x·|M| on the entries of `kept` and 0 elsewhere: the forward (x = M, out = M_s) and the backward
 /// (x = out = ∂L/∂M_s → ∂L/∂M) of sparsify with a given kept set in place of |M| > t (§5, §7). The same fp32
-/// product as `ops::compete`, so a kept set equal to |M| > t gives the same bits. Test support only
+/// product as `ops::sparsify`, so a kept set equal to |M| > t gives the same bits. Test support only
 /// (`Model::replay_masks`), so it runs on the host, through the runtime's download and upload: no kernel and
 /// no planned memory.                                                x, out, m: (in, out)   kept: (in·out)
 fn replay_kept(rt: &Runtime, out: Tensor, x: Tensor, m: Tensor, kept: &[bool]) -> Result<()> {

@@ -10,7 +10,7 @@
 //! `snella selftest --filter NAME --seed SEED` replays exactly that check.
 //!
 //! # Where the checks live
-//! This file holds the registry ([`checks`]), the runner and the harness every check works with (`Case`,
+//! This file holds the registry (`checks`), the runner and the harness every check works with (`Case`,
 //! `Twin`, the seeded random source). The checks themselves live in one file per op family, named like the
 //! files of `src/ops/`: `matmul.rs`, `layernorm.rs`, `gelu.rs`, `softmax.rs`, `add.rs`, `loss.rs`,
 //! `adamw.rs`, `attention.rs`, `embed.rs`, `importance.rs`, `mask.rs`, `kmerge.rs`, `sparsify.rs`,
