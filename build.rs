@@ -20,6 +20,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::{env, fs};
 
+// Shared with the crate's test of the launch sites.
+#[allow(dead_code)]
+#[path = "src/runtime/source_text.rs"]
+mod source_text;
+use source_text::strip_comments;
+
 /// Where `scripts/install-nvcc.sh` installs nvcc, relative to the repository root.
 const TOOLS_NVCC: &str = ".tools/nvcc/nvidia/cu13/bin/nvcc";
 
@@ -68,6 +74,7 @@ fn main() {
     let cuda_dir = root.join("cuda");
     let emu_dir = cuda_dir.join("emu");
     println!("cargo:rerun-if-changed=cuda");
+    println!("cargo:rerun-if-changed=src/runtime/source_text.rs");
     println!("cargo:rerun-if-env-changed=NVCC");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     println!("cargo:rerun-if-env-changed=PATH");
@@ -309,49 +316,6 @@ fn generated_rust(nvcc: bool, fatbins: &[(String, PathBuf)], kernels: &[Kernel],
         }
     }
     code
-}
-
-/// Text with `//` and `/* */` comments blanked out (string literals kept).
-fn strip_comments(src: &str) -> String {
-    let mut out = String::with_capacity(src.len());
-    let (mut in_str, mut chars) = (false, src.chars().peekable());
-    while let Some(c) = chars.next() {
-        if in_str {
-            out.push(c);
-            if c == '\\' {
-                if let Some(n) = chars.next() {
-                    out.push(n);
-                }
-            } else if c == '"' {
-                in_str = false;
-            }
-        } else if c == '"' {
-            in_str = true;
-            out.push(c);
-        } else if c == '/' && chars.peek() == Some(&'/') {
-            for n in chars.by_ref() {
-                if n == '\n' {
-                    out.push('\n');
-                    break;
-                }
-            }
-        } else if c == '/' && chars.peek() == Some(&'*') {
-            chars.next();
-            let mut prev = ' ';
-            for n in chars.by_ref() {
-                if prev == '*' && n == '/' {
-                    break;
-                }
-                if n == '\n' {
-                    out.push('\n');
-                }
-                prev = n;
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// The KArg variant a C parameter type takes: any pointer is Ptr, `int`/`unsigned` I32, `long` I64.

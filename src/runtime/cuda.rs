@@ -237,29 +237,10 @@ impl Cuda {
     fn warm_up_blas(&self) -> Result<()> {
         let p = self.alloc(256)?;
         let one = DevPtr { addr: p.addr, bytes: 4 };
-        let result =
-            [GemmPrecision::Fp32, GemmPrecision::Tf32, GemmPrecision::Bf16].into_iter().try_for_each(|compute| {
-                self.gemm(&Gemm {
-                    transa: false,
-                    transb: false,
-                    m: 1,
-                    n: 1,
-                    k: 1,
-                    alpha: 1.0,
-                    a: one,
-                    lda: 1,
-                    stride_a: 0,
-                    b: one,
-                    ldb: 1,
-                    stride_b: 0,
-                    beta: 0.0,
-                    c: DevPtr { addr: p.addr + 4, bytes: 4 },
-                    ldc: 1,
-                    stride_c: 0,
-                    batch: 1,
-                    compute,
-                })
-            });
+        let c = DevPtr { addr: p.addr + 4, bytes: 4 };
+        let result = [GemmPrecision::Fp32, GemmPrecision::Tf32, GemmPrecision::Bf16]
+            .into_iter()
+            .try_for_each(|compute| self.gemm(&Gemm::plain(1, 1, 1, one, one, c, compute)));
         let result = result.and_then(|()| self.sync());
         self.free(p);
         result
@@ -653,77 +634,7 @@ mod tests {
     use std::collections::BTreeMap;
     use std::path::Path;
 
-    /// Text with `//` comments blanked out (string literals kept, so "a//b" survives).
-    fn strip_comments(src: &str) -> String {
-        let mut out = String::with_capacity(src.len());
-        let (mut in_str, mut chars) = (false, src.chars().peekable());
-        while let Some(c) = chars.next() {
-            if in_str {
-                out.push(c);
-                if c == '\\' {
-                    if let Some(n) = chars.next() {
-                        out.push(n);
-                    }
-                } else if c == '"' {
-                    in_str = false;
-                }
-            } else if c == '"' {
-                in_str = true;
-                out.push(c);
-            } else if c == '/' && chars.peek() == Some(&'/') {
-                for n in chars.by_ref() {
-                    if n == '\n' {
-                        out.push('\n');
-                        break;
-                    }
-                }
-            } else {
-                out.push(c);
-            }
-        }
-        out
-    }
-
-    /// `s` split at the commas that are outside any (), [], {} and string literal.
-    fn split_top(s: &str) -> Vec<String> {
-        let (mut parts, mut cur, mut depth, mut in_str) = (Vec::new(), String::new(), 0i32, false);
-        for c in s.chars() {
-            match c {
-                '"' => in_str = !in_str,
-                '(' | '[' | '{' if !in_str => depth += 1,
-                ')' | ']' | '}' if !in_str => depth -= 1,
-                ',' if !in_str && depth == 0 => {
-                    parts.push(std::mem::take(&mut cur).trim().to_string());
-                    continue;
-                }
-                _ => {}
-            }
-            cur.push(c);
-        }
-        if !cur.trim().is_empty() {
-            parts.push(cur.trim().to_string());
-        }
-        parts
-    }
-
-    /// The text between the parenthesis at `open` and its match.
-    fn inside_parens(s: &str, open: usize) -> &str {
-        let (mut depth, mut in_str) = (0, false);
-        for (i, c) in s[open..].char_indices() {
-            match c {
-                '"' => in_str = !in_str,
-                '(' if !in_str => depth += 1,
-                ')' if !in_str => {
-                    depth -= 1;
-                    if depth == 0 {
-                        return &s[open + 1..open + i];
-                    }
-                }
-                _ => {}
-            }
-        }
-        panic!("unbalanced parentheses after byte {open}")
-    }
+    use super::super::source_text::{inside_parens, split_top, strip_comments};
 
     /// kernel name -> KArg kinds of its parameters, from the signatures build.rs read from cuda/*.cu.
     fn kernel_signatures() -> BTreeMap<String, Vec<&'static str>> {

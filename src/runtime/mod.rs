@@ -6,6 +6,8 @@ pub mod cuda;
 mod emu;
 pub mod plan;
 pub mod planted;
+#[cfg(test)]
+mod source_text;
 
 use std::cell::Cell;
 

@@ -1,24 +1,32 @@
 //! Checks of `ops::loss`: cross-entropy with and without the logits' gradient.
 use super::Case;
+use super::Twin;
 use crate::error::Result;
 use crate::ops::loss as op;
-use crate::runtime::{DType, Plan, Pool};
+use crate::runtime::{DType, Plan, Pool, Tensor};
 
-pub(super) fn cross_entropy(cx: &mut Case, with_grad: bool) -> Result<()> {
-    let (b, v) = (13, 1003);
+/// Random logits (b, v) and the given labels on both sides, poisoned outputs; returns the twin and
+/// [logits, labels, losses, dlogits].
+fn setup(cx: &mut Case, b: usize, v: usize, labels: &[i32]) -> Result<(Twin, [Tensor; 4])> {
     let mut p = Plan::new();
     let logits = p.f32("logits", &[b, v], Pool::Activations);
-    let labels = p.add("labels", &[b], DType::I32, Pool::Activations);
+    let lt = p.add("labels", &[b], DType::I32, Pool::Activations);
     let losses = p.f32("losses", &[b], Pool::Activations);
     let dlogits = p.f32("dlogits", &[b, v], Pool::Scratch);
     let tw = cx.twin(p)?;
     cx.input(&tw, logits, 3.0)?;
+    tw.upload_i32(lt, labels)?;
+    tw.poison(&[losses, dlogits])?;
+    Ok((tw, [logits, lt, losses, dlogits]))
+}
+
+pub(super) fn cross_entropy(cx: &mut Case, with_grad: bool) -> Result<()> {
+    let (b, v) = (13, 1003);
     // The first and last class always appear: the edges of the row.
     let mut lv: Vec<i32> = (0..b).map(|_| cx.below(v) as i32).collect();
     lv[0] = 0;
     lv[b - 1] = v as i32 - 1;
-    tw.upload_i32(labels, &lv)?;
-    tw.poison(&[losses, dlogits])?;
+    let (tw, [logits, labels, losses, dlogits]) = setup(cx, b, v, &lv)?;
     tw.run(|rt| op::cross_entropy(rt, losses, with_grad.then_some(dlogits), logits, labels, v))?;
     cx.compare(&tw, losses)?;
     if with_grad {
@@ -31,16 +39,8 @@ pub(super) fn cross_entropy(cx: &mut Case, with_grad: bool) -> Result<()> {
 /// logits (the emulator's memcheck would report it); the other rows are as usual.
 pub(super) fn cross_entropy_bad_labels(cx: &mut Case) -> Result<()> {
     let (b, v) = (5, 300);
-    let mut p = Plan::new();
-    let logits = p.f32("logits", &[b, v], Pool::Activations);
-    let labels = p.add("labels", &[b], DType::I32, Pool::Activations);
-    let losses = p.f32("losses", &[b], Pool::Activations);
-    let dlogits = p.f32("dlogits", &[b, v], Pool::Scratch);
-    let tw = cx.twin(p)?;
-    cx.input(&tw, logits, 3.0)?;
     let lv = [2, -1, 0, v as i32, v as i32 - 1];
-    tw.upload_i32(labels, &lv)?;
-    tw.poison(&[losses, dlogits])?;
+    let (tw, [logits, labels, losses, dlogits]) = setup(cx, b, v, &lv)?;
     tw.run(|rt| op::cross_entropy(rt, losses, Some(dlogits), logits, labels, v))?;
     let bad = |row: usize| lv[row] < 0 || lv[row] >= v as i32;
     for (t, width) in [(losses, 1), (dlogits, v)] {

@@ -48,6 +48,32 @@ pub(crate) struct Gemm {
     pub compute: GemmPrecision,
 }
 
+impl Gemm {
+    /// C (m, n) = A (m, k) · B (k, n), column-major and dense, one product, no transposes, alpha 1, beta 0.
+    pub(crate) fn plain(m: i32, n: i32, k: i32, a: DevPtr, b: DevPtr, c: DevPtr, compute: GemmPrecision) -> Gemm {
+        Gemm {
+            transa: false,
+            transb: false,
+            m,
+            n,
+            k,
+            alpha: 1.0,
+            a,
+            lda: m.max(1),
+            stride_a: 0,
+            b,
+            ldb: k.max(1),
+            stride_b: 0,
+            beta: 0.0,
+            c,
+            ldc: m.max(1),
+            stride_c: 0,
+            batch: 1,
+            compute,
+        }
+    }
+}
+
 /// cublasSetWorkspace: cuBLAS requires 256-byte alignment.
 pub(crate) fn set_workspace(emu: &Emu, ws: DevPtr) -> Result<(), String> {
     if !ws.addr.is_multiple_of(256) {
@@ -316,26 +342,7 @@ mod tests {
         let e = emu();
         let (a, b) = (upload(&e, &[1.0, 2.0]), upload(&e, &[3.0, 4.0]));
         let c = upload(&e, &[f32::NAN]);
-        let mut g = Gemm {
-            transa: false,
-            transb: false,
-            m: 1,
-            n: 1,
-            k: 2,
-            alpha: 1.0,
-            a,
-            lda: 1,
-            stride_a: 0,
-            b,
-            ldb: 2,
-            stride_b: 0,
-            beta: 0.0,
-            c,
-            ldc: 1,
-            stride_c: 0,
-            batch: 1,
-            compute: GemmPrecision::Fp32,
-        };
+        let mut g = Gemm::plain(1, 1, 2, a, b, c, GemmPrecision::Fp32);
         gemm_strided_batched(&e, &g).unwrap();
         assert_eq!(download(&e, c, 1), [11.0]);
         g.ldb = 1; // below the 2 rows of the stored B
@@ -360,26 +367,7 @@ mod tests {
         let e = emu();
         let x = 1.0 + 2f32.powi(-12);
         let (a, b, c) = (upload(&e, &[x]), upload(&e, &[1.0]), upload(&e, &[0.0]));
-        let mut g = Gemm {
-            transa: false,
-            transb: false,
-            m: 1,
-            n: 1,
-            k: 1,
-            alpha: 1.0,
-            a,
-            lda: 1,
-            stride_a: 0,
-            b,
-            ldb: 1,
-            stride_b: 0,
-            beta: 0.0,
-            c,
-            ldc: 1,
-            stride_c: 0,
-            batch: 1,
-            compute: GemmPrecision::Fp32,
-        };
+        let mut g = Gemm::plain(1, 1, 1, a, b, c, GemmPrecision::Fp32);
         gemm_strided_batched(&e, &g).unwrap();
         assert_eq!(download(&e, c, 1), [x]);
         g.compute = GemmPrecision::Tf32;
