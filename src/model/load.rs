@@ -143,6 +143,8 @@ fn classify_names(names: &[String]) -> Option<Format> {
 // ---------------------------------------------------------------------------------------------------------
 
 /// Reads a checkpoint in any supported format and maps it to timm names (fused qkv rows `[q; k; v]`, etc.).
+/// `path` may also be a Hugging Face Hub id (`facebook/dinov2-small`, `hf-hub:timm/<name>`), read from the local
+/// cache ([`super::hub`]).
 ///
 /// Names that have no timm counterpart are kept under their name in the file, so that
 /// [`adapt_to_config`] can list them. Register tokens (`reg_token`, HF `embeddings.register_tokens`) are an
@@ -150,8 +152,12 @@ fn classify_names(names: &[String]) -> Option<Format> {
 ///
 /// # Errors
 /// `Io` (unreadable), `Format` (truncated or corrupt file, unsupported dtype, register tokens, two tensors
-/// mapping to one name), `MissingTensor` / `ShapeMismatch` (an incomplete q/k/v triple), all naming the file.
+/// mapping to one name), `MissingTensor` / `ShapeMismatch` (an incomplete q/k/v triple), all naming the file;
+/// `Invalid { option: "weights" }` for a Hub id that the cache does not hold.
 pub fn read_checkpoint(path: &Path) -> Result<Weights> {
+    // A Hugging Face Hub id (`facebook/dinov2-small`) reads that repository's cached model.safetensors.
+    let resolved = super::hub::resolve_weights(path)?;
+    let path = resolved.as_path();
     let tensors = match detect(path)? {
         Format::GoogleNpz => map_npz(read_npz(path)?, path)?,
         Format::Timm => read_safetensors(path)?,

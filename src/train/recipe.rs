@@ -43,8 +43,9 @@ pub struct TrainConfig {
     /// A configuration name of [`crate::model::ViTConfig::by_name`] (`dinov2_s14`, `vit_b16`, `vit_l16`,
     /// `vit_h14`, `tiny`), or `infer` to read the sizes from `weights` (then `num_heads` is required).
     pub model: String,
-    /// Pre-trained backbone: timm / Hugging Face ViT or DINOv2 safetensors, or a Google `.npz`. Absent: a
-    /// random backbone (for tests and smoke runs only).
+    /// Pre-trained backbone: timm / Hugging Face ViT or DINOv2 safetensors, a Google `.npz`, or a Hugging Face
+    /// Hub id (`facebook/dinov2-small`, `timm/vit_base_patch16_224.augreg2_in21k_ft_in1k`, with or without
+    /// `hf-hub:`) read from the local cache. Absent: a random backbone (for tests and smoke runs only).
     pub weights: Option<PathBuf>,
     /// Attention heads, needed with `model = "infer"` (checkpoints do not store them).
     pub num_heads: Option<usize>,
