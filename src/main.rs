@@ -44,7 +44,7 @@ enum Command {
     /// Images/s of one training step per model × method on the device, with model TFLOP/s and MFU.
     Bench(BenchArgs),
     /// Version, whether CUDA kernels are compiled into this binary, and what the CUDA probe finds.
-    Info,
+    Info(InfoArgs),
     /// Every CUDA kernel against its CPU reference on fresh random inputs (a GPU, or --device cuda-emu).
     Selftest(SelftestArgs),
 }
@@ -93,6 +93,13 @@ struct MemoryArgs {
     /// The device --measure runs on: auto (a GPU), cuda, cuda-emu.
     #[arg(long, value_enum, default_value = "auto")]
     device: DeviceArg,
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    /// Print one JSON object (for scripts): version, devices, kernels, the CUDA probe's result.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -292,8 +299,8 @@ fn run(cmd: Command) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Info => {
-            info();
+        Command::Info(a) => {
+            info(a.json);
             Ok(ExitCode::SUCCESS)
         }
         Command::Selftest(a) => {
@@ -323,39 +330,96 @@ fn run(cmd: Command) -> Result<ExitCode> {
     }
 }
 
-fn info() {
-    println!("snella {}", env!("CARGO_PKG_VERSION"));
-    if KERNELS_COMPILED {
+/// What `snella info` reports, gathered once and printed as text or JSON.
+#[derive(serde::Serialize)]
+struct InfoReport {
+    version: &'static str,
+    /// nvcc's fatbins are in the binary.
+    kernels_compiled: bool,
+    /// The devices this machine can run: cpu, cuda-emu, cuda.
+    devices: Vec<&'static str>,
+    /// What `--device auto` picks.
+    auto_device: &'static str,
+    cuda_emu: Probe,
+    cuda: Probe,
+    gpu: Option<GpuReport>,
+    /// Why device 0 could not be opened though the probe passed.
+    gpu_error: Option<String>,
+}
+
+#[derive(serde::Serialize)]
+struct Probe {
+    available: bool,
+    /// Why not, when not.
+    reason: Option<String>,
+}
+
+#[derive(serde::Serialize)]
+struct GpuReport {
+    name: String,
+    total_bytes: usize,
+    free_bytes: usize,
+}
+
+fn info(json: bool) {
+    let probe = |r: std::result::Result<(), String>| Probe { available: r.is_ok(), reason: r.err() };
+    let cuda = probe(cuda_available().map(|_| ()));
+    let cuda_emu = probe(cuda_emu_available());
+    let (gpu, gpu_error) = match cuda.available.then(gpu_info) {
+        Some(Ok(g)) => (Some(GpuReport { name: g.name, total_bytes: g.total_bytes, free_bytes: g.free_bytes }), None),
+        Some(Err(e)) => (None, Some(e.to_string())),
+        None => (None, None),
+    };
+    let mut devices = vec!["cpu"];
+    devices.extend(cuda_emu.available.then_some("cuda-emu"));
+    devices.extend(cuda.available.then_some("cuda"));
+    let auto_device = if cuda.available { "cuda" } else { "cpu" };
+    let r = InfoReport {
+        version: env!("CARGO_PKG_VERSION"),
+        kernels_compiled: KERNELS_COMPILED,
+        devices,
+        auto_device,
+        cuda_emu,
+        cuda,
+        gpu,
+        gpu_error,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+        return;
+    }
+    println!("snella {}", r.version);
+    if r.kernels_compiled {
         println!("CUDA kernels compiled in: yes (nvcc fatbins embedded at build time)");
     } else {
         println!("CUDA kernels compiled in: no (built without nvcc; run scripts/install-nvcc.sh and rebuild)");
     }
-    match cuda_emu_available() {
-        Ok(()) => println!(
+    match &r.cuda_emu.reason {
+        None => println!(
             "emulated CUDA device: yes (--device cuda-emu: the kernels compiled for the host, with sanitizers)"
         ),
-        Err(why) => println!("emulated CUDA device: no ({why})"),
+        Some(why) => println!("emulated CUDA device: no ({why})"),
     }
-    match cuda_available() {
-        Err(why) => {
+    match &r.cuda.reason {
+        Some(why) => {
             println!("CUDA probe: unavailable: {why}");
             println!(
                 "device: cpu (every command falls back to the CPU; --device cuda is an error, --device cuda-emu works)"
             );
         }
-        Ok(_) => {
+        None => {
             println!("CUDA probe: ok (driver, device and cuBLAS found)");
-            match gpu_info() {
-                Ok(g) => {
-                    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+            let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+            match (&r.gpu, &r.gpu_error) {
+                (Some(g), _) => {
                     println!(
                         "GPU 0: {}, {:.1} GiB total, {:.1} GiB free",
                         g.name,
                         gib(g.total_bytes),
                         gib(g.free_bytes)
-                    );
+                    )
                 }
-                Err(e) => println!("GPU 0: could not be initialised: {e}"),
+                (None, e) => println!("GPU 0: could not be initialised: {}", e.as_deref().unwrap_or("")),
             }
         }
     }

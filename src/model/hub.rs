@@ -87,7 +87,11 @@ fn resolve_in(caches: &[PathBuf], org: &str, name: &str, rev: &str, spec: &str) 
         };
         return Err(Error::invalid(
             "weights",
-            format!("'{spec}' is cached in {}, but {what}; fetch it with {}", repo.display(), fetch_hint(org, name, rev)),
+            format!(
+                "'{spec}' is cached in {}, but {what}; fetch it with {}",
+                repo.display(),
+                fetch_hint(org, name, rev)
+            ),
         ));
     }
     let looked = if looked.is_empty() { "no cache: HOME is unset".to_string() } else { looked.join(", ") };
