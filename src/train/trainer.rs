@@ -28,7 +28,9 @@ use crate::peft::allocator::Allocator;
 use crate::peft::Method;
 use crate::rng::{example_seed, trunc_normal, unit_f64, SplitMix64};
 use crate::runtime::Backend;
-use crate::train::checkpoint::{checkpoint_path, load_checkpoint, save_checkpoint, TrainState, CHECKPOINT_FILE};
+use crate::train::checkpoint::{
+    checkpoint_path, load_checkpoint, read_checkpoint_meta, save_checkpoint, TrainState, CHECKPOINT_FILE,
+};
 use crate::train::data::{subset, Dataset, Idx, ImageFolder};
 use crate::train::export::{export_all, kept_stats, EXPORT_FILES};
 use crate::train::loader::Loader;
@@ -524,6 +526,23 @@ impl Trainer {
         )
     }
 
+    /// A file that could not be written (a full disk, a read-only or vanished folder), with what the last
+    /// good checkpoint on disk holds: the writes are ordered so that it is intact (see `train/checkpoint.rs`).
+    fn with_last_good(&self, e: Error) -> Error {
+        let Error::Io { path, source } = e else { return e };
+        let ck = self.checkpoint_path();
+        let last = match read_checkpoint_meta(&ck) {
+            Ok(m) => format!(
+                "the last good checkpoint {} (step {}, {} epochs done) is intact and the run can resume from it",
+                ck.display(),
+                m.state.global_step,
+                m.state.epoch
+            ),
+            Err(_) => format!("there is no good checkpoint at {} yet", ck.display()),
+        };
+        Error::io(path, std::io::Error::new(source.kind(), format!("{source}; {last}")))
+    }
+
     /// Runs the remaining epochs (all of them for a fresh trainer), as [`Trainer::run_until`] without a stop
     /// request.
     ///
@@ -543,9 +562,10 @@ impl Trainer {
     /// An invalid `config` (it is public and checked again here); a loss (or a parameter) that becomes NaN/inf
     /// stops the run with
     /// `Invalid { option: "training", msg: "loss became NaN ... at epoch E step S ...; the last good
-    /// checkpoint is <path>" }`, leaving that checkpoint untouched; data, device and I/O errors as they come.
+    /// checkpoint is <path>" }`, leaving that checkpoint untouched; a file that cannot be written is `Io`
+    /// naming it and saying what the last good checkpoint holds; data and device errors as they come.
     pub fn run_until(&mut self, progress: bool, stop: &AtomicBool) -> Result<Summary> {
-        self.session(progress, stop)
+        self.session(progress, stop).map_err(|e| self.with_last_good(e))
     }
 
     fn session(&mut self, progress: bool, stop: &AtomicBool) -> Result<Summary> {
