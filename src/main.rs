@@ -114,7 +114,7 @@ struct TrainArgs {
     /// Continue from another checkpoint of the same recipe.
     #[arg(long, value_name = "CHECKPOINT")]
     resume_from: Option<PathBuf>,
-    /// No progress bars (metrics still go to <out_dir>/metrics.jsonl).
+    /// No progress bars and no notes (metrics still go to <out_dir>/metrics.jsonl; errors are still printed).
     #[arg(long)]
     quiet: bool,
     /// The device (the same as `--set device=...`): auto, cpu, cuda, cuda-emu.
@@ -530,7 +530,10 @@ fn bench(a: BenchArgs) -> Result<()> {
 /// `key=value` pairs of `--set`.
 fn overrides(set: &[String]) -> Result<Vec<(&str, &str)>> {
     set.iter()
-        .map(|kv| kv.split_once('=').ok_or_else(|| Error::invalid("--set", format!("'{kv}' is not KEY=VALUE"))))
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k, v)),
+            _ => Err(Error::invalid("--set", format!("'{kv}' is not KEY=VALUE"))),
+        })
         .collect()
 }
 
@@ -546,7 +549,8 @@ fn train(a: TrainArgs) -> Result<ExitCode> {
     if let Some(path) = resume {
         t.resume_from(&path)?;
     }
-    for n in &t.notes {
+    // After the checks, so that a bad argument is one line of error and nothing else.
+    for n in t.notes.iter().filter(|_| !a.quiet) {
         eprintln!("snella: {n}");
     }
     let summary = t.run_until(!a.quiet, &stop)?;

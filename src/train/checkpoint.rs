@@ -127,6 +127,7 @@ fn checkpoint_tensors(model: &Model) -> Vec<(String, crate::runtime::Tensor, Vec
     let mut out = Vec::new();
     let shape_of = |t: crate::runtime::Tensor| model.plan().spec(t).shape.clone();
     for (name, p) in model.trainable_params() {
+        // Cannot fail: model/plan.rs gives every trainable parameter its AdamW m and v.
         out.push((format!("param.{name}"), p.value, shape_of(p.value)));
         out.push((format!("adamw.m.{name}"), p.m.expect("trainable parameters have AdamW m"), shape_of(p.value)));
         out.push((format!("adamw.v.{name}"), p.v.expect("trainable parameters have AdamW v"), shape_of(p.value)));

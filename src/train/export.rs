@@ -393,6 +393,7 @@ pub fn apply_sparse_delta(weights: &mut Weights, delta: &SparseDelta) -> Result<
         }
     }
     for b in &delta.branches {
+        // Cannot fail: the loop above returned an error for every branch whose target is absent.
         let (_, data) = weights.tensors.get_mut(&b.target).expect("checked above");
         let base = b.row0 * b.n_in;
         for (&i, &v) in b.indices.iter().zip(&b.values) {

@@ -336,6 +336,7 @@ fn bar(progress: bool, len: u64, prefix: String) -> ProgressBar {
         ProgressStyle::with_template(
             "{prefix:>14} [{bar:30}] {pos}/{len} img  {per_sec:>12}  {elapsed_precise} ETA {eta_precise}  {msg}",
         )
+        // Cannot fail: the template is a constant, parsed the same way on every run.
         .expect("a valid progress template")
         .progress_chars("=> "),
     );
