@@ -28,6 +28,8 @@
 #![warn(missing_docs)]
 
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod golden;
 #[cfg(test)]
 mod golden_parity;
