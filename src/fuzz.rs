@@ -72,18 +72,8 @@ fn file(name: &str, data: &[u8]) -> Result<PathBuf> {
 /// The model the checkpoint and sparse-delta inputs are read into: 8×8 images of one 8-pixel patch, width 8,
 /// one block, SNELLA with rank 2 (so branches, allocator state and sparsity are all there), 2 classes.
 fn small_config() -> ViTConfig {
-    ViTConfig {
-        img_size: (8, 8),
-        patch_size: 8,
-        in_chans: 3,
-        embed_dim: 8,
-        depth: 1,
-        num_heads: 1,
-        mlp_hidden: 8,
-        num_classes: 2,
-        layer_scale: false,
-        eps: 1e-6,
-    }
+    let tiny = ViTConfig::by_name("tiny", 2).unwrap_or_else(|_| unreachable!("'tiny' is a known configuration"));
+    ViTConfig { img_size: (8, 8), embed_dim: 8, depth: 1, num_heads: 1, mlp_hidden: 8, ..tiny }
 }
 
 fn small_model() -> Result<Model> {

@@ -19,7 +19,7 @@ fn temporary(path: &Path, name: &str) -> PathBuf {
 /// Writes `bytes` to `path` atomically: a temporary `.<name>.tmp-<pid>` in the same folder, `fsync`, then
 /// a rename over `path`. On any error the temporary is removed, `path` is left as it was, and the error
 /// (`Error::Io`) names the path that failed. A process killed part-way leaves the temporary behind;
-/// [`remove_temporaries`] clears it.
+/// `remove_temporaries` clears it.
 ///
 /// # Errors
 /// `Invalid { option: "output path" }` for a path without a file name; `Io` naming `path`.

@@ -174,35 +174,29 @@ fn evaluate_with<D: Dataset>(
     // Evaluation mode: no dropout or drop-path (restored afterwards, also on error).
     let training = model.is_training();
     model.set_training(false);
-    let r = evaluate_batches(model, loader, bar, stop);
+    let mut batches = || -> Result<Option<(f64, f64)>> {
+        let v = model.config().num_classes;
+        let (mut loss, mut right, mut n) = (0.0f64, 0u64, 0u64);
+        for batch in loader.epoch(0) {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+            let batch = batch?;
+            let b = model.set_batch(&batch.images, &batch.labels)?;
+            let l = model.forward()?;
+            loss += l as f64 * b as f64;
+            right += correct(&model.logits()?, &batch.labels, v);
+            n += b as u64;
+            bar.inc(b as u64);
+        }
+        if n == 0 {
+            return Err(Error::invalid("evaluation", "the test set is empty"));
+        }
+        Ok(Some((loss / n as f64, right as f64 / n as f64)))
+    };
+    let r = batches();
     model.set_training(training);
     r
-}
-
-fn evaluate_batches<D: Dataset>(
-    model: &mut Model,
-    loader: &Loader<D>,
-    bar: &ProgressBar,
-    stop: &AtomicBool,
-) -> Result<Option<(f64, f64)>> {
-    let v = model.config().num_classes;
-    let (mut loss, mut right, mut n) = (0.0f64, 0u64, 0u64);
-    for batch in loader.epoch(0) {
-        if stop.load(Ordering::Relaxed) {
-            return Ok(None);
-        }
-        let batch = batch?;
-        let b = model.set_batch(&batch.images, &batch.labels)?;
-        let l = model.forward()?;
-        loss += l as f64 * b as f64;
-        right += correct(&model.logits()?, &batch.labels, v);
-        n += b as u64;
-        bar.inc(b as u64);
-    }
-    if n == 0 {
-        return Err(Error::invalid("evaluation", "the test set is empty"));
-    }
-    Ok(Some((loss / n as f64, right as f64 / n as f64)))
 }
 
 /// A random (untrained) backbone in timm names for `cfg`: Linear/patch weights, position table and head
