@@ -595,7 +595,8 @@ fn stop_on_signals() -> Result<(Arc<AtomicBool>, Arc<AtomicUsize>)> {
     Ok((stop, signal))
 }
 
-/// This process's command line with `--resume` added (when it resumed neither itself nor another checkpoint).
+/// This process's command line resuming from its own checkpoint: `--resume-from CHECKPOINT` dropped (the
+/// checkpoint written on the way out is the run's own) and `--resume` added.
 fn resume_command() -> String {
     let quote = |a: String| {
         if !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
@@ -604,10 +605,19 @@ fn resume_command() -> String {
             format!("'{}'", a.replace('\'', "'\\''"))
         }
     };
-    let mut args: Vec<String> = std::env::args().map(quote).collect();
-    if !args.iter().any(|a| a == "--resume" || a.starts_with("--resume-from")) {
-        args.push("--resume".into());
+    let mut args = Vec::new();
+    let mut all = std::env::args_os().map(|a| a.to_string_lossy().into_owned());
+    while let Some(a) = all.next() {
+        match a.as_str() {
+            "--resume" => {}
+            "--resume-from" => {
+                all.next();
+            }
+            _ if a.starts_with("--resume-from=") => {}
+            _ => args.push(quote(a)),
+        }
     }
+    args.push("--resume".into());
     args.join(" ")
 }
 
