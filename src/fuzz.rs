@@ -8,7 +8,6 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
 use crate::golden::GoldenCase;
@@ -47,22 +46,30 @@ pub fn run(target: &str, data: &[u8]) -> Result<()> {
     }
 }
 
-/// This process's folder for the inputs written as files.
-fn folder() -> Result<&'static Path> {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    let dir = DIR.get_or_init(|| std::env::temp_dir().join(format!("snella-fuzz-{}", std::process::id())));
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+/// This thread's folder for the inputs written as files: one per thread, so tests that run targets in
+/// parallel (and clean up after themselves) never remove each other's files.
+fn folder() -> Result<PathBuf> {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    thread_local! {
+        static DIR: PathBuf = std::env::temp_dir().join(format!(
+            "snella-fuzz-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+    }
+    let dir = DIR.with(|d| d.clone());
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     Ok(dir)
 }
 
-/// Removes this process's folder of inputs.
+/// Removes this thread's folder of inputs.
 pub fn cleanup() {
     if let Ok(dir) = folder() {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
 
-/// `data` as the file `name` of this process's folder.
+/// `data` as the file `name` of this thread's folder.
 fn file(name: &str, data: &[u8]) -> Result<PathBuf> {
     let p = folder()?.join(name);
     std::fs::write(&p, data).map_err(|e| Error::io(&p, e))?;
@@ -212,7 +219,7 @@ pub fn golden(data: &[u8]) -> Result<()> {
     let (json, tensors) = rest.split_at(n.min(rest.len()));
     file("case.json", json)?;
     file("case.safetensors", tensors)?;
-    let case = GoldenCase::load(folder()?, "case")?;
+    let case = GoldenCase::load(&folder()?, "case")?;
     let cfg = case.vit_config();
     case.method()?;
     for name in case.trainable() {
