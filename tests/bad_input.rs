@@ -34,8 +34,12 @@ fn tiny() -> ViTConfig {
     ViTConfig::by_name("tiny", 4).unwrap()
 }
 
+/// A model ready to run: a random backbone loaded, the branches initialised.
 fn cpu_model(cfg: &ViTConfig, method: Method, batch: usize) -> Model {
-    Model::new(Backend::Cpu, cfg, method, batch, Recompute::Attention).unwrap()
+    let m = Model::new(Backend::Cpu, cfg, method, batch, Recompute::Attention).unwrap();
+    m.load_backbone(&Weights { tensors: random_backbone(cfg, 0), source: "random".into() }).unwrap();
+    m.init_method(0).unwrap();
+    m
 }
 
 fn shown(p: &Path) -> String {
@@ -462,9 +466,9 @@ fn models() {
     fails(m.set_batch(&vec![0.0; per], &[0, 1]), &["batch"]);
     fails(m.set_batch(&vec![0.0; 2 * per], &[0, 4]), &["label 4"]);
     fails(m.set_batch(&[], &[]), &["batch"]);
-    fails(m.predict(&[]), &["batch"]);
-    fails(m.predict(&vec![0.0; per + 1]), &["batch"]);
-    fails(m.predict(&vec![0.0; 3 * per]), &["batch"]);
+    fails(m.predict(&[]), &["images"]);
+    fails(m.predict(&vec![0.0; per + 1]), &["images"]);
+    fails(m.predict(&vec![0.0; 3 * per]), &["3 images", "batch 2"]);
     m.set_batch(&vec![0.0; 2 * per], &[0, 1]).unwrap();
     fails(m.backward(), &["backward", "forward"]);
     m.forward().unwrap();

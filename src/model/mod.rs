@@ -12,5 +12,5 @@ pub(crate) use access::TrackedFactor;
 pub use config::{Position, ViTConfig};
 pub(crate) use plan::plan_model;
 pub use plan::{plan, MemoryOptions, Precision, Recompute};
-pub use vit::Model;
+pub use vit::{Evaluation, Model};
 pub mod posembed;
