@@ -19,17 +19,6 @@ use snella::train::loader::Loader;
 use snella::train::trainer::{evaluate, Trainer};
 use snella::{Backend, GemmPrecision, KernelKind, Result};
 
-/// The error of `r`, whose message must contain every one of `names`.
-#[track_caller]
-fn fails<T>(r: Result<T>, names: &[&str]) -> String {
-    let Err(e) = r else { panic!("bad input was accepted (expected an error naming {names:?})") };
-    let msg = e.to_string();
-    for n in names {
-        assert!(msg.contains(n), "the message does not name '{n}': {msg}");
-    }
-    msg
-}
-
 fn tiny() -> ViTConfig {
     ViTConfig::by_name("tiny", 4).unwrap()
 }

@@ -19,7 +19,7 @@ use snella::peft::allocator::{Allocator, AllocatorConfig};
 use snella::peft::Method;
 use snella::train::augment::{self, Filter, Transform};
 use snella::train::recipe::DataFormat;
-use snella::{Backend, Device, GemmPrecision, KernelKind, Result};
+use snella::{Backend, Device, GemmPrecision, KernelKind};
 
 /// The lines of `text` strictly between the line containing `begin` and the next one containing `end`.
 fn between<'a>(text: &'a str, begin: &str, end: &str) -> Vec<&'a str> {
@@ -49,17 +49,6 @@ fn the_readme_library_example_is_the_embed_example_verbatim() {
 #[test]
 fn the_embed_example_runs() {
     embed::main().unwrap();
-}
-
-/// The error of `r`, whose message must contain every one of `names`.
-#[track_caller]
-fn fails<T>(r: Result<T>, names: &[&str]) -> String {
-    let Err(e) = r else { panic!("the mistake was accepted (expected an error naming {names:?})") };
-    let msg = e.to_string();
-    for n in names {
-        assert!(msg.contains(n), "the message does not name '{n}': {msg}");
-    }
-    msg
 }
 
 /// A 4-image batch for `cfg`.
