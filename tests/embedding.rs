@@ -157,7 +157,16 @@ fn branches_never_initialised_are_an_error() {
         m.init_branches(0).unwrap();
         m.forward().unwrap();
     }
-    // A method without branches has none to initialise.
+    // GPS trains a masked part of the backbone: masks never set would leave nothing but the head to train.
+    let mut gps = Model::new(Backend::Cpu, &cfg, Method::Gps { density: 0.1 }, 4, Recompute::Attention).unwrap();
+    gps.load_backbone(&weights(&cfg, "w.safetensors")).unwrap();
+    gps.init_branches(0).unwrap(); // no branches: the masks stay unset
+    let (x, y) = batch(&cfg);
+    gps.set_batch(&x, &y).unwrap();
+    fails(gps.forward(), &["gps masks", "never set", "'blocks.0.attn.qkv.weight'", "Model::init_method"]);
+    gps.init_method(0).unwrap();
+    gps.forward().unwrap();
+    // A method without branches or masks has none to initialise.
     let mut probe = Model::new(Backend::Cpu, &cfg, Method::Linear, 4, Recompute::Attention).unwrap();
     probe.load_backbone(&weights(&cfg, "w.safetensors")).unwrap();
     let (x, y) = batch(&cfg);

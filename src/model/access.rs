@@ -157,6 +157,7 @@ impl Model {
             Backend::Cpu => self.rt.u8_mut(m).copy_from_slice(mask),
             Backend::Cuda(c) => c.upload(self.rt.ptr(m), mask)?,
         }
+        self.params_set.mark(&format!("gps_mask.{name}"));
         Ok(())
     }
 
@@ -576,25 +577,46 @@ impl BranchUpdate<'_> {
     }
 }
 
-/// Which parameters have been given values since the model was planned, by plan index. Every parameter
-/// starts at zero, and a zero backbone (loss exactly ln V) or zero branch factors (their gradients exactly 0:
-/// a silent linear probe) train without any error to a wrong result, so a pass refuses a model with a
-/// parameter never set. Set by [`Model::set_param`] (and so [`Model::load_backbone`]),
-/// [`Model::init_branches`] and a loaded trainable set. Atomic flags: the setters take `&self`.
+/// Which parameters (and GPS masks) have been given values since the model was planned. Every one starts at
+/// zero, and a zero backbone (loss exactly ln V), zero branch factors (their gradients exactly 0: a silent
+/// linear probe) or zero GPS masks (nothing but the head trains) run without any error to a wrong result, so a
+/// pass refuses a model with one never set. Set by [`Model::set_param`] (and so [`Model::load_backbone`]),
+/// [`Model::init_branches`], [`Model::set_gps_mask`] (and so [`Model::init_method`]) and a loaded trainable
+/// set. Atomic flags: the setters take `&self`.
 pub(crate) struct ParamsSet {
     index: HashMap<String, usize>,
+    /// Parameter names, then `gps_mask.<param>` for each GPS mask.
     names: Vec<String>,
     set: Vec<AtomicBool>,
     /// `report::memory::measure` steps a zero backbone on purpose: it measures bytes, not values.
     waived: AtomicBool,
 }
 
+/// What a pass needs set, in the order it is reported: (name prefix, option, what is wrong, the call to make).
+const UNSET: [(&str, &str, &str, &str); 3] = [
+    (
+        "",
+        "backbone",
+        "the backbone was never loaded",
+        "call Model::load_backbone with weights from model::load (or set each tensor with Model::set_param)",
+    ),
+    (
+        "branch.",
+        "branches",
+        "the branches were never initialised",
+        "call Model::init_branches (or Model::load_trainable to continue a saved run)",
+    ),
+    ("gps_mask.", "gps masks", "the GPS masks were never set", "call Model::init_method (or Model::set_gps_mask)"),
+];
+
 impl ParamsSet {
-    pub(crate) fn new(names: &[String]) -> ParamsSet {
+    pub(crate) fn new(params: &[String], masked: impl IntoIterator<Item = String>) -> ParamsSet {
+        let names: Vec<String> =
+            params.iter().cloned().chain(masked.into_iter().map(|n| format!("gps_mask.{n}"))).collect();
         ParamsSet {
             index: names.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect(),
-            names: names.to_vec(),
             set: names.iter().map(|_| AtomicBool::new(false)).collect(),
+            names,
             waived: AtomicBool::new(false),
         }
     }
@@ -605,39 +627,25 @@ impl ParamsSet {
         }
     }
 
-    /// An error naming a parameter never set and the call that sets it, backbone first.
+    /// An error naming a parameter never set and the call that sets it: backbone, then branches, then masks.
     pub(crate) fn check(&self) -> Result<()> {
         if self.waived.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let unset = |branch: bool| -> Vec<&str> {
-            let names = self.names.iter().zip(&self.set).filter(|(_, s)| !s.load(Ordering::Relaxed));
-            names.map(|(n, _)| n.as_str()).filter(|n| n.starts_with("branch.") == branch).collect()
-        };
-        let which = |names: &[&str]| match names.len() {
-            1 => format!("'{}' was never set", names[0]),
-            n => format!("'{}' and {} more were never set", names[0], n - 1),
-        };
-        let backbone = unset(false);
-        if !backbone.is_empty() {
+        let kind = |n: &str| UNSET.iter().rposition(|u| n.starts_with(u.0)).unwrap_or(0);
+        for (k, &(_, option, what, call)) in UNSET.iter().enumerate() {
+            let unset: Vec<&str> = (self.names.iter().zip(&self.set))
+                .filter(|(n, s)| kind(n) == k && !s.load(Ordering::Relaxed))
+                .map(|(n, _)| n.strip_prefix("gps_mask.").unwrap_or(n)) // the mask of that weight
+                .collect();
+            let which = match unset.len() {
+                0 => continue,
+                1 => format!("'{}' was never set", unset[0]),
+                n => format!("'{}' and {} more were never set", unset[0], n - 1),
+            };
             return Err(Error::invalid(
-                "backbone",
-                format!(
-                    "the backbone was never loaded ({}): call Model::load_backbone with weights from model::load \
-                     (or set each tensor with Model::set_param), or build the model with Model::builder",
-                    which(&backbone)
-                ),
-            ));
-        }
-        let branches = unset(true);
-        if !branches.is_empty() {
-            return Err(Error::invalid(
-                "branches",
-                format!(
-                    "the branches were never initialised ({}): call Model::init_branches (or Model::load_trainable \
-                     to continue a saved run), or build the model with Model::builder",
-                    which(&branches)
-                ),
+                option,
+                format!("{what} ({which}): {call}, or build the model with Model::builder"),
             ));
         }
         Ok(())

@@ -29,7 +29,7 @@ use crate::runtime::{Backend, Pool, Runtime, Tensor};
 /// A ViT with its fine-tuning method, planned for a batch size and allocated on a device: the unit a
 /// caller trains. [`Model::builder`] makes one ready to train from a weights file; [`Model::new`] plans an
 /// empty one, which refuses to run until its backbone is loaded ([`Model::load_backbone`]) and its branches
-/// are initialised ([`Model::init_branches`]). The cycle of a step is [`Model::set_batch`],
+/// are initialised ([`Model::init_branches`]; [`Model::init_method`] also sets GPS's masks). The cycle of a step is [`Model::set_batch`],
 /// [`Model::forward`] (the loss), [`Model::backward`] (the gradients of the trainable set),
 /// [`Model::adamw_step`] (which refuses gradients that a step has already used).
 ///
@@ -94,7 +94,8 @@ pub struct Model {
 impl Model {
     /// Plans and allocates the model for steps of up to `batch` images; every parameter starts at zero, and
     /// [`Model::forward`] refuses to run until the backbone is loaded ([`Model::load_backbone`], or every
-    /// tensor set with [`Model::set_param`]) and the branches are initialised ([`Model::init_branches`]).
+    /// tensor set with [`Model::set_param`]) and the branches are initialised ([`Model::init_branches`], or
+    /// [`Model::init_method`], which also sets GPS's masks).
     /// [`Model::builder`] does all of it in one call. `memory` is a [`Recompute`] level (fp32 storage) or
     /// [`MemoryOptions`] (recompute level and storage precision).
     ///
@@ -142,7 +143,8 @@ impl Model {
             Method::Kernel(k) if k.sparse => vec![k.sparsity; layout.branches.len()],
             _ => vec![0.0; layout.branches.len()],
         };
-        let params_set = ParamsSet::new(&layout.params.names);
+        let masked = layout.params.names.iter().zip(&layout.params.list).filter(|(_, p)| p.mask.is_some());
+        let params_set = ParamsSet::new(&layout.params.names, masked.map(|(n, _)| n.clone()));
         Ok(Model {
             cfg: cfg.clone(),
             method,
@@ -196,9 +198,9 @@ impl Model {
     /// Forward pass over the uploaded batch: returns the mean cross-entropy, keeps what the backward needs.
     ///
     /// # Errors
-    /// No batch uploaded (`Invalid { option: "batch" }`); a backbone never loaded (`Invalid { option: "backbone" }`)
-    /// or branches never initialised (`Invalid { option: "branches" }`), each naming a parameter never set and
-    /// the call that sets it; device failures.
+    /// No batch uploaded (`Invalid { option: "batch" }`); a backbone never loaded (`Invalid { option: "backbone" }`),
+    /// branches never initialised (`Invalid { option: "branches" }`) or GPS masks never set (`Invalid { option:
+    /// "gps masks" }`), each naming a parameter never set and the call that sets it; device failures.
     pub fn forward(&mut self) -> Result<f32> {
         let b = self.require_batch()?;
         self.forward_logits(b)?;

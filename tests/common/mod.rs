@@ -17,8 +17,9 @@ pub fn tiny_layer_scale() -> ViTConfig {
 }
 
 /// Deterministic small weights for every parameter: LayerNorm scales and the branches' α, γ at 1, β at 0,
-/// everything else in ±0.05.
+/// everything else in ±0.05; GPS masks as `Model::init_method` draws them.
 pub fn deterministic_params(model: &Model) {
+    model.init_method(0).unwrap(); // GPS's masks (the loop below sets every parameter, branches included)
     for (i, name) in model.param_names().iter().enumerate() {
         let n = model.param_len(name).unwrap();
         let ones = name.ends_with("norm1.weight")
