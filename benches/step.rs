@@ -70,6 +70,7 @@ fn step(c: &mut Criterion) {
                     continue;
                 }
             };
+            model.init_method(0).expect("GPS masks"); // then init() sets every parameter, branches included
             init(&model, &cfg);
             let per = cfg.in_chans * cfg.img_size.0 * cfg.img_size.1;
             let images: Vec<f32> = (0..batch * per).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();

@@ -47,15 +47,9 @@ fn main() -> snella::Result<()> {
         model.set_param(name, &v)?;
     }
     model.init_branches(0)?;
-    let alloc = Allocator::new(
-        &model,
-        AllocatorConfig { init_ratio: 0.0, target_ratio: 0.5, total_epochs: epochs, ..Default::default() },
-    )?;
+    let alloc = Allocator::new(&model, AllocatorConfig { target_ratio: 0.5, ..AllocatorConfig::by_epochs(epochs) })?;
     for epoch in 0..epochs {
-        let (budget, realloc) = alloc.schedule(epoch);
-        if realloc {
-            alloc.reallocate(&mut model, budget)?;
-        }
+        alloc.begin(&mut model, epoch)?; // reallocates the per-layer ratios when the schedule says so
         let batches: Box<dyn Iterator<Item = (Vec<f32>, Vec<i32>)>> = match &folder {
             Some(p) => {
                 let data = ImageFolder::open(std::path::Path::new(p))?;

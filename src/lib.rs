@@ -2,18 +2,25 @@
 //! fine-tuning with bi-level parameter competition), on CUDA or the CPU, with every byte planned.
 //!
 //! ```
-//! use snella::model::{Model, Recompute, ViTConfig};
+//! use snella::model::{load::Weights, ModelBuilder, Recompute, ViTConfig};
 //! use snella::peft::Method;
-//! use snella::{Backend, Device};
+//! use snella::train::trainer::random_backbone;
+//! use snella::Device;
 //!
 //! # fn main() -> snella::Result<()> {
-//! // A small ViT with SNELLA-8 branches (Device::auto() picks a GPU when there is one).
+//! // A real run starts from a file or Hub id: Model::builder("dinov2_vits14.safetensors", method), which
+//! // recognises DINOv2-S/14 and its 6 heads. Here a small random ViT, of a size the library does not know.
 //! let cfg = ViTConfig::by_name("tiny", 10)?;
-//! let method = Method::snella(8, 0.5);
-//! let mut model = Model::new(Backend::new(Device::Cpu)?, &cfg, method, 2, Recompute::Attention)?;
+//! let weights = Weights { tensors: random_backbone(&cfg, 0), source: "tiny.safetensors".into() };
+//! let (mut model, notes) = ModelBuilder::from_weights(weights, Method::snella(8, 0.5))
+//!     .num_heads(4) // an unknown size: give its head count
+//!     .batch(2)
+//!     .recompute(Recompute::Attention)
+//!     .device(Device::Cpu) // the default, Device::auto(), picks a GPU when there is one
+//!     .build()?; // backbone loaded, position table and head adapted, branches initialised
+//! println!("{}", notes.join("\n")); // what was inferred
 //! print!("{}", model.plan().table()); // every pool, sized before anything runs
-//! model.init_branches(0)?; // official init; load real weights with model::load
-//! let images = vec![0.1f32; 2 * 3 * 32 * 32]; // (B, C, H, W)
+//! let images = vec![0.1f32; 2 * 3 * 32 * 32]; // (B, C, H, W), normalised
 //! model.set_batch(&images, &[3, 7])?;
 //! let loss = model.forward()?;
 //! model.backward()?;

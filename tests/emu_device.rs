@@ -29,6 +29,10 @@ fn the_largest_batch_that_fits_runs_its_steps_and_one_more_does_not_fit() {
     let (_, max_batch) = oom_of(Model::new(Backend::emulated(total).unwrap(), &cfg, method, 1000, rc));
     assert!((1..1000).contains(&max_batch), "max_batch {max_batch}");
     let mut m = Model::new(Backend::emulated(total).unwrap(), &cfg, method, max_batch, rc).unwrap();
+    // A step needs a loaded backbone (a random one: this test measures bytes, not values).
+    for (name, (_, v)) in snella::train::trainer::random_backbone(&cfg, 0) {
+        m.set_param(&name, &v).unwrap();
+    }
     m.init_branches(0).unwrap();
     let per = 3 * cfg.img_size.0 * cfg.img_size.1;
     let images: Vec<f32> = (0..max_batch * per).map(|i| ((i % 97) as f32 - 48.0) / 50.0).collect();

@@ -8,8 +8,11 @@ use crate::model::plan::{BranchParams, Linear, MemoryOptions, Param};
 use crate::model::vit::Model;
 use crate::ops::sparsify::kept_count;
 use crate::peft::Method;
+use crate::rng::{example_seed, unit_f64, SplitMix64};
 use crate::runtime::GemmPrecision;
 use crate::runtime::{Backend, DType, Device, Plan, Pool, PoolUsage, Runtime, Tensor};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 impl Model {
     /// Sets a parameter (or a branch parameter) by name; `data` is row-major with the parameter's shape.
@@ -18,7 +21,9 @@ impl Model {
     /// No parameter of that name, or `data` of the wrong length (both named in the message).
     pub fn set_param(&self, name: &str, data: &[f32]) -> Result<()> {
         let p = self.param(name)?;
-        self.rt.upload(p.value, data)
+        self.rt.upload(p.value, data)?;
+        self.params_set.mark(name);
+        Ok(())
     }
 
     pub(crate) fn param(&self, name: &str) -> Result<&Param> {
@@ -47,7 +52,7 @@ impl Model {
     }
 
     /// Sets every backbone tensor from `w` (timm names, adapted to this model's configuration by
-    /// [`crate::model::load::adapt_to_config`]).
+    /// [`crate::model::load::adapt_to_config`]). [`Model::builder`] reads, adapts and loads in one call.
     ///
     /// # Errors
     /// [`Error::MissingTensor`] / [`Error::ShapeMismatch`] naming the tensor and the file.
@@ -67,6 +72,7 @@ impl Model {
     /// Initialises every branch as the official code does (method.md §13): kernel factors (2, n, r/2) ~ kaiming_uniform(a=√5),
     /// i.e. U(±1/√(n·r/2)); α = γ = 1, β = 0; LoRA A (r, in) and B (out, r) ~ N(0, 0.02²) (the official model
     /// re-initialises every Linear, LoRA's included, with trunc_normal(0.02)). Deterministic by `seed`.
+    /// A method without branches has nothing to initialise.
     ///
     /// # Errors
     /// A failed device copy.
@@ -94,6 +100,31 @@ impl Model {
                             .collect();
                         self.rt.upload(p.value, &v)?;
                     }
+                }
+            }
+        }
+        // Every branch parameter was just written (kernel factors and mixture, or LoRA's A and B).
+        for name in self.layout.params.names.iter().filter(|n| n.starts_with("branch.")) {
+            self.params_set.mark(name);
+        }
+        Ok(())
+    }
+
+    /// Initialises what the method adds to the backbone: the branches ([`Model::init_branches`]) and, for
+    /// GPS, a fixed random `density` of every block weight as its update mask. Deterministic in `seed`.
+    ///
+    /// # Errors
+    /// A failed device copy.
+    pub fn init_method(&self, seed: u64) -> Result<()> {
+        self.init_branches(seed)?;
+        if let Method::Gps { density } = self.method {
+            let masked = self.gps_mask_names();
+            for (k, name) in self.layout.params.names.iter().enumerate() {
+                if masked.contains(name) {
+                    let mut rng = SplitMix64::new(example_seed(seed, 0x6E5_3A5C, k as u64));
+                    let mask: Vec<u8> =
+                        (0..self.param_len(name)?).map(|_| unit_f64(&mut rng) < density as f64).map(u8::from).collect();
+                    self.set_gps_mask(name, &mask)?;
                 }
             }
         }
@@ -126,6 +157,7 @@ impl Model {
             Backend::Cpu => self.rt.u8_mut(m).copy_from_slice(mask),
             Backend::Cuda(c) => c.upload(self.rt.ptr(m), mask)?,
         }
+        self.params_set.mark(&format!("gps_mask.{name}"));
         Ok(())
     }
 
@@ -196,8 +228,8 @@ impl Model {
         self.rt.set_gemm_precision(p)
     }
 
-    /// Every parameter name (timm names for the backbone, `<linear>.<q|k|v|>.<leaf>` for branches), in plan
-    /// order.
+    /// Every parameter name, in plan order: timm names for the backbone, `branch.<linear>.<leaf>` for the
+    /// branches (see [the naming rule](Model#parameter-names)), e.g. `branch.blocks.0.attn.q.In_Qs`.
     pub fn param_names(&self) -> Vec<String> {
         self.layout.params.names.clone()
     }
@@ -230,8 +262,8 @@ impl Model {
         Ok(self.param(name)?.grad.is_some())
     }
 
-    /// The branch prefixes (`blocks.<l>.attn.qkv.q`, ..., `blocks.<l>.mlp.fc2`), in the order that indexes
-    /// [`Model::sparsity`] and [`Model::thresholds`].
+    /// The branch prefixes (`branch.blocks.<l>.attn.q`, `.k`, `.v`, `.proj`, `branch.blocks.<l>.mlp.fc1`,
+    /// `.fc2`), in the order that indexes [`Model::sparsity`] and [`Model::thresholds`].
     pub fn branch_names(&self) -> Vec<String> {
         self.layout.branches.iter().map(|b| b.prefix.clone()).collect()
     }
@@ -542,5 +574,93 @@ impl BranchUpdate<'_> {
                 Ok(w.iter().zip(&w0).map(|(a, b)| a - b).collect())
             }
         }
+    }
+}
+
+/// Which parameters (and GPS masks) have been given values since the model was planned. Every one starts at
+/// zero, and a zero backbone (loss exactly ln V), zero branch factors (their gradients exactly 0: a silent
+/// linear probe) or zero GPS masks (nothing but the head trains) run without any error to a wrong result, so a
+/// pass refuses a model with one never set. Set by [`Model::set_param`] (and so [`Model::load_backbone`]),
+/// [`Model::init_branches`], [`Model::set_gps_mask`] (and so [`Model::init_method`]) and a loaded trainable
+/// set. Atomic flags: the setters take `&self`.
+pub(crate) struct ParamsSet {
+    index: HashMap<String, usize>,
+    /// Parameter names, then `gps_mask.<param>` for each GPS mask.
+    names: Vec<String>,
+    set: Vec<AtomicBool>,
+    /// `report::memory::measure` steps a zero backbone on purpose: it measures bytes, not values.
+    waived: AtomicBool,
+}
+
+/// What a pass needs set, in the order it is reported: (name prefix, option, what is wrong, the call to make).
+const UNSET: [(&str, &str, &str, &str); 3] = [
+    (
+        "",
+        "backbone",
+        "the backbone was never loaded",
+        "call Model::load_backbone with weights from model::load (or set each tensor with Model::set_param)",
+    ),
+    (
+        "branch.",
+        "branches",
+        "the branches were never initialised",
+        "call Model::init_branches (or Model::load_trainable to continue a saved run)",
+    ),
+    ("gps_mask.", "gps masks", "the GPS masks were never set", "call Model::init_method (or Model::set_gps_mask)"),
+];
+
+impl ParamsSet {
+    pub(crate) fn new(params: &[String], masked: impl IntoIterator<Item = String>) -> ParamsSet {
+        let names: Vec<String> =
+            params.iter().cloned().chain(masked.into_iter().map(|n| format!("gps_mask.{n}"))).collect();
+        ParamsSet {
+            index: names.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect(),
+            set: names.iter().map(|_| AtomicBool::new(false)).collect(),
+            names,
+            waived: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn mark(&self, name: &str) {
+        if let Some(&i) = self.index.get(name) {
+            self.set[i].store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// An error naming a parameter never set and the call that sets it: backbone, then branches, then masks.
+    pub(crate) fn check(&self) -> Result<()> {
+        if self.waived.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let kind = |n: &str| UNSET.iter().rposition(|u| n.starts_with(u.0)).unwrap_or(0);
+        for (k, &(_, option, what, call)) in UNSET.iter().enumerate() {
+            let unset: Vec<&str> = (self.names.iter().zip(&self.set))
+                .filter(|(n, s)| kind(n) == k && !s.load(Ordering::Relaxed))
+                .map(|(n, _)| n.strip_prefix("gps_mask.").unwrap_or(n)) // the mask of that weight
+                .collect();
+            let which = match unset.len() {
+                0 => continue,
+                1 => format!("'{}' was never set", unset[0]),
+                n => format!("'{}' and {} more were never set", unset[0], n - 1),
+            };
+            return Err(Error::invalid(
+                option,
+                format!("{what} ({which}): {call}, or build the model with Model::builder"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Model {
+    /// Lets a model with parameters never set run (`report::memory::measure`: the bytes a step touches do not
+    /// depend on the values).
+    pub(crate) fn waive_params_check(&self) {
+        self.params_set.waived.store(true, Ordering::Relaxed);
+    }
+
+    /// Records that `name` was written other than through [`Model::set_param`] (a loaded trainable set).
+    pub(crate) fn note_param_set(&self, name: &str) {
+        self.params_set.mark(name);
     }
 }

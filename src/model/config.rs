@@ -1,7 +1,10 @@
 //! ViT configurations by name, and the timm parameter names and shapes they imply.
 use crate::error::{Error, Result};
 
-/// Pre-LN ViT sizes. Names follow timm's VisionTransformer.
+/// Pre-LN ViT sizes. Names follow timm's VisionTransformer, and so does [`Default`]: ViT-B/16 at 224 px
+/// with 1000 classes, so a custom size is `ViTConfig { embed_dim: 384, num_heads: 6, mlp_hidden: 1536,
+/// ..Default::default() }`. [`ViTConfig::by_name`] gives the known sizes; [`crate::model::load::infer_config`]
+/// reads one from a checkpoint.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ViTConfig {
     /// (height, width) in pixels.
@@ -65,9 +68,27 @@ impl Position {
     }
 }
 
+impl Default for ViTConfig {
+    /// timm's `VisionTransformer()` defaults: ViT-B/16, 224 px, 1000 classes, no LayerScale.
+    fn default() -> ViTConfig {
+        ViTConfig {
+            img_size: (224, 224),
+            patch_size: 16,
+            in_chans: 3,
+            embed_dim: 768,
+            depth: 12,
+            num_heads: 12,
+            mlp_hidden: 3072,
+            num_classes: 1000,
+            layer_scale: false,
+            eps: 1e-6,
+        }
+    }
+}
+
 impl ViTConfig {
-    /// A configuration by name: vit_b16, vit_l16, vit_h14 (timm sizes, 224 px), dinov2_s14 (224 px; its
-    /// checkpoint's 518-px position table is interpolated), and `tiny` for tests.
+    /// A configuration by name: vit_b16, vit_l16, vit_h14 (timm sizes, 224 px), dinov2_s14, dinov2_b14,
+    /// dinov2_l14 (224 px; their checkpoints' 518-px position table is interpolated), and `tiny` for tests.
     ///
     /// # Errors
     /// `Invalid { option: "model" }` for an unknown name.
@@ -89,11 +110,16 @@ impl ViTConfig {
             "vit_l16" | "vit_large_patch16_224" => base(224, 16, 1024, 24, 16, 4096, false),
             "vit_h14" | "vit_huge_patch14_224" => base(224, 14, 1280, 32, 16, 5120, false),
             "dinov2_s14" | "vit_small_patch14_dinov2" => base(224, 14, 384, 12, 6, 1536, true),
+            "dinov2_b14" | "vit_base_patch14_dinov2" => base(224, 14, 768, 12, 12, 3072, true),
+            "dinov2_l14" | "vit_large_patch14_dinov2" => base(224, 14, 1024, 24, 16, 4096, true),
             "tiny" => base(32, 8, 64, 2, 4, 256, false),
             _ => {
                 return Err(Error::invalid(
                     "model",
-                    format!("unknown model '{name}' (known: vit_b16, vit_l16, vit_h14, dinov2_s14, tiny)"),
+                    format!(
+                        "unknown model '{name}' (known: vit_b16, vit_l16, vit_h14, dinov2_s14, dinov2_b14, \
+                         dinov2_l14, tiny)"
+                    ),
                 ))
             }
         })
@@ -233,5 +259,6 @@ mod tests {
         assert_eq!(c.tokens(), 197);
         assert_eq!(c.num_params(), 86_567_656); // timm vit_base_patch16_224
         assert!(ViTConfig::by_name("vit_x", 10).is_err());
+        assert_eq!(ViTConfig::default(), c);
     }
 }

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::io::read_up_to;
 use crate::io::safetensors::{self, fills};
 use crate::model::config::ViTConfig;
-use crate::model::posembed::{resize_pos_embed, PosResize};
+use crate::model::posembed::resize_pos_embed;
 use crate::rng::trunc_normal;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
@@ -18,6 +18,8 @@ use std::path::{Path, PathBuf};
 
 // The writer of this format lives with the other safetensors code.
 pub use crate::io::safetensors::write_safetensors;
+// How a position table is resized: chosen per family by [`identify`], or by hand with [`adapt_to_config_with`].
+pub use crate::model::posembed::PosResize;
 
 /// Tensors by name: (shape, fp32 values in row-major order).
 pub type TensorMap = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
@@ -142,9 +144,10 @@ fn classify_names(names: &[String]) -> Option<Format> {
 // Reading
 // ---------------------------------------------------------------------------------------------------------
 
-/// Reads a checkpoint in any supported format and maps it to timm names (fused qkv rows `[q; k; v]`, etc.).
-/// `path` may also be a Hugging Face Hub id (`facebook/dinov2-small`, `hf-hub:timm/<name>`), read from the local
-/// cache ([`super::hub`]).
+/// Reads a checkpoint of backbone weights in any supported format and maps it to timm names (fused qkv rows
+/// `[q; k; v]`, etc.). `path` may also be a Hugging Face Hub id (`facebook/dinov2-small`, `hf-hub:timm/<name>`),
+/// read from the local cache ([`super::hub`]). (The trainable set a fine-tune saves is another file:
+/// [`Model::save_trainable`](crate::model::Model::save_trainable) and `load_trainable`.)
 ///
 /// Names that have no timm counterpart are kept under their name in the file, so that
 /// [`adapt_to_config`] can list them. Register tokens (`reg_token`, HF `embeddings.register_tokens`) are an
@@ -577,13 +580,16 @@ fn ignorable(name: &str) -> Option<&'static str> {
     }
 }
 
-/// Checks and adapts `w` to `cfg`, resizing a position table of another grid with
-/// [`PosResize::Torch`] (timm 0.5.4's `resize_pos_embed`); see [`adapt_to_config_with`].
+/// Checks and adapts `w` to `cfg`, resizing a position table of another grid the way the checkpoint's
+/// family does ([`identify`]: DINOv2's own offset for a facebookresearch DINOv2 release, else
+/// [`PosResize::Torch`], timm 0.5.4's `resize_pos_embed`, which also reproduces Hugging Face's DINOv2); see
+/// [`adapt_to_config_with`].
 ///
 /// # Errors
 /// As [`adapt_to_config_with`].
 pub fn adapt_to_config(w: Weights, cfg: &ViTConfig, seed: u64) -> Result<(Weights, Vec<String>)> {
-    adapt_to_config_with(w, cfg, seed, PosResize::Torch)
+    let mode = identify(&w).pos_resize;
+    adapt_to_config_with(w, cfg, seed, mode)
 }
 
 /// Checks and adapts `w` to `cfg`: every tensor of `cfg.param_shapes()` must be present with the exact
@@ -720,19 +726,80 @@ pub fn adapt_to_config_with(w: Weights, cfg: &ViTConfig, seed: u64, mode: PosRes
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Configuration inference
+// Families and configuration inference
 // ---------------------------------------------------------------------------------------------------------
 
-/// Infers a ViTConfig from weights in timm names: depth (count of `blocks.{i}`), width (`cls_token`), patch size
+/// The ViT sizes the library recognises in a checkpoint, by (width, depth): heads and size name (the head
+/// width is 64, 80 for ViT-H). DINOv2 ships S, B, L and g; timm and Hugging Face ViTs Ti, S, B, L and H.
+const KNOWN_SIZES: [(usize, usize, usize, &str); 6] = [
+    (192, 12, 3, "Ti"),
+    (384, 12, 6, "S"),
+    (768, 12, 12, "B"),
+    (1024, 24, 16, "L"),
+    (1280, 32, 16, "H"),
+    (1536, 40, 24, "g"),
+];
+
+/// What the layout and the sizes of a backbone say about it (see [`identify`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Family {
+    /// A description, e.g. `DINOv2 ViT-S/14 (Hugging Face Dinov2Model)` or `a 32-wide, 2-block ViT of no known
+    /// size (timm layout)`.
+    pub name: String,
+    /// The head count of a recognised size (checkpoints do not store it); `None` for a size the library does
+    /// not know.
+    pub num_heads: Option<usize>,
+    /// How the family's own code resizes its position table for another image size.
+    pub pos_resize: PosResize,
+}
+
+/// Recognises the family of a backbone: its layout (the file's format, read again from `w.source` when it is
+/// a readable file, else the names), and its size by width and depth (DINOv2 S/B/L/g, timm and Hugging Face
+/// ViT Ti/S/B/L/H; LayerScale marks DINOv2). The position table is resized as the family's code does: a
+/// facebookresearch DINOv2 release (timm names with its `mask_token`) with DINOv2's `interpolate_pos_encoding`
+/// ([`PosResize::Dinov2Offset`]); everything else, Hugging Face's `Dinov2Model` included (transformers
+/// interpolates to a size, and `tests/real_weights.rs` checks it on the fetched DINOv2-S/14), with
+/// [`PosResize::Torch`]. timm's own DINOv2 files (no `mask_token`) use timm's resize: [`PosResize::Torch`].
+pub fn identify(w: &Weights) -> Family {
+    let format = detect(&w.source).ok();
+    let shape = |name: &str| w.tensors.get(name).map(|t| t.0.as_slice());
+    let width = shape("patch_embed.proj.weight").and_then(|s| s.first().copied()).unwrap_or(0);
+    let depth = block_indices(w.tensors.keys(), "blocks.").len();
+    let patch = shape("patch_embed.proj.weight").and_then(|s| s.last().copied()).unwrap_or(0);
+    let layer_scale = w.tensors.contains_key("blocks.0.ls1.gamma");
+    let facebook_release = layer_scale && w.tensors.contains_key("mask_token") && format != Some(Format::HfDinov2);
+    let layout = match format {
+        Some(Format::HfDinov2) => "Hugging Face Dinov2Model",
+        Some(Format::HfVit) => "Hugging Face ViTModel",
+        Some(Format::GoogleNpz) => "Google .npz",
+        _ if facebook_release => "facebookresearch release",
+        _ => "timm layout",
+    };
+    let known = KNOWN_SIZES.iter().find(|&&(d, l, _, _)| d == width && l == depth);
+    let name = match known {
+        Some(&(_, _, _, size)) => {
+            let family = if layer_scale { "DINOv2 ViT" } else { "ViT" };
+            format!("{family}-{size}/{patch} ({layout})")
+        }
+        None => format!("a {width}-wide, {depth}-block ViT of no known size ({layout})"),
+    };
+    let pos_resize = if facebook_release { PosResize::Dinov2Offset } else { PosResize::Torch };
+    Family { name, num_heads: known.map(|k| k.2), pos_resize }
+}
+
+/// Infers a ViTConfig from weights in timm names: depth (count of `blocks.{i}`), width, patch size
 /// and input channels (`patch_embed.proj.weight`), MLP width (`blocks.0.mlp.fc1.weight`), LayerScale
 /// (`blocks.0.ls1.gamma`), classes (rows of `head.weight`, or 0 when the checkpoint has no head: set your own
-/// before use). Heads come from `num_heads` since checkpoints do not store them, the image size from
-/// `img_size` (the position table is resized to its grid by [`adapt_to_config`]). LayerNorm eps is timm's 1e-6.
+/// before use). Checkpoints do not store the head count: `num_heads` 0 looks it up for a size the library
+/// recognises ([`identify`]), and a count that disagrees with a recognised size is refused (6 heads for
+/// DINOv2-S/14, say, not 12: the model would run and be wrong). The image size comes from `img_size` (the
+/// position table is resized to its grid by [`adapt_to_config`]). LayerNorm eps is timm's 1e-6.
 ///
 /// # Errors
 /// `MissingTensor` (no patch embedding, blocks or fc1), `Format` (a patch embedding or fc1 weight of the
-/// wrong rank, non-square patches), `Invalid` (the inferred sizes with `num_heads` and `img_size` do not
-/// form a valid configuration).
+/// wrong rank, non-square patches, a SwiGLU MLP), `Invalid { option: "num_heads" }` (a head count that disagrees
+/// with the recognised size), `Invalid { option: "model config" }` (heads 0 for a size the library does not
+/// know, or sizes with `num_heads` and `img_size` that do not form a valid configuration).
 pub fn infer_config(w: &Weights, num_heads: usize, img_size: (usize, usize)) -> Result<ViTConfig> {
     let file = w.file();
     let get = |name: &str| {
@@ -758,12 +825,43 @@ pub fn infer_config(w: &Weights, num_heads: usize, img_size: (usize, usize)) -> 
     for i in 0..depth {
         get(&format!("blocks.{i}.attn.qkv.weight"))?;
     }
+    if !w.tensors.contains_key("blocks.0.mlp.fc1.weight") {
+        if let Some(n) = w.tensors.keys().find(|n| n.contains("mlp.w12.") || n.contains("mlp.weights_in.")) {
+            return Err(Error::format(
+                &w.source,
+                format!("'{n}' is a SwiGLU MLP (DINOv2 ViT-g/14): only the fc1/GELU/fc2 MLP is supported"),
+            ));
+        }
+    }
     let fc1 = get("blocks.0.mlp.fc1.weight")?;
     let [mlp_hidden, _] = fc1[..] else {
         return Err(Error::format(
             &w.source,
             format!("blocks.0.mlp.fc1.weight has shape {fc1:?}, expected (hidden, D)"),
         ));
+    };
+    let family = identify(w);
+    let num_heads = match (num_heads, family.num_heads) {
+        (0, Some(known)) => known,
+        (0, None) => {
+            return Err(Error::invalid(
+                "model config",
+                format!(
+                    "num_heads 0: {} is {}, whose head count the library cannot look up; give num_heads",
+                    file, family.name
+                ),
+            ))
+        }
+        (given, Some(known)) if given != known => {
+            return Err(Error::invalid(
+                "num_heads",
+                format!(
+                    "{given} heads for {file}, which is {}: it has {known} heads (pass 0 to look it up)",
+                    family.name
+                ),
+            ))
+        }
+        (given, _) => given,
     };
     let layer_scale = w.tensors.contains_key("blocks.0.ls1.gamma");
     let num_classes = w.tensors.get("head.weight").and_then(|t| t.0.first().copied()).unwrap_or(0);
@@ -782,4 +880,16 @@ pub fn infer_config(w: &Weights, num_heads: usize, img_size: (usize, usize)) -> 
     // validate() also wants classes > 0; check the rest with a stand-in.
     ViTConfig { num_classes: num_classes.max(1), ..cfg.clone() }.validate()?;
     Ok(cfg)
+}
+
+/// The image size a checkpoint's position table was trained for: its square grid times the patch size (518 px
+/// for DINOv2's 37x37 table at patch 14), or None without a square table or a patch embedding.
+pub fn native_image_size(w: &Weights) -> Option<usize> {
+    let tokens = match w.tensors.get("pos_embed")?.0[..] {
+        [1, n, _] if n >= 2 => n - 1,
+        _ => return None,
+    };
+    let g = (tokens as f64).sqrt().round() as usize;
+    let patch = *w.tensors.get("patch_embed.proj.weight")?.0.last()?;
+    (g * g == tokens).then_some(g * patch)
 }

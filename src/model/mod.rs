@@ -1,6 +1,7 @@
 //! The ViT: configuration, the plan of every tensor of a step, the forward and backward written out per
-//! layer, checkpoint loaders.
+//! layer, checkpoint loaders, and [`Model::builder`], which goes from a weights file to a model ready to train.
 mod access;
+mod build;
 pub mod config;
 pub mod hub;
 mod linear;
@@ -9,8 +10,9 @@ mod plan;
 pub mod vit;
 
 pub(crate) use access::TrackedFactor;
+pub use build::ModelBuilder;
 pub use config::{Position, ViTConfig};
 pub(crate) use plan::plan_model;
 pub use plan::{plan, MemoryOptions, Precision, Recompute};
-pub use vit::Model;
+pub use vit::{Evaluation, Model};
 pub mod posembed;

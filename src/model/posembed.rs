@@ -47,6 +47,23 @@ impl PosResize {
     }
 }
 
+impl std::str::FromStr for PosResize {
+    type Err = Error;
+    /// `torch`, `torch-antialias` (alias `antialias`), `dinov2-offset` (alias `dinov2`), case-insensitive, `-`
+    /// or `_`. Error: `Invalid { option: "pos_resize" }`.
+    fn from_str(s: &str) -> Result<PosResize> {
+        match s.trim().to_ascii_lowercase().replace('_', "-").as_str() {
+            "torch" => Ok(PosResize::Torch),
+            "torch-antialias" | "antialias" => Ok(PosResize::TorchAntialias),
+            "dinov2-offset" | "dinov2" => Ok(PosResize::Dinov2Offset),
+            _ => Err(Error::invalid(
+                "pos_resize",
+                format!("unknown position-table resize '{s}' (torch, torch-antialias, dinov2-offset)"),
+            )),
+        }
+    }
+}
+
 /// `(index, weight)` taps of one output cell along one axis.
 type Taps = Vec<Vec<(usize, f64)>>;
 

@@ -7,6 +7,7 @@
 //! M or M_s between forward and backward (each Linear builds its merged weight W0 + M_sᵀ in scratch, uses
 //! it, and the backward rebuilds it). Accessors are in `access.rs`.
 use crate::error::{Error, Result};
+use crate::model::access::ParamsSet;
 use crate::model::config::ViTConfig;
 use crate::model::linear::{BranchDrop, Linears, MaskStream};
 use crate::model::plan::{plan_model, LayerNorm, Layout, MemoryOptions, NormStats, Param, Recompute};
@@ -26,10 +27,37 @@ use crate::rng::GOLDEN_GAMMA;
 use crate::runtime::{Backend, Pool, Runtime, Tensor};
 
 /// A ViT with its fine-tuning method, planned for a batch size and allocated on a device: the unit a
-/// caller trains. The cycle of a step is [`Model::set_batch`], [`Model::forward`] (the loss),
-/// [`Model::backward`] (the gradients of the trainable set), [`Model::adamw_step`]. Parameters use timm's
-/// names (`blocks.0.attn.qkv.weight`, ...); branch factors are `<linear>[.q|.k|.v].<leaf>` (see
-/// [`Model::param_names`]).
+/// caller trains. [`Model::builder`] makes one ready to train from a weights file; [`Model::new`] plans an
+/// empty one, which refuses to run until its backbone is loaded ([`Model::load_backbone`]) and its branches
+/// are initialised ([`Model::init_branches`]; [`Model::init_method`] also sets GPS's masks). The cycle of a step is [`Model::set_batch`],
+/// [`Model::forward`] (the loss), [`Model::backward`] (the gradients of the trainable set),
+/// [`Model::adamw_step`] (which refuses gradients that a step has already used).
+///
+/// # Parameter names
+/// The backbone uses timm's names: `cls_token`, `pos_embed`, `patch_embed.proj.weight`,
+/// `blocks.<l>.attn.qkv.weight` (q, k, v fused), `blocks.<l>.mlp.fc1.bias`, `blocks.<l>.ls1.gamma`
+/// (LayerScale), `norm.weight`, `head.weight`, ... ([`ViTConfig::param_shapes`]). A branch is named after
+/// the Linear it adapts, `branch.blocks.<l>.attn.<q|k|v|proj>` or `branch.blocks.<l>.mlp.<fc1|fc2>`
+/// ([`Model::branch_names`]), and its parameters add a leaf: `.In_Qs`, `.Out_Qs` (kernel factors), `.alpha`,
+/// `.gamma`, `.beta` (the mixture), `.A`, `.B` (LoRA). The plan adds `grad.<param>`, `adamw.m.<param>`,
+/// `adamw.v.<param>` and, for the allocator, `alloc.ipt.<branch>.In_Qs` and `alloc.unc.<branch>.Out_Qs`
+/// ([`Model::read_tensor`]). `tests/doc_names.rs` checks every such pattern in the docs against a model.
+///
+/// ```
+/// # use snella::model::{Model, Recompute, ViTConfig};
+/// # use snella::peft::Method;
+/// # fn main() -> snella::Result<()> {
+/// let cfg = ViTConfig::by_name("tiny", 10)?;
+/// let model = Model::new(snella::Backend::Cpu, &cfg, Method::snella(8, 0.5), 1, Recompute::None)?;
+/// let names = model.param_names();
+/// for name in ["blocks.0.attn.qkv.weight", "branch.blocks.0.attn.q.In_Qs", "branch.blocks.1.mlp.fc2.beta"] {
+///     assert!(names.iter().any(|n| n == name), "{name}");
+/// }
+/// assert_eq!(model.branch_names()[3], "branch.blocks.0.attn.proj");
+/// assert!(model.read_tensor("alloc.ipt.branch.blocks.0.attn.q.In_Qs").is_ok());
+/// # Ok(())
+/// # }
+/// ```
 pub struct Model {
     // Fields are the model's own (pub(super)), except the device, which other modules run ops on (rt).
     pub(super) cfg: ViTConfig,
@@ -57,12 +85,19 @@ pub struct Model {
     /// Kept sets the passes use instead of |M| > t, by `Branch::id`: empty except while the golden trajectory
     /// parity replays a reference mask (`Model::replay_masks`).
     pub(super) replayed_masks: Vec<Option<Vec<bool>>>,
+    /// Which parameters were given values: a pass refuses a model with one never set (see `access.rs`).
+    pub(super) params_set: ParamsSet,
+    /// Whether the gradients come from a backward that no AdamW step has used yet.
+    pub(super) fresh_grads: bool,
 }
 
 impl Model {
-    /// Plans and allocates the model for steps of up to `batch` images; every parameter starts at zero
-    /// (load a backbone with [`Model::load_backbone`], then [`Model::init_branches`]). `memory` is a
-    /// [`Recompute`] level (fp32 storage) or [`MemoryOptions`] (recompute level and storage precision).
+    /// Plans and allocates the model for steps of up to `batch` images; every parameter starts at zero, and
+    /// [`Model::forward`] refuses to run until the backbone is loaded ([`Model::load_backbone`], or every
+    /// tensor set with [`Model::set_param`]) and the branches are initialised ([`Model::init_branches`], or
+    /// [`Model::init_method`], which also sets GPS's masks).
+    /// [`Model::builder`] does all of it in one call. `memory` is a [`Recompute`] level (fp32 storage) or
+    /// [`MemoryOptions`] (recompute level and storage precision).
     ///
     /// # Errors
     /// An invalid configuration, method or batch (`Invalid` naming it); [`Error::OutOfMemory`] with the
@@ -108,6 +143,8 @@ impl Model {
             Method::Kernel(k) if k.sparse => vec![k.sparsity; layout.branches.len()],
             _ => vec![0.0; layout.branches.len()],
         };
+        let masked = layout.params.names.iter().zip(&layout.params.list).filter(|(_, p)| p.mask.is_some());
+        let params_set = ParamsSet::new(&layout.params.names, masked.map(|(n, _)| n.clone()));
         Ok(Model {
             cfg: cfg.clone(),
             method,
@@ -122,6 +159,8 @@ impl Model {
             block_drop_path: 0.0,
             reg_seed: 0,
             replayed_masks: Vec::new(),
+            params_set,
+            fresh_grads: false,
         })
     }
 
@@ -159,7 +198,9 @@ impl Model {
     /// Forward pass over the uploaded batch: returns the mean cross-entropy, keeps what the backward needs.
     ///
     /// # Errors
-    /// No batch uploaded; device failures.
+    /// No batch uploaded (`Invalid { option: "batch" }`); a backbone never loaded (`Invalid { option: "backbone" }`),
+    /// branches never initialised (`Invalid { option: "branches" }`) or GPS masks never set (`Invalid { option:
+    /// "gps masks" }`), each naming a parameter never set and the call that sets it; device failures.
     pub fn forward(&mut self) -> Result<f32> {
         let b = self.require_batch()?;
         self.forward_logits(b)?;
@@ -182,14 +223,20 @@ impl Model {
     /// [`Model::backward`] needs a new [`Model::set_batch`] and [`Model::forward`] after it.
     ///
     /// # Errors
-    /// `Invalid { option: "batch" }` for an image buffer that is empty, not a whole number of images, or more
-    /// images than planned; device failures.
+    /// `Invalid { option: "images" }` for an image buffer that is empty, not a whole number of images, or more
+    /// images than planned; an uninitialised model as [`Model::forward`]; device failures.
     pub fn predict(&mut self, images: &[f32]) -> Result<Vec<f32>> {
         let per = self.cfg.in_chans * self.cfg.img_size.0 * self.cfg.img_size.1;
         if images.is_empty() || !images.len().is_multiple_of(per) {
             return Err(Error::invalid(
-                "batch",
+                "images",
                 format!("{} image values are not a whole number of images of {per} values", images.len()),
+            ));
+        }
+        if images.len() / per > self.batch {
+            return Err(Error::invalid(
+                "images",
+                format!("{} images for a model planned for batch {}", images.len() / per, self.batch),
             ));
         }
         let b = self.set_batch(images, &vec![0; images.len() / per])?;
@@ -200,6 +247,59 @@ impl Model {
         self.logits()
     }
 
+    /// Mean cross-entropy and top-1 accuracy of the model over `batches`, any iterator of (images
+    /// (b, C, H, W), labels (b)) pairs of 1 to [`Model::batch_size`] images each (`Vec`s, slices or arrays),
+    /// in evaluation mode (no dropout or drop-path; the mode is restored afterwards). No parameter or
+    /// optimizer state changes; the last batch stays uploaded.
+    ///
+    /// # Errors
+    /// A batch that does not fit the model (`Invalid { option: "batch" | "labels" }`), no batch at all
+    /// (`Invalid { option: "evaluation" }`), an uninitialised model as [`Model::forward`], device failures.
+    pub fn evaluate<X: AsRef<[f32]>, Y: AsRef<[i32]>>(
+        &mut self,
+        batches: impl IntoIterator<Item = (X, Y)>,
+    ) -> Result<Evaluation> {
+        let never = std::sync::atomic::AtomicBool::new(false);
+        // Nothing sets `never`, so the evaluation runs to its end and the error below is not reached.
+        self.evaluate_until(batches.into_iter().map(Ok), &never, |_| {})?
+            .ok_or_else(|| Error::invalid("evaluation", "stopped before its end"))
+    }
+
+    /// [`Model::evaluate`] over fallible batches (a loader's), abandoned (`None`) when `stop` is set before a
+    /// batch; `done(b)` after each batch of b images.
+    pub(crate) fn evaluate_until<X: AsRef<[f32]>, Y: AsRef<[i32]>>(
+        &mut self,
+        batches: impl IntoIterator<Item = Result<(X, Y)>>,
+        stop: &std::sync::atomic::AtomicBool,
+        mut done: impl FnMut(usize),
+    ) -> Result<Option<Evaluation>> {
+        // Evaluation mode: no dropout or drop-path (restored afterwards, also on error).
+        let training = std::mem::replace(&mut self.training, false);
+        let run = || -> Result<Option<Evaluation>> {
+            let v = self.cfg.num_classes;
+            let (mut loss, mut right, mut n) = (0.0f64, 0u64, 0u64);
+            for batch in batches {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Ok(None);
+                }
+                let (images, labels) = batch?;
+                let b = self.set_batch(images.as_ref(), labels.as_ref())?;
+                let l = self.forward()?;
+                loss += l as f64 * b as f64;
+                right += top1_correct(&self.logits()?, labels.as_ref(), v);
+                n += b as u64;
+                done(b);
+            }
+            if n == 0 {
+                return Err(Error::invalid("evaluation", "there are no batches to evaluate"));
+            }
+            Ok(Some(Evaluation { loss: loss / n as f64, accuracy: right as f64 / n as f64, images: n as usize }))
+        };
+        let r = run();
+        self.training = training;
+        r
+    }
+
     fn require_batch(&self) -> Result<usize> {
         if self.last_b == 0 {
             return Err(Error::invalid("batch", "no batch uploaded (call set_batch first)"));
@@ -208,6 +308,7 @@ impl Model {
     }
 
     fn forward_logits(&mut self, b: usize) -> Result<()> {
+        self.params_set.check()?;
         let (rt, lo, cfg) = (&self.rt, &self.layout, &self.cfg);
         let lins = self.linears();
         let (d, t, v) = (cfg.embed_dim, cfg.tokens(), cfg.num_classes);
@@ -322,6 +423,7 @@ impl Model {
             return Err(Error::invalid("backward", "no forward on the current batch (call forward first)"));
         }
         let b = self.require_batch()?;
+        self.fresh_grads = false; // the gradients are overwritten from here on: only a completed backward counts
         let (rt, lo, cfg) = (&self.rt, &self.layout, &self.cfg);
         let lins = self.linears();
         let (d, f, t, v) = (cfg.embed_dim, cfg.mlp_hidden, cfg.tokens(), cfg.num_classes);
@@ -436,6 +538,7 @@ impl Model {
         if let (Some(dp), Some(gb)) = (dpatch, pb.grad) {
             bias_backward(rt, gb, dp, w.colsum)?;
         }
+        self.fresh_grads = true;
         Ok(())
     }
 
@@ -445,7 +548,8 @@ impl Model {
     /// masked-out entries do not decay either.
     ///
     /// # Errors
-    /// A learning rate or weight decay that is negative or not finite; device failures.
+    /// A learning rate or weight decay that is negative or not finite; no [`Model::backward`] since the last
+    /// step (`Invalid { option: "adamw_step" }`: its gradients were used already); device failures.
     pub fn adamw_step(&mut self, lr: f64, weight_decay: f64) -> Result<()> {
         if !(lr.is_finite() && lr >= 0.0) {
             return Err(Error::invalid("learning rate", format!("{lr} is not a finite number >= 0")));
@@ -453,6 +557,14 @@ impl Model {
         if !(weight_decay.is_finite() && weight_decay >= 0.0) {
             return Err(Error::invalid("weight decay", format!("{weight_decay} is not a finite number >= 0")));
         }
+        if !self.fresh_grads {
+            let why = if self.step == 0 { "no backward has run yet" } else { "no backward since the last step" };
+            return Err(Error::invalid(
+                "adamw_step",
+                format!("{why}, so there are no fresh gradients to step with (call forward and backward first)"),
+            ));
+        }
+        self.fresh_grads = false;
         self.step += 1;
         for (_, p) in self.layout.params.trainable() {
             let g = p.grad.expect("trainable parameters have gradients");
@@ -471,6 +583,36 @@ impl Model {
         }
         Ok(())
     }
+}
+
+/// What [`Model::evaluate`] measured.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct Evaluation {
+    /// Mean cross-entropy over the images.
+    pub loss: f64,
+    /// Top-1 accuracy, a fraction in [0, 1].
+    pub accuracy: f64,
+    /// Images evaluated.
+    pub images: usize,
+}
+
+/// Top-1 correct predictions among the rows of `logits` (b rows of `v`), one per label (the first maximum
+/// wins a tie).
+pub(crate) fn top1_correct(logits: &[f32], labels: &[i32], v: usize) -> u64 {
+    labels
+        .iter()
+        .enumerate()
+        .filter(|(r, &y)| {
+            let row = &logits[r * v..(r + 1) * v];
+            let mut best = 0;
+            for (j, &x) in row.iter().enumerate() {
+                if x > row[best] {
+                    best = j;
+                }
+            }
+            best == y as usize
+        })
+        .count() as u64
 }
 
 impl LayerNorm {

@@ -2,31 +2,78 @@
 //! layers compete for a global non-zero budget by EMA importance × uncertainty (inter-layer, method.md
 //! §8–§11), and inside each layer the magnitude quantile decides which entries survive (intra-layer,
 //! `ops::sparsify`, §4–§5).
-//! All schedule "steps" are epochs. Numerics follow the official code: EMAs in fp32 on the device, layer
-//! scores and the budget split in fp32, the ratios s_l in double.
+//! The schedule counts in whatever unit the caller drives it with: epochs, as the official code and the
+//! trainer do ([`AllocatorConfig::by_epochs`]), or optimizer steps for a loop over the caller's own batches
+//! ([`AllocatorConfig::by_steps`]). Either way a loop makes two calls per step: [`Allocator::begin`] with the
+//! index of the epoch or step it starts (the schedule, and the reallocation when it says so), then
+//! [`Allocator::update`] after the AdamW step (the EMAs). Numerics follow the official code: EMAs in fp32 on
+//! the device, layer scores and the budget split in fp32, the ratios s_l in double.
+//!
+//! ```
+//! use snella::model::{Model, Recompute, ViTConfig};
+//! use snella::peft::allocator::{Allocator, AllocatorConfig};
+//! use snella::peft::Method;
+//! # fn main() -> snella::Result<()> {
+//! let cfg = ViTConfig::by_name("tiny", 10)?;
+//! let mut model = Model::new(snella::Backend::Cpu, &cfg, Method::snella(8, 0.0), 2, Recompute::None)?;
+//! let alloc = Allocator::new(&model, AllocatorConfig { target_ratio: 0.5, ..AllocatorConfig::by_steps(4, 1) })?;
+//! let mut kept = Vec::new();
+//! for step in 0..4 {
+//!     if let Some(r) = alloc.begin(&mut model, step)? {
+//!         kept.push(r.kept_fraction);
+//!     }
+//!     // set_batch, forward, backward, adamw_step; then alloc.update(&model)?
+//! }
+//! assert_eq!(kept.len(), 3, "steps 1, 2 and 3 (step 0 keeps the initial budget)");
+//! assert!(kept.windows(2).all(|k| k[1] < k[0]) && kept[2] > 0.5, "decaying towards the target: {kept:?}");
+//! # Ok(())
+//! # }
+//! ```
 use crate::error::{Error, Result};
 use crate::model::{Model, TrackedFactor};
 use crate::ops::importance::{importance_sum, importance_update};
 
-/// The knobs of the allocator, with the released scripts' values as defaults.
+/// The knobs of the allocator, with the released scripts' values as defaults. The schedule's lengths count
+/// the unit [`Allocator::begin`] is called with: epochs (the official code, [`AllocatorConfig::by_epochs`]) or
+/// optimizer steps ([`AllocatorConfig::by_steps`]).
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AllocatorConfig {
     /// Uniform ratio of zeroed entries before the first reallocation (FGVC scripts 0, VTAB 0.01).
     pub init_ratio: f64,
     /// Ratio the global budget decays to (per task, e.g. CUB 0.30).
     pub target_ratio: f64,
-    /// Epochs at the initial budget.
+    /// Epochs (or steps) at the initial budget.
     pub init_warmup: usize,
-    /// Epochs at the target budget at the end.
+    /// Epochs (or steps) at the target budget at the end.
     pub final_warmup: usize,
-    /// Reallocate every this many epochs.
+    /// Reallocate every this many epochs (or steps).
     pub mask_interval: usize,
     /// EMA factor of the importance, in [0, 1).
     pub beta1: f64,
     /// EMA factor of the uncertainty, in [0, 1).
     pub beta2: f64,
-    /// Length of the schedule in epochs.
+    /// Length of the schedule in epochs (or steps, for a schedule [`AllocatorConfig::by_steps`]).
     pub total_epochs: usize,
+}
+
+impl AllocatorConfig {
+    /// The released scripts' settings over `epochs` epochs, reallocating at the start of every epoch: call
+    /// [`Allocator::begin`] with the epoch index before its first step.
+    pub fn by_epochs(epochs: usize) -> AllocatorConfig {
+        AllocatorConfig { total_epochs: epochs, ..AllocatorConfig::default() }
+    }
+
+    /// The released scripts' settings over `total_steps` optimizer steps, reallocating every
+    /// `steps_per_reallocation` steps (the budget decays over the steps instead of the epochs): call
+    /// [`Allocator::begin`] with the step index before every step. The warm-ups also count steps; as in the
+    /// official schedule, the target budget itself is reached only inside `final_warmup`.
+    pub fn by_steps(total_steps: usize, steps_per_reallocation: usize) -> AllocatorConfig {
+        AllocatorConfig {
+            total_epochs: total_steps,
+            mask_interval: steps_per_reallocation,
+            ..AllocatorConfig::default()
+        }
+    }
 }
 
 impl Default for AllocatorConfig {
@@ -55,6 +102,9 @@ pub struct Reallocation {
     pub alloc: Vec<i32>,
     /// The resulting per-layer ratios of zeroed entries.
     pub sparsity: Vec<f64>,
+    /// Entries granted over all layers / all entries of the branches: the fraction of M the model now keeps
+    /// (the quantile of each layer keeps this many, give or take ties at its threshold).
+    pub kept_fraction: f64,
 }
 
 /// SNELLA's bi-level allocator over the branches of one model: the budget schedule, the EMA update after
@@ -107,8 +157,22 @@ impl Allocator {
         Ok(Allocator { cfg, caps, init_nonzero, target_nonzero })
     }
 
-    /// (budget in non-zero entries, reallocate?) at the start of `epoch` (cubic decay from the initial to the
-    /// target budget, method.md §10).
+    /// Starts epoch (or step) `t` of the schedule: when [`Allocator::schedule`] says so, reallocates the
+    /// per-layer ratios of `model` for that point's budget and returns what it decided. Call it before the
+    /// first step of every epoch, or before every step for a schedule by steps; the EMAs it reads are those
+    /// [`Allocator::update`] kept after each step.
+    ///
+    /// # Errors
+    /// As [`Allocator::reallocate`].
+    pub fn begin(&self, model: &mut Model, t: usize) -> Result<Option<Reallocation>> {
+        match self.schedule(t) {
+            (budget, true) => self.reallocate(model, budget).map(Some),
+            (_, false) => Ok(None),
+        }
+    }
+
+    /// (budget in non-zero entries, reallocate?) at the start of `epoch` (or step: the schedule's unit; cubic
+    /// decay from the initial to the target budget, method.md §10).
     pub fn schedule(&self, epoch: usize) -> (f64, bool) {
         let c = &self.cfg;
         if epoch <= c.init_warmup {
@@ -201,7 +265,8 @@ impl Allocator {
         for (dst, &s) in model.sparsity_mut().iter_mut().zip(&sparsity) {
             *dst = s as f32;
         }
-        Ok(Reallocation { budget: volume, scores, alloc, sparsity })
+        let kept = alloc.iter().map(|&a| a as f64).sum::<f64>() / self.caps.iter().sum::<f64>();
+        Ok(Reallocation { budget: volume, scores, alloc, sparsity, kept_fraction: kept })
     }
 
     /// Sets every layer of `model` to the initial ratio (the state before the first reallocation).

@@ -100,7 +100,7 @@ pub fn step_speed(
     let memory = memory.into();
     let mut model = Model::new(backend, &cfg, method, batch, memory)?;
     model.rt.set_gemm_precision(gemm);
-    model.init_branches(0)?;
+    model.init_method(0)?; // the branches, or GPS's masks
     for (i, name) in model.param_names().iter().enumerate() {
         if name.starts_with("branch.") {
             continue;

@@ -10,6 +10,7 @@ pub mod planted;
 mod source_text;
 
 use std::cell::Cell;
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 pub use cuda::{Cuda, DevPtr};
@@ -68,12 +69,15 @@ impl Device {
 }
 
 /// What executes the ops: the CPU, or a CUDA context (device 0, one stream, cuBLAS, the kernel modules).
-/// Several models can share one by value only, so each model owns its backend.
+/// Cloning is cheap and shares the context: models built on clones of one backend run on its one stream,
+/// in the order their ops are issued, and [`Backend::new`] pays for the context (and its cuBLAS warm-up)
+/// once. The device memory a model reports above the setup baseline then counts every model on it.
+#[derive(Clone)]
 pub enum Backend {
     /// The CPU.
     Cpu,
-    /// An initialised CUDA context (opaque).
-    Cuda(Box<Cuda>),
+    /// An initialised CUDA context (opaque), shared by the clones of this backend.
+    Cuda(Arc<Cuda>),
 }
 
 impl Backend {
@@ -85,8 +89,8 @@ impl Backend {
     pub fn new(device: Device) -> Result<Backend> {
         Ok(match device {
             Device::Cpu => Backend::Cpu,
-            Device::Cuda => Backend::Cuda(Box::new(Cuda::new()?)),
-            Device::CudaEmu => Backend::Cuda(Box::new(Cuda::emulated(None)?)),
+            Device::Cuda => Backend::Cuda(Arc::new(Cuda::new()?)),
+            Device::CudaEmu => Backend::Cuda(Arc::new(Cuda::emulated(None)?)),
         })
     }
 
@@ -96,7 +100,7 @@ impl Backend {
     /// [`Error::NoCuda`] when this build has no emulator (see `snella info`); `Invalid` for a total below what a
     /// CUDA context takes (512 MiB).
     pub fn emulated(total_bytes: usize) -> Result<Backend> {
-        Ok(Backend::Cuda(Box::new(Cuda::emulated(Some(total_bytes))?)))
+        Ok(Backend::Cuda(Arc::new(Cuda::emulated(Some(total_bytes))?)))
     }
 
     /// Which device this backend drives.

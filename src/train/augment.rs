@@ -1,4 +1,6 @@
-//! The paper's image pipelines (method.md §16), each a [`Transform`] applied to an [`Example`] with an RNG.
+//! The paper's image pipelines (method.md §16), each a [`Transform`] applied to an [`Example`] with an RNG, or
+//! to the caller's own image with a seed ([`Transform::preprocess`]); and their pieces for the caller's
+//! images: [`resize`] (PIL's bilinear and bicubic) and [`normalize`] (ImageNet statistics).
 //!
 //! * [`Transform::TrainFgvc`] — FGVC training (timm `create_transform(224, is_training=True,
 //!   interpolation='bicubic', hflip=0.5, scale=(0.08,1), ratio=(3/4,4/3))`): RandomResizedCrop (bicubic),
@@ -20,6 +22,7 @@ use rand::Rng;
 
 use super::data::Example;
 use crate::error::{Error, Result};
+use crate::rng::SplitMix64;
 
 /// ImageNet channel means (timm `IMAGENET_DEFAULT_MEAN`), used by every pipeline.
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -35,7 +38,7 @@ pub(crate) const JITTER: [f32; 3] = [0.4, 0.4, 0.4];
 
 /// Resampling filter of [`resize`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Filter {
+pub enum Filter {
     /// Triangle filter, support 1 (PIL `BILINEAR`).
     Bilinear,
     /// Keys cubic with a = -0.5, support 2 (PIL `BICUBIC`).
@@ -133,7 +136,7 @@ fn taps(in_size: usize, out_size: usize, filter: Filter) -> Taps {
 ///
 /// Panics if `img.len() != c*h*w`, or if the input is empty but the output is not.
 #[allow(clippy::too_many_arguments)] // the signature mirrors PIL: image, its shape, the new shape, the filter
-pub(crate) fn resize(img: &[f32], c: usize, h: usize, w: usize, nh: usize, nw: usize, filter: Filter) -> Vec<f32> {
+fn resample(img: &[f32], c: usize, h: usize, w: usize, nh: usize, nw: usize, filter: Filter) -> Vec<f32> {
     assert_eq!(img.len(), c * h * w, "resize: image buffer length does not match {c}x{h}x{w}");
     if c * nh * nw == 0 {
         return Vec::new();
@@ -299,12 +302,52 @@ pub(crate) fn color_jitter(img: &mut [f32], strength: [f32; 3], rng: &mut impl R
     }
 }
 
-/// `(x − mean) / std` per channel with the ImageNet statistics, in place (3-channel CHW).
-pub(crate) fn normalize(img: &mut [f32]) {
-    let hw = img.len() / 3;
-    if hw == 0 {
-        return;
+/// Resizes a `(channels, from.0, from.1)` CHW image to `(channels, to.0, to.1)` as PIL's `Image.resize` does
+/// (what the pipelines use: bicubic with a = -0.5, or bilinear; antialiased when downscaling). The result is
+/// not clamped: bicubic may overshoot the input's range slightly.
+///
+/// # Errors
+/// `Invalid { option: "image" }` for a buffer that is not `channels × from.0 × from.1` values, an empty
+/// image, or a side above 16384 pixels (either size).
+pub fn resize(
+    img: &[f32],
+    channels: usize,
+    from: (usize, usize),
+    to: (usize, usize),
+    filter: Filter,
+) -> Result<Vec<f32>> {
+    let (h, w) = from;
+    let sides = [h, w, to.0, to.1];
+    if channels == 0 || sides.contains(&0) || sides.iter().any(|&s| s > MAX_SIZE) {
+        return Err(Error::invalid(
+            "image",
+            format!(
+                "cannot resize a {h}x{w} image of {channels} channels to {}x{} (sides in 1..={MAX_SIZE})",
+                to.0, to.1
+            ),
+        ));
     }
+    if h.checked_mul(w).and_then(|n| n.checked_mul(channels)) != Some(img.len()) {
+        return Err(Error::invalid("image", format!("{} values are not a {channels}x{h}x{w} image", img.len())));
+    }
+    Ok(resample(img, channels, h, w, to.0, to.1, filter))
+}
+
+/// `(x − mean) / std` per channel with the ImageNet statistics ([`IMAGENET_MEAN`], [`IMAGENET_STD`]), in
+/// place, on a 3-channel CHW image in `[0, 1]`: the last step of every pipeline.
+///
+/// # Errors
+/// `Invalid { option: "image" }` for an empty buffer or one that is not 3 equal planes.
+pub fn normalize(img: &mut [f32]) -> Result<()> {
+    if img.is_empty() || !img.len().is_multiple_of(3) {
+        return Err(Error::invalid("image", format!("{} values are not a 3-channel image", img.len())));
+    }
+    normalize_planes(img);
+    Ok(())
+}
+
+fn normalize_planes(img: &mut [f32]) {
+    let hw = img.len() / 3;
     for (ch, (&m, &s)) in img.chunks_exact_mut(hw).zip(IMAGENET_MEAN.iter().zip(&IMAGENET_STD)) {
         let inv = 1.0 / s;
         ch.iter_mut().for_each(|v| *v = (*v - m) * inv);
@@ -389,17 +432,31 @@ impl Transform {
     }
 
     /// Applies the pipeline to `ex` (3-channel CHW in `[0, 1]`); returns `(3, size, size)` normalised values.
+    /// [`Transform::preprocess`] does the same for an image of the caller's with a seed.
     ///
     /// # Errors
     /// `Invalid { option: "image" }` when `ex.image` is not `3 × height × width` values, is empty, has a side
     /// above 16384 pixels, or (evaluation crop) is so elongated that the resized image would; `Invalid {
     /// option: "transform size" }` for a size of 0 or above 16384.
     pub fn apply(&self, ex: &Example, rng: &mut impl Rng) -> Result<Vec<f32>> {
-        let (h, w) = (ex.height, ex.width);
-        if h == 0 || w == 0 || h.checked_mul(w).and_then(|n| n.checked_mul(3)) != Some(ex.image.len()) {
+        self.run(&ex.image, ex.height, ex.width, rng)
+    }
+
+    /// Applies the pipeline to the caller's `(3, height, width)` CHW image with values in `[0, 1]`, its random
+    /// draws (crop, flip, jitter of the FGVC training pipeline; the others draw nothing) seeded by `seed`;
+    /// returns `(3, size, size)` normalised values, the model's input. The same seed gives the same output.
+    ///
+    /// # Errors
+    /// As [`Transform::apply`].
+    pub fn preprocess(&self, image: &[f32], height: usize, width: usize, seed: u64) -> Result<Vec<f32>> {
+        self.run(image, height, width, &mut SplitMix64::new(seed))
+    }
+
+    fn run(&self, image: &[f32], h: usize, w: usize, rng: &mut impl Rng) -> Result<Vec<f32>> {
+        if h == 0 || w == 0 || h.checked_mul(w).and_then(|n| n.checked_mul(3)) != Some(image.len()) {
             return Err(Error::invalid(
                 "image",
-                format!("{} values do not form a non-empty 3x{h}x{w} image", ex.image.len()),
+                format!("{} values do not form a non-empty 3x{h}x{w} image", image.len()),
             ));
         }
         if h > MAX_SIZE || w > MAX_SIZE {
@@ -412,8 +469,8 @@ impl Transform {
         let mut out = match *self {
             Transform::TrainFgvc { size } => {
                 let c = random_resized_crop_params(h, w, RRC_SCALE, RRC_RATIO, rng);
-                let cropped = crop(&ex.image, 3, h, w, c);
-                let mut img = resize(&cropped, 3, c.height, c.width, size, size, Filter::Bicubic);
+                let cropped = crop(image, 3, h, w, c);
+                let mut img = resample(&cropped, 3, c.height, c.width, size, size, Filter::Bicubic);
                 clamp01(&mut img);
                 if rng.gen::<f64>() < 0.5 {
                     hflip(&mut img, size);
@@ -422,7 +479,7 @@ impl Transform {
                 img
             }
             Transform::DirectResize { size } => {
-                let mut img = resize(&ex.image, 3, h, w, size, size, Filter::Bicubic);
+                let mut img = resample(image, 3, h, w, size, size, Filter::Bicubic);
                 clamp01(&mut img);
                 img
             }
@@ -440,13 +497,13 @@ impl Transform {
                         ),
                     ));
                 }
-                let img = resize(&ex.image, 3, h, w, nh, nw, Filter::Bilinear);
+                let img = resample(image, 3, h, w, nh, nw, Filter::Bilinear);
                 let top = ((nh - size) as f64 / 2.0).round_ties_even() as usize;
                 let left = ((nw - size) as f64 / 2.0).round_ties_even() as usize;
                 crop(&img, 3, nh, nw, Crop { top, left, height: size, width: size })
             }
         };
-        normalize(&mut out);
+        normalize_planes(&mut out);
         Ok(out)
     }
 }
@@ -527,7 +584,7 @@ mod tests {
             let h = 3;
             let img: Vec<f32> = (0..h * w).map(|i| ((i % w) as f32 + 0.5) / w as f32).collect();
             for filter in [Filter::Bilinear, Filter::Bicubic] {
-                let out = resize(&img, 1, h, w, h, nw, filter);
+                let out = resample(&img, 1, h, w, h, nw, filter);
                 let margin = (2.0 * (w as f64 / nw as f64).max(1.0) * nw as f64 / w as f64).ceil() as usize + 1;
                 for x in margin..nw - margin {
                     let want = (x as f32 + 0.5) / nw as f32;
@@ -543,7 +600,7 @@ mod tests {
             }
             // Vertical ramp too.
             let img_v: Vec<f32> = (0..w * 3).map(|i| ((i / 3) as f32 + 0.5) / w as f32).collect();
-            let out = resize(&img_v, 1, w, 3, nw, 3, Filter::Bicubic);
+            let out = resample(&img_v, 1, w, 3, nw, 3, Filter::Bicubic);
             let x = nw / 2;
             let want = (x as f32 + 0.5) / nw as f32;
             assert!((out[x * 3] - want).abs() < 1e-4);
@@ -559,19 +616,19 @@ mod tests {
             0.16309337, 0.51686323, 0.79995674, 0.34969258, 0.61911345, 0.54897362, 0.31659204, 0.48883697, 0.71280742,
             0.26254326, 0.56874865, 0.55693299,
         ];
-        let out = resize(&a, 1, 5, 7, 3, 4, Filter::Bicubic);
+        let out = resample(&a, 1, 5, 7, 3, 4, Filter::Bicubic);
         assert!(out.iter().zip(&bic_4x3).all(|(x, y)| (x - y).abs() < 1e-5), "{out:?}");
         let bil_11x9_row0 = [
             0.0, 0.08522727, 0.20454545, 0.32386363, 0.44318181, 0.5625, 0.68181819, 0.80113637, 0.92045456,
             0.46022728, 0.0625,
         ];
-        let out = resize(&a, 1, 5, 7, 9, 11, Filter::Bilinear);
+        let out = resample(&a, 1, 5, 7, 9, 11, Filter::Bilinear);
         assert!(out[..11].iter().zip(&bil_11x9_row0).all(|(x, y)| (x - y).abs() < 1e-5), "{out:?}");
         let bic_11x9_row1 = [
             0.04716123, 0.12829874, 0.26475266, 0.3815659, 0.51569343, 0.65948278, 0.80462092, 0.84386414, 0.73542708,
             0.35694113, 0.08193023,
         ];
-        let out = resize(&a, 1, 5, 7, 9, 11, Filter::Bicubic);
+        let out = resample(&a, 1, 5, 7, 9, 11, Filter::Bicubic);
         assert!(out[11..22].iter().zip(&bic_11x9_row1).all(|(x, y)| (x - y).abs() < 1e-5), "{out:?}");
         assert!((out[0] + 0.03353243).abs() < 1e-5 && (out[8] - 1.02481246).abs() < 1e-5);
     }
@@ -582,14 +639,14 @@ mod tests {
         let (h, w) = (32, 32);
         let img: Vec<f32> = (0..h * w).map(|i| ((i / w + i % w) % 2) as f32).collect();
         for filter in [Filter::Bilinear, Filter::Bicubic] {
-            let out = resize(&img, 1, h, w, 8, 8, filter);
+            let out = resample(&img, 1, h, w, 8, 8, filter);
             assert!(out.iter().all(|v| (v - 0.5).abs() < 0.05), "{filter:?}: {out:?}");
         }
         // Identity when the size is unchanged.
-        assert_eq!(resize(&img, 1, h, w, h, w, Filter::Bicubic), img);
+        assert_eq!(resample(&img, 1, h, w, h, w, Filter::Bicubic), img);
         // Upscale by integer factor with bilinear keeps values between neighbours.
         let small = [0.0f32, 1.0];
-        let up = resize(&small, 1, 1, 2, 1, 4, Filter::Bilinear);
+        let up = resample(&small, 1, 1, 2, 1, 4, Filter::Bilinear);
         assert_eq!(up, vec![0.0, 0.25, 0.75, 1.0]);
     }
 

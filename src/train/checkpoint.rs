@@ -301,9 +301,38 @@ pub fn load_checkpoint(path: &Path, model: &mut Model, config: Option<&TrainConf
     for (t, d) in data {
         model.rt.upload(t, &d)?;
     }
+    let trainable: Vec<String> = model.trainable_params().map(|(n, _)| n.to_string()).collect();
+    for name in &trainable {
+        model.note_param_set(name);
+    }
     model.set_step_count(meta.adam_step);
     model.sparsity_mut().copy_from_slice(&meta.sparsity);
     Ok(meta)
+}
+
+impl Model {
+    /// Saves what fine-tuning changed: the trainable set with its AdamW moments, the allocator's EMAs, the
+    /// per-branch sparsity and the step count, in the checkpoint format of this module (megabytes, never the
+    /// frozen backbone), atomically. [`Model::load_trainable`] reads it back into a model of the same
+    /// configuration and method; `snella eval --checkpoint` reads it too.
+    ///
+    /// # Errors
+    /// As [`save_checkpoint`]: a trainable value that is NaN or infinite (nothing is written), a path that
+    /// cannot be written.
+    pub fn save_trainable(&self, path: &Path) -> Result<()> {
+        save_checkpoint(path, self, &TrainState::default(), None)
+    }
+
+    /// Loads a trainable set written by [`Model::save_trainable`] (or a training run's checkpoint) into this
+    /// model, whose backbone must be loaded already (the file does not hold it); it also counts as
+    /// initialising the branches. Returns the file's metadata.
+    ///
+    /// # Errors
+    /// As [`load_checkpoint`] without a recipe: an unreadable, corrupt or foreign file, another method or model
+    /// configuration, naming the file; on error the model is unchanged.
+    pub fn load_trainable(&mut self, path: &Path) -> Result<CheckpointMeta> {
+        load_checkpoint(path, self, None)
+    }
 }
 
 /// Names of the top-level fields whose values differ between two JSON objects (comma-separated).

@@ -41,13 +41,15 @@ pub enum DataFormat {
 pub struct TrainConfig {
     // ---- model ----
     /// A configuration name of [`crate::model::ViTConfig::by_name`] (`dinov2_s14`, `vit_b16`, `vit_l16`,
-    /// `vit_h14`, `tiny`), or `infer` to read the sizes from `weights` (then `num_heads` is required).
+    /// `vit_h14`, `tiny`, ...), or `infer` to read the sizes from `weights` (`num_heads` then looked up for a
+    /// size the library recognises, see [`crate::model::load::identify`], and required otherwise).
     pub model: String,
     /// Pre-trained backbone: timm / Hugging Face ViT or DINOv2 safetensors, a Google `.npz`, or a Hugging Face
     /// Hub id (`facebook/dinov2-small`, `timm/vit_base_patch16_224.augreg2_in21k_ft_in1k`, with or without
     /// `hf-hub:`) read from the local cache. Absent: a random backbone (for tests and smoke runs only).
     pub weights: Option<PathBuf>,
-    /// Attention heads, needed with `model = "infer"` (checkpoints do not store them).
+    /// Attention heads (checkpoints do not store them): needed with `model = "infer"` for a backbone of no
+    /// known size; a count that disagrees with the named model, or with a recognised backbone, is refused.
     pub num_heads: Option<usize>,
     /// Square input side in pixels (a multiple of the patch size); the position table is resized to it.
     pub image_size: usize,
@@ -196,68 +198,105 @@ impl Default for TrainConfig {
     }
 }
 
-/// Parses a kernel name (case-insensitive, `-` or `_`): `piecewise-linear` (alias `pl`), `linear`, `rbf`,
-/// `sigmoid`, `poly`. Error: `Invalid { option: "kernel" }`.
-pub(crate) fn parse_kernel(s: &str) -> Result<KernelKind> {
-    Ok(match s.trim().to_ascii_lowercase().replace('_', "-").as_str() {
-        "piecewise-linear" | "piecewiselinear" | "pl" => KernelKind::PiecewiseLinear,
-        "linear" => KernelKind::Linear,
-        "rbf" => KernelKind::Rbf,
-        "sigmoid" => KernelKind::Sigmoid,
-        "poly" => KernelKind::Poly,
-        _ => {
-            return Err(Error::invalid(
-                "kernel",
-                format!("unknown kernel '{s}' (piecewise-linear, linear, rbf, sigmoid, poly)"),
-            ))
-        }
-    })
+// ---- the option names recipes and the command line use, as `FromStr` for the public option enums ----
+
+impl std::str::FromStr for KernelKind {
+    type Err = Error;
+    /// A kernel name (case-insensitive, `-` or `_`): `piecewise-linear` (alias `pl`), `linear`, `rbf`,
+    /// `sigmoid`, `poly`. Error: `Invalid { option: "kernel" }`.
+    fn from_str(s: &str) -> Result<KernelKind> {
+        Ok(match s.trim().to_ascii_lowercase().replace('_', "-").as_str() {
+            "piecewise-linear" | "piecewiselinear" | "pl" => KernelKind::PiecewiseLinear,
+            "linear" => KernelKind::Linear,
+            "rbf" => KernelKind::Rbf,
+            "sigmoid" => KernelKind::Sigmoid,
+            "poly" => KernelKind::Poly,
+            _ => {
+                return Err(Error::invalid(
+                    "kernel",
+                    format!("unknown kernel '{s}' (piecewise-linear, linear, rbf, sigmoid, poly)"),
+                ))
+            }
+        })
+    }
 }
 
-/// Parses `none`, `norms`, `attention`, `block` (case-insensitive). Error: `Invalid { option: "recompute" }`.
-pub(crate) fn parse_recompute(s: &str) -> Result<Recompute> {
-    Ok(match s.trim().to_ascii_lowercase().as_str() {
-        "none" => Recompute::None,
-        "norms" => Recompute::Norms,
-        "attention" => Recompute::Attention,
-        "block" => Recompute::Block,
-        _ => return Err(Error::invalid("recompute", format!("unknown level '{s}' (none, norms, attention, block)"))),
-    })
+impl std::str::FromStr for Recompute {
+    type Err = Error;
+    /// `none`, `norms`, `attention`, `block` (case-insensitive). Error: `Invalid { option: "recompute" }`.
+    fn from_str(s: &str) -> Result<Recompute> {
+        Ok(match s.trim().to_ascii_lowercase().as_str() {
+            "none" => Recompute::None,
+            "norms" => Recompute::Norms,
+            "attention" => Recompute::Attention,
+            "block" => Recompute::Block,
+            _ => {
+                return Err(Error::invalid("recompute", format!("unknown level '{s}' (none, norms, attention, block)")))
+            }
+        })
+    }
 }
 
 fn is_fp32(s: &str) -> bool {
     s.trim().eq_ignore_ascii_case("fp32")
 }
 
-/// Parses `fp32`, `bf16` (case-insensitive). Error: `Invalid { option: "precision" }`.
-pub(crate) fn parse_precision(s: &str) -> Result<Precision> {
-    Ok(match s.trim().to_ascii_lowercase().as_str() {
-        "fp32" => Precision::Fp32,
-        "bf16" => Precision::Bf16,
-        _ => return Err(Error::invalid("precision", format!("unknown storage precision '{s}' (fp32, bf16)"))),
-    })
-}
-
-/// Parses `fp32`, `tf32`, `bf16` (case-insensitive). Error: `Invalid { option: "gemm" }`.
-pub(crate) fn parse_gemm(s: &str) -> Result<GemmPrecision> {
-    Ok(match s.trim().to_ascii_lowercase().as_str() {
-        "fp32" => GemmPrecision::Fp32,
-        "tf32" => GemmPrecision::Tf32,
-        "bf16" => GemmPrecision::Bf16,
-        _ => return Err(Error::invalid("gemm", format!("unknown precision '{s}' (fp32, tf32, bf16)"))),
-    })
-}
-
-/// The device a `device` string asks for: `cpu`, `cuda`, `cuda-emu` (the emulated CUDA device) or `auto` (probes
-/// CUDA). Error: `Invalid { option: "device" }`.
-pub(crate) fn parse_device(s: &str) -> Result<Device> {
-    match s.trim().to_ascii_lowercase().as_str() {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" | "gpu" => Ok(Device::Cuda),
-        "cuda-emu" | "emu" => Ok(Device::CudaEmu),
-        "auto" => Ok(Device::auto()),
-        _ => Err(Error::invalid("device", format!("unknown device '{s}' (cpu, cuda, cuda-emu, auto)"))),
+impl std::str::FromStr for Precision {
+    type Err = Error;
+    /// `fp32`, `bf16` (case-insensitive). Error: `Invalid { option: "precision" }`.
+    fn from_str(s: &str) -> Result<Precision> {
+        Ok(match s.trim().to_ascii_lowercase().as_str() {
+            "fp32" => Precision::Fp32,
+            "bf16" => Precision::Bf16,
+            _ => return Err(Error::invalid("precision", format!("unknown storage precision '{s}' (fp32, bf16)"))),
+        })
     }
+}
+
+impl std::str::FromStr for GemmPrecision {
+    type Err = Error;
+    /// `fp32`, `tf32`, `bf16` (case-insensitive). Error: `Invalid { option: "gemm" }`.
+    fn from_str(s: &str) -> Result<GemmPrecision> {
+        Ok(match s.trim().to_ascii_lowercase().as_str() {
+            "fp32" => GemmPrecision::Fp32,
+            "tf32" => GemmPrecision::Tf32,
+            "bf16" => GemmPrecision::Bf16,
+            _ => return Err(Error::invalid("gemm", format!("unknown precision '{s}' (fp32, tf32, bf16)"))),
+        })
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = Error;
+    /// `cpu`, `cuda` (alias `gpu`), `cuda-emu` (alias `emu`, the emulated CUDA device) or `auto` (probes CUDA,
+    /// see [`Device::auto`]), case-insensitive. Error: `Invalid { option: "device" }`.
+    fn from_str(s: &str) -> Result<Device> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" | "gpu" => Ok(Device::Cuda),
+            "cuda-emu" | "emu" => Ok(Device::CudaEmu),
+            "auto" => Ok(Device::auto()),
+            _ => Err(Error::invalid("device", format!("unknown device '{s}' (cpu, cuda, cuda-emu, auto)"))),
+        }
+    }
+}
+
+impl std::str::FromStr for DataFormat {
+    type Err = Error;
+    /// `auto`, `folder`, `idx` (case-insensitive), as in a recipe. Error: `Invalid { option: "data_format" }`.
+    fn from_str(s: &str) -> Result<DataFormat> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(DataFormat::Auto),
+            "folder" => Ok(DataFormat::Folder),
+            "idx" => Ok(DataFormat::Idx),
+            _ => Err(Error::invalid("data_format", format!("unknown data format '{s}' (auto, folder, idx)"))),
+        }
+    }
+}
+
+/// The device a `device` string asks for (see `Device`'s `FromStr`).
+pub(crate) fn parse_device(s: &str) -> Result<Device> {
+    s.parse()
 }
 
 fn toml_err(path: &Path, e: impl std::fmt::Display) -> Error {
@@ -498,11 +537,14 @@ impl TrainConfig {
             if self.weights.is_none() {
                 return Err(Error::invalid("model", "'infer' reads the sizes from weights, but no weights are set"));
             }
-            if self.num_heads.is_none() {
-                return Err(Error::invalid("num_heads", "required with model = 'infer' (checkpoints do not store it)"));
-            }
         } else {
-            crate::model::ViTConfig::by_name(&self.model, 1)?;
+            let named = crate::model::ViTConfig::by_name(&self.model, 1)?;
+            if let Some(h) = self.num_heads.filter(|&h| h != named.num_heads) {
+                return Err(Error::invalid(
+                    "num_heads",
+                    format!("{h} disagrees with model '{}', which has {} heads", self.model, named.num_heads),
+                ));
+            }
         }
         if self.num_heads == Some(0) {
             return Err(Error::invalid("num_heads", "must be at least 1"));
@@ -540,9 +582,9 @@ impl TrainConfig {
                 format!("unknown device '{}' (cpu, cuda, cuda-emu, auto)", self.device),
             ));
         }
-        parse_recompute(&self.recompute)?;
-        parse_gemm(&self.gemm)?;
-        parse_precision(&self.precision)?;
+        self.recompute()?;
+        self.gemm()?;
+        self.precision()?;
         for (name, v) in [
             ("branch_dropout", self.branch_dropout),
             ("branch_drop_path", self.branch_drop_path),
@@ -671,7 +713,7 @@ impl TrainConfig {
             None => m,
         };
         let mut method = Method::parse(&base, self.sparsity as f32)?;
-        let kernel = parse_kernel(&self.kernel)?;
+        let kernel: KernelKind = self.kernel.parse()?;
         if let Method::Kernel(k) = &mut method {
             k.kernel = kernel;
             k.dropout = self.branch_dropout as f32;
@@ -730,7 +772,7 @@ impl TrainConfig {
     /// # Errors
     /// `Invalid { option: "gemm" }` for an unknown precision.
     pub fn gemm(&self) -> Result<GemmPrecision> {
-        parse_gemm(&self.gemm)
+        self.gemm.parse()
     }
 
     /// The storage precision.
@@ -738,7 +780,7 @@ impl TrainConfig {
     /// # Errors
     /// `Invalid { option: "precision" }` for an unknown precision.
     pub fn precision(&self) -> Result<Precision> {
-        parse_precision(&self.precision)
+        self.precision.parse()
     }
 
     /// The memory options of the model: recompute level and storage precision.
@@ -754,7 +796,7 @@ impl TrainConfig {
     /// # Errors
     /// `Invalid { option: "recompute" }` for an unknown level.
     pub fn recompute(&self) -> Result<Recompute> {
-        parse_recompute(&self.recompute)
+        self.recompute.parse()
     }
 
     /// The fields that determine the training trajectory, as JSON: everything except `out_dir`, `threads`,

@@ -3,8 +3,8 @@
 //!
 //! One epoch `e`:
 //!  1. `lr = cosine_lr(e, ...)` (constant over the epoch, as the recipe steps the scheduler per epoch);
-//!  2. SNELLA: `(V, realloc) = allocator.schedule(e)`; if `realloc`, the per-layer ratios are reallocated
-//!     for the budget `V` from the EMA scores (before the epoch's first batch);
+//!  2. SNELLA: `allocator.begin(e)` before the epoch's first batch: when the schedule says so, the per-layer
+//!     ratios are reallocated from the EMA scores for the epoch's budget;
 //!  3. for every batch (order and augmentation fixed by `(seed, e)`): `set_batch`, `forward` (the loss must
 //!     be finite, else the run stops), `backward`, `adamw_step(lr, weight_decay)`, `allocator.update`;
 //!  4. evaluation on the test split (every `eval_every` epochs and at the last), one JSON line in
@@ -23,10 +23,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::error::{Error, Result};
 use crate::io::{append, remove_temporaries, write_atomic};
 use crate::model::load::{adapt_to_config, infer_config, read_checkpoint, TensorMap, Weights};
+use crate::model::vit::top1_correct;
 use crate::model::{Model, ViTConfig};
 use crate::peft::allocator::Allocator;
 use crate::peft::Method;
-use crate::rng::{example_seed, trunc_normal, unit_f64, SplitMix64};
+use crate::rng::{example_seed, trunc_normal, SplitMix64};
 use crate::runtime::Backend;
 use crate::train::checkpoint::{
     checkpoint_path, load_checkpoint, read_checkpoint_meta, save_checkpoint, TrainState, CHECKPOINT_FILE,
@@ -132,27 +133,9 @@ pub struct Trainer {
     pub notes: Vec<String>,
 }
 
-/// Top-1 correct predictions of `b` rows of `v` logits.
-fn correct(logits: &[f32], labels: &[i32], v: usize) -> u64 {
-    labels
-        .iter()
-        .enumerate()
-        .filter(|(r, &y)| {
-            let row = &logits[r * v..(r + 1) * v];
-            let mut best = 0;
-            for (j, &x) in row.iter().enumerate() {
-                if x > row[best] {
-                    best = j;
-                }
-            }
-            best == y as usize
-        })
-        .count() as u64
-}
-
 /// Mean cross-entropy and top-1 accuracy (fraction in [0, 1]) of `model` over every batch of `loader`
 /// (its epoch 0; use an unshuffled loader with a deterministic transform). The model's batch must be at
-/// least the loader's. No parameter or optimizer state changes.
+/// least the loader's. No parameter or optimizer state changes. [`Model::evaluate`] takes any batches.
 ///
 /// # Errors
 /// Data decoding errors naming the file, a batch or label that does not fit the model (`Invalid { option:
@@ -171,32 +154,9 @@ fn evaluate_with<D: Dataset>(
     bar: &ProgressBar,
     stop: &AtomicBool,
 ) -> Result<Option<(f64, f64)>> {
-    // Evaluation mode: no dropout or drop-path (restored afterwards, also on error).
-    let training = model.is_training();
-    model.set_training(false);
-    let mut batches = || -> Result<Option<(f64, f64)>> {
-        let v = model.config().num_classes;
-        let (mut loss, mut right, mut n) = (0.0f64, 0u64, 0u64);
-        for batch in loader.epoch(0) {
-            if stop.load(Ordering::Relaxed) {
-                return Ok(None);
-            }
-            let batch = batch?;
-            let b = model.set_batch(&batch.images, &batch.labels)?;
-            let l = model.forward()?;
-            loss += l as f64 * b as f64;
-            right += correct(&model.logits()?, &batch.labels, v);
-            n += b as u64;
-            bar.inc(b as u64);
-        }
-        if n == 0 {
-            return Err(Error::invalid("evaluation", "the test set is empty"));
-        }
-        Ok(Some((loss / n as f64, right as f64 / n as f64)))
-    };
-    let r = batches();
-    model.set_training(training);
-    r
+    let batches = loader.epoch(0).map(|b| b.map(|b| (b.images, b.labels)));
+    let e = model.evaluate_until(batches, stop, |b| bar.inc(b as u64))?;
+    Ok(e.map(|e| (e.loss, e.accuracy)))
 }
 
 /// A random (untrained) backbone in timm names for `cfg`: Linear/patch weights, position table and head
@@ -223,27 +183,14 @@ pub fn random_backbone(cfg: &ViTConfig, seed: u64) -> TensorMap {
     out
 }
 
-/// Initialises what the method adds to the backbone: the branches as the official code does
-/// ([`Model::init_branches`]: kernel factors ~ kaiming_uniform(a=√5), α = γ = 1, β = 0; LoRA A and B
-/// ~ N(0, 0.02²)), and for GPS a fixed random `density` of every block weight as its update mask.
+/// Initialises what the method adds to the backbone: [`Model::init_method`] (the branches as the official
+/// code does, and for GPS a fixed random `density` of every block weight as its update mask).
 /// Deterministic in `seed`.
 ///
 /// # Errors
 /// Device failures only.
 pub fn init_method(model: &Model, seed: u64) -> Result<()> {
-    model.init_branches(seed)?;
-    if let Method::Gps { density } = *model.method() {
-        let masked = model.gps_mask_names();
-        for (k, name) in model.param_names().iter().enumerate() {
-            if masked.contains(name) {
-                let mut rng = SplitMix64::new(example_seed(seed, 0x6E5_3A5C, k as u64));
-                let mask: Vec<u8> =
-                    (0..model.param_len(name)?).map(|_| unit_f64(&mut rng) < density as f64).map(u8::from).collect();
-                model.set_gps_mask(name, &mask)?;
-            }
-        }
-    }
-    Ok(())
+    model.init_method(seed)
 }
 
 /// Opens the train and test splits of `cfg.data`, with the configured subsets (class-stratified, seeded).
@@ -340,9 +287,9 @@ fn bar(progress: bool, len: u64, prefix: String) -> ProgressBar {
 
 impl Trainer {
     /// Builds everything a run needs: checks the recipe (values and paths), sets the CPU thread count,
-    /// opens the data, loads and adapts the backbone (position table resized with `PosResize::Torch`,
-    /// head re-initialised for the dataset's classes), plans the model for `batch` on the device,
-    /// initialises the branches, and creates `out_dir`.
+    /// opens the data, loads and adapts the backbone (position table resized the way its family does, see
+    /// [`crate::model::load::identify`]; head re-initialised for the dataset's classes), plans the model for
+    /// `batch` on the device, initialises the branches, and creates `out_dir`.
     ///
     /// # Errors
     /// `Invalid` for bad options (naming them), `Io`/`Format` for unreadable data or weights,
@@ -595,10 +542,7 @@ impl Trainer {
             let lr = cosine_lr(epoch, c.lr, c.epochs, c.warmup_epochs, c.warmup_lr, c.min_lr);
             if self.state.step_in_epoch == 0 {
                 if let Some(a) = &self.allocator {
-                    let (budget, realloc) = a.schedule(epoch);
-                    if realloc {
-                        a.reallocate(&mut self.model, budget)?;
-                    }
+                    a.begin(&mut self.model, epoch)?;
                 }
                 self.state.train_loss_sum = 0.0;
                 self.state.train_correct = 0;
@@ -617,7 +561,7 @@ impl Trainer {
                     pb.abandon();
                     return Err(self.nan_error("loss", epoch, self.state.global_step + 1));
                 }
-                let right = correct(&self.model.logits()?, &batch.labels, v);
+                let right = top1_correct(&self.model.logits()?, &batch.labels, v);
                 self.model.backward()?;
                 self.model.adamw_step(lr, c.weight_decay)?;
                 if let Some(a) = &self.allocator {

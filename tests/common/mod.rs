@@ -1,6 +1,7 @@
 //! Test helpers shared by the integration tests: a small random DINOv2-like backbone and synthetic IDX data
 //! in a temp folder (train, checkpoint, export, cli_train), and the tiny LayerScale model with deterministic
-//! weights that tests/methods.rs and tests/precision.rs step.
+//! weights that tests/methods.rs and tests/precision.rs step, and `fails`, the check that a mistake is an error
+//! naming its fault (tests/bad_input.rs, tests/embedding.rs).
 #![allow(dead_code)] // each test binary uses its own subset
 pub use std::path::{Path, PathBuf};
 
@@ -16,8 +17,9 @@ pub fn tiny_layer_scale() -> ViTConfig {
 }
 
 /// Deterministic small weights for every parameter: LayerNorm scales and the branches' α, γ at 1, β at 0,
-/// everything else in ±0.05.
+/// everything else in ±0.05; GPS masks as `Model::init_method` draws them.
 pub fn deterministic_params(model: &Model) {
+    model.init_method(0).unwrap(); // GPS's masks (the loop below sets every parameter, branches included)
     for (i, name) in model.param_names().iter().enumerate() {
         let n = model.param_len(name).unwrap();
         let ones = name.ends_with("norm1.weight")
@@ -122,4 +124,15 @@ pub fn recipe(weights: &Path, data: &Path, out: &Path, method: &str, epochs: usi
         out_dir: out.to_path_buf(),
         ..TrainConfig::default()
     }
+}
+
+/// The error of `r`, whose message must contain every one of `names`.
+#[track_caller]
+pub fn fails<T>(r: snella::Result<T>, names: &[&str]) -> String {
+    let Err(e) = r else { panic!("the mistake was accepted (expected an error naming {names:?})") };
+    let msg = e.to_string();
+    for n in names {
+        assert!(msg.contains(n), "the message does not name '{n}': {msg}");
+    }
+    msg
 }
