@@ -455,7 +455,7 @@ impl Model {
                         rt: &self.rt,
                         m_and_t: br
                             .is_sparse()
-                            .then(|| (sc.m.slice(0, n_in * n_out), self.layout.thresholds.slice(br.id, 1))),
+                            .then(|| (sc.m.expect("kernel branch scratch").slice(0, n_in * n_out), self.layout.thresholds.slice(br.id, 1))),
                         update: match applied {
                             Some(ms) => Update::Applied(ms),
                             None => Update::Rows { merged: rows(sc.w), w0: rows(lin.w.value) },

@@ -179,9 +179,9 @@ impl Linears<'_> {
     /// M of a kernel branch in its scratch, and (sparse kinds) the scratch its M_s goes to.   (in, out) each
     fn kernel_m(&self, br: &Branch, sc: &BranchScratch) -> Result<(Tensor, Option<Tensor>)> {
         let BranchParams::Kernel { kind, .. } = br.params else { unreachable!("LoRA branches are merged as B·A") };
-        let m = sc.m.slice(0, br.n_in * br.n_out);
+        let m = sc.m.expect("kernel branch scratch").slice(0, br.n_in * br.n_out);
         merge_forward(self.rt, m, &kernel_factors(br), kind, sc.merge.as_ref().expect("kernel branch scratch"))?;
-        Ok((m, br.is_sparse().then(|| sc.ms.slice(0, m.numel))))
+        Ok((m, br.is_sparse().then(|| sc.ms.expect("kernel branch scratch").slice(0, m.numel))))
     }
 
     /// Forward: M, and for sparse kinds t = quantile(|M|, s) (into the threshold table) and M_s. Returns the
@@ -221,7 +221,7 @@ impl Linears<'_> {
     /// The factor gradients of a branch whose matrix the merge just built, accumulated (method.md §7).
     /// Kernel: ∂L/∂M_s = xᵀ·dy (in, out), then ∂L/∂M = ∂L/∂M_s·|M|·mask in place, then ∂In_Qs, ∂Out_Qs (and
     /// α, γ, β).
-    /// LoRA: ∂L/∂W = dyᵀ·x (out, in), then ∂L/∂B += ∂W·Aᵀ and ∂L/∂A += Bᵀ·∂W.
+    /// LoRA: ∂L/∂B += dyᵀ·(x·Aᵀ) and ∂L/∂A += (dy·B)ᵀ·x, through (rows, r) products only.
     /// x: (rows, in) the branch input   dy: the Linear's output gradient (rows, out_total), this branch's columns
     fn factor_backward(
         &self,
@@ -236,19 +236,22 @@ impl Linears<'_> {
         let (in_qs, out_qs, mix, kind, sparse) = match br.params {
             BranchParams::Kernel { in_qs, out_qs, mix, kind, sparse, .. } => (in_qs, out_qs, mix, kind, sparse),
             BranchParams::Lora { a, b, r } => {
+                // Through the rank-r bottleneck, as autograd does for x·Aᵀ·Bᵀ: never the (out, in) ∂L/∂W,
+                // whose product would cost as much as a full fine-tuning weight gradient.
                 let dy = dy.slice(br.row0, dy.numel - br.row0);
-                let dw = sc.dms.slice(0, n_out * n_in);
-                matmul(rt, dw, dy, x, Matmul::new(n_out, n_in, rows, true, false).ld(lin.n_out, 0, 0))?;
+                let (xa, dyb) = (sc.dms.slice(0, rows * r), sc.dms.slice(rows * r, rows * r)); // (rows, r) each
                 let (ga, gb) = (a.grad.expect("branch factors train"), b.grad.expect("branch factors train"));
-                matmul(rt, gb, dw, a.value, Matmul::new(n_out, r, n_in, false, true).accumulate())?;
-                return matmul(rt, ga, b.value, dw, Matmul::new(r, n_in, n_out, true, false).accumulate());
+                matmul(rt, xa, x, a.value, Matmul::new(rows, r, n_in, false, true))?;
+                matmul(rt, gb, dy, xa, Matmul::new(n_out, r, rows, true, false).ld(lin.n_out, 0, 0).accumulate())?;
+                matmul(rt, dyb, dy, b.value, Matmul::new(rows, r, n_out, false, false).ld(lin.n_out, 0, 0))?;
+                return matmul(rt, ga, dyb, x, Matmul::new(r, n_in, rows, true, false).accumulate());
             }
         };
         let dy = dy.slice(br.row0, dy.numel - br.row0);
         let dms = sc.dms.slice(0, n_in * n_out);
         matmul(rt, dms, x, dy, Matmul::new(n_in, n_out, rows, true, false).ld(0, lin.n_out, 0))?;
         if sparse {
-            let m = sc.m.slice(0, n_in * n_out);
+            let m = sc.m.expect("kernel branch scratch").slice(0, n_in * n_out);
             match self.replayed(br) {
                 Some(kept) => replay_kept(rt, dms, dms, m, kept)?,
                 None => sparsify_backward(rt, dms, dms, m, self.threshold(br))?,

@@ -192,10 +192,10 @@ impl Branch {
 pub(crate) struct BranchScratch {
     /// The merged weight W0 + M_sᵀ of the whole Linear (out_total, in).
     pub(crate) w: Tensor,
-    /// M and M_s (in, out) of one branch.
-    pub(crate) m: Tensor,
-    pub(crate) ms: Tensor,
-    /// ∂L/∂M_s (in, out), then ∂L/∂M in place; for LoRA ∂L/∂W (out, in).
+    /// M and M_s (in, out) of one kernel branch (None for LoRA, which adds B·A into W directly).
+    pub(crate) m: Option<Tensor>,
+    pub(crate) ms: Option<Tensor>,
+    /// Kernel: ∂L/∂M_s (in, out), then ∂L/∂M in place. LoRA: x·Aᵀ and dy·B of one branch (2, rows, r).
     pub(crate) dms: Tensor,
     pub(crate) merge: Option<MergeScratch>,
     pub(crate) sparsify: Option<SparsifyScratch>,
@@ -364,7 +364,7 @@ pub(crate) fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, mem: Memory
     let mut plan = Plan::new();
     let (work, patches, recomputed) = plan_work(&mut plan, cfg, method, b, mem);
     let mut params = plan_params(&mut plan, cfg, method, precision);
-    let (branches, branch_scratch) = plan_branches(&mut plan, &mut params, cfg, method);
+    let (branches, branch_scratch) = plan_branches(&mut plan, &mut params, cfg, method, bt);
 
     // Activations.
     let a = Pool::Activations;
@@ -518,12 +518,13 @@ fn plan_params(plan: &mut Plan, cfg: &ViTConfig, method: &Method, precision: Pre
 
 /// The branches of the method, in the official module order (q, k, v, proj, fc1, fc2 per block), with their
 /// trainable factors, and the scratch they are merged in: one scope per Linear shape, aliasing each other
-/// (one Linear runs at a time).
+/// (one Linear runs at a time). `bt`: the rows of a Linear's input (B·T).
 fn plan_branches(
     plan: &mut Plan,
     params: &mut Params,
     cfg: &ViTConfig,
     method: &Method,
+    bt: usize,
 ) -> (Vec<Branch>, Vec<BranchScratch>) {
     let (d, f) = (cfg.embed_dim, cfg.mlp_hidden);
     let mut branches = Vec::new();
@@ -580,11 +581,16 @@ fn plan_branches(
             _ => (None, None),
         };
         let s = Pool::Scratch;
+        let kernel = matches!(method, Method::Kernel(_));
+        let dms = match method {
+            Method::Lora { r } => plan.f32(format!("{pre}.lora_xa_dyb"), &[2, bt, *r], s),
+            _ => plan.f32(format!("{pre}.dM_s"), &[n_in, n_out], s),
+        };
         branch_scratch.push(BranchScratch {
             w: plan.f32(format!("{pre}.W"), &[w_out, n_in], s),
-            m: plan.f32(format!("{pre}.M"), &[n_in, n_out], s),
-            ms: plan.f32(format!("{pre}.M_s"), &[n_in, n_out], s),
-            dms: plan.f32(format!("{pre}.dM_s"), &[n_in, n_out], s),
+            m: kernel.then(|| plan.f32(format!("{pre}.M"), &[n_in, n_out], s)),
+            ms: kernel.then(|| plan.f32(format!("{pre}.M_s"), &[n_in, n_out], s)),
+            dms,
             merge,
             sparsify,
         });
