@@ -453,9 +453,12 @@ impl Model {
                         n_out,
                         sparsity: self.sparsity[br.id],
                         rt: &self.rt,
-                        m_and_t: br
-                            .is_sparse()
-                            .then(|| (sc.m.expect("kernel branch scratch").slice(0, n_in * n_out), self.layout.thresholds.slice(br.id, 1))),
+                        m_and_t: br.is_sparse().then(|| {
+                            (
+                                sc.m.expect("kernel branch scratch").slice(0, n_in * n_out),
+                                self.layout.thresholds.slice(br.id, 1),
+                            )
+                        }),
                         update: match applied {
                             Some(ms) => Update::Applied(ms),
                             None => Update::Rows { merged: rows(sc.w), w0: rows(lin.w.value) },
