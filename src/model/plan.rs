@@ -192,9 +192,9 @@ impl Branch {
 pub(crate) struct BranchScratch {
     /// The merged weight W0 + M_sᵀ of the whole Linear (out_total, in).
     pub(crate) w: Tensor,
-    /// M and M_s (in, out) of one kernel branch (None for LoRA, which adds B·A into W directly).
+    /// M (in, out) of one kernel branch, sparsified into M_s in place once its last use as M is over; the
+    /// merge backward's K and R_0 then go in the same buffer (None for LoRA, which adds B·A into W directly).
     pub(crate) m: Option<Tensor>,
-    pub(crate) ms: Option<Tensor>,
     /// Kernel: ∂L/∂M_s (in, out), then ∂L/∂M in place. LoRA: x·Aᵀ and dy·B of one branch (2, rows, r).
     pub(crate) dms: Tensor,
     pub(crate) merge: Option<MergeScratch>,
@@ -573,27 +573,21 @@ fn plan_branches(
     for (tag, n_in, n_out, w_out) in shape_scopes {
         plan.scope();
         let pre = format!("branch.scratch.{tag}");
-        let (merge, sparsify) = match method {
-            Method::Kernel(k) => (
-                Some(MergeScratch::plan(plan, &pre, n_in, n_out, k.r / 2)), // r/2: the factors' half_rank
-                k.sparse.then(|| SparsifyScratch::plan(plan, &pre, n_in * n_out)),
-            ),
-            _ => (None, None),
-        };
         let s = Pool::Scratch;
-        let kernel = matches!(method, Method::Kernel(_));
-        let dms = match method {
-            Method::Lora { r } => plan.f32(format!("{pre}.lora_xa_dyb"), &[2, bt, *r], s),
-            _ => plan.f32(format!("{pre}.dM_s"), &[n_in, n_out], s),
+        let w = plan.f32(format!("{pre}.W"), &[w_out, n_in], s);
+        let (m, dms, merge, sparsify) = match method {
+            Method::Kernel(k) => {
+                // M, then M_s in place, then K and R_0 of the merge backward: one buffer (linear.rs says when
+                // each is live).
+                let m = plan.f32(format!("{pre}.M"), &[n_in, n_out], s);
+                let dms = plan.f32(format!("{pre}.dM_s"), &[n_in, n_out], s);
+                let merge = MergeScratch::plan_with_k(plan, &pre, n_in, n_out, k.r / 2, m); // r/2: half_rank
+                (Some(m), dms, Some(merge), k.sparse.then(|| SparsifyScratch::plan(plan, &pre, n_in * n_out)))
+            }
+            Method::Lora { r } => (None, plan.f32(format!("{pre}.lora_xa_dyb"), &[2, bt, *r], s), None, None),
+            _ => unreachable!("only LoRA and the kernel family have branches"),
         };
-        branch_scratch.push(BranchScratch {
-            w: plan.f32(format!("{pre}.W"), &[w_out, n_in], s),
-            m: kernel.then(|| plan.f32(format!("{pre}.M"), &[n_in, n_out], s)),
-            ms: kernel.then(|| plan.f32(format!("{pre}.M_s"), &[n_in, n_out], s)),
-            dms,
-            merge,
-            sparsify,
-        });
+        branch_scratch.push(BranchScratch { w, m, dms, merge, sparsify });
     }
     (branches, branch_scratch)
 }

@@ -62,8 +62,14 @@ pub fn lerp(lo: f32, hi: f32, w: f32) -> f32 {
 /// `t[0] = quantile_linear(|M|, s)` with the fp32 rank (method.md §4; the reference's quantile_linear), `M_s = M * |M| * 1[|M| > t]` (strict).
 /// t: (1) stays on the device (no host round trip on CUDA). ms, m: (numel); ms may be m (in place).
 pub fn sparsify_forward(rt: &Runtime, ms: Tensor, t: Tensor, m: Tensor, s: f32, sc: &SparsifyScratch) -> Result<()> {
+    assert_eq!(ms.numel, m.numel, "sparsify: M_s and M differ in size");
+    sparsify_select(rt, t, m, s, sc)?;
+    sparsify_apply(rt, ms, m, t)
+}
+
+/// `t[0] = quantile_linear(|M|, s)` alone (the first half of [`sparsify_forward`]).   t: (1)  m: (numel)
+pub fn sparsify_select(rt: &Runtime, t: Tensor, m: Tensor, s: f32, sc: &SparsifyScratch) -> Result<()> {
     let n = m.numel;
-    assert_eq!(ms.numel, n, "sparsify: M_s and M differ in size");
     assert_eq!(t.numel, 1, "sparsify: t is a 1-element tensor");
     assert!(n <= sc.numel, "sparsify: scratch planned for {} entries, M has {n}", sc.numel);
     let (lo, hi, w) = quantile_rank(n, s);
@@ -101,7 +107,7 @@ pub fn sparsify_forward(rt: &Runtime, ms: Tensor, t: Tensor, m: Tensor, s: f32, 
             )?;
         }
     }
-    sparsify_apply(rt, ms, m, t)
+    Ok(())
 }
 
 /// `M_s = M * |M| * 1[|M| > t]` with a threshold t already computed (the backward reuses its forward's t:

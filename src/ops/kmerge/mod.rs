@@ -147,9 +147,18 @@ pub struct MergeScratch {
 
 impl MergeScratch {
     pub fn plan(plan: &mut Plan, prefix: &str, n_in: usize, n_out: usize, d: usize) -> MergeScratch {
+        let k = plan.f32(format!("{prefix}.kmerge.K"), &[n_in, n_out], Pool::Scratch);
+        MergeScratch::plan_with_k(plan, prefix, n_in, n_out, d, k)
+    }
+
+    /// The scratch with K in a buffer the caller owns (n_in, n_out): the model lends it M's, which is dead by
+    /// the time the backward needs K.
+    pub fn plan_with_k(plan: &mut Plan, prefix: &str, n_in: usize, n_out: usize, d: usize, k: Tensor) -> MergeScratch {
+        assert!(k.numel >= n_in * n_out, "kmerge: K needs {n_in}x{n_out} entries");
+        let k = k.slice(0, n_in * n_out);
         let sc = Pool::Scratch;
         MergeScratch {
-            k: plan.f32(format!("{prefix}.kmerge.K"), &[n_in, n_out], sc),
+            k,
             aug_a: plan.f32(format!("{prefix}.kmerge.aug_a"), &[n_in, d + 1], sc),
             aug_b: plan.f32(format!("{prefix}.kmerge.aug_b"), &[n_out, d + 1], sc),
             tmp_a: plan.f32(format!("{prefix}.kmerge.tmp_a"), &[n_in, d + 1], sc),
