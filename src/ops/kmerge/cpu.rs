@@ -136,6 +136,8 @@ pub struct Rows<'a> {
     an: Vec<[f32; PIECES]>,
     bt: Vec<f32>,
     bn: Vec<[f32; PIECES]>,
+    /// The same norms piece by piece, each contiguous over j.
+    bn_t: [Vec<f32>; PIECES],
     n_in: usize,
     n_out: usize,
     d: usize,
@@ -163,7 +165,9 @@ impl<'a> Rows<'a> {
                 }
             }
         }
-        Rows { a, an: row_norms(a, n_in, d), bt, bn: row_norms(b, n_out, d), n_in, n_out, d }
+        let bn = row_norms(b, n_out, d);
+        let bn_t = [bn.iter().map(|n| n[0]).collect(), bn.iter().map(|n| n[1]).collect()];
+        Rows { a, an: row_norms(a, n_in, d), bt, bn, bn_t, n_in, n_out, d }
     }
 
     /// buf.p[h][j] = A_h,i · B_h,j for every j (each summed in order over k).
@@ -171,18 +175,7 @@ impl<'a> Rows<'a> {
         let (d, n_out) = (self.d, self.n_out);
         let ai = [&self.a[i * d..][..d], &self.a[(self.n_in + i) * d..][..d]];
         let [p0, p1] = &mut buf.p;
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the host has AVX-512F (checked on the line above).
-                return unsafe { dots_avx512(ai, &self.bt, n_out, d, p0, p1) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the host has AVX2 (checked on the line above).
-                return unsafe { dots_avx2(ai, &self.bt, n_out, d, p0, p1) };
-            }
-        }
-        dots_lanes(ai, &self.bt, n_out, d, p0, p1)
+        dots(ai, &self.bt, n_out, d, p0, p1)
     }
 
     #[inline]
@@ -193,6 +186,9 @@ impl<'a> Rows<'a> {
     /// row[j] = K(i, j) for every j.
     fn kernel_row(&self, kind: KernelKind, i: usize, buf: &mut RowBuf, row: &mut [f32]) {
         self.dots(i, buf);
+        if kind == KernelKind::PiecewiseLinear {
+            return pl_row(&buf.p[0], &buf.p[1], self.an[i], &self.bn_t[0], &self.bn_t[1], row);
+        }
         for (j, o) in row.iter_mut().enumerate() {
             *o = value(kind, &self.pair(buf, i, j), self.d);
         }
@@ -231,16 +227,82 @@ fn dots_lanes(ai: [&[f32]; 2], bt: &[f32], n_out: usize, d: usize, p0: &mut [f32
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn dots_avx512(ai: [&[f32]; 2], bt: &[f32], n_out: usize, d: usize, p0: &mut [f32], p1: &mut [f32]) {
-    dots_lanes(ai, bt, n_out, d, p0, p1)
+/// Defines `fn $name(args)` that runs `$lanes(args)` (an `#[inline(always)]` function of independent lanes)
+/// compiled for AVX-512, AVX2 or the baseline, whichever the host has: the same arithmetic, lane by lane.
+macro_rules! widest_vectors {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $lanes:ident) => {
+        $(#[$doc])*
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    $lanes($($arg),*)
+                }
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    $lanes($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the host has AVX-512F (checked on the line above).
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the host has AVX2 (checked on the line above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $lanes($($arg),*)
+        }
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dots_avx2(ai: [&[f32]; 2], bt: &[f32], n_out: usize, d: usize, p0: &mut [f32], p1: &mut [f32]) {
-    dots_lanes(ai, bt, n_out, d, p0, p1)
+widest_vectors! {
+    /// p_h[j] = A_h,i · B_h,j for one row i (`ai`) against B transposed (`bt`, (2, d, n_out)).
+    fn dots(ai: [&[f32]; 2], bt: &[f32], n_out: usize, d: usize, p0: &mut [f32], p1: &mut [f32]) => dots_lanes
+}
+
+widest_vectors! {
+    /// One row of the piecewise-linear kernel from its dot products and squared norms (`value`'s expression).
+    fn pl_row(p0: &[f32], p1: &[f32], a2: [f32; 2], b20: &[f32], b21: &[f32], row: &mut [f32]) => pl_row_lanes
+}
+
+widest_vectors! {
+    /// One row of the piecewise-linear ratio: g := R_1, r0 := R_0 (`ratio_at`'s expressions).
+    fn pl_ratio(p0: &[f32], p1: &[f32], a2: [f32; 2], b20: &[f32], b21: &[f32], d: usize, g: &mut [f32], r0: &mut [f32]) => pl_ratio_lanes
+}
+
+#[inline(always)]
+fn pl_row_lanes(p0: &[f32], p1: &[f32], a2: [f32; 2], b20: &[f32], b21: &[f32], row: &mut [f32]) {
+    let n = row.len();
+    let (p0, p1, b20, b21) = (&p0[..n], &p1[..n], &b20[..n], &b21[..n]);
+    for j in 0..n {
+        let d0 = clamp0((-2.0 * p0[j] + a2[0]) + b20[j]);
+        let d1 = clamp0((-2.0 * p1[j] + a2[1]) + b21[j]);
+        row[j] = PL_COEFF[0] * d0.sqrt() + PL_COEFF[1] * d1.sqrt();
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn pl_ratio_lanes(p0: &[f32], p1: &[f32], a2: [f32; 2], b20: &[f32], b21: &[f32], d: usize, g: &mut [f32], r0: &mut [f32]) {
+    let n = g.len();
+    let (p0, p1, b20, b21, r0) = (&p0[..n], &p1[..n], &b20[..n], &b21[..n], &mut r0[..n]);
+    let eps = (2 * d + 2) as f32 * f32::EPSILON;
+    // dist_or_zero of both pieces, then the ratios, with the same operations in the same order.
+    let dist = |p: f32, a2: f32, b2: f32| {
+        let d2 = clamp0((-2.0 * p + a2) + b2);
+        if d2 <= eps * (a2 + b2) {
+            0.0
+        } else {
+            d2.sqrt()
+        }
+    };
+    for j in 0..n {
+        let (d0, d1, gv) = (dist(p0[j], a2[0], b20[j]), dist(p1[j], a2[1], b21[j]), g[j]);
+        r0[j] = if d0 == 0.0 { 0.0 } else { (PL_COEFF[0] * gv) / d0 };
+        g[j] = if d1 == 0.0 { 0.0 } else { (PL_COEFF[1] * gv) / d1 };
+    }
 }
 
 /// m (n_in, n_out) = K(A, B), and with `mix` = [α, γ, β] the mixture on each row as it is built.
@@ -394,7 +456,10 @@ pub fn backward_rows(
                 } else if kind != KernelKind::Linear {
                     rows.dots(i, buf);
                 }
-                if kind != KernelKind::Linear {
+                if kind == KernelKind::PiecewiseLinear {
+                    let (p, a2) = (&buf.p, rows.an[i]);
+                    pl_ratio(&p[0], &p[1], a2, &rows.bn_t[0], &rows.bn_t[1], d, gr, r0r);
+                } else if kind != KernelKind::Linear {
                     for j in 0..n_out {
                         let (r, r0) = ratio_at(kind, &rows.pair(buf, i, j), gr[j], d);
                         gr[j] = r;
