@@ -14,6 +14,8 @@
 //!    `-fsanitize=thread`: every load and store calls `__tsan_readN`/`__tsan_writeN`, which the emulator
 //!    implements itself (as the Linux kernel's KCSAN does) to check each access. No nvcc is needed.
 //!
+//! `SNELLA_NO_NVCC` / `SNELLA_NO_EMU` skip one compile (the fuzz build, which runs on the CPU, skips both).
+//!
 //! Both builds read the kernels' `extern "C" __global__` signatures from the sources; the generated
 //! `fatbins.rs` lists them, so every launch's argument list is checked against the C signature at run time.
 use std::path::{Path, PathBuf};
@@ -80,6 +82,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=PATH");
     println!("cargo:rerun-if-env-changed=SNELLA_CUDA_ARCHS");
     println!("cargo:rerun-if-env-changed=SNELLA_NO_EMU");
+    println!("cargo:rerun-if-env-changed=SNELLA_NO_NVCC");
 
     let sources = cu_files(&cuda_dir);
     let planted_sources = cu_files(&emu_dir);
@@ -99,7 +102,8 @@ fn main() {
         }
     }
 
-    let nvcc = find_nvcc(&root);
+    // SNELLA_NO_NVCC: a build that runs only on the CPU (the fuzz targets) skips the nvcc compile.
+    let nvcc = if env::var_os("SNELLA_NO_NVCC").is_some() { None } else { find_nvcc(&root) };
     // Rerun when scripts/install-nvcc.sh puts nvcc into .tools (a build made before it has no kernels).
     // Cargo reruns a build script on every build while a watched path is missing, so the folder is watched
     // (it is in the repository, with a README); its contents change when nvcc arrives.

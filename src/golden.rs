@@ -219,11 +219,15 @@ impl GoldenCase {
         self.manifest["suggested_atol"][key].as_f64()
     }
 
-    /// Flat index ranges of gradient entries that are rounding noise (exactly 0 in exact arithmetic).
+    /// Flat index ranges of gradient entries that are rounding noise (exactly 0 in exact arithmetic). A range
+    /// that is not a pair of non-negative integers `[start, end]` with start ≤ end is left out: that can only make a comparison stricter.
     pub fn noise_ranges(&self, param: &str) -> Vec<(usize, usize)> {
         self.manifest["noise_grad_elements"][param]["flat_ranges"]
             .as_array()
-            .map(|a| a.iter().map(|r| (r[0].as_u64().unwrap() as usize, r[1].as_u64().unwrap() as usize)).collect())
+            .map(|a| {
+                let range = |r: &serde_json::Value| Some((r[0].as_u64()? as usize, r[1].as_u64()? as usize));
+                a.iter().filter_map(range).filter(|(start, end)| start <= end).collect()
+            })
             .unwrap_or_default()
     }
 }

@@ -28,6 +28,8 @@
 #![warn(missing_docs)]
 
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod golden;
 #[cfg(test)]
 mod golden_parity;
@@ -79,9 +81,11 @@ pub fn gpu_info() -> Result<GpuInfo> {
 /// Whether this build embeds the CUDA kernels (nvcc was found when it was compiled).
 pub const KERNELS_COMPILED: bool = runtime::cuda::KERNELS_COMPILED;
 
-/// Test support: the planted-bug kernels of the emulated device (`tests/emu_sanitizer.rs`). Not a stable API.
+/// Test support: the planted-bug kernels of the emulated device (`tests/emu_sanitizer.rs`) and write faults
+/// (`tests/disk_faults.rs`). Not a stable API.
 #[doc(hidden)]
 pub mod testing {
+    pub use crate::io::fault::FailWrites;
     pub use crate::runtime::planted::{launch_planted, PlantedArg};
 }
 

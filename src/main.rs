@@ -1,13 +1,17 @@
 //! The `snella` command line: one variant of [`Command`] per subcommand, one arm of [`run`] each.
 //!
 //! Errors are printed as one line, `snella: <message>`, with exit code 2 (clap's own usage errors also
-//! exit 2). A subcommand that ran but found failures (a selftest check) exits 1. Nothing here panics.
+//! exit 2). A subcommand that ran but found failures (a selftest check) exits 1. A training run stopped by
+//! Ctrl-C (SIGINT) or SIGTERM writes a checkpoint, says how to resume and exits 128 + the signal (130, 143);
+//! a second signal exits at once with that code. Nothing here panics.
 //!
 //! To add a subcommand: a variant with its arguments (a struct deriving `clap::Args`) to `Command`,
 //! and an arm in `run` that calls into the library and returns `Ok(ExitCode::SUCCESS)`.
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::flag;
 use snella::model::{MemoryOptions, Precision, Recompute};
 use snella::report::memory as mem;
 use snella::report::speed;
@@ -18,6 +22,8 @@ use snella::{
     KERNELS_COMPILED,
 };
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -44,7 +50,7 @@ enum Command {
     /// Images/s of one training step per model × method on the device, with model TFLOP/s and MFU.
     Bench(BenchArgs),
     /// Version, whether CUDA kernels are compiled into this binary, and what the CUDA probe finds.
-    Info,
+    Info(InfoArgs),
     /// Every CUDA kernel against its CPU reference on fresh random inputs (a GPU, or --device cuda-emu).
     Selftest(SelftestArgs),
 }
@@ -96,6 +102,13 @@ struct MemoryArgs {
 }
 
 #[derive(Args)]
+struct InfoArgs {
+    /// Print one JSON object (for scripts): version, devices, kernels, the CUDA probe's result.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct TrainArgs {
     /// The recipe (see recipes/); without one, the defaults of the paper's recipe and --set.
     recipe: Option<PathBuf>,
@@ -108,7 +121,7 @@ struct TrainArgs {
     /// Continue from another checkpoint of the same recipe.
     #[arg(long, value_name = "CHECKPOINT")]
     resume_from: Option<PathBuf>,
-    /// No progress bars (metrics still go to <out_dir>/metrics.jsonl).
+    /// No progress bars and no notes (metrics still go to <out_dir>/metrics.jsonl; errors are still printed).
     #[arg(long)]
     quiet: bool,
     /// The device (the same as `--set device=...`): auto, cpu, cuda, cuda-emu.
@@ -274,10 +287,7 @@ fn run(cmd: Command) -> Result<ExitCode> {
             bench(a)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Train(a) => {
-            train(a)?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Train(a) => train(a),
         Command::Eval(a) => {
             let (mut t, _) = trainer_from_checkpoint(&a)?;
             let (loss, acc) = trainer::evaluate(&mut t.model, &t.test_loader)?;
@@ -292,8 +302,8 @@ fn run(cmd: Command) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Info => {
-            info();
+        Command::Info(a) => {
+            info(a.json);
             Ok(ExitCode::SUCCESS)
         }
         Command::Selftest(a) => {
@@ -323,39 +333,96 @@ fn run(cmd: Command) -> Result<ExitCode> {
     }
 }
 
-fn info() {
-    println!("snella {}", env!("CARGO_PKG_VERSION"));
-    if KERNELS_COMPILED {
+/// What `snella info` reports, gathered once and printed as text or JSON.
+#[derive(serde::Serialize)]
+struct InfoReport {
+    version: &'static str,
+    /// nvcc's fatbins are in the binary.
+    kernels_compiled: bool,
+    /// The devices this machine can run: cpu, cuda-emu, cuda.
+    devices: Vec<&'static str>,
+    /// What `--device auto` picks.
+    auto_device: &'static str,
+    cuda_emu: Probe,
+    cuda: Probe,
+    gpu: Option<GpuReport>,
+    /// Why device 0 could not be opened though the probe passed.
+    gpu_error: Option<String>,
+}
+
+#[derive(serde::Serialize)]
+struct Probe {
+    available: bool,
+    /// Why not, when not.
+    reason: Option<String>,
+}
+
+#[derive(serde::Serialize)]
+struct GpuReport {
+    name: String,
+    total_bytes: usize,
+    free_bytes: usize,
+}
+
+fn info(json: bool) {
+    let probe = |r: std::result::Result<(), String>| Probe { available: r.is_ok(), reason: r.err() };
+    let cuda = probe(cuda_available().map(|_| ()));
+    let cuda_emu = probe(cuda_emu_available());
+    let (gpu, gpu_error) = match cuda.available.then(gpu_info) {
+        Some(Ok(g)) => (Some(GpuReport { name: g.name, total_bytes: g.total_bytes, free_bytes: g.free_bytes }), None),
+        Some(Err(e)) => (None, Some(e.to_string())),
+        None => (None, None),
+    };
+    let mut devices = vec!["cpu"];
+    devices.extend(cuda_emu.available.then_some("cuda-emu"));
+    devices.extend(cuda.available.then_some("cuda"));
+    let auto_device = if cuda.available { "cuda" } else { "cpu" };
+    let r = InfoReport {
+        version: env!("CARGO_PKG_VERSION"),
+        kernels_compiled: KERNELS_COMPILED,
+        devices,
+        auto_device,
+        cuda_emu,
+        cuda,
+        gpu,
+        gpu_error,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+        return;
+    }
+    println!("snella {}", r.version);
+    if r.kernels_compiled {
         println!("CUDA kernels compiled in: yes (nvcc fatbins embedded at build time)");
     } else {
         println!("CUDA kernels compiled in: no (built without nvcc; run scripts/install-nvcc.sh and rebuild)");
     }
-    match cuda_emu_available() {
-        Ok(()) => println!(
+    match &r.cuda_emu.reason {
+        None => println!(
             "emulated CUDA device: yes (--device cuda-emu: the kernels compiled for the host, with sanitizers)"
         ),
-        Err(why) => println!("emulated CUDA device: no ({why})"),
+        Some(why) => println!("emulated CUDA device: no ({why})"),
     }
-    match cuda_available() {
-        Err(why) => {
+    match &r.cuda.reason {
+        Some(why) => {
             println!("CUDA probe: unavailable: {why}");
             println!(
                 "device: cpu (every command falls back to the CPU; --device cuda is an error, --device cuda-emu works)"
             );
         }
-        Ok(_) => {
+        None => {
             println!("CUDA probe: ok (driver, device and cuBLAS found)");
-            match gpu_info() {
-                Ok(g) => {
-                    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+            let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+            match (&r.gpu, &r.gpu_error) {
+                (Some(g), _) => {
                     println!(
                         "GPU 0: {}, {:.1} GiB total, {:.1} GiB free",
                         g.name,
                         gib(g.total_bytes),
                         gib(g.free_bytes)
-                    );
+                    )
                 }
-                Err(e) => println!("GPU 0: could not be initialised: {e}"),
+                (None, e) => println!("GPU 0: could not be initialised: {}", e.as_deref().unwrap_or("")),
             }
         }
     }
@@ -527,35 +594,95 @@ fn bench(a: BenchArgs) -> Result<()> {
 /// `key=value` pairs of `--set`.
 fn overrides(set: &[String]) -> Result<Vec<(&str, &str)>> {
     set.iter()
-        .map(|kv| kv.split_once('=').ok_or_else(|| Error::invalid("--set", format!("'{kv}' is not KEY=VALUE"))))
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k, v)),
+            _ => Err(Error::invalid("--set", format!("'{kv}' is not KEY=VALUE"))),
+        })
         .collect()
 }
 
-fn train(a: TrainArgs) -> Result<()> {
+fn train(a: TrainArgs) -> Result<ExitCode> {
+    let (stop, signal) = stop_on_signals()?;
     let mut cfg = match &a.recipe {
         Some(p) => TrainConfig::load(p)?,
         None => TrainConfig::default(),
     };
     cfg.apply_overrides(&overrides(&with_device(&a.set, a.device))?)?;
     let mut t = trainer::Trainer::new(cfg)?;
-    for n in &t.notes {
-        eprintln!("snella: {n}");
-    }
     let resume = a.resume_from.clone().or_else(|| a.resume.then(|| t.checkpoint_path()));
     if let Some(path) = resume {
         t.resume_from(&path)?;
-        eprintln!("snella: resumed from {}", path.display());
     }
-    let summary = t.run(!a.quiet)?;
+    // After the checks, so that a bad argument is one line of error and nothing else.
+    for n in t.notes.iter().filter(|_| !a.quiet) {
+        eprintln!("snella: {n}");
+    }
+    let summary = t.run_until(!a.quiet, &stop)?;
     println!("{}", serde_json::to_string_pretty(&summary).unwrap_or_default());
-    if a.export {
-        let dir = t.config.out_dir.join("export");
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        for p in export::export_all(&t.model, &dir)? {
+    if summary.interrupted {
+        let sig = signal.load(Ordering::SeqCst) as i32;
+        let s = &t.state;
+        eprintln!(
+            "snella: interrupted by {} at epoch {} batch {} (step {}); the checkpoint {} holds this point; resume with: {}",
+            if sig == SIGTERM { "SIGTERM" } else { "SIGINT" },
+            s.epoch,
+            s.step_in_epoch,
+            s.global_step,
+            summary.checkpoint.display(),
+            resume_command()
+        );
+        return Ok(ExitCode::from(128 + sig as u8));
+    }
+    if a.export && summary.completed {
+        for p in t.export()? {
             println!("wrote {}", p.display());
         }
+    } else if a.export {
+        eprintln!("snella: not exported: the run stopped before its last epoch (max_steps); resume it to finish");
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A flag that SIGINT and SIGTERM set (the trainer stops at the next step boundary), and the signal that
+/// set it. A second signal exits at once with 128 + its number: checkpoints are written atomically, so the
+/// last one stays valid whenever that happens.
+fn stop_on_signals() -> Result<(Arc<AtomicBool>, Arc<AtomicUsize>)> {
+    let (stop, signal) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    for sig in [SIGINT, SIGTERM] {
+        // The shutdown is registered first, so it sees the flag as the previous signal left it. SIGINT and
+        // SIGTERM are not among the signals signal-hook refuses, so these calls do not panic.
+        let registered = flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&stop))
+            .and_then(|_| flag::register_usize(sig, Arc::clone(&signal), sig as usize))
+            .and_then(|_| flag::register(sig, Arc::clone(&stop)));
+        registered.map_err(|e| Error::invalid("signals", format!("cannot handle signal {sig}: {e}")))?;
+    }
+    Ok((stop, signal))
+}
+
+/// This process's command line resuming from its own checkpoint: `--resume-from CHECKPOINT` dropped (the
+/// checkpoint written on the way out is the run's own) and `--resume` added.
+fn resume_command() -> String {
+    let quote = |a: String| {
+        if !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
+            a
+        } else {
+            format!("'{}'", a.replace('\'', "'\\''"))
+        }
+    };
+    let mut args = Vec::new();
+    let mut all = std::env::args_os().map(|a| a.to_string_lossy().into_owned());
+    while let Some(a) = all.next() {
+        match a.as_str() {
+            "--resume" => {}
+            "--resume-from" => {
+                all.next();
+            }
+            _ if a.starts_with("--resume-from=") => {}
+            _ => args.push(quote(a)),
+        }
+    }
+    args.push("--resume".into());
+    args.join(" ")
 }
 
 /// The `--set` overrides with `--device` appended as `device=...` (it wins over an earlier `--set device=`).

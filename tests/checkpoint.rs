@@ -224,3 +224,32 @@ fn failed_writes_leave_nothing_behind() {
     no_temp_files(dir.path());
     no_temp_files(&dir.path().join("o"));
 }
+
+/// A checkpoint of an older build counts its epochs without carrying their metrics lines: the first line of
+/// each counted epoch in metrics.jsonl (by its `epoch` stamp) is kept, whatever else the file holds, and the
+/// run goes on from there with one line per epoch.
+#[test]
+fn a_checkpoint_without_metrics_lines_keeps_the_stamped_ones() {
+    let (dir, weights, data) = fixture(16, 8);
+    let out = dir.path().join("old");
+    let cfg = recipe(&weights, &data, &out, "lora4", 2);
+    let mut t = Trainer::new(cfg.clone()).unwrap();
+    t.run(false).unwrap();
+    let metrics = out.join("metrics.jsonl");
+    let lines: Vec<String> = std::fs::read_to_string(&metrics).unwrap().lines().map(String::from).collect();
+    assert_eq!(lines.len(), 2);
+    // As an older build left it: epoch 1 not counted, the file with a duplicate, a stray line and a torn one.
+    let ck = out.join("checkpoint.safetensors");
+    let old = TrainState { epoch: 1, metrics: Vec::new(), ..t.state.clone() };
+    save_checkpoint(&ck, &t.model, &old, Some(&cfg)).unwrap();
+    let mangled = format!("{}\n{}\n{}\nnot json\n{{\"epoch\":1,", lines[0], lines[0], lines[1]);
+    std::fs::write(&metrics, mangled).unwrap();
+    let mut r = Trainer::new(cfg).unwrap();
+    r.resume_from(&ck).unwrap();
+    r.run(false).unwrap();
+    let now: Vec<String> = std::fs::read_to_string(&metrics).unwrap().lines().map(String::from).collect();
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert_eq!(now[0], lines[0], "the counted epoch's line is kept byte for byte");
+    assert!(now[1].starts_with("{\"epoch\":1,"), "{}", now[1]);
+    assert_eq!(read_checkpoint_meta(&ck).unwrap().state.metrics, now, "the checkpoint now carries its lines");
+}

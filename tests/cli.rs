@@ -20,6 +20,21 @@ fn info_exits_zero_and_reports_kernels_and_probe() {
 }
 
 #[test]
+fn info_json_says_the_same_as_the_library() {
+    let out = snella(&["info", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("snella info --json prints one JSON object");
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(v["kernels_compiled"], snella::KERNELS_COMPILED);
+    assert_eq!(v["cuda"]["available"], snella::cuda_available().is_ok());
+    assert_eq!(v["cuda_emu"]["available"], snella::cuda_emu_available().is_ok());
+    let devices: Vec<&str> = v["devices"].as_array().unwrap().iter().map(|d| d.as_str().unwrap()).collect();
+    assert_eq!(devices[0], "cpu");
+    assert_eq!(devices.contains(&"cuda-emu"), snella::cuda_emu_available().is_ok());
+    assert!(["cpu", "cuda"].contains(&v["auto_device"].as_str().unwrap()));
+}
+
+#[test]
 fn selftest_without_gpu_is_a_one_line_error() {
     if snella::cuda_available().is_ok() {
         println!("skipping: this machine has a GPU (the selftest itself runs in tests/cuda_vs_cpu.rs)");

@@ -581,3 +581,30 @@ fn transforms_on_folder_images_end_to_end() {
         }
     }
 }
+
+/// A few kilobytes of PNG can describe a 3000000x1 image, and a thin image resizes to a huge one in the
+/// evaluation crop (shorter side to 256 at 224 px): both are errors, never gigabytes of allocation (the first
+/// is also kept as an input of the `image` fuzz target: fuzz/regressions/image/).
+#[test]
+fn huge_or_thin_images_are_errors_not_allocations() {
+    let dir = temp_dir("huge-images");
+    let _cleanup = Cleanup(dir.clone());
+    let p = dir.join("wide.png");
+    RgbImage::from_pixel(20_000, 1, Rgb([9, 9, 9])).save(&p).unwrap();
+    let e = snella::train::data::decode_image(&p).unwrap_err().to_string();
+    assert!(e.contains("wide.png") && e.contains("20000x1") && e.contains("16384"), "{e}");
+    let thin = Example { image: vec![0.5; 3 * 8000], height: 1, width: 8000, label: 0 };
+    let e = Transform::parse("eval", 224)
+        .unwrap()
+        .apply(&thin, &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0))
+        .unwrap_err();
+    assert!(e.to_string().contains("too elongated"), "{e}");
+    // The other pipelines make a size x size image of it.
+    for t in ["vtab", "fgvc"] {
+        let out = Transform::parse(t, 16)
+            .unwrap()
+            .apply(&thin, &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0))
+            .unwrap();
+        assert_eq!(out.len(), 3 * 16 * 16);
+    }
+}

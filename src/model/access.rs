@@ -324,6 +324,7 @@ impl Model {
     pub(crate) fn allocator_factors(&self) -> Option<Vec<[TrackedFactor; 2]>> {
         let tracked = |p: Param, ema: crate::model::plan::FactorEma| TrackedFactor {
             value: p.value,
+            // Cannot fail: model/plan.rs gives every branch factor a gradient (they are always trained).
             grad: p.grad.expect("branch factors train"),
             ipt: ema.ipt,
             unc: ema.unc,

@@ -143,6 +143,8 @@ fn classify_names(names: &[String]) -> Option<Format> {
 // ---------------------------------------------------------------------------------------------------------
 
 /// Reads a checkpoint in any supported format and maps it to timm names (fused qkv rows `[q; k; v]`, etc.).
+/// `path` may also be a Hugging Face Hub id (`facebook/dinov2-small`, `hf-hub:timm/<name>`), read from the local
+/// cache ([`super::hub`]).
 ///
 /// Names that have no timm counterpart are kept under their name in the file, so that
 /// [`adapt_to_config`] can list them. Register tokens (`reg_token`, HF `embeddings.register_tokens`) are an
@@ -150,8 +152,12 @@ fn classify_names(names: &[String]) -> Option<Format> {
 ///
 /// # Errors
 /// `Io` (unreadable), `Format` (truncated or corrupt file, unsupported dtype, register tokens, two tensors
-/// mapping to one name), `MissingTensor` / `ShapeMismatch` (an incomplete q/k/v triple), all naming the file.
+/// mapping to one name), `MissingTensor` / `ShapeMismatch` (an incomplete q/k/v triple), all naming the file;
+/// `Invalid { option: "weights" }` for a Hub id that the cache does not hold.
 pub fn read_checkpoint(path: &Path) -> Result<Weights> {
+    // A Hugging Face Hub id (`facebook/dinov2-small`) reads that repository's cached model.safetensors.
+    let resolved = super::hub::resolve_weights(path)?;
+    let path = resolved.as_path();
     let tensors = match detect(path)? {
         Format::GoogleNpz => map_npz(read_npz(path)?, path)?,
         Format::Timm => read_safetensors(path)?,
@@ -280,6 +286,7 @@ fn parse_npy(b: &[u8]) -> std::result::Result<(Vec<usize>, Vec<f32>), String> {
     if n.checked_mul(size) != Some(data.len()) {
         return Err(format!("{} data bytes for shape {shape:?} of '{descr}' (truncated?)", data.len()));
     }
+    // The `try_into().unwrap()`s cannot fail: chunks_exact(4) and chunks_exact(8) give slices of that length.
     let vals: Vec<f32> = match (size, little) {
         (2, true) => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         (2, false) => data.chunks_exact(2).map(|c| half::f16::from_be_bytes([c[0], c[1]]).to_f32()).collect(),
@@ -354,6 +361,7 @@ impl<'a> Mapper<'a> {
         }
         let mut parts = Vec::with_capacity(3);
         for n in &names {
+            // Cannot fail: `present` said every one of `names` is there, and none was taken since.
             let t = self.take(n).expect("checked present");
             parts.push(prep(t).map_err(|m| Error::format(self.path, format!("tensor '{n}': {m}")))?);
         }
@@ -471,7 +479,7 @@ fn kernel_out_last(t: Tensor) -> std::result::Result<Tensor, String> {
     if t.0.len() < 2 {
         return Err(format!("kernel has shape {:?}, expected at least 2 dims (…in, out)", t.0));
     }
-    let cols = *t.0.last().unwrap();
+    let cols = *t.0.last().unwrap(); // cannot fail: at least 2 dims, checked above
     let rows: usize = t.0[..t.0.len() - 1].iter().product();
     Ok((vec![cols, rows], transpose2(rows, cols, &t.1)))
 }

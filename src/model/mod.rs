@@ -2,6 +2,7 @@
 //! layer, checkpoint loaders.
 mod access;
 pub mod config;
+pub mod hub;
 mod linear;
 pub mod load;
 mod plan;

@@ -117,6 +117,8 @@ pub fn memory_rows_at(
     Ok(rows)
 }
 
+// `write!` into a String cannot fail (its fmt::Write never returns an error), hence the unwraps below.
+
 /// The aligned text table.
 pub fn table(rows: &[MemoryRow]) -> String {
     let mut s = String::new();

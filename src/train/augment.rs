@@ -311,8 +311,8 @@ pub(crate) fn normalize(img: &mut [f32]) {
     }
 }
 
-/// The largest output side a pipeline produces (a 16384² RGB image is 3 GiB of f32).
-pub(crate) const MAX_SIZE: usize = 16384;
+/// The largest side of an image a pipeline reads or produces (a 16384² RGB image is 3 GiB of f32).
+pub(crate) const MAX_SIZE: usize = super::data::MAX_SIDE;
 
 fn check_size(size: usize) -> Result<()> {
     if size == 0 || size > MAX_SIZE {
@@ -391,14 +391,21 @@ impl Transform {
     /// Applies the pipeline to `ex` (3-channel CHW in `[0, 1]`); returns `(3, size, size)` normalised values.
     ///
     /// # Errors
-    /// `Invalid { option: "image" }` when `ex.image` is not `3 × height × width` values or is empty;
-    /// `Invalid { option: "transform size" }` for a size of 0 or above 16384.
+    /// `Invalid { option: "image" }` when `ex.image` is not `3 × height × width` values, is empty, has a side
+    /// above 16384 pixels, or (evaluation crop) is so elongated that the resized image would; `Invalid {
+    /// option: "transform size" }` for a size of 0 or above 16384.
     pub fn apply(&self, ex: &Example, rng: &mut impl Rng) -> Result<Vec<f32>> {
         let (h, w) = (ex.height, ex.width);
         if h == 0 || w == 0 || h.checked_mul(w).and_then(|n| n.checked_mul(3)) != Some(ex.image.len()) {
             return Err(Error::invalid(
                 "image",
                 format!("{} values do not form a non-empty 3x{h}x{w} image", ex.image.len()),
+            ));
+        }
+        if h > MAX_SIZE || w > MAX_SIZE {
+            return Err(Error::invalid(
+                "image",
+                format!("a {h}x{w} image: sides above {MAX_SIZE} pixels are not supported"),
             ));
         }
         check_size(self.size())?;
@@ -422,6 +429,17 @@ impl Transform {
             Transform::EvalCenterCrop { size } => {
                 let short = size * 256 / 224;
                 let (nh, nw) = if w <= h { (short * h / w, short) } else { (short, short * w / h) };
+                // A thin image would resize to a huge one (a 1x16384 image at 224 px: 256x4194304x3 values).
+                if nh.max(nw) > MAX_SIZE {
+                    return Err(Error::invalid(
+                        "image",
+                        format!(
+                            "a {h}x{w} image is too elongated for the evaluation crop: resizing its shorter side to \
+                             {short} makes the longer {} pixels (at most {MAX_SIZE})",
+                            nh.max(nw)
+                        ),
+                    ));
+                }
                 let img = resize(&ex.image, 3, h, w, nh, nw, Filter::Bilinear);
                 let top = ((nh - size) as f64 / 2.0).round_ties_even() as usize;
                 let left = ((nw - size) as f64 / 2.0).round_ties_even() as usize;

@@ -16,6 +16,30 @@
 //!
 //! Files are written atomically ([`write_atomic`]): to a temporary file in the same folder, synced, then
 //! renamed over the target; on any error the temporary is removed and the target is untouched.
+//!
+//! # The outputs of a run follow its checkpoint
+//!
+//! An atomic rename makes one file whole; it does not make two files agree. A run writes several (the
+//! checkpoint, `metrics.jsonl`, the exports), and a kill can fall between any two writes. So the checkpoint
+//! is the one record of what a run has done, and every other output of the run is brought back to it:
+//!
+//! 1. **Written before the checkpoint that counts it.** The metrics line of epoch `e` is appended and synced
+//!    before the checkpoint whose `state.epoch` is `e + 1` is renamed into place; exports are written only
+//!    after the final checkpoint, which no later session changes, and a fresh run writes its first checkpoint
+//!    before it clears what an earlier run left. So after a kill at any instant an output holds at least what
+//!    the last checkpoint counts; it may hold more (a line or a torn line of a state the checkpoint has not
+//!    reached, a temporary, what an earlier run left), never less.
+//! 2. **Carried by the checkpoint.** [`TrainState::metrics`] holds the `metrics.jsonl` lines of the epochs
+//!    done, byte for byte (each stamped with its `epoch` and `step`). The exports need no record: a run
+//!    whose checkpoint is not final has none.
+//! 3. **Restored at the start of every session.** Before its first step, `Trainer::run` (fresh or resumed)
+//!    removes the temporaries of killed writers, rewrites `metrics.jsonl` to exactly [`TrainState::metrics`]
+//!    (no duplicate and no missing line, whatever the kill left), and removes the exports unless the run is
+//!    complete. A fresh run starts from an empty record, so it also clears what an earlier run left there.
+//!
+//! An output added later follows the same three steps: written before the checkpoint that counts it (or only
+//! once the run is complete), carried by the checkpoint (or empty until the run is complete), and restored in
+//! `Trainer::run`. `tests/crash.rs` checks the rule by killing the `snella` binary at random instants.
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -57,6 +81,10 @@ pub struct TrainState {
     pub last_acc: Option<f64>,
     /// Wall-clock seconds spent training so far (all sessions).
     pub elapsed_s: f64,
+    /// The `metrics.jsonl` lines of the epochs done (`epoch` of them), without their newlines: what the run's
+    /// metrics file holds at this state (see the module's rule). Absent in checkpoints of older builds.
+    #[serde(default)]
+    pub metrics: Vec<String>,
 }
 
 /// The JSON metadata of a checkpoint.
@@ -99,6 +127,7 @@ fn checkpoint_tensors(model: &Model) -> Vec<(String, crate::runtime::Tensor, Vec
     let mut out = Vec::new();
     let shape_of = |t: crate::runtime::Tensor| model.plan().spec(t).shape.clone();
     for (name, p) in model.trainable_params() {
+        // Cannot fail: model/plan.rs gives every trainable parameter its AdamW m and v.
         out.push((format!("param.{name}"), p.value, shape_of(p.value)));
         out.push((format!("adamw.m.{name}"), p.m.expect("trainable parameters have AdamW m"), shape_of(p.value)));
         out.push((format!("adamw.v.{name}"), p.v.expect("trainable parameters have AdamW v"), shape_of(p.value)));
@@ -294,7 +323,10 @@ fn diff_fields(a: &serde_json::Value, b: &serde_json::Value) -> String {
         .join(", ")
 }
 
+/// The checkpoint file of a run folder.
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+
 /// The conventional checkpoint file of a run folder: `<out_dir>/checkpoint.safetensors`.
 pub fn checkpoint_path(out_dir: &Path) -> PathBuf {
-    out_dir.join("checkpoint.safetensors")
+    out_dir.join(CHECKPOINT_FILE)
 }

@@ -150,12 +150,16 @@ fn check_jpeg_structure(b: &[u8]) -> std::result::Result<(), String> {
     }
 }
 
+/// The longest image side read (a 16384² RGB image is 3 GiB of f32); the pipelines take it as their bound too.
+pub(crate) const MAX_SIDE: usize = 16384;
+
 /// Reads and decodes a JPEG or PNG file to a 3-channel CHW `f32` image in `[0, 1]`: grey is
 /// replicated, alpha dropped (as PIL's `convert('RGB')`), 16-bit samples scaled by 1/65535.
 /// The format is detected from the content, falling back to the extension. Returns (image, height, width).
 ///
 /// # Errors
-/// `Io` (unreadable), `Format` (not JPEG/PNG, truncated or corrupt, empty), naming the file.
+/// `Io` (unreadable), `Format` (not JPEG/PNG, truncated or corrupt, empty, a side above 16384 pixels), naming
+/// the file.
 pub fn decode_image(path: &Path) -> Result<(Vec<f32>, usize, usize)> {
     use image::ImageFormat;
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
@@ -174,6 +178,9 @@ pub fn decode_image(path: &Path) -> Result<(Vec<f32>, usize, usize)> {
     let (w, h) = (img.width() as usize, img.height() as usize);
     if w == 0 || h == 0 {
         return Err(Error::format(path, format!("empty {w}x{h} image")));
+    }
+    if w > MAX_SIDE || h > MAX_SIDE {
+        return Err(Error::format(path, format!("{w}x{h} image: sides above {MAX_SIDE} pixels are not supported")));
     }
     let hw = h * w;
     let mut chw = vec![0.0f32; 3 * hw];

@@ -393,6 +393,7 @@ pub fn apply_sparse_delta(weights: &mut Weights, delta: &SparseDelta) -> Result<
         }
     }
     for b in &delta.branches {
+        // Cannot fail: the loop above returned an error for every branch whose target is absent.
         let (_, data) = weights.tensors.get_mut(&b.target).expect("checked above");
         let base = b.row0 * b.n_in;
         for (&i, &v) in b.indices.iter().zip(&b.values) {
@@ -405,6 +406,9 @@ pub fn apply_sparse_delta(weights: &mut Weights, delta: &SparseDelta) -> Result<
     Ok(())
 }
 
+/// The files [`export_all`] writes: merged weights, and the sparse delta (branch methods and the linear probe).
+pub const EXPORT_FILES: [&str; 2] = ["merged.safetensors", "delta.safetensors"];
+
 /// Writes both exports of a run into `dir`: `merged.safetensors` (timm names) and, for branch methods and
 /// the linear probe, `delta.safetensors`. Returns the paths written.
 ///
@@ -412,11 +416,12 @@ pub fn apply_sparse_delta(weights: &mut Weights, delta: &SparseDelta) -> Result<
 /// `Io` naming a file that cannot be written (the folder must exist); device failures.
 pub fn export_all(model: &Model, dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     let mut out = Vec::new();
-    let merged = dir.join("merged.safetensors");
+    let [merged, delta] = EXPORT_FILES;
+    let merged = dir.join(merged);
     export_merged(model, &merged)?;
     out.push(merged);
     if !model.method().trains_backbone() {
-        let p = dir.join("delta.safetensors");
+        let p = dir.join(delta);
         write_sparse_delta(&p, &sparse_delta(model)?)?;
         out.push(p);
     }

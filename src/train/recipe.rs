@@ -43,8 +43,9 @@ pub struct TrainConfig {
     /// A configuration name of [`crate::model::ViTConfig::by_name`] (`dinov2_s14`, `vit_b16`, `vit_l16`,
     /// `vit_h14`, `tiny`), or `infer` to read the sizes from `weights` (then `num_heads` is required).
     pub model: String,
-    /// Pre-trained backbone: timm / Hugging Face ViT or DINOv2 safetensors, or a Google `.npz`. Absent: a
-    /// random backbone (for tests and smoke runs only).
+    /// Pre-trained backbone: timm / Hugging Face ViT or DINOv2 safetensors, a Google `.npz`, or a Hugging Face
+    /// Hub id (`facebook/dinov2-small`, `timm/vit_base_patch16_224.augreg2_in21k_ft_in1k`, with or without
+    /// `hf-hub:`) read from the local cache. Absent: a random backbone (for tests and smoke runs only).
     pub weights: Option<PathBuf>,
     /// Attention heads, needed with `model = "infer"` (checkpoints do not store them).
     pub num_heads: Option<usize>,
@@ -263,6 +264,9 @@ fn toml_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::format(path, format!("not a valid training recipe: {e}"))
 }
 
+/// The fields that may be absent (`none` or an empty value in an override removes them).
+pub const OPTIONAL_KEYS: [&str; 6] = ["weights", "num_heads", "rank", "train_subset", "test_subset", "max_steps"];
+
 impl TrainConfig {
     /// Reads a TOML recipe and validates its values ([`TrainConfig::validate`]; paths are not checked).
     ///
@@ -345,7 +349,7 @@ impl TrainConfig {
     ///
     /// `key` is a field name; `value` is read as a TOML value when it parses as one of the field's type
     /// (`1e-3`, `true`, `32`), else as a string (`snella32`, `/data/cub`); `none` (or an empty value)
-    /// removes an optional field.
+    /// removes an optional field ([`OPTIONAL_KEYS`]) and is an error for the others.
     ///
     /// # Errors
     /// `Invalid { option: key }` for an unknown key, a value of the wrong type or an impossible value (the
@@ -360,11 +364,20 @@ impl TrainConfig {
         let known = TrainConfig::keys();
         for &(key, value) in overrides {
             let key = key.trim().trim_start_matches("--").replace('-', "_");
+            if key.is_empty() {
+                return Err(Error::invalid("overrides", format!("'={value}' has no key (KEY=VALUE)")));
+            }
             if !known.contains(&key.as_str()) {
                 return Err(Error::invalid(key.clone(), format!("unknown option (known: {})", known.join(", "))));
             }
             let v = value.trim();
             if v.is_empty() || v.eq_ignore_ascii_case("none") {
+                if !OPTIONAL_KEYS.contains(&key.as_str()) {
+                    return Err(Error::invalid(
+                        key.clone(),
+                        format!("needs a value ('{v}' removes only the optional {})", OPTIONAL_KEYS.join(", ")),
+                    ));
+                }
                 table.remove(&key);
                 continue;
             }
@@ -571,6 +584,9 @@ impl TrainConfig {
             if !w.is_file() {
                 return Err(Error::invalid("weights", format!("{} does not exist or is not a file", w.display())));
             }
+        }
+        if self.data.exists() && !self.data.is_dir() {
+            return Err(Error::invalid("data", format!("{} is a file, not a folder", self.data.display())));
         }
         if !self.data.is_dir() {
             return Err(Error::invalid("data", format!("folder {} does not exist", self.data.display())));

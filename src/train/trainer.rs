@@ -11,26 +11,34 @@
 //!     `<out_dir>/metrics.jsonl`, a checkpoint in `<out_dir>/checkpoint.safetensors`.
 //!
 //! Checkpoints are also written every `checkpoint_every` steps inside an epoch, and once before the first
-//! step, so a last good state always exists. [`Trainer::resume_from`] continues a run exactly.
-use std::io::Write;
+//! step, so a last good state always exists. [`Trainer::resume_from`] continues a run exactly; every session
+//! starts by bringing the run's outputs back to its checkpoint (the rule is stated in `train/checkpoint.rs`).
+//! [`Trainer::run_until`] stops at the next step boundary when asked (Ctrl-C), writing a checkpoint first.
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::error::{Error, Result};
+use crate::io::{append, remove_temporaries, write_atomic};
 use crate::model::load::{adapt_to_config, infer_config, read_checkpoint, TensorMap, Weights};
 use crate::model::{Model, ViTConfig};
 use crate::peft::allocator::Allocator;
 use crate::peft::Method;
 use crate::rng::{example_seed, trunc_normal, unit_f64, SplitMix64};
 use crate::runtime::Backend;
-use crate::train::checkpoint::{checkpoint_path, load_checkpoint, save_checkpoint, TrainState};
+use crate::train::checkpoint::{
+    checkpoint_path, load_checkpoint, read_checkpoint_meta, save_checkpoint, TrainState, CHECKPOINT_FILE,
+};
 use crate::train::data::{subset, Dataset, Idx, ImageFolder};
-use crate::train::export::kept_stats;
+use crate::train::export::{export_all, kept_stats, EXPORT_FILES};
 use crate::train::loader::Loader;
 use crate::train::recipe::{parse_device, DataFormat, TrainConfig};
 use crate::train::schedule::cosine_lr;
+
+/// The metrics file of a run folder: one JSON [`EpochMetrics`] line per epoch done.
+pub const METRICS_FILE: &str = "metrics.jsonl";
 
 /// A boxed dataset, as the trainer's loaders hold them.
 pub type BoxDataset = Box<dyn Dataset>;
@@ -77,8 +85,11 @@ pub struct EpochMetrics {
 pub struct Summary {
     /// Method name, e.g. `snella32`.
     pub method: String,
-    /// Whether every epoch ran (false when `max_steps` stopped it).
+    /// Whether every epoch ran (false when `max_steps` or a stop request ended the session early).
     pub completed: bool,
+    /// Whether a stop request ([`Trainer::run_until`], Ctrl-C in the CLI) ended the session; the checkpoint
+    /// holds where it stopped.
+    pub interrupted: bool,
     /// Epochs fully run (over all sessions of the run).
     pub epochs_done: usize,
     /// Optimizer steps over the run.
@@ -147,34 +158,45 @@ fn correct(logits: &[f32], labels: &[i32], v: usize) -> u64 {
 /// Data decoding errors naming the file, a batch or label that does not fit the model (`Invalid { option:
 /// "batch" | "labels" }`), an empty dataset (`Invalid { option: "evaluation" }`), device failures.
 pub fn evaluate<D: Dataset>(model: &mut Model, loader: &Loader<D>) -> Result<(f64, f64)> {
-    evaluate_with(model, loader, &ProgressBar::hidden())
+    let never = AtomicBool::new(false);
+    // Nothing sets `never`, so the evaluation runs to its end and the error below is not reached.
+    evaluate_with(model, loader, &ProgressBar::hidden(), &never)?
+        .ok_or_else(|| Error::invalid("evaluation", "stopped before its end"))
 }
 
-fn evaluate_with<D: Dataset>(model: &mut Model, loader: &Loader<D>, bar: &ProgressBar) -> Result<(f64, f64)> {
+/// [`evaluate`], abandoned (`None`) as soon as `stop` is set.
+fn evaluate_with<D: Dataset>(
+    model: &mut Model,
+    loader: &Loader<D>,
+    bar: &ProgressBar,
+    stop: &AtomicBool,
+) -> Result<Option<(f64, f64)>> {
     // Evaluation mode: no dropout or drop-path (restored afterwards, also on error).
     let training = model.is_training();
     model.set_training(false);
-    let r = evaluate_batches(model, loader, bar);
+    let mut batches = || -> Result<Option<(f64, f64)>> {
+        let v = model.config().num_classes;
+        let (mut loss, mut right, mut n) = (0.0f64, 0u64, 0u64);
+        for batch in loader.epoch(0) {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+            let batch = batch?;
+            let b = model.set_batch(&batch.images, &batch.labels)?;
+            let l = model.forward()?;
+            loss += l as f64 * b as f64;
+            right += correct(&model.logits()?, &batch.labels, v);
+            n += b as u64;
+            bar.inc(b as u64);
+        }
+        if n == 0 {
+            return Err(Error::invalid("evaluation", "the test set is empty"));
+        }
+        Ok(Some((loss / n as f64, right as f64 / n as f64)))
+    };
+    let r = batches();
     model.set_training(training);
     r
-}
-
-fn evaluate_batches<D: Dataset>(model: &mut Model, loader: &Loader<D>, bar: &ProgressBar) -> Result<(f64, f64)> {
-    let v = model.config().num_classes;
-    let (mut loss, mut right, mut n) = (0.0f64, 0u64, 0u64);
-    for batch in loader.epoch(0) {
-        let batch = batch?;
-        let b = model.set_batch(&batch.images, &batch.labels)?;
-        let l = model.forward()?;
-        loss += l as f64 * b as f64;
-        right += correct(&model.logits()?, &batch.labels, v);
-        n += b as u64;
-        bar.inc(b as u64);
-    }
-    if n == 0 {
-        return Err(Error::invalid("evaluation", "the test set is empty"));
-    }
-    Ok((loss / n as f64, right as f64 / n as f64))
 }
 
 /// A random (untrained) backbone in timm names for `cfg`: Linear/patch weights, position table and head
@@ -308,6 +330,7 @@ fn bar(progress: bool, len: u64, prefix: String) -> ProgressBar {
         ProgressStyle::with_template(
             "{prefix:>14} [{bar:30}] {pos}/{len} img  {per_sec:>12}  {elapsed_precise} ETA {eta_precise}  {msg}",
         )
+        // Cannot fail: the template is a constant, parsed the same way on every run.
         .expect("a valid progress template")
         .progress_chars("=> "),
     );
@@ -377,36 +400,23 @@ impl Trainer {
 
     /// `<out_dir>/metrics.jsonl`.
     pub fn metrics_path(&self) -> PathBuf {
-        self.config.out_dir.join("metrics.jsonl")
+        self.config.out_dir.join(METRICS_FILE)
+    }
+
+    /// `<out_dir>/export`, where [`Trainer::export`] writes.
+    pub fn export_dir(&self) -> PathBuf {
+        self.config.out_dir.join("export")
     }
 
     /// Restores a checkpoint written by a run of the same recipe (see `checkpoint::load_checkpoint` for the
-    /// checks) and drops the lines of `metrics.jsonl` for epochs that will be run again. [`Trainer::run`]
-    /// then continues from the saved epoch and batch.
+    /// checks). [`Trainer::run`] then brings the run's outputs back to it (`metrics.jsonl` to the epochs it
+    /// counts, exports removed unless it is final) and continues from the saved epoch and batch.
     ///
     /// # Errors
-    /// As [`crate::train::checkpoint::load_checkpoint`] with this run's recipe; `Io` when `metrics.jsonl` cannot
-    /// be rewritten.
+    /// As [`crate::train::checkpoint::load_checkpoint`] with this run's recipe.
     pub fn resume_from(&mut self, path: &Path) -> Result<()> {
         let meta = load_checkpoint(path, &mut self.model, Some(&self.config))?;
         self.state = meta.state;
-        let mp = self.metrics_path();
-        if let Ok(text) = std::fs::read_to_string(&mp) {
-            let keep: Vec<&str> = text
-                .lines()
-                .filter(|l| {
-                    serde_json::from_str::<serde_json::Value>(l)
-                        .ok()
-                        .and_then(|v| v["epoch"].as_u64())
-                        .is_some_and(|e| (e as usize) < self.state.epoch)
-                })
-                .collect();
-            let mut s = keep.join("\n");
-            if !s.is_empty() {
-                s.push('\n');
-            }
-            crate::train::checkpoint::write_atomic(&mp, s.as_bytes())?;
-        }
         self.notes.push(format!(
             "resumed from {} at epoch {} batch {} (step {})",
             path.display(),
@@ -415,6 +425,78 @@ impl Trainer {
             self.state.global_step
         ));
         Ok(())
+    }
+
+    /// The metrics lines the current state counts. A checkpoint of an older build counts its epochs without
+    /// carrying their lines: then the first line of each of those epochs in `metrics.jsonl` (by its `epoch`
+    /// stamp) is kept.
+    fn counted_metrics(&self) -> Vec<String> {
+        let done = self.state.epoch;
+        if self.state.metrics.len() == done {
+            return self.state.metrics.clone();
+        }
+        let text = std::fs::read_to_string(self.metrics_path()).unwrap_or_default();
+        let mut next = 0;
+        let mut kept = Vec::new();
+        for line in text.lines() {
+            let stamp = serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v["epoch"].as_u64());
+            if next < done && stamp == Some(next as u64) {
+                kept.push(line.to_string());
+                next += 1;
+            }
+        }
+        kept
+    }
+
+    /// Brings every output of the run back to what the state (fresh, or restored from a checkpoint) counts,
+    /// as the rule of `train/checkpoint.rs` says: temporaries of killed writers removed, `metrics.jsonl`
+    /// rewritten to exactly the counted lines (left alone when it already holds them), exports removed
+    /// unless the run is complete.
+    fn restore_outputs(&mut self) -> Result<()> {
+        let out = self.config.out_dir.clone();
+        let export = self.export_dir();
+        remove_temporaries(&out, &[CHECKPOINT_FILE, METRICS_FILE])?;
+        remove_temporaries(&export, &EXPORT_FILES)?;
+        self.state.metrics = self.counted_metrics();
+        let mut text = self.state.metrics.join("\n");
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        let mp = self.metrics_path();
+        if std::fs::read(&mp).ok().as_deref() != Some(text.as_bytes()) {
+            write_atomic(&mp, text.as_bytes())?;
+        }
+        if self.state.epoch < self.config.epochs {
+            for name in EXPORT_FILES {
+                let p = export.join(name);
+                match std::fs::remove_file(&p) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&p, e)),
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the exports of a complete run into [`Trainer::export_dir`] (created): merged weights and, for
+    /// branch methods and the linear probe, the sparse delta. Returns the paths written.
+    ///
+    /// # Errors
+    /// `Invalid { option: "export" }` when the run has epochs left (an export must match the final checkpoint);
+    /// `Io` naming a file that cannot be written; device failures.
+    pub fn export(&self) -> Result<Vec<PathBuf>> {
+        if self.state.epoch < self.config.epochs {
+            return Err(Error::invalid(
+                "export",
+                format!(
+                    "the run has done {} of {} epochs; its exports are written once it is complete (resume it)",
+                    self.state.epoch, self.config.epochs
+                ),
+            ));
+        }
+        let dir = self.export_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        export_all(&self.model, &dir)
     }
 
     fn save(&self) -> Result<()> {
@@ -439,15 +521,49 @@ impl Trainer {
         )
     }
 
-    /// Runs the remaining epochs (all of them for a fresh trainer). With `progress`, indicatif bars on
-    /// stderr show images/s and the ETA of every epoch and evaluation.
+    /// A file that could not be written (a full disk, a read-only or vanished folder), with what the last
+    /// good checkpoint on disk holds: the writes are ordered so that it is intact (see `train/checkpoint.rs`).
+    fn with_last_good(&self, e: Error) -> Error {
+        let Error::Io { path, source } = e else { return e };
+        let ck = self.checkpoint_path();
+        let last = match read_checkpoint_meta(&ck) {
+            Ok(m) => format!(
+                "the last good checkpoint {} (step {}, {} epochs done) is intact and the run can resume from it",
+                ck.display(),
+                m.state.global_step,
+                m.state.epoch
+            ),
+            Err(_) => format!("there is no good checkpoint at {} yet", ck.display()),
+        };
+        Error::io(path, std::io::Error::new(source.kind(), format!("{source}; {last}")))
+    }
+
+    /// Runs the remaining epochs (all of them for a fresh trainer), as [`Trainer::run_until`] without a stop
+    /// request.
+    ///
+    /// # Errors
+    /// As [`Trainer::run_until`].
+    pub fn run(&mut self, progress: bool) -> Result<Summary> {
+        self.run_until(progress, &AtomicBool::new(false))
+    }
+
+    /// Runs the remaining epochs (all of them for a fresh trainer). First brings the run's outputs back to
+    /// the state (the rule of `train/checkpoint.rs`). When `stop` becomes true (a signal handler sets it), the
+    /// session ends at the next step boundary or evaluation batch: the step in progress is finished, a
+    /// checkpoint of that point is written, and the summary says `interrupted`. With `progress`, indicatif
+    /// bars on stderr show images/s and the ETA of every epoch and evaluation.
     ///
     /// # Errors
     /// An invalid `config` (it is public and checked again here); a loss (or a parameter) that becomes NaN/inf
     /// stops the run with
     /// `Invalid { option: "training", msg: "loss became NaN ... at epoch E step S ...; the last good
-    /// checkpoint is <path>" }`, leaving that checkpoint untouched; data, device and I/O errors as they come.
-    pub fn run(&mut self, progress: bool) -> Result<Summary> {
+    /// checkpoint is <path>" }`, leaving that checkpoint untouched; a file that cannot be written is `Io`
+    /// naming it and saying what the last good checkpoint holds; data and device errors as they come.
+    pub fn run_until(&mut self, progress: bool, stop: &AtomicBool) -> Result<Summary> {
+        self.session(progress, stop).map_err(|e| self.with_last_good(e))
+    }
+
+    fn session(&mut self, progress: bool, stop: &AtomicBool) -> Result<Summary> {
         let c = self.config.clone();
         c.validate()?;
         let session = Instant::now();
@@ -455,14 +571,26 @@ impl Trainer {
         let v = self.model.config().num_classes;
         let sparse = matches!(self.model.method(), Method::Kernel(k) if k.sparse);
         if self.state.global_step == 0 && self.state.step_in_epoch == 0 && self.state.epoch == 0 {
-            self.save()?; // the state before any update: a last good checkpoint always exists
+            // The state before any update, so that a last good checkpoint always exists; it goes first, so
+            // that the outputs of an earlier run in this folder are never less than the checkpoint counts.
+            self.save()?;
         }
+        self.restore_outputs()?;
         let n_train = self.train_loader.dataset().len();
         let nb = self.train_loader.num_batches();
         let bs = self.train_loader.batch_size();
         let mut last_train_loss = None;
+        // Ends the session at a step boundary: a checkpoint of where it stands, then the summary.
+        let interrupt = |t: &mut Trainer, epoch: usize, last: Option<f64>| -> Result<Summary> {
+            t.state.elapsed_s = base_elapsed + session.elapsed().as_secs_f64();
+            t.save_or_nan(epoch)?;
+            Ok(Summary { interrupted: true, ..t.summary(false, last) })
+        };
         while self.state.epoch < c.epochs {
             let epoch = self.state.epoch;
+            if stop.load(Ordering::Relaxed) {
+                return interrupt(self, epoch, last_train_loss);
+            }
             let t0 = Instant::now();
             let lr = cosine_lr(epoch, c.lr, c.epochs, c.warmup_epochs, c.warmup_lr, c.min_lr);
             if self.state.step_in_epoch == 0 {
@@ -508,6 +636,10 @@ impl Trainer {
                     self.state.elapsed_s = base_elapsed + session.elapsed().as_secs_f64();
                     return Ok(self.summary(false, last_train_loss));
                 }
+                if stop.load(Ordering::Relaxed) {
+                    pb.abandon();
+                    return interrupt(self, epoch, last_train_loss);
+                }
                 if c.checkpoint_every > 0 && self.state.global_step.is_multiple_of(c.checkpoint_every) && bi + 1 < nb {
                     self.state.elapsed_s = base_elapsed + session.elapsed().as_secs_f64();
                     self.save_or_nan(epoch)?;
@@ -519,8 +651,10 @@ impl Trainer {
             last_train_loss = Some(train_loss);
             let (test_loss, test_acc) = if (epoch + 1).is_multiple_of(c.eval_every) || epoch + 1 == c.epochs {
                 let eb = bar(progress, self.test_loader.dataset().len() as u64, "eval".into());
-                let (l, a) = evaluate_with(&mut self.model, &self.test_loader, &eb)?;
+                let evaluated = evaluate_with(&mut self.model, &self.test_loader, &eb, stop)?;
                 eb.finish_and_clear();
+                // Abandoned: the checkpoint holds the epoch's batches done, so a resume evaluates afresh.
+                let Some((l, a)) = evaluated else { return interrupt(self, epoch, last_train_loss) };
                 if !l.is_finite() {
                     return Err(self.nan_error("test loss", epoch, self.state.global_step));
                 }
@@ -557,7 +691,9 @@ impl Trainer {
                 layers,
                 kept_total,
             };
-            self.append_metrics(&m)?;
+            // The line goes to disk before the checkpoint that counts it (the rule of train/checkpoint.rs).
+            let line = serde_json::to_string(&m).map_err(|e| Error::invalid("metrics", e.to_string()))?;
+            append(&self.metrics_path(), format!("{line}\n").as_bytes())?;
             if progress {
                 eprintln!(
                     "epoch {:>3}/{}  lr {lr:.2e}  train loss {train_loss:.4} acc {:.2}%  {}  {:.1}s",
@@ -571,6 +707,7 @@ impl Trainer {
                     m.seconds
                 );
             }
+            self.state.metrics.push(line);
             self.state.epoch = epoch + 1;
             self.state.step_in_epoch = 0;
             self.state.elapsed_s = base_elapsed + session.elapsed().as_secs_f64();
@@ -595,17 +732,11 @@ impl Trainer {
         }
     }
 
-    fn append_metrics(&self, m: &EpochMetrics) -> Result<()> {
-        let p = self.metrics_path();
-        let line = serde_json::to_string(m).map_err(|e| Error::invalid("metrics", e.to_string()))?;
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&p).map_err(|e| Error::io(&p, e))?;
-        writeln!(f, "{line}").map_err(|e| Error::io(&p, e))
-    }
-
     fn summary(&self, completed: bool, last_train_loss: Option<f64>) -> Summary {
         Summary {
             method: self.model.method().name(),
             completed,
+            interrupted: false,
             epochs_done: self.state.epoch,
             steps: self.state.global_step,
             best_test_acc: self.state.best_acc,
