@@ -285,7 +285,16 @@ fn pl_row_lanes(p0: &[f32], p1: &[f32], a2: [f32; 2], b20: &[f32], b21: &[f32], 
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn pl_ratio_lanes(p0: &[f32], p1: &[f32], a2: [f32; 2], b20: &[f32], b21: &[f32], d: usize, g: &mut [f32], r0: &mut [f32]) {
+fn pl_ratio_lanes(
+    p0: &[f32],
+    p1: &[f32],
+    a2: [f32; 2],
+    b20: &[f32],
+    b21: &[f32],
+    d: usize,
+    g: &mut [f32],
+    r0: &mut [f32],
+) {
     let n = g.len();
     let (p0, p1, b20, b21, r0) = (&p0[..n], &p1[..n], &b20[..n], &b21[..n], &mut r0[..n]);
     let eps = (2 * d + 2) as f32 * f32::EPSILON;
