@@ -208,8 +208,8 @@ fn dots_lanes(ai: [&[f32]; 2], bt: &[f32], n_out: usize, d: usize, p0: &mut [f32
             let (x0, x1) = (ai[0][k], ai[1][k]);
             let (y0, y1) = (&bt0[k * n_out + j0..][..W], &bt1[k * n_out + j0..][..W]);
             for l in 0..W {
-                s0[l] = s0[l] + x0 * y0[l];
-                s1[l] = s1[l] + x1 * y1[l];
+                s0[l] += x0 * y0[l];
+                s1[l] += x1 * y1[l];
             }
         }
         p0[j0..j0 + W].copy_from_slice(&s0);
@@ -219,8 +219,8 @@ fn dots_lanes(ai: [&[f32]; 2], bt: &[f32], n_out: usize, d: usize, p0: &mut [f32
     for j in j0..n_out {
         let (mut s0, mut s1) = (0f32, 0f32);
         for k in 0..d {
-            s0 = s0 + ai[0][k] * bt0[k * n_out + j];
-            s1 = s1 + ai[1][k] * bt1[k * n_out + j];
+            s0 += ai[0][k] * bt0[k * n_out + j];
+            s1 += ai[1][k] * bt1[k * n_out + j];
         }
         p0[j] = s0;
         p1[j] = s1;
@@ -232,14 +232,17 @@ fn dots_lanes(ai: [&[f32]; 2], bt: &[f32], n_out: usize, d: usize, p0: &mut [f32
 macro_rules! widest_vectors {
     ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $lanes:ident) => {
         $(#[$doc])*
+        #[allow(clippy::too_many_arguments)]
         fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f")]
+                #[allow(clippy::too_many_arguments)]
                 unsafe fn avx512($($arg: $ty),*) {
                     $lanes($($arg),*)
                 }
                 #[target_feature(enable = "avx2")]
+                #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2($($arg: $ty),*) {
                     $lanes($($arg),*)
                 }
