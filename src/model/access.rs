@@ -486,11 +486,14 @@ impl Model {
                         n_out,
                         sparsity: self.sparsity[br.id],
                         rt: &self.rt,
-                        m_and_t: br
-                            .is_sparse()
-                            .then(|| (sc.m.slice(0, n_in * n_out), self.layout.thresholds.slice(br.id, 1))),
+                        m_and_t: br.is_sparse().then(|| {
+                            (
+                                sc.m.expect("kernel branch scratch").slice(0, n_in * n_out),
+                                self.layout.thresholds.slice(br.id, 1),
+                            )
+                        }),
                         update: match applied {
-                            Some(ms) => Update::Applied(ms),
+                            Some(m) => Update::Kernel(m),
                             None => Update::Rows { merged: rows(sc.w), w0: rows(lin.w.value) },
                         },
                     })
@@ -514,8 +517,8 @@ pub(crate) struct TrackedFactor {
 
 /// Where a branch's update lies while its Linear is merged.
 enum Update {
-    /// A kernel branch: the matrix it applies, M_s (M for dense kinds).          (in, out)
-    Applied(Tensor),
+    /// A kernel branch: its M (sparse kinds apply M_s = M·|M|·1[|M| > t] of it).   (in, out)
+    Kernel(Tensor),
     /// LoRA: the branch's rows of the merged weight and of W0.                   (out, in) each
     Rows { merged: Tensor, w0: Tensor },
 }
@@ -559,8 +562,13 @@ impl BranchUpdate<'_> {
     pub(crate) fn delta(&self) -> Result<Vec<f32>> {
         let (n_in, n_out) = (self.n_in, self.n_out);
         match self.update {
-            Update::Applied(ms) => {
-                let v = self.rt.download(ms)?;
+            Update::Kernel(m) => {
+                let mut v = self.rt.download(m)?;
+                if let Some((_, t)) = self.m_and_t {
+                    // M_s by the CPU twin of the step's own sparsify (the same fp32 products, the same bits).
+                    let t = self.rt.download(t)?[0];
+                    crate::ops::sparsify::cpu::apply_inplace(&mut v, t);
+                }
                 let mut out = vec![0.0; n_out * n_in];
                 for o in 0..n_out {
                     for i in 0..n_in {

@@ -17,7 +17,7 @@ use crate::ops::convert::bf16_widen;
 use crate::ops::dropout::{drop_path, dropout};
 use crate::ops::kmerge::{merge_backward, merge_forward, Factors};
 use crate::ops::matmul::{matmul, Matmul};
-use crate::ops::sparsify::{add_transposed, sparsify_apply, sparsify_backward, sparsify_forward};
+use crate::ops::sparsify::{add_transposed, sparsify_apply, sparsify_backward, sparsify_select};
 use crate::runtime::{DType, Runtime, Tensor};
 
 /// The dropout and drop-path masks of one block. Each is a stream of hashed keep decisions (`ops::dropout`);
@@ -91,8 +91,8 @@ impl Linears<'_> {
         add_bias(self.rt, y, lin.b.value)
     }
 
-    /// Backward: dx = dy·W (overwrites dx); the gradients of W0 and b (when they train) and of the branch
-    /// factors accumulated.                                     dy: (rows, out)  x, dx: (rows, in)
+    /// Backward: dx = dy·W (overwrites dx, after the last read of x: dx may be x's buffer); the gradients of
+    /// W0 and b (when they train) and of the branch factors accumulated.  dy: (rows, out)  x, dx: (rows, in)
     pub(crate) fn backward(&self, lin: &Linear, dx: Tensor, dy: Tensor, x: Tensor, rows: usize) -> Result<()> {
         if let (Some(drop), false) = (self.drop, lin.branches.is_empty()) {
             return self.unmerged_backward(lin, drop, dx, dy, x, rows);
@@ -103,9 +103,7 @@ impl Linears<'_> {
             // The forward's W again, with the thresholds its forward selected from the same factors (the
             // quantile select, 4 passes over M on CUDA, runs once per step instead of twice; same bits); each
             // branch's factor gradients are taken while its M is in scratch.
-            let sc = &self.layout.branch_scratch[lin.scratch];
-            let again = |br: &Branch, sc: &BranchScratch| self.branch_matrix_again(br, sc);
-            self.merge_with(lin, again, |br, _| self.factor_backward(lin, br, sc, x, dy, rows))?
+            self.merge_with(lin, Some(Grad { x, dy, rows }), |_, _| Ok(()))?
         };
         if let Some(gw) = lin.w.grad {
             matmul(self.rt, gw, dy, x, Matmul::new(lin.n_out, lin.n_in, rows, true, false).accumulate())?;
@@ -133,23 +131,26 @@ impl Linears<'_> {
     }
 
     /// The forward's merge: W0 + Σ branch updates in the Linear's scratch W (out_total, in), each sparse
-    /// branch selecting its threshold t = quantile(|M|, s) and writing it to the table. `after(branch,
-    /// applied)` runs right after each branch is added, while its matrix is still in scratch (`applied`: M_s,
-    /// or M for dense kinds, of a kernel branch; None for LoRA). The export builds through here.
+    /// branch selecting its threshold t = quantile(|M|, s) and writing it to the table. `after(branch, m)`
+    /// runs for each branch while its matrix is in scratch (`m`: M of a kernel branch, before it is
+    /// sparsified, with t already selected; None for LoRA, after B·A is added to W). The export builds
+    /// through here.
     pub(crate) fn merge(
         &self,
         lin: &Linear,
         after: impl FnMut(&Branch, Option<Tensor>) -> Result<()>,
     ) -> Result<Tensor> {
-        self.merge_with(lin, |br, sc| self.branch_matrix(br, sc), after)
+        self.merge_with(lin, None, after)
     }
 
-    /// W0 + Σ branch updates, each kernel branch's matrix from `kernel_matrix` (`branch_matrix` in the
-    /// forward, `branch_matrix_again` in the backward); returns W.
+    /// W0 + Σ branch updates; returns W. In the forward (`grad` None) each sparse branch selects its threshold;
+    /// in the backward each branch's factor gradients are taken on the way (method.md §7), with the
+    /// threshold of this step's forward. Per kernel branch the one (in, out) buffer `m` holds, in turn:
+    /// M, M_s (sparsified in place once ∂L/∂M_s has been masked with it), then the merge backward's K and R_0.
     fn merge_with(
         &self,
         lin: &Linear,
-        kernel_matrix: impl Fn(&Branch, &BranchScratch) -> Result<Tensor>,
+        grad: Option<Grad>,
         mut after: impl FnMut(&Branch, Option<Tensor>) -> Result<()>,
     ) -> Result<Tensor> {
         let rt = self.rt;
@@ -160,52 +161,65 @@ impl Linears<'_> {
             let dst = w.slice(br.row0 * n_in, n_out * n_in);
             let w0 = lin.w.value.slice(br.row0 * n_in, n_out * n_in);
             match br.params {
-                BranchParams::Lora { a, b, r } => {
+                BranchParams::Lora { .. } => {
                     // W = W0 + B·A                                    (out, in)
+                    let BranchParams::Lora { a, b, r } = br.params else { unreachable!() };
                     copy_frozen(rt, dst, w0)?;
                     matmul(rt, dst, b.value, a.value, Matmul::new(n_out, n_in, r, false, false).accumulate())?;
                     after(br, None)?;
+                    if let Some(g) = grad {
+                        self.lora_backward(lin, br, sc, g)?;
+                    }
                 }
                 BranchParams::Kernel { .. } => {
-                    let applied = kernel_matrix(br, sc)?;
-                    add_frozen_transposed(rt, dst, w0, applied, n_in, n_out)?;
-                    after(br, Some(applied))?;
+                    let dms = grad.map(|g| self.grad_ms(lin, br, sc, g.x, g.dy, g.rows)).transpose()?;
+                    let m = self.kernel_m(br, sc, grad.is_none())?;
+                    after(br, Some(m))?;
+                    self.sparsify_in_place(br, m, dms)?;
+                    add_frozen_transposed(rt, dst, w0, m, n_in, n_out)?;
+                    if let Some(dms) = dms {
+                        self.kernel_backward(br, sc, dms)?;
+                    }
                 }
             }
         }
         Ok(w)
     }
 
-    /// M of a kernel branch in its scratch, and (sparse kinds) the scratch its M_s goes to.   (in, out) each
-    fn kernel_m(&self, br: &Branch, sc: &BranchScratch) -> Result<(Tensor, Option<Tensor>)> {
+    /// M of a kernel branch in its scratch; in the forward (`select`) a sparse branch also selects its
+    /// threshold t = quantile(|M|, s) into the table.                        (in, out)
+    fn kernel_m(&self, br: &Branch, sc: &BranchScratch, select: bool) -> Result<Tensor> {
         let BranchParams::Kernel { kind, .. } = br.params else { unreachable!("LoRA branches are merged as B·A") };
-        let m = sc.m.slice(0, br.n_in * br.n_out);
+        let m = sc.m.expect("kernel branch scratch").slice(0, br.n_in * br.n_out);
         merge_forward(self.rt, m, &kernel_factors(br), kind, sc.merge.as_ref().expect("kernel branch scratch"))?;
-        Ok((m, br.is_sparse().then(|| sc.ms.slice(0, m.numel))))
-    }
-
-    /// Forward: M, and for sparse kinds t = quantile(|M|, s) (into the threshold table) and M_s. Returns the
-    /// matrix the branch applies (M_s, or M for dense kinds).                 (in, out)
-    fn branch_matrix(&self, br: &Branch, sc: &BranchScratch) -> Result<Tensor> {
-        let (m, ms) = self.kernel_m(br, sc)?;
-        let Some(ms) = ms else { return Ok(m) };
-        let scratch = sc.sparsify.as_ref().expect("sparsify scratch");
-        sparsify_forward(self.rt, ms, self.threshold(br), m, self.sparsity[br.id], scratch)?;
-        if let Some(kept) = self.replayed(br) {
-            replay_kept(self.rt, ms, m, m, kept)?;
+        if select && br.is_sparse() {
+            let scratch = sc.sparsify.as_ref().expect("sparsify scratch");
+            sparsify_select(self.rt, self.threshold(br), m, self.sparsity[br.id], scratch)?;
         }
-        Ok(ms)
+        Ok(m)
     }
 
-    /// Backward: M again, and M_s with the threshold of this step's forward.   (in, out)
-    fn branch_matrix_again(&self, br: &Branch, sc: &BranchScratch) -> Result<Tensor> {
-        let (m, ms) = self.kernel_m(br, sc)?;
-        let Some(ms) = ms else { return Ok(m) };
+    /// A sparse branch's M → M_s in place (the threshold of this step's forward, or the replayed kept set);
+    /// first, in the backward, ∂L/∂M_s → ∂L/∂M with the same mask (method.md §5, §7). Dense kinds keep M.
+    fn sparsify_in_place(&self, br: &Branch, m: Tensor, dms: Option<Tensor>) -> Result<()> {
+        if !br.is_sparse() {
+            return Ok(());
+        }
+        let rt = self.rt;
         match self.replayed(br) {
-            Some(kept) => replay_kept(self.rt, ms, m, m, kept)?,
-            None => sparsify_apply(self.rt, ms, m, self.threshold(br))?,
+            Some(kept) => {
+                if let Some(dms) = dms {
+                    replay_kept(rt, dms, dms, m, kept)?;
+                }
+                replay_kept(rt, m, m, m, kept)
+            }
+            None => {
+                if let Some(dms) = dms {
+                    sparsify_backward(rt, dms, dms, m, self.threshold(br))?;
+                }
+                sparsify_apply(rt, m, m, self.threshold(br))
+            }
         }
-        Ok(ms)
     }
 
     /// The threshold t of a sparse branch, from its last forward.             (1)
@@ -218,12 +232,9 @@ impl Linears<'_> {
         self.replayed.get(br.id)?.as_deref()
     }
 
-    /// The factor gradients of a branch whose matrix the merge just built, accumulated (method.md §7).
-    /// Kernel: ∂L/∂M_s = xᵀ·dy (in, out), then ∂L/∂M = ∂L/∂M_s·|M|·mask in place, then ∂In_Qs, ∂Out_Qs (and
-    /// α, γ, β).
-    /// LoRA: ∂L/∂W = dyᵀ·x (out, in), then ∂L/∂B += ∂W·Aᵀ and ∂L/∂A += Bᵀ·∂W.
+    /// ∂L/∂M_s = xᵀ·dy of a kernel branch, into its scratch (method.md §7).   (in, out)
     /// x: (rows, in) the branch input   dy: the Linear's output gradient (rows, out_total), this branch's columns
-    fn factor_backward(
+    fn grad_ms(
         &self,
         lin: &Linear,
         br: &Branch,
@@ -231,32 +242,21 @@ impl Linears<'_> {
         x: Tensor,
         dy: Tensor,
         rows: usize,
-    ) -> Result<()> {
-        let (rt, n_in, n_out) = (self.rt, br.n_in, br.n_out);
-        let (in_qs, out_qs, mix, kind, sparse) = match br.params {
-            BranchParams::Kernel { in_qs, out_qs, mix, kind, sparse, .. } => (in_qs, out_qs, mix, kind, sparse),
-            BranchParams::Lora { a, b, r } => {
-                let dy = dy.slice(br.row0, dy.numel - br.row0);
-                let dw = sc.dms.slice(0, n_out * n_in);
-                matmul(rt, dw, dy, x, Matmul::new(n_out, n_in, rows, true, false).ld(lin.n_out, 0, 0))?;
-                let (ga, gb) = (a.grad.expect("branch factors train"), b.grad.expect("branch factors train"));
-                matmul(rt, gb, dw, a.value, Matmul::new(n_out, r, n_in, false, true).accumulate())?;
-                return matmul(rt, ga, b.value, dw, Matmul::new(r, n_in, n_out, true, false).accumulate());
-            }
-        };
+    ) -> Result<Tensor> {
+        let (n_in, n_out) = (br.n_in, br.n_out);
         let dy = dy.slice(br.row0, dy.numel - br.row0);
         let dms = sc.dms.slice(0, n_in * n_out);
-        matmul(rt, dms, x, dy, Matmul::new(n_in, n_out, rows, true, false).ld(0, lin.n_out, 0))?;
-        if sparse {
-            let m = sc.m.slice(0, n_in * n_out);
-            match self.replayed(br) {
-                Some(kept) => replay_kept(rt, dms, dms, m, kept)?,
-                None => sparsify_backward(rt, dms, dms, m, self.threshold(br))?,
-            }
-        }
+        matmul(self.rt, dms, x, dy, Matmul::new(n_in, n_out, rows, true, false).ld(0, lin.n_out, 0))?;
+        Ok(dms)
+    }
+
+    /// The factor gradients of a kernel branch from ∂L/∂M (dms, masked already), accumulated: ∂In_Qs, ∂Out_Qs
+    /// and α, γ, β (method.md §7). Its K goes to the branch's M buffer, which holds nothing needed any more.
+    fn kernel_backward(&self, br: &Branch, sc: &BranchScratch, dms: Tensor) -> Result<()> {
+        let BranchParams::Kernel { in_qs, out_qs, mix, kind, .. } = br.params else { unreachable!("kernel branch") };
         let dmix = mix.map(|m| m.map(|p| p.grad.expect("branch factors train")));
         merge_backward(
-            rt,
+            self.rt,
             in_qs.grad.expect("branch factors train"),
             out_qs.grad.expect("branch factors train"),
             dmix,
@@ -265,6 +265,21 @@ impl Linears<'_> {
             kind,
             sc.merge.as_ref().expect("merge scratch"),
         )
+    }
+
+    /// LoRA's factor gradients, accumulated: ∂L/∂B += dyᵀ·(x·Aᵀ) and ∂L/∂A += (dy·B)ᵀ·x, through (rows, r)
+    /// products only, as autograd does for x·Aᵀ·Bᵀ: never the (out, in) ∂L/∂W, whose product would cost as
+    /// much as a full fine-tuning weight gradient.
+    fn lora_backward(&self, lin: &Linear, br: &Branch, sc: &BranchScratch, g: Grad) -> Result<()> {
+        let BranchParams::Lora { a, b, r } = br.params else { unreachable!("LoRA branch") };
+        let (rt, rows, x) = (self.rt, g.rows, g.x);
+        let dy = g.dy.slice(br.row0, g.dy.numel - br.row0);
+        let (xa, dyb) = (sc.dms.slice(0, rows * r), sc.dms.slice(rows * r, rows * r)); // (rows, r) each
+        let (ga, gb) = (a.grad.expect("branch factors train"), b.grad.expect("branch factors train"));
+        matmul(rt, xa, x, a.value, Matmul::new(rows, r, br.n_in, false, true))?;
+        matmul(rt, gb, dy, xa, Matmul::new(br.n_out, r, rows, true, false).ld(lin.n_out, 0, 0).accumulate())?;
+        matmul(rt, dyb, dy, b.value, Matmul::new(rows, r, br.n_out, false, false).ld(lin.n_out, 0, 0))?;
+        matmul(rt, ga, dyb, x, Matmul::new(r, br.n_in, rows, true, false).accumulate())
     }
 
     /// The dropout mask of a Linear's branch input, None for proj's (the official code drops out no proj
@@ -311,7 +326,8 @@ impl Linears<'_> {
         add_bias(rt, y, lin.b.value)?;
         let xd = self.dropped_input(lin, drop, x, rows)?;
         for br in &lin.branches {
-            let applied = self.branch_matrix(br, sc)?;
+            let applied = self.kernel_m(br, sc, true)?;
+            self.sparsify_in_place(br, applied, None)?;
             let xb = self.branch_input(lin, br, drop, xd, rows)?;
             let cols = Matmul::new(rows, br.n_out, br.n_in, false, false).ld(0, 0, lin.n_out).accumulate();
             matmul(rt, y.slice(br.row0, y.numel - br.row0), xb, applied, cols)?;
@@ -320,8 +336,8 @@ impl Linears<'_> {
     }
 
     /// The backward of [`Linears::unmerged_forward`]: dx = dy·W0 + Σ_branches Dropout'(DropPath'(dy·M_sᵀ))
-    /// (overwrites dx), the factor gradients accumulated; the masks are regenerated from their streams.
-    /// dy: (rows, out)  x, dx: (rows, in)
+    /// (overwrites dx, after the last read of x), the factor gradients accumulated; the masks are regenerated
+    /// from their streams.                                      dy: (rows, out)  x, dx: (rows, in)
     fn unmerged_backward(
         &self,
         lin: &Linear,
@@ -332,13 +348,14 @@ impl Linears<'_> {
         rows: usize,
     ) -> Result<()> {
         let (rt, sc) = (self.rt, &self.layout.branch_scratch[lin.scratch]);
+        let xd = self.dropped_input(lin, drop, x, rows)?;
         let w0 = self.weight_f32(lin)?;
         matmul(rt, dx, dy, w0, Matmul::new(rows, lin.n_in, lin.n_out, false, false))?;
-        let xd = self.dropped_input(lin, drop, x, rows)?;
         for br in &lin.branches {
-            let applied = self.branch_matrix_again(br, sc)?;
             let xb = self.branch_input(lin, br, drop, xd, rows)?;
-            self.factor_backward(lin, br, sc, xb, dy, rows)?;
+            let dms = self.grad_ms(lin, br, sc, xb, dy, rows)?;
+            let applied = self.kernel_m(br, sc, false)?;
+            self.sparsify_in_place(br, applied, Some(dms))?;
             // ∂L/∂x through the branch: dy·M_sᵀ, then the drop-path and dropout masks, added to ∂L/∂x.
             let g = dy.slice(br.row0, dy.numel - br.row0);
             matmul(rt, xb, g, applied, Matmul::new(rows, br.n_in, br.n_out, false, true).ld(lin.n_out, 0, 0))?;
@@ -350,9 +367,18 @@ impl Linears<'_> {
                 dropout(rt, xb, xb, drop.dropout, drop.seed, stream)?;
             }
             axpy(rt, dx, xb, 1.0)?;
+            self.kernel_backward(br, sc, dms)?;
         }
         Ok(())
     }
+}
+
+/// What a Linear's backward differentiates with: its input x (rows, in) and output gradient dy (rows, out).
+#[derive(Clone, Copy)]
+struct Grad {
+    x: Tensor,
+    dy: Tensor,
+    rows: usize,
 }
 
 /// The factors of a kernel branch as the merge reads them (ops' a, b, d are In_Qs, Out_Qs and r/2).

@@ -192,10 +192,10 @@ impl Branch {
 pub(crate) struct BranchScratch {
     /// The merged weight W0 + M_sᵀ of the whole Linear (out_total, in).
     pub(crate) w: Tensor,
-    /// M and M_s (in, out) of one branch.
-    pub(crate) m: Tensor,
-    pub(crate) ms: Tensor,
-    /// ∂L/∂M_s (in, out), then ∂L/∂M in place; for LoRA ∂L/∂W (out, in).
+    /// M (in, out) of one kernel branch, sparsified into M_s in place once its last use as M is over; the
+    /// merge backward's K and R_0 then go in the same buffer (None for LoRA, which adds B·A into W directly).
+    pub(crate) m: Option<Tensor>,
+    /// Kernel: ∂L/∂M_s (in, out), then ∂L/∂M in place. LoRA: x·Aᵀ and dy·B of one branch (2, rows, r).
     pub(crate) dms: Tensor,
     pub(crate) merge: Option<MergeScratch>,
     pub(crate) sparsify: Option<SparsifyScratch>,
@@ -280,6 +280,10 @@ pub(crate) struct Work {
     pub(crate) o: Tensor,
     pub(crate) dscores: Tensor,
     pub(crate) dtmp: Tensor,
+    /// Images per attention call: at `Recompute::Attention` and above the probabilities are scratch, and the
+    /// attention runs over chunks of about B/8 images, so q, k, v, o, the probabilities and their gradient
+    /// are planned for one chunk; below, the whole batch (the kept probabilities are per layer anyway).
+    pub(crate) attn_chunk: usize,
     /// Branch dropout/drop-path (kernel methods with those rates only): the dropped-out branch input and a
     /// per-branch copy (drop-path, then the input gradient through the branch).   (BT, max(D, F)) each
     pub(crate) reg_x: Option<Tensor>,
@@ -364,7 +368,7 @@ pub(crate) fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, mem: Memory
     let mut plan = Plan::new();
     let (work, patches, recomputed) = plan_work(&mut plan, cfg, method, b, mem);
     let mut params = plan_params(&mut plan, cfg, method, precision);
-    let (branches, branch_scratch) = plan_branches(&mut plan, &mut params, cfg, method);
+    let (branches, branch_scratch) = plan_branches(&mut plan, &mut params, cfg, method, bt);
 
     // Activations.
     let a = Pool::Activations;
@@ -426,29 +430,35 @@ fn plan_work(
     plan.add_cublas_workspace();
     let s = Pool::Scratch;
     // Buffers that are never live at the same time share storage (hand-placed, llm.c style):
-    //  - `heads` holds q|k|v|o during attention (forward, and backward's attention part), and ∂L/∂u during the
-    //    backward's MLP part, which ends before the attention part starts;
+    //  - `heads` holds q|k|v|o of one attention chunk (forward, and backward's attention part), and, when the
+    //    GELU output is kept per layer (`Recompute::None`), ∂L/∂u during the backward's MLP part, which ends
+    //    before the attention part starts;
     //  - `wide_a` holds ∂L/∂qkv (attention part of the backward), the recomputed GELU output (forward MLP and
-    //    backward MLP part), and the patches before block 0 when the patch embedding is frozen;
+    //    backward MLP part) and then ∂L/∂u in its place (fc2's backward reads its input before it writes its
+    //    input gradient, and GELU's backward reads the fc1 output), and the patches before block 0 when the
+    //    patch embedding is frozen;
     //  - `wide_b` holds the recomputed qkv (attention part) and fc1 output (MLP part) at `Recompute::Block`.
     let patches_len = if full { 0 } else { b * np * cfg.patch_dim() };
     let regularised = matches!(method, Method::Kernel(k) if k.regularised());
-    let heads = plan.f32("work.heads", &[(4 * b * h * t * hd).max(bt * f)], s);
+    let chunk = if recompute >= Recompute::Attention { b.div_ceil(8) } else { b };
+    let du_in_heads = recompute < Recompute::Norms;
+    let heads = plan.f32("work.heads", &[(4 * chunk * h * t * hd).max(if du_in_heads { bt * f } else { 0 })], s);
     let wide_a = plan.f32("work.wide_a", &[(bt * 3 * d).max(bt * f).max(patches_len)], s);
     let wide_b = (recompute >= Recompute::Block).then(|| plan.f32("work.wide_b", &[(bt * 3 * d).max(bt * f)], s));
-    let quarter = b * h * t * hd;
+    let quarter = chunk * h * t * hd;
     let work = Work {
         dres: plan.f32("work.dres", &[bt, d], s),
         dy: plan.f32("work.dy", &[bt, d], s),
         dh: plan.f32("work.dh", &[bt, d], s),
         dqkv: wide_a.slice(0, bt * 3 * d),
-        du: heads.slice(0, bt * f),
+        du: if du_in_heads { heads } else { wide_a }.slice(0, bt * f),
         q: heads.slice(0, quarter),
         k: heads.slice(quarter, quarter),
         v: heads.slice(2 * quarter, quarter),
         o: heads.slice(3 * quarter, quarter),
-        dscores: plan.f32("work.attn.dscores", &[b, h, t, t], s),
-        dtmp: plan.f32("work.attn.dtmp", &[b, h, t, hd], s),
+        dscores: plan.f32("work.attn.dscores", &[chunk, h, t, t], s),
+        dtmp: plan.f32("work.attn.dtmp", &[chunk, h, t, hd], s),
+        attn_chunk: chunk,
         reg_x: regularised.then(|| plan.f32("work.reg_x", &[bt, d.max(f)], s)),
         reg_xb: regularised.then(|| plan.f32("work.reg_xb", &[bt, d.max(f)], s)),
         x: bf16.then(|| plan.f32("work.x", &[bt, d], s)),
@@ -473,7 +483,7 @@ fn plan_work(
     };
     let ln = shared(Recompute::Norms, "ln", &[bt, d]);
     let gelu = (recompute >= Recompute::Norms).then(|| wide_a.slice(0, bt * f));
-    let probs = shared(Recompute::Attention, "probs", &[b, h, t, t]);
+    let probs = shared(Recompute::Attention, "probs", &[chunk, h, t, t]);
     let attn = shared(Recompute::Attention, "attn", &[bt, d]);
     let recomputed = Recomputed {
         ln,
@@ -518,12 +528,13 @@ fn plan_params(plan: &mut Plan, cfg: &ViTConfig, method: &Method, precision: Pre
 
 /// The branches of the method, in the official module order (q, k, v, proj, fc1, fc2 per block), with their
 /// trainable factors, and the scratch they are merged in: one scope per Linear shape, aliasing each other
-/// (one Linear runs at a time).
+/// (one Linear runs at a time). `bt`: the rows of a Linear's input (B·T).
 fn plan_branches(
     plan: &mut Plan,
     params: &mut Params,
     cfg: &ViTConfig,
     method: &Method,
+    bt: usize,
 ) -> (Vec<Branch>, Vec<BranchScratch>) {
     let (d, f) = (cfg.embed_dim, cfg.mlp_hidden);
     let mut branches = Vec::new();
@@ -572,22 +583,21 @@ fn plan_branches(
     for (tag, n_in, n_out, w_out) in shape_scopes {
         plan.scope();
         let pre = format!("branch.scratch.{tag}");
-        let (merge, sparsify) = match method {
-            Method::Kernel(k) => (
-                Some(MergeScratch::plan(plan, &pre, n_in, n_out, k.r / 2)), // r/2: the factors' half_rank
-                k.sparse.then(|| SparsifyScratch::plan(plan, &pre, n_in * n_out)),
-            ),
-            _ => (None, None),
-        };
         let s = Pool::Scratch;
-        branch_scratch.push(BranchScratch {
-            w: plan.f32(format!("{pre}.W"), &[w_out, n_in], s),
-            m: plan.f32(format!("{pre}.M"), &[n_in, n_out], s),
-            ms: plan.f32(format!("{pre}.M_s"), &[n_in, n_out], s),
-            dms: plan.f32(format!("{pre}.dM_s"), &[n_in, n_out], s),
-            merge,
-            sparsify,
-        });
+        let w = plan.f32(format!("{pre}.W"), &[w_out, n_in], s);
+        let (m, dms, merge, sparsify) = match method {
+            Method::Kernel(k) => {
+                // M, then M_s in place, then K and R_0 of the merge backward: one buffer (linear.rs says when
+                // each is live).
+                let m = plan.f32(format!("{pre}.M"), &[n_in, n_out], s);
+                let dms = plan.f32(format!("{pre}.dM_s"), &[n_in, n_out], s);
+                let merge = MergeScratch::plan_with_k(plan, &pre, n_in, n_out, k.r / 2, m); // r/2: half_rank
+                (Some(m), dms, Some(merge), k.sparse.then(|| SparsifyScratch::plan(plan, &pre, n_in * n_out)))
+            }
+            Method::Lora { r } => (None, plan.f32(format!("{pre}.lora_xa_dyb"), &[2, bt, *r], s), None, None),
+            _ => unreachable!("only LoRA and the kernel family have branches"),
+        };
+        branch_scratch.push(BranchScratch { w, m, dms, merge, sparsify });
     }
     (branches, branch_scratch)
 }

@@ -349,8 +349,11 @@ impl Model {
             let bf16 = lo.work.x.is_some();
             blk.norm1.forward(rt, sl(ac.ln1, d), ac.ln1_stats, x, cfg.eps)?;
             lins.forward(&blk.qkv, sl(ac.qkv, 3 * d), sl(ac.ln1, d), bt)?;
-            let buf = lo.work.attention(ac.probs.slice(0, b * cfg.num_heads * t * t));
-            attention_forward(rt, sl(ac.attn, d), sl(ac.qkv, 3 * d), &buf, heads)?;
+            for (c0, cb) in attention_chunks(b, lo.work.attn_chunk) {
+                let (hc, rows) = (Heads { b: cb, ..heads }, |x: Tensor, w: usize| x.slice(c0 * t * w, cb * t * w));
+                let buf = lo.work.attention(ac.probs.slice(0, cb * cfg.num_heads * t * t));
+                attention_forward(rt, rows(ac.attn, d), rows(ac.qkv, 3 * d), &buf, hc)?;
+            }
             let y = ac.proj_out.map(|out| sl(out, d)).unwrap_or(sl(lo.work.dy, d));
             lins.forward(&blk.proj, y, sl(ac.attn, d), bt)?;
             if let Some(p) = self.block_drop(l) {
@@ -500,12 +503,19 @@ impl Model {
             if rc >= Recompute::Block {
                 lins.forward(&blk.qkv, qkv, sl(ac.ln1, d), bt)?;
             }
-            let buf = w.attention(ac.probs.slice(0, b * cfg.num_heads * t * t));
+            let chunks = attention_chunks(b, w.attn_chunk);
+            let probs = |cb: usize| w.attention(ac.probs.slice(0, cb * cfg.num_heads * t * t));
+            let rows = |x: Tensor, width: usize, c0: usize, cb: usize| x.slice(c0 * t * width, cb * t * width);
             if rc >= Recompute::Attention {
-                // Rebuilds q, k, v, the probabilities and the merged output (the proj input) in scratch.
-                attention_forward(rt, sl(ac.attn, d), qkv, &buf, heads)?;
+                // Rebuilds the merged output (the proj input), and q, k, v and the probabilities of the last
+                // chunk, in scratch.
+                for &(c0, cb) in &chunks {
+                    let (hc, buf) = (Heads { b: cb, ..heads }, probs(cb));
+                    attention_forward(rt, rows(ac.attn, d, c0, cb), rows(qkv, 3 * d, c0, cb), &buf, hc)?;
+                }
             } else {
                 // The head-major q, k, v of this layer, from the saved qkv (the scratch held another layer's).
+                let buf = probs(b);
                 permute_heads(rt, buf.q, qkv, heads, 3 * d, true)?;
                 permute_heads(rt, buf.k, qkv.slice(d, qkv.numel - d), heads, 3 * d, true)?;
                 permute_heads(rt, buf.v, qkv.slice(2 * d, qkv.numel - 2 * d), heads, 3 * d, true)?;
@@ -521,8 +531,16 @@ impl Model {
             )?;
             lins.backward(&blk.proj, dh, dy, sl(ac.attn, d), bt)?;
             let dqkv = sl(w.dqkv, 3 * d);
-            let (dscores, dtmp) = (w.dscores.slice(0, b * cfg.num_heads * t * t), w.dtmp.slice(0, bt * d));
-            attention_backward(rt, dqkv, dh, &buf, dscores, dtmp, heads)?;
+            // The last chunk first: the scratch still holds its q, k, v and probabilities.
+            for (i, &(c0, cb)) in chunks.iter().enumerate().rev() {
+                let (hc, buf) = (Heads { b: cb, ..heads }, probs(cb));
+                if i + 1 < chunks.len() {
+                    // This chunk's q, k, v and probabilities again.
+                    attention_forward(rt, rows(ac.attn, d, c0, cb), rows(qkv, 3 * d, c0, cb), &buf, hc)?;
+                }
+                let (dscores, dtmp) = (w.dscores.slice(0, cb * cfg.num_heads * t * t), w.dtmp.slice(0, cb * t * d));
+                attention_backward(rt, rows(dqkv, 3 * d, c0, cb), rows(dh, d, c0, cb), &buf, dscores, dtmp, hc)?;
+            }
             lins.backward(&blk.qkv, dh, dqkv, sl(ac.ln1, d), bt)?;
             blk.norm1.backward(rt, dres, dh, x_in, ac.ln1_stats, w.colsum)?;
         }
@@ -634,6 +652,11 @@ impl LayerNorm {
         let w = self.w.value;
         layernorm_backward(rt, dx, self.w.grad, self.b.grad, dy, x, w, stats.mean, stats.rstd, w.numel, part)
     }
+}
+
+/// (first image, images) of each attention call over `b` images in chunks of `chunk` (`Work::attn_chunk`).
+fn attention_chunks(b: usize, chunk: usize) -> Vec<(usize, usize)> {
+    (0..b).step_by(chunk.max(1)).map(|c0| (c0, chunk.min(b - c0))).collect()
 }
 
 /// out = x + y, or x + y ⊙ γ with LayerScale.                           out, x, y: (BT, D)

@@ -113,39 +113,53 @@ pub(crate) mod cpu {
     use gemm::Parallelism;
 
     pub fn matmul(c: &mut [f32], a: &[f32], b: &[f32], s: Matmul) {
-        let Matmul { m, n, k, ta, tb, batch, stride_a, stride_b, accumulate, alpha, .. } = s;
+        let Matmul { m, n, k, batch, stride_a, stride_b, .. } = s;
+        // Small products of a batch (the attention's per-head ones) run one per thread: splitting each across
+        // the threads would cost more in synchronisation than it saves.
+        if batch > 1 && m * n * k < 1 << 22 && rayon::current_num_threads() > 1 {
+            use rayon::prelude::*;
+            return c[..batch * m * n].par_chunks_mut(m * n).enumerate().for_each(|(i, cp)| {
+                let (ap, bp) = (&a[i * stride_a..], &b[i * stride_b..]);
+                product(cp, ap, bp, s, Parallelism::None);
+            });
+        }
+        let par = if m * n * k >= 1 << 18 { Parallelism::Rayon(0) } else { Parallelism::None };
+        for i in 0..batch {
+            let (ap, bp) = (&a[i * stride_a..], &b[i * stride_b..]);
+            product(&mut c[i * m * n..], ap, bp, s, par);
+        }
+    }
+
+    /// One product of the batch: c (m, n) = alpha·op(a)·op(b) (+ c).
+    fn product(cp: &mut [f32], ap: &[f32], bp: &[f32], s: Matmul, par: Parallelism) {
+        let Matmul { m, n, k, ta, tb, accumulate, alpha, .. } = s;
         let (lda, ldb, ldc) = s.lds();
         // Row-major (rs, cs) strides of op(A) (m,k) and op(B) (k,n).
         let (a_rs, a_cs) = if ta { (1, lda as isize) } else { (lda as isize, 1) };
         let (b_rs, b_cs) = if tb { (1, ldb as isize) } else { (ldb as isize, 1) };
-        let par = if m * n * k >= 1 << 18 { Parallelism::Rayon(0) } else { Parallelism::None };
-        for i in 0..batch {
-            let (ap, bp) = (&a[i * stride_a..], &b[i * stride_b..]);
-            let cp = &mut c[i * m * n..];
-            // gemm computes dst = alpha·dst + beta·lhs·rhs (its names are the other way round).
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    cp.as_mut_ptr(),
-                    1,
-                    ldc as isize,
-                    accumulate,
-                    ap.as_ptr(),
-                    a_cs,
-                    a_rs,
-                    bp.as_ptr(),
-                    b_cs,
-                    b_rs,
-                    1.0,
-                    alpha,
-                    false,
-                    false,
-                    false,
-                    par,
-                );
-            }
+        // gemm computes dst = alpha·dst + beta·lhs·rhs (its names are the other way round).
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                cp.as_mut_ptr(),
+                1,
+                ldc as isize,
+                accumulate,
+                ap.as_ptr(),
+                a_cs,
+                a_rs,
+                bp.as_ptr(),
+                b_cs,
+                b_rs,
+                1.0,
+                alpha,
+                false,
+                false,
+                false,
+                par,
+            );
         }
     }
 

@@ -62,8 +62,14 @@ pub fn lerp(lo: f32, hi: f32, w: f32) -> f32 {
 /// `t[0] = quantile_linear(|M|, s)` with the fp32 rank (method.md §4; the reference's quantile_linear), `M_s = M * |M| * 1[|M| > t]` (strict).
 /// t: (1) stays on the device (no host round trip on CUDA). ms, m: (numel); ms may be m (in place).
 pub fn sparsify_forward(rt: &Runtime, ms: Tensor, t: Tensor, m: Tensor, s: f32, sc: &SparsifyScratch) -> Result<()> {
+    assert_eq!(ms.numel, m.numel, "sparsify: M_s and M differ in size");
+    sparsify_select(rt, t, m, s, sc)?;
+    sparsify_apply(rt, ms, m, t)
+}
+
+/// `t[0] = quantile_linear(|M|, s)` alone (the first half of [`sparsify_forward`]).   t: (1)  m: (numel)
+pub fn sparsify_select(rt: &Runtime, t: Tensor, m: Tensor, s: f32, sc: &SparsifyScratch) -> Result<()> {
     let n = m.numel;
-    assert_eq!(ms.numel, n, "sparsify: M_s and M differ in size");
     assert_eq!(t.numel, 1, "sparsify: t is a 1-element tensor");
     assert!(n <= sc.numel, "sparsify: scratch planned for {} entries, M has {n}", sc.numel);
     let (lo, hi, w) = quantile_rank(n, s);
@@ -101,7 +107,7 @@ pub fn sparsify_forward(rt: &Runtime, ms: Tensor, t: Tensor, m: Tensor, s: f32, 
             )?;
         }
     }
-    sparsify_apply(rt, ms, m, t)
+    Ok(())
 }
 
 /// `M_s = M * |M| * 1[|M| > t]` with a threshold t already computed (the backward reuses its forward's t:
@@ -205,15 +211,57 @@ pub(crate) mod cpu {
     use super::lerp;
     use rayon::prelude::*;
 
-    /// lerp(v[lo], v[hi], w) over v = sort(|m|), by selection on a copy (host memory); NaN if m has one.
+    /// Bins of the select's histogram: the top 14 bits of |x|'s bit pattern (exponent and 6 mantissa bits).
+    const BIN_SHIFT: u32 = 17;
+    const BINS: usize = 1 << (31 - BIN_SHIFT);
+
+    /// lerp(v[lo], v[hi], w) over v = sort(|m|); NaN if m has one (hi is lo or lo + 1). A two-pass radix
+    /// select, as on CUDA: non-negative floats order like their bits, so one parallel pass counts the
+    /// entries per bin of the top bits (and finds a NaN), and a second collects only the bins that hold the
+    /// ranks lo and hi, among which an exact selection picks v[lo] and v[hi]: the values of a full sort.
     pub fn quantile(m: &[f32], lo: usize, hi: usize, w: f32) -> f32 {
-        if m.iter().any(|x| x.is_nan()) {
+        let key = |x: &f32| x.to_bits() & 0x7fff_ffff; // the bits of |x|
+        let (hist, nan) = m
+            .par_iter()
+            .with_min_len(1 << 16)
+            .fold(
+                || (vec![0u32; BINS], false),
+                |(mut h, nan), x| {
+                    let k = key(x);
+                    h[(k >> BIN_SHIFT) as usize] += 1;
+                    (h, nan || k > 0x7f80_0000)
+                },
+            )
+            .reduce(
+                || (vec![0u32; BINS], false),
+                |(mut a, na), (b, nb)| {
+                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                    (a, na || nb)
+                },
+            );
+        if nan {
             return f32::NAN;
         }
-        let mut v: Vec<f32> = m.iter().map(|x| x.abs()).collect();
-        let (_, &mut v_lo, rest) = v.select_nth_unstable_by(lo, f32::total_cmp);
-        let v_hi = if hi == lo { v_lo } else { rest.iter().copied().fold(f32::INFINITY, f32::min) };
-        lerp(v_lo, v_hi, w)
+        // The bins of ranks lo and hi, and the count of entries below the first.
+        let (mut below, mut bin_lo, mut bin_hi) = (0usize, None, BINS - 1);
+        let mut seen = 0usize;
+        for (b, &c) in hist.iter().enumerate() {
+            if bin_lo.is_none() && seen + c as usize > lo {
+                bin_lo = Some(b);
+                below = seen;
+            }
+            if seen + c as usize > hi {
+                bin_hi = b;
+                break;
+            }
+            seen += c as usize;
+        }
+        let bin_lo = bin_lo.expect("lo < n");
+        let in_range = |k: u32| (bin_lo..=bin_hi).contains(&((k >> BIN_SHIFT) as usize));
+        let mut v: Vec<u32> = m.par_iter().map(key).filter(|&k| in_range(k)).collect();
+        let (_, &mut k_lo, rest) = v.select_nth_unstable(lo - below);
+        let k_hi = if hi == lo { k_lo } else { rest.iter().copied().min().expect("hi < n") };
+        lerp(f32::from_bits(k_lo), f32::from_bits(k_hi), w)
     }
 
     /// max(|x|, t-threshold): |x| if |x| > t else 0 (torch F.threshold(|x|, t, 0)).
@@ -329,6 +377,11 @@ mod tests {
         let x = randn(1001, 1, 0.01);
         for s in [0.0, 0.01, 0.3, 0.5, 0.7, 0.9, 0.95, 0.999, 1.0] {
             check_against_naive(&x, s);
+        }
+        // Long enough for several histograms of the parallel select, with many entries per bin.
+        let long = randn(300_001, 2, 1e-3);
+        for s in [0.0, 0.5, 0.77, 1.0] {
+            check_against_naive(&long, s);
         }
         // n = 1: t = |x|, nothing kept at any s.
         for s in [0.0, 0.5, 1.0] {

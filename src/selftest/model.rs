@@ -47,7 +47,12 @@ pub(super) fn step(cx: &mut Case, case: &str, memory: impl Into<MemoryOptions>) 
                 if g.noise_ranges(n).iter().map(|(a, b)| b - a).sum::<usize>() == want.len() {
                     noise_tol(cx, format!("grad.{n} (noise)"), &want, &got, 1e-6);
                 } else {
-                    cx.compare_values(format!("grad.{n}"), &want, &got, None);
+                    // A long sum with cancellation (a mixture scalar's gradient) may differ between two fp32
+                    // orders by more than the check's tolerance: the manifest's suggested_atol, the error
+                    // it measured between fp32 implementations, is the floor.
+                    let scale = want.iter().fold(0f64, |m, &v| m.max((v as f64).abs())).max(1e-30);
+                    let tol = g.atol(&format!("grad.{n}")).map(|a| (a / scale).max(cx.tol));
+                    cx.compare_values(format!("grad.{n}"), &want, &got, tol);
                 }
             }
         }

@@ -39,6 +39,8 @@ use crate::ops::{matmul, Matmul};
 use crate::runtime::cuda::{grid_1d, grid_rows, KArg};
 use crate::runtime::{Backend, Plan, Pool, Runtime, Tensor};
 
+pub(crate) mod cpu;
+
 /// Number of pieces of the factors (`num_Hs`, hard-coded 2 in the official code).
 pub const PIECES: usize = 2;
 /// The fixed coefficients of the piecewise-linear kernel (`shared_coeff_fc` = 0.1·[+1, −1]).
@@ -145,9 +147,18 @@ pub struct MergeScratch {
 
 impl MergeScratch {
     pub fn plan(plan: &mut Plan, prefix: &str, n_in: usize, n_out: usize, d: usize) -> MergeScratch {
+        let k = plan.f32(format!("{prefix}.kmerge.K"), &[n_in, n_out], Pool::Scratch);
+        MergeScratch::plan_with_k(plan, prefix, n_in, n_out, d, k)
+    }
+
+    /// The scratch with K in a buffer the caller owns (n_in, n_out): the model lends it M's, which is dead by
+    /// the time the backward needs K.
+    pub fn plan_with_k(plan: &mut Plan, prefix: &str, n_in: usize, n_out: usize, d: usize, k: Tensor) -> MergeScratch {
+        assert!(k.numel >= n_in * n_out, "kmerge: K needs {n_in}x{n_out} entries");
+        let k = k.slice(0, n_in * n_out);
         let sc = Pool::Scratch;
         MergeScratch {
-            k: plan.f32(format!("{prefix}.kmerge.K"), &[n_in, n_out], sc),
+            k,
             aug_a: plan.f32(format!("{prefix}.kmerge.aug_a"), &[n_in, d + 1], sc),
             aug_b: plan.f32(format!("{prefix}.kmerge.aug_b"), &[n_out, d + 1], sc),
             tmp_a: plan.f32(format!("{prefix}.kmerge.tmp_a"), &[n_in, d + 1], sc),
@@ -178,6 +189,13 @@ pub fn merge_forward(rt: &Runtime, m: Tensor, f: &Factors, kind: KernelKind, s: 
     f.check();
     s.check(f);
     assert_eq!(m.numel, f.n_in * f.n_out, "kmerge: M must be ({}, {})", f.n_in, f.n_out);
+    if let Backend::Cpu = rt.backend {
+        // One pass: each row's kernel values and its mixture while the row is in cache.
+        let mix = f.mix.map(|[al, gm, be]| [rt.f32(al)[0], rt.f32(gm)[0], rt.f32(be)[0]]);
+        let (a, b) = (rt.f32(f.in_qs), rt.f32(f.out_qs));
+        cpu::forward(rt.f32_mut(m), a, b, f.n_in, f.n_out, f.half_rank, kind, mix);
+        return Ok(());
+    }
     kernel_forward(rt, m, f, kind)?;
     if let Some(mix) = f.mix {
         mix_forward(rt, m, mix, f.n_in, f.n_out)?;
@@ -208,18 +226,29 @@ pub fn merge_backward(
     assert_eq!(d_out_qs.numel, f.out_qs.numel, "kmerge: dOut_Qs must be shaped like Out_Qs");
     assert!(dmix.is_none() || f.mix.is_some(), "kmerge: dmix given for factors without a mixture");
 
-    // 1. Mixture: g := dL/dK (K recomputed into s.k), per-row partial sums, then dα, dγ, dβ.
-    if let Some(mix) = f.mix {
-        kernel_forward(rt, s.k, f, kind)?;
-        mix_backward(rt, g, s.k, mix, s.mix_part, n_in, n_out)?;
-        if let Some(dm) = dmix {
+    if let Backend::Cpu = rt.backend {
+        // Steps 1 and 2 below in one pass over the rows, the dot products of each row evaluated once.
+        let mix = f.mix.map(|[al, gm, _]| [rt.f32(al)[0], rt.f32(gm)[0]]);
+        let (a, b) = (rt.f32(f.in_qs), rt.f32(f.out_qs));
+        cpu::backward_rows(rt.f32_mut(g), rt.f32_mut(s.k), a, b, n_in, n_out, d, kind, mix, rt.f32_mut(s.mix_part));
+        if let (Some(mix), Some(dm)) = (f.mix, dmix) {
             assert!(dm.iter().all(|t| t.numel == 1), "kmerge: dalpha, dgamma, dbeta are 1-element tensors");
             mix_reduce(rt, dm, mix[1], s.mix_part, n_in)?;
         }
-    }
-    // 2. dK -> R (in place in g; the piecewise-linear piece 0 goes to s.k, which is free now).
-    if kind != KernelKind::Linear {
-        ratio(rt, g, s.k, f, kind)?;
+    } else {
+        // 1. Mixture: g := dL/dK (K recomputed into s.k), per-row partial sums, then dα, dγ, dβ.
+        if let Some(mix) = f.mix {
+            kernel_forward(rt, s.k, f, kind)?;
+            mix_backward(rt, g, s.k, mix, s.mix_part, n_in, n_out)?;
+            if let Some(dm) = dmix {
+                assert!(dm.iter().all(|t| t.numel == 1), "kmerge: dalpha, dgamma, dbeta are 1-element tensors");
+                mix_reduce(rt, dm, mix[1], s.mix_part, n_in)?;
+            }
+        }
+        // 2. dK -> R (in place in g; the piecewise-linear piece 0 goes to s.k, which is free now).
+        if kind != KernelKind::Linear {
+            ratio(rt, g, s.k, f, kind)?;
+        }
     }
     // 3. Factor gradients per piece.
     for h in 0..PIECES {
@@ -265,7 +294,7 @@ fn tile_cfg(n_in: usize, n_out: usize, d: usize) -> LaunchConfig {
 fn kernel_forward(rt: &Runtime, out: Tensor, f: &Factors, kind: KernelKind) -> Result<()> {
     let (n_in, n_out, d) = (f.n_in, f.n_out, f.half_rank);
     match &rt.backend {
-        Backend::Cpu => cpu::forward(rt.f32_mut(out), rt.f32(f.in_qs), rt.f32(f.out_qs), n_in, n_out, d, kind),
+        Backend::Cpu => cpu::forward(rt.f32_mut(out), rt.f32(f.in_qs), rt.f32(f.out_qs), n_in, n_out, d, kind, None),
         Backend::Cuda(cu) => cu.launch(
             "snella_kmerge_forward",
             tile_cfg(n_in, n_out, d),
@@ -420,233 +449,6 @@ fn dist_grad(rt: &Runtime, dx: Tensor, x: Tensor, t: Tensor, rows: usize, d: usi
         )?,
     }
     Ok(())
-}
-
-pub(crate) mod cpu {
-    //! The readable reference of every step; the CUDA kernels compute the same expressions in the
-    //! same order (up to fused multiply-adds in the d-long dot products).
-    use super::{KernelKind, PIECES, PL_COEFF};
-    use rayon::prelude::*;
-
-    /// Per-piece dot product and squared norms of (A_h,i, B_h,j).
-    pub struct Pair {
-        pub p: [f32; PIECES],
-        pub a2: [f32; PIECES],
-        pub b2: [f32; PIECES],
-    }
-
-    /// ‖x_h,i‖² of every row i and piece h of a factor (2, n, d), summed in order: computed once per merge
-    /// instead of once per (i, j) pair, with the same additions, so the values are the same.
-    pub fn row_norms(x: &[f32], n: usize, d: usize) -> Vec<[f32; PIECES]> {
-        (0..n)
-            .map(|i| {
-                let mut r = [0f32; PIECES];
-                for (h, r) in r.iter_mut().enumerate() {
-                    *r = x[(h * n + i) * d..][..d].iter().fold(0f32, |s, &u| s + u * u);
-                }
-                r
-            })
-            .collect()
-    }
-
-    /// The per-piece dot products of (A_h,i, B_h,j), with the squared norms from `row_norms`.
-    #[inline]
-    #[allow(clippy::too_many_arguments)]
-    pub fn pair(
-        a: &[f32],
-        b: &[f32],
-        an: &[[f32; PIECES]],
-        bn: &[[f32; PIECES]],
-        i: usize,
-        j: usize,
-        n_in: usize,
-        n_out: usize,
-        d: usize,
-    ) -> Pair {
-        let mut q = Pair { p: [0.0; PIECES], a2: an[i], b2: bn[j] };
-        for h in 0..PIECES {
-            let x = &a[(h * n_in + i) * d..][..d];
-            let y = &b[(h * n_out + j) * d..][..d];
-            q.p[h] = x.iter().zip(y).fold(0f32, |s, (&u, &v)| s + u * v);
-        }
-        q
-    }
-
-    /// max(x, 0) that keeps NaN (torch clamp_min), unlike f32::max.
-    #[inline]
-    fn clamp0(x: f32) -> f32 {
-        if x < 0.0 {
-            0.0
-        } else {
-            x
-        }
-    }
-
-    /// ‖A_h,i − B_h,j‖² by cdist's expanded form, [−2a, ‖a‖², 1]·[b, 1, ‖b‖²], clamped at 0.
-    #[inline]
-    fn sq_dist(q: &Pair, h: usize) -> f32 {
-        clamp0((-2.0 * q.p[h] + q.a2[h]) + q.b2[h])
-    }
-
-    /// ‖A_h,i − B_h,j‖ for the backward's ratio, 0 where the expanded form cannot tell the rows apart: its
-    /// rounding error is about (2d + 2)·ε·(‖a‖² + ‖b‖²), and below that 0.1·g/D would divide by rounding noise
-    /// (R jumping between 0 and 0.1·g/tiny with the last bit of a sum). The forward keeps cdist's value.
-    #[inline]
-    fn dist_or_zero(q: &Pair, h: usize, d: usize) -> f32 {
-        let d2 = sq_dist(q, h);
-        let noise = ((2 * d + 2) as f32 * f32::EPSILON) * (q.a2[h] + q.b2[h]);
-        if d2 <= noise {
-            0.0
-        } else {
-            d2.sqrt()
-        }
-    }
-
-    /// ‖a_i − b_j‖² over both pieces (r values).
-    #[inline]
-    fn sq_dist_all(q: &Pair) -> f32 {
-        clamp0(((-2.0 * q.p[0] + q.a2[0]) + q.b2[0]) + ((-2.0 * q.p[1] + q.a2[1]) + q.b2[1]))
-    }
-
-    #[inline]
-    pub fn value(kind: KernelKind, q: &Pair, d: usize) -> f32 {
-        match kind {
-            KernelKind::PiecewiseLinear => PL_COEFF[0] * sq_dist(q, 0).sqrt() + PL_COEFF[1] * sq_dist(q, 1).sqrt(),
-            KernelKind::Linear => q.p[0] + q.p[1],
-            KernelKind::Rbf => (-sq_dist_all(q) / (2 * d) as f32).exp_m1(),
-            KernelKind::Sigmoid => (q.p[0] + q.p[1]).tanh(),
-            KernelKind::Poly => {
-                let p = q.p[0] + q.p[1];
-                p * (p + 2.0)
-            }
-        }
-    }
-
-    /// m (n_in, n_out) = K(A, B).
-    pub fn forward(m: &mut [f32], a: &[f32], b: &[f32], n_in: usize, n_out: usize, d: usize, kind: KernelKind) {
-        let (an, bn) = (row_norms(a, n_in, d), row_norms(b, n_out, d));
-        m.par_chunks_mut(n_out).enumerate().for_each(|(i, row)| {
-            for (j, o) in row.iter_mut().enumerate() {
-                *o = value(kind, &pair(a, b, &an, &bn, i, j, n_in, n_out, d), d);
-            }
-        });
-    }
-
-    /// Row max of x/γ and the reciprocal of Σexp(x/γ − max): the softmax of one row is exp(x/γ − max)·inv.
-    #[inline]
-    fn softmax_stats(row: &[f32], gm: f32) -> (f32, f32) {
-        let mx = row.iter().fold(f32::NEG_INFINITY, |m, &k| m.max(k / gm));
-        let sum: f32 = row.iter().map(|&k| (k / gm - mx).exp()).sum();
-        (mx, 1.0 / sum)
-    }
-
-    /// m := m + α·softmax_row(m/γ) + β, in place.                       m: (rows, n_out)
-    pub fn mix_forward(m: &mut [f32], al: f32, gm: f32, be: f32, n_out: usize) {
-        m.par_chunks_mut(n_out).for_each(|row| {
-            let (mx, inv) = softmax_stats(row, gm);
-            for k in row.iter_mut() {
-                let s = (*k / gm - mx).exp() * inv;
-                *k = (*k + al * s) + be;
-            }
-        });
-    }
-
-    /// g := dK = G + u/γ with u = S·(αG − Σ_row αG·S); part (3, n_in) := per-row ΣG, ΣG·S, Σu·K.
-    pub fn mix_backward(g: &mut [f32], k: &[f32], al: f32, gm: f32, part: &mut [f32], n_in: usize, n_out: usize) {
-        let sums: Vec<[f32; 3]> = g
-            .par_chunks_mut(n_out)
-            .zip(k.par_chunks(n_out))
-            .map(|(gr, kr)| {
-                let (mx, inv) = softmax_stats(kr, gm);
-                // The long sums accumulate in f64 (the CUDA twin reduces in trees): closer to the exact sums.
-                let (mut s_g, mut s_gs, mut dot) = (0f64, 0f64, 0f64);
-                for (&gv, &kv) in gr.iter().zip(kr) {
-                    let s = (kv / gm - mx).exp() * inv;
-                    s_g += gv as f64;
-                    s_gs += (gv * s) as f64;
-                    dot += ((al * gv) * s) as f64;
-                }
-                let dot = dot as f32;
-                let mut s_uk = 0f64;
-                for (gv, &kv) in gr.iter_mut().zip(kr) {
-                    let s = (kv / gm - mx).exp() * inv;
-                    let u = s * (al * *gv - dot);
-                    *gv += u / gm;
-                    s_uk += (u * kv) as f64;
-                }
-                [s_g as f32, s_gs as f32, s_uk as f32]
-            })
-            .collect();
-        for (i, s) in sums.iter().enumerate() {
-            for (c, &v) in s.iter().enumerate() {
-                part[c * n_in + i] = v;
-            }
-        }
-    }
-
-    /// [ΣΣG, ΣΣG·S, ΣΣu·K] from the per-row sums.                       part: (3, n_in)
-    pub fn mix_reduce(part: &[f32], n_in: usize) -> [f32; 3] {
-        let s = |c: usize| part[c * n_in..(c + 1) * n_in].iter().map(|&x| x as f64).sum::<f64>() as f32;
-        [s(0), s(1), s(2)]
-    }
-
-    /// dK -> R in place in g; the piecewise-linear kernel writes R_0 to r0 and R_1 to g.
-    #[allow(clippy::too_many_arguments)]
-    pub fn ratio(
-        g: &mut [f32],
-        r0: &mut [f32],
-        a: &[f32],
-        b: &[f32],
-        n_in: usize,
-        n_out: usize,
-        d: usize,
-        kind: KernelKind,
-    ) {
-        let r = (2 * d) as f32;
-        let (an, bn) = (row_norms(a, n_in, d), row_norms(b, n_out, d));
-        g.par_chunks_mut(n_out).zip(r0.par_chunks_mut(n_out)).enumerate().for_each(|(i, (gr, r0r))| {
-            for j in 0..n_out {
-                let q = pair(a, b, &an, &bn, i, j, n_in, n_out, d);
-                let gv = gr[j];
-                gr[j] = match kind {
-                    KernelKind::PiecewiseLinear => {
-                        let (d0, d1) = (dist_or_zero(&q, 0, d), dist_or_zero(&q, 1, d));
-                        r0r[j] = if d0 == 0.0 { 0.0 } else { (PL_COEFF[0] * gv) / d0 };
-                        if d1 == 0.0 {
-                            0.0
-                        } else {
-                            (PL_COEFF[1] * gv) / d1
-                        }
-                    }
-                    KernelKind::Linear => gv,
-                    KernelKind::Rbf => (gv * (-sq_dist_all(&q) / r).exp()) * (-2.0 / r),
-                    KernelKind::Sigmoid => {
-                        let t = (q.p[0] + q.p[1]).tanh();
-                        gv * (1.0 - t * t)
-                    }
-                    KernelKind::Poly => gv * (2.0 * ((q.p[0] + q.p[1]) + 1.0)),
-                };
-            }
-        });
-    }
-
-    /// aug (rows, d+1) = [x | 1].
-    pub fn augment(aug: &mut [f32], x: &[f32], d: usize) {
-        for (o, xr) in aug.chunks_mut(d + 1).zip(x.chunks(d)) {
-            o[..d].copy_from_slice(xr);
-            o[d] = 1.0;
-        }
-    }
-
-    /// dx (rows, d) += x·t[:, d] − t[:, :d].
-    pub fn dist_grad(dx: &mut [f32], x: &[f32], t: &[f32], d: usize) {
-        for ((o, xr), tr) in dx.chunks_mut(d).zip(x.chunks(d)).zip(t.chunks(d + 1)) {
-            let rs = tr[d];
-            for k in 0..d {
-                o[k] += xr[k] * rs - tr[k];
-            }
-        }
-    }
 }
 
 /// f64 references, for the op tests and the selftest (which checks the mixture scalars' gradients of both

@@ -237,3 +237,31 @@ fn zero_distance_has_zero_ratio() {
     assert!(st.rt.download(st.da).unwrap().iter().all(|x| x.is_finite()));
     assert!(st.rt.download(st.db).unwrap().iter().all(|x| x.is_finite()));
 }
+
+/// The row-wise evaluation (dot products across j in vector lanes, the mixture fused on each row) gives the
+/// bits of the pair-by-pair definition, for rows longer and shorter than the lane block.
+#[test]
+fn rows_give_the_bits_of_the_pairwise_definition() {
+    for (n_in, n_out, d) in [(3, 130, 16), (5, 7, 3)] {
+        let (a, b) = (randn(2 * n_in * d, 41, 0.3), randn(2 * n_out * d, 42, 0.3));
+        let (an, bn) = (cpu::row_norms(&a, n_in, d), cpu::row_norms(&b, n_out, d));
+        for kind in KINDS {
+            let (al, gm, be) = (0.7f32, 1.3f32, 0.05f32);
+            let mut want = vec![0f32; n_in * n_out];
+            for (i, row) in want.chunks_mut(n_out).enumerate() {
+                for (j, o) in row.iter_mut().enumerate() {
+                    *o = cpu::value(kind, &cpu::pair(&a, &b, &an, &bn, i, j, n_in, n_out, d), d);
+                }
+                let mx = row.iter().fold(f32::NEG_INFINITY, |m, &k| m.max(k / gm));
+                let inv = 1.0 / row.iter().map(|&k| (k / gm - mx).exp()).sum::<f32>();
+                for k in row.iter_mut() {
+                    *k = (*k + al * ((*k / gm - mx).exp() * inv)) + be;
+                }
+            }
+            let mut got = vec![0f32; n_in * n_out];
+            cpu::forward(&mut got, &a, &b, n_in, n_out, d, kind, Some([al, gm, be]));
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{kind:?} ({n_in}, {n_out}, {d})");
+        }
+    }
+}

@@ -1,0 +1,508 @@
+//! The readable reference of every step; the CUDA kernels compute the same expressions in the same order
+//! (up to fused multiply-adds in the d-long dot products).
+//!
+//! The work goes row by row: one input index i against every output index j. The d-long dot products of a
+//! row run across j, one j per vector lane in the widest vector unit of the host ([`Rows::dots`]); each
+//! lane sums its own products in order, with a separate rounding per product and per sum, so the bits are
+//! those of the scalar loop `s = s + a·b`. The kernel value, the mixture and the backward's ratio are then
+//! taken on that row while it is in cache, and each exponential of the mixture is computed once per entry.
+use super::{KernelKind, PIECES, PL_COEFF};
+use rayon::prelude::*;
+
+/// Per-piece dot product and squared norms of (A_h,i, B_h,j).
+pub struct Pair {
+    pub p: [f32; PIECES],
+    pub a2: [f32; PIECES],
+    pub b2: [f32; PIECES],
+}
+
+/// ‖x_h,i‖² of every row i and piece h of a factor (2, n, d), summed in order: computed once per merge
+/// instead of once per (i, j) pair, with the same additions, so the values are the same.
+pub fn row_norms(x: &[f32], n: usize, d: usize) -> Vec<[f32; PIECES]> {
+    (0..n)
+        .map(|i| {
+            let mut r = [0f32; PIECES];
+            for (h, r) in r.iter_mut().enumerate() {
+                *r = x[(h * n + i) * d..][..d].iter().fold(0f32, |s, &u| s + u * u);
+            }
+            r
+        })
+        .collect()
+}
+
+/// The per-piece dot products of (A_h,i, B_h,j), with the squared norms from `row_norms` (one pair at a
+/// time: the definition [`Rows::dots`] computes a row of at once).
+#[cfg(test)]
+#[allow(clippy::too_many_arguments)]
+pub fn pair(
+    a: &[f32],
+    b: &[f32],
+    an: &[[f32; PIECES]],
+    bn: &[[f32; PIECES]],
+    i: usize,
+    j: usize,
+    n_in: usize,
+    n_out: usize,
+    d: usize,
+) -> Pair {
+    let mut q = Pair { p: [0.0; PIECES], a2: an[i], b2: bn[j] };
+    for h in 0..PIECES {
+        let x = &a[(h * n_in + i) * d..][..d];
+        let y = &b[(h * n_out + j) * d..][..d];
+        q.p[h] = x.iter().zip(y).fold(0f32, |s, (&u, &v)| s + u * v);
+    }
+    q
+}
+
+/// max(x, 0) that keeps NaN (torch clamp_min), unlike f32::max.
+#[inline]
+fn clamp0(x: f32) -> f32 {
+    if x < 0.0 {
+        0.0
+    } else {
+        x
+    }
+}
+
+/// ‖A_h,i − B_h,j‖² by cdist's expanded form, [−2a, ‖a‖², 1]·[b, 1, ‖b‖²], clamped at 0.
+#[inline]
+fn sq_dist(q: &Pair, h: usize) -> f32 {
+    clamp0((-2.0 * q.p[h] + q.a2[h]) + q.b2[h])
+}
+
+/// ‖A_h,i − B_h,j‖ for the backward's ratio, 0 where the expanded form cannot tell the rows apart: its
+/// rounding error is about (2d + 2)·ε·(‖a‖² + ‖b‖²), and below that 0.1·g/D would divide by rounding noise
+/// (R jumping between 0 and 0.1·g/tiny with the last bit of a sum). The forward keeps cdist's value.
+#[inline]
+fn dist_or_zero(q: &Pair, h: usize, d: usize) -> f32 {
+    let d2 = sq_dist(q, h);
+    let noise = ((2 * d + 2) as f32 * f32::EPSILON) * (q.a2[h] + q.b2[h]);
+    if d2 <= noise {
+        0.0
+    } else {
+        d2.sqrt()
+    }
+}
+
+/// ‖a_i − b_j‖² over both pieces (r values).
+#[inline]
+fn sq_dist_all(q: &Pair) -> f32 {
+    clamp0(((-2.0 * q.p[0] + q.a2[0]) + q.b2[0]) + ((-2.0 * q.p[1] + q.a2[1]) + q.b2[1]))
+}
+
+#[inline]
+pub fn value(kind: KernelKind, q: &Pair, d: usize) -> f32 {
+    match kind {
+        KernelKind::PiecewiseLinear => PL_COEFF[0] * sq_dist(q, 0).sqrt() + PL_COEFF[1] * sq_dist(q, 1).sqrt(),
+        KernelKind::Linear => q.p[0] + q.p[1],
+        KernelKind::Rbf => (-sq_dist_all(q) / (2 * d) as f32).exp_m1(),
+        KernelKind::Sigmoid => (q.p[0] + q.p[1]).tanh(),
+        KernelKind::Poly => {
+            let p = q.p[0] + q.p[1];
+            p * (p + 2.0)
+        }
+    }
+}
+
+/// R from dK = gv at one pair (method.md §7); the piecewise-linear kernel also returns R_0 (R_1 first).
+#[inline]
+fn ratio_at(kind: KernelKind, q: &Pair, gv: f32, d: usize) -> (f32, f32) {
+    let r = (2 * d) as f32;
+    match kind {
+        KernelKind::PiecewiseLinear => {
+            let (d0, d1) = (dist_or_zero(q, 0, d), dist_or_zero(q, 1, d));
+            let r0 = if d0 == 0.0 { 0.0 } else { (PL_COEFF[0] * gv) / d0 };
+            (if d1 == 0.0 { 0.0 } else { (PL_COEFF[1] * gv) / d1 }, r0)
+        }
+        KernelKind::Linear => (gv, 0.0),
+        KernelKind::Rbf => ((gv * (-sq_dist_all(q) / r).exp()) * (-2.0 / r), 0.0),
+        KernelKind::Sigmoid => {
+            let t = (q.p[0] + q.p[1]).tanh();
+            (gv * (1.0 - t * t), 0.0)
+        }
+        KernelKind::Poly => (gv * (2.0 * ((q.p[0] + q.p[1]) + 1.0)), 0.0),
+    }
+}
+
+/// Rows handed to one rayon task: at least ~16k entries, so short rows do not cost a task each.
+fn rows_per_task(n_out: usize) -> usize {
+    (16384 / n_out.max(1)).max(1)
+}
+
+/// The factors of one merge, prepared for row-wise work: A as it is, the squared row norms, and the pieces
+/// of B transposed to (2, d, n_out), so that the k-th values of every B_h,j are contiguous.
+pub struct Rows<'a> {
+    a: &'a [f32],
+    an: Vec<[f32; PIECES]>,
+    bt: Vec<f32>,
+    bn: Vec<[f32; PIECES]>,
+    /// The same norms piece by piece, each contiguous over j.
+    bn_t: [Vec<f32>; PIECES],
+    n_in: usize,
+    n_out: usize,
+    d: usize,
+}
+
+/// Per-task buffers of one row: the two pieces' dot products, and K or the mixture's exponentials.
+pub struct RowBuf {
+    p: [Vec<f32>; PIECES],
+    tmp: Vec<f32>,
+}
+
+impl RowBuf {
+    fn new(n_out: usize) -> RowBuf {
+        RowBuf { p: [vec![0.0; n_out], vec![0.0; n_out]], tmp: vec![0.0; n_out] }
+    }
+}
+
+impl<'a> Rows<'a> {
+    pub fn new(a: &'a [f32], b: &[f32], n_in: usize, n_out: usize, d: usize) -> Rows<'a> {
+        let mut bt = vec![0f32; PIECES * d * n_out];
+        for h in 0..PIECES {
+            for j in 0..n_out {
+                for k in 0..d {
+                    bt[(h * d + k) * n_out + j] = b[(h * n_out + j) * d + k];
+                }
+            }
+        }
+        let bn = row_norms(b, n_out, d);
+        let bn_t = [bn.iter().map(|n| n[0]).collect(), bn.iter().map(|n| n[1]).collect()];
+        Rows { a, an: row_norms(a, n_in, d), bt, bn, bn_t, n_in, n_out, d }
+    }
+
+    /// buf.p[h][j] = A_h,i · B_h,j for every j (each summed in order over k).
+    fn dots(&self, i: usize, buf: &mut RowBuf) {
+        let (d, n_out) = (self.d, self.n_out);
+        let ai = [&self.a[i * d..][..d], &self.a[(self.n_in + i) * d..][..d]];
+        let [p0, p1] = &mut buf.p;
+        dots(ai, &self.bt, n_out, d, p0, p1)
+    }
+
+    #[inline]
+    fn pair(&self, buf: &RowBuf, i: usize, j: usize) -> Pair {
+        Pair { p: [buf.p[0][j], buf.p[1][j]], a2: self.an[i], b2: self.bn[j] }
+    }
+
+    /// row[j] = K(i, j) for every j.
+    fn kernel_row(&self, kind: KernelKind, i: usize, buf: &mut RowBuf, row: &mut [f32]) {
+        self.dots(i, buf);
+        if kind == KernelKind::PiecewiseLinear {
+            return pl_row(&buf.p[0], &buf.p[1], self.an[i], &self.bn_t[0], &self.bn_t[1], row);
+        }
+        for (j, o) in row.iter_mut().enumerate() {
+            *o = value(kind, &self.pair(buf, i, j), self.d);
+        }
+    }
+}
+
+/// The dot products of one row across j, W lanes at a time (the compiler maps the lanes onto vector
+/// registers; each lane is its own in-order sum, so any vector width gives the scalar loop's bits).
+#[inline(always)]
+fn dots_lanes(ai: [&[f32]; 2], bt: &[f32], n_out: usize, d: usize, p0: &mut [f32], p1: &mut [f32]) {
+    const W: usize = 64;
+    let (bt0, bt1) = bt.split_at(d * n_out);
+    let mut j0 = 0;
+    while j0 + W <= n_out {
+        let (mut s0, mut s1) = ([0f32; W], [0f32; W]);
+        for k in 0..d {
+            let (x0, x1) = (ai[0][k], ai[1][k]);
+            let (y0, y1) = (&bt0[k * n_out + j0..][..W], &bt1[k * n_out + j0..][..W]);
+            for l in 0..W {
+                s0[l] += x0 * y0[l];
+                s1[l] += x1 * y1[l];
+            }
+        }
+        p0[j0..j0 + W].copy_from_slice(&s0);
+        p1[j0..j0 + W].copy_from_slice(&s1);
+        j0 += W;
+    }
+    for j in j0..n_out {
+        let (mut s0, mut s1) = (0f32, 0f32);
+        for k in 0..d {
+            s0 += ai[0][k] * bt0[k * n_out + j];
+            s1 += ai[1][k] * bt1[k * n_out + j];
+        }
+        p0[j] = s0;
+        p1[j] = s1;
+    }
+}
+
+/// Defines `fn $name(args)` that runs `$lanes(args)` (an `#[inline(always)]` function of independent lanes)
+/// compiled for AVX-512, AVX2 or the baseline, whichever the host has: the same arithmetic, lane by lane.
+macro_rules! widest_vectors {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $lanes:ident) => {
+        $(#[$doc])*
+        #[allow(clippy::too_many_arguments)]
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx512($($arg: $ty),*) {
+                    $lanes($($arg),*)
+                }
+                #[target_feature(enable = "avx2")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2($($arg: $ty),*) {
+                    $lanes($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the host has AVX-512F (checked on the line above).
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the host has AVX2 (checked on the line above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $lanes($($arg),*)
+        }
+    };
+}
+
+widest_vectors! {
+    /// p_h[j] = A_h,i · B_h,j for one row i (`ai`) against B transposed (`bt`, (2, d, n_out)).
+    fn dots(ai: [&[f32]; 2], bt: &[f32], n_out: usize, d: usize, p0: &mut [f32], p1: &mut [f32]) => dots_lanes
+}
+
+widest_vectors! {
+    /// One row of the piecewise-linear kernel from its dot products and squared norms (`value`'s expression).
+    fn pl_row(p0: &[f32], p1: &[f32], a2: [f32; 2], b20: &[f32], b21: &[f32], row: &mut [f32]) => pl_row_lanes
+}
+
+widest_vectors! {
+    /// One row of the piecewise-linear ratio: g := R_1, r0 := R_0 (`ratio_at`'s expressions).
+    fn pl_ratio(p0: &[f32], p1: &[f32], a2: [f32; 2], b20: &[f32], b21: &[f32], d: usize, g: &mut [f32], r0: &mut [f32]) => pl_ratio_lanes
+}
+
+#[inline(always)]
+fn pl_row_lanes(p0: &[f32], p1: &[f32], a2: [f32; 2], b20: &[f32], b21: &[f32], row: &mut [f32]) {
+    let n = row.len();
+    let (p0, p1, b20, b21) = (&p0[..n], &p1[..n], &b20[..n], &b21[..n]);
+    for j in 0..n {
+        let d0 = clamp0((-2.0 * p0[j] + a2[0]) + b20[j]);
+        let d1 = clamp0((-2.0 * p1[j] + a2[1]) + b21[j]);
+        row[j] = PL_COEFF[0] * d0.sqrt() + PL_COEFF[1] * d1.sqrt();
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn pl_ratio_lanes(
+    p0: &[f32],
+    p1: &[f32],
+    a2: [f32; 2],
+    b20: &[f32],
+    b21: &[f32],
+    d: usize,
+    g: &mut [f32],
+    r0: &mut [f32],
+) {
+    let n = g.len();
+    let (p0, p1, b20, b21, r0) = (&p0[..n], &p1[..n], &b20[..n], &b21[..n], &mut r0[..n]);
+    let eps = (2 * d + 2) as f32 * f32::EPSILON;
+    // dist_or_zero of both pieces, then the ratios, with the same operations in the same order.
+    let dist = |p: f32, a2: f32, b2: f32| {
+        let d2 = clamp0((-2.0 * p + a2) + b2);
+        if d2 <= eps * (a2 + b2) {
+            0.0
+        } else {
+            d2.sqrt()
+        }
+    };
+    for j in 0..n {
+        let (d0, d1, gv) = (dist(p0[j], a2[0], b20[j]), dist(p1[j], a2[1], b21[j]), g[j]);
+        r0[j] = if d0 == 0.0 { 0.0 } else { (PL_COEFF[0] * gv) / d0 };
+        g[j] = if d1 == 0.0 { 0.0 } else { (PL_COEFF[1] * gv) / d1 };
+    }
+}
+
+/// m (n_in, n_out) = K(A, B), and with `mix` = [α, γ, β] the mixture on each row as it is built.
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    m: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    n_in: usize,
+    n_out: usize,
+    d: usize,
+    kind: KernelKind,
+    mix: Option<[f32; 3]>,
+) {
+    let rows = Rows::new(a, b, n_in, n_out, d);
+    m.par_chunks_mut(n_out).with_min_len(rows_per_task(n_out)).enumerate().for_each_init(
+        || RowBuf::new(n_out),
+        |buf, (i, row)| {
+            rows.kernel_row(kind, i, buf, row);
+            if let Some([al, gm, be]) = mix {
+                mix_row(row, al, gm, be, &mut buf.tmp);
+            }
+        },
+    );
+}
+
+/// The exponentials of one row's softmax over x/γ, e_j = exp(x_j/γ − max), and 1/Σe: the softmax of the
+/// row is e_j·inv.
+#[inline]
+fn softmax_exps(row: &[f32], gm: f32, e: &mut [f32]) -> f32 {
+    let mx = row.iter().fold(f32::NEG_INFINITY, |m, &k| m.max(k / gm));
+    for (e, &k) in e.iter_mut().zip(row) {
+        *e = (k / gm - mx).exp();
+    }
+    let sum: f32 = e.iter().sum();
+    1.0 / sum
+}
+
+/// row := row + α·softmax(row/γ) + β.                                  row, e: (n_out)
+#[inline]
+fn mix_row(row: &mut [f32], al: f32, gm: f32, be: f32, e: &mut [f32]) {
+    let inv = softmax_exps(row, gm, e);
+    for (k, &e) in row.iter_mut().zip(e.iter()) {
+        let s = e * inv;
+        *k = (*k + al * s) + be;
+    }
+}
+
+/// m := m + α·softmax_row(m/γ) + β, in place.                       m: (rows, n_out)
+pub fn mix_forward(m: &mut [f32], al: f32, gm: f32, be: f32, n_out: usize) {
+    m.par_chunks_mut(n_out)
+        .with_min_len(rows_per_task(n_out))
+        .for_each_init(|| vec![0f32; n_out], |e, row| mix_row(row, al, gm, be, e));
+}
+
+/// One row of the mixture backward: gr := dK = G + u/γ with u = S·(αG − Σ αG·S); returns ΣG, ΣG·S, Σu·K.
+#[inline]
+fn mix_backward_row(gr: &mut [f32], kr: &[f32], al: f32, gm: f32, e: &mut [f32]) -> [f32; 3] {
+    let inv = softmax_exps(kr, gm, e);
+    // The long sums accumulate in f64 (the CUDA twin reduces in trees): closer to the exact sums.
+    let (mut s_g, mut s_gs, mut dot) = (0f64, 0f64, 0f64);
+    for (&gv, &e) in gr.iter().zip(e.iter()) {
+        let s = e * inv;
+        s_g += gv as f64;
+        s_gs += (gv * s) as f64;
+        dot += ((al * gv) * s) as f64;
+    }
+    let dot = dot as f32;
+    let mut s_uk = 0f64;
+    for ((gv, &kv), &e) in gr.iter_mut().zip(kr).zip(e.iter()) {
+        let s = e * inv;
+        let u = s * (al * *gv - dot);
+        *gv += u / gm;
+        s_uk += (u * kv) as f64;
+    }
+    [s_g as f32, s_gs as f32, s_uk as f32]
+}
+
+/// Writes the per-row sums (n_in rows of [ΣG, ΣG·S, Σu·K]) as part (3, n_in).
+fn store_parts(part: &mut [f32], sums: &[[f32; 3]], n_in: usize) {
+    for (i, s) in sums.iter().enumerate() {
+        for (c, &v) in s.iter().enumerate() {
+            part[c * n_in + i] = v;
+        }
+    }
+}
+
+/// g := dK = G + u/γ with u = S·(αG − Σ_row αG·S); part (3, n_in) := per-row ΣG, ΣG·S, Σu·K.
+pub fn mix_backward(g: &mut [f32], k: &[f32], al: f32, gm: f32, part: &mut [f32], n_in: usize, n_out: usize) {
+    let sums: Vec<[f32; 3]> = g
+        .par_chunks_mut(n_out)
+        .zip(k.par_chunks(n_out))
+        .with_min_len(rows_per_task(n_out))
+        .map_init(|| vec![0f32; n_out], |e, (gr, kr)| mix_backward_row(gr, kr, al, gm, e))
+        .collect();
+    store_parts(part, &sums, n_in);
+}
+
+/// [ΣΣG, ΣΣG·S, ΣΣu·K] from the per-row sums.                       part: (3, n_in)
+pub fn mix_reduce(part: &[f32], n_in: usize) -> [f32; 3] {
+    let s = |c: usize| part[c * n_in..(c + 1) * n_in].iter().map(|&x| x as f64).sum::<f64>() as f32;
+    [s(0), s(1), s(2)]
+}
+
+/// dK -> R in place in g; the piecewise-linear kernel writes R_0 to r0 and R_1 to g.
+#[allow(clippy::too_many_arguments)]
+pub fn ratio(
+    g: &mut [f32],
+    r0: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    n_in: usize,
+    n_out: usize,
+    d: usize,
+    kind: KernelKind,
+) {
+    backward_rows(g, r0, a, b, n_in, n_out, d, kind, None, &mut []);
+}
+
+/// The merge backward's elementwise part, row by row, with one evaluation of the dot products per row: with
+/// `mix` = [α, γ], K of the row, then g := dK and the row's sums into part (3, n_in) (see
+/// [`mix_backward`]); then (every kind but `Linear`) dK -> R as [`ratio`] does.    g, r0: (n_in, n_out)
+#[allow(clippy::too_many_arguments)]
+pub fn backward_rows(
+    g: &mut [f32],
+    r0: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    n_in: usize,
+    n_out: usize,
+    d: usize,
+    kind: KernelKind,
+    mix: Option<[f32; 2]>,
+    part: &mut [f32],
+) {
+    let rows = Rows::new(a, b, n_in, n_out, d);
+    let sums: Vec<[f32; 3]> = g
+        .par_chunks_mut(n_out)
+        .zip(r0.par_chunks_mut(n_out))
+        .with_min_len(rows_per_task(n_out))
+        .enumerate()
+        .map_init(
+            || (RowBuf::new(n_out), vec![0f32; n_out]),
+            |(buf, e), (i, (gr, r0r))| {
+                let mut sums = [0f32; 3];
+                if let Some([al, gm]) = mix {
+                    let mut k = std::mem::take(&mut buf.tmp);
+                    rows.kernel_row(kind, i, buf, &mut k);
+                    sums = mix_backward_row(gr, &k, al, gm, e);
+                    buf.tmp = k;
+                } else if kind != KernelKind::Linear {
+                    rows.dots(i, buf);
+                }
+                if kind == KernelKind::PiecewiseLinear {
+                    let (p, a2) = (&buf.p, rows.an[i]);
+                    pl_ratio(&p[0], &p[1], a2, &rows.bn_t[0], &rows.bn_t[1], d, gr, r0r);
+                } else if kind != KernelKind::Linear {
+                    for j in 0..n_out {
+                        let (r, r0) = ratio_at(kind, &rows.pair(buf, i, j), gr[j], d);
+                        gr[j] = r;
+                        if kind == KernelKind::PiecewiseLinear {
+                            r0r[j] = r0;
+                        }
+                    }
+                }
+                sums
+            },
+        )
+        .collect();
+    if mix.is_some() {
+        store_parts(part, &sums, n_in);
+    }
+}
+
+/// aug (rows, d+1) = [x | 1].
+pub fn augment(aug: &mut [f32], x: &[f32], d: usize) {
+    for (o, xr) in aug.chunks_mut(d + 1).zip(x.chunks(d)) {
+        o[..d].copy_from_slice(xr);
+        o[d] = 1.0;
+    }
+}
+
+/// dx (rows, d) += x·t[:, d] − t[:, :d].
+pub fn dist_grad(dx: &mut [f32], x: &[f32], t: &[f32], d: usize) {
+    for ((o, xr), tr) in dx.chunks_mut(d).zip(x.chunks(d)).zip(t.chunks(d + 1)) {
+        let rs = tr[d];
+        for k in 0..d {
+            o[k] += xr[k] * rs - tr[k];
+        }
+    }
+}
