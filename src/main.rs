@@ -16,7 +16,7 @@ use snella::model::{MemoryOptions, Precision, Recompute};
 use snella::report::memory as mem;
 use snella::report::speed;
 use snella::train::recipe::TrainConfig;
-use snella::train::{checkpoint, export, trainer};
+use snella::train::{checkpoint, export, pictures, trainer};
 use snella::{
     cuda_available, cuda_emu_available, gpu_info, selftest, Backend, Device, Error, GemmPrecision, Result,
     KERNELS_COMPILED,
@@ -47,6 +47,8 @@ enum Command {
     Eval(CheckpointArgs),
     /// Exports a checkpoint: merged timm-format weights W0 + ΔW, and the compact sparse delta.
     Export(ExportArgs),
+    /// Redraws the pictures of a run (curves; for SNELL/SNELLA the allocation map) from its metrics.jsonl.
+    Plot(PlotArgs),
     /// Images/s of one training step per model × method on the device, with model TFLOP/s and MFU.
     Bench(BenchArgs),
     /// Version, whether CUDA kernels are compiled into this binary, and what the CUDA probe finds.
@@ -85,13 +87,15 @@ struct MemoryArgs {
     /// Classes of the head (the PyTorch benchmark uses 100).
     #[arg(long, default_value_t = 100)]
     classes: usize,
-    /// Also write the table as JSON / CSV, and a bar chart as SVG.
+    /// Also write the table as JSON / CSV, and a bar chart as SVG / PNG.
     #[arg(long)]
     json: Option<PathBuf>,
     #[arg(long)]
     csv: Option<PathBuf>,
     #[arg(long)]
     svg: Option<PathBuf>,
+    #[arg(long)]
+    png: Option<PathBuf>,
     /// Run real training steps on the GPU and add the measured device memory (needs a GPU, or
     /// `--device cuda-emu`).
     #[arg(long)]
@@ -152,6 +156,15 @@ struct ExportArgs {
     /// Folder for merged.safetensors and the sparse delta (created; existing files are replaced atomically).
     #[arg(long)]
     out: PathBuf,
+}
+
+#[derive(Args)]
+struct PlotArgs {
+    /// A run folder (the `out_dir` of a recipe), holding metrics.jsonl.
+    run_dir: PathBuf,
+    /// Where to write the pictures (created); default: the run folder.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -300,6 +313,10 @@ fn run(cmd: Command) -> Result<ExitCode> {
             for p in export::export_all(&t.model, &a.out)? {
                 println!("wrote {}", p.display());
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plot(a) => {
+            plot(a)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Info(a) => {
@@ -511,15 +528,37 @@ fn memory(a: MemoryArgs) -> Result<()> {
     }
     println!();
     print!("{}", mem::reductions(&rows));
-    for (path, text) in [
-        (&a.json, a.json.as_ref().map(|_| serde_json::to_string_pretty(&rows).unwrap_or_default())),
-        (&a.csv, a.csv.as_ref().map(|_| mem::csv(&rows))),
-        (&a.svg, a.svg.as_ref().map(|_| mem::svg(&rows))),
-    ] {
-        if let (Some(p), Some(t)) = (path, text) {
-            mem::write_atomic(p, &t)?;
+    let outputs: [(&Option<PathBuf>, &dyn Fn() -> Result<Vec<u8>>); 4] = [
+        (&a.json, &|| Ok(serde_json::to_string_pretty(&rows).unwrap_or_default().into_bytes())),
+        (&a.csv, &|| Ok(mem::csv(&rows).into_bytes())),
+        (&a.svg, &|| mem::svg(&rows).map(String::into_bytes)),
+        (&a.png, &|| mem::png(&rows)),
+    ];
+    for (path, bytes) in outputs {
+        if let Some(p) = path {
+            mem::write_atomic(p, bytes()?)?;
             println!("wrote {}", p.display());
         }
+    }
+    Ok(())
+}
+
+/// `snella plot RUN_DIR`: the pictures of a run from its metrics.jsonl, headed by the method its checkpoint names.
+fn plot(a: PlotArgs) -> Result<()> {
+    let metrics = a.run_dir.join(trainer::METRICS_FILE);
+    if !metrics.is_file() {
+        return Err(Error::invalid(
+            "RUN_DIR",
+            format!("{} holds no {} (is it the out_dir of a run?)", a.run_dir.display(), trainer::METRICS_FILE),
+        ));
+    }
+    let title = checkpoint::read_checkpoint_meta(&checkpoint::checkpoint_path(&a.run_dir))
+        .map(|m| m.method)
+        .unwrap_or_else(|_| "run".into());
+    let out = a.out.unwrap_or(a.run_dir);
+    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+    for p in pictures::redraw(&metrics, &out, &title)? {
+        println!("wrote {}", p.display());
     }
     Ok(())
 }
