@@ -423,10 +423,11 @@ impl Chart for AllocationMap {
         let mut bar = ChartBuilder::on(&bar_area)
             .margin_top(10)
             .margin_bottom(50)
-            .margin_right(70)
-            .margin_left(10)
+            .margin_right(40)
+            .margin_left(6)
             .caption("kept", text(14.0))
-            .right_y_label_area_size(52)
+            // Labels on the left: plotters mis-aligns right-hand labels with the embedded font.
+            .y_label_area_size(52)
             .build_cartesian_2d(0.0..1.0, lo..hi)?;
         let steps = 128;
         bar.draw_series((0..steps).map(|i| {
