@@ -1,21 +1,24 @@
 """Checks `snella export --peft` against Hugging Face peft (run by scripts/check-peft-export.sh).
 
-For each layout (timm, hf) it builds the base model in PyTorch from the pre-trained backbone (the block Linear
-weights and the untrained cls token from the original file; the run's resized position table, norms, biases and
-LayerScale from snella's merged export, which a LoRA run leaves as they were), loads the adapter with
-`PeftModel.from_pretrained`, runs it on the images `snella eval --save-logits` evaluated, and compares the logits.
+For timm and for the Hugging Face layout of the installed transformers (hf: 5.x, hf4: 4.x) it builds the base
+model in PyTorch from the pre-trained backbone (the block Linear weights and the untrained cls token from the
+original file; the run's resized position table, norms, biases and LayerScale from snella's merged export,
+which a LoRA run leaves as they were), loads the adapter with `PeftModel.from_pretrained`, runs it on the
+images `snella eval --save-logits` evaluated, and compares the logits.
 
 usage: check_peft_export.py RUN_DIR BACKBONE.safetensors
-  RUN_DIR holds logits.safetensors, export/merged.safetensors, peft-timm/ and peft-hf/.
+  RUN_DIR holds logits.safetensors, export/merged.safetensors, peft-timm/, peft-hf/ and peft-hf4/.
 """
+import functools
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 
 def hf_to_timm_linears(hf, depth):
@@ -59,7 +62,7 @@ def timm_model(cfg, state):
         init_values=1.0 if cfg["layer_scale"] else None,
         num_classes=cfg["num_classes"],
         global_pool="token",
-        norm_layer=lambda d: torch.nn.LayerNorm(d, eps=cfg["eps"]),
+        norm_layer=functools.partial(torch.nn.LayerNorm, eps=cfg["eps"]),
     )
     m.load_state_dict(state, strict=True)
     return m.eval()
@@ -82,11 +85,13 @@ def hf_model(cfg, state):
         num_labels=cfg["num_classes"],
     )
     if dinov2:
-        m = Dinov2ForImageClassification(Dinov2Config(mlp_ratio=cfg["mlp_hidden"] // d, layerscale_value=1.0, **common))
+        cls, conf = Dinov2ForImageClassification, Dinov2Config(mlp_ratio=cfg["mlp_hidden"] // d, layerscale_value=1.0, **common)
         root, fc1, fc2 = "dinov2", "mlp.fc1", "mlp.fc2"
     else:
-        m = ViTForImageClassification(ViTConfig(intermediate_size=cfg["mlp_hidden"], **common))
+        cls, conf = ViTForImageClassification, ViTConfig(intermediate_size=cfg["mlp_hidden"], **common)
         root, fc1, fc2 = "vit", "intermediate.dense", "output.dense"
+    # The state is written in the names of the Hub's checkpoints and loaded with from_pretrained, as a user
+    # loads facebook/dinov2-small; transformers renames what its version calls the modules (v5: q_proj, ...).
     s = {
         f"{root}.embeddings.cls_token": state["cls_token"],
         f"{root}.embeddings.position_embeddings": state["pos_embed"],
@@ -109,7 +114,11 @@ def hf_model(cfg, state):
         if dinov2:
             s[f"{p}layer_scale1.lambda1"] = state[f"{t}ls1.gamma"]
             s[f"{p}layer_scale2.lambda1"] = state[f"{t}ls2.gamma"]
-    missing, unexpected = m.load_state_dict(s, strict=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        conf.save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in s.items()}, f"{tmp}/model.safetensors")
+        m, info = cls.from_pretrained(tmp, output_loading_info=True)
+    missing, unexpected = info["missing_keys"], info["unexpected_keys"]
     # The classifier comes from the adapter; DINOv2's mask token is not used at inference.
     left = [k for k in missing if not k.startswith("classifier.") and not k.endswith("mask_token")]
     if left or unexpected:
@@ -131,7 +140,10 @@ def main():
     print(f"{len(labels)} images {tuple(images.shape[1:])}, {cfg['num_classes']} classes; snella eval: "
           f"loss {F.cross_entropy(want, labels):.4f}, top-1 {(want.argmax(1) == labels).float().mean():.2%}")
     failed = False
-    for layout, build in (("timm", timm_model), ("hf", hf_model)):
+    import transformers
+
+    hf_layout = "hf" if int(transformers.__version__.split(".")[0]) >= 5 else "hf4"
+    for layout, build in (("timm", timm_model), (hf_layout, hf_model)):
         base = build(cfg, state)
         with torch.no_grad():
             plain = base(images)

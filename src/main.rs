@@ -170,7 +170,8 @@ struct ExportArgs {
     out: PathBuf,
     /// LoRA runs only: write a Hugging Face peft adapter (adapter_config.json, adapter_model.safetensors) with
     /// the module names of timm's VisionTransformer (`--peft`, `--peft timm`) or of Hugging Face's
-    /// ViT/Dinov2ForImageClassification (`--peft hf`), instead of the merged weights and the sparse delta.
+    /// ViT/Dinov2ForImageClassification in transformers 5 (`--peft hf`) or 4 (`--peft hf4`), instead of the
+    /// merged weights and the sparse delta.
     #[arg(long, value_name = "LAYOUT", num_args = 0..=1, default_missing_value = "timm")]
     peft: Option<String>,
 }

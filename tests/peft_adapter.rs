@@ -119,33 +119,50 @@ fn timm_layout_holds_q_k_v_in_one_rank_3r_lora_on_the_fused_qkv() {
 }
 
 #[test]
-fn hf_layouts_keep_query_key_value_apart_and_pad_dinov2_s_classifier() {
-    for (cfg, root, fc1, fc2) in
-        [(plain_cfg(), "vit", "intermediate.dense", "output.dense"), (small_cfg(), "dinov2", "mlp.fc1", "mlp.fc2")]
-    {
+fn hf_layouts_keep_q_k_v_apart_and_pad_dinov2_s_classifier() {
+    // (layout, config, root, the blocks' container, the targets in snella's position order)
+    let v5 = ["attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj", "mlp.fc1", "mlp.fc2"];
+    let v4 =
+        ["attention.attention.query", "attention.attention.key", "attention.attention.value", "attention.output.dense"];
+    let cases = [
+        (PeftLayout::Hf, plain_cfg(), "vit", "vit.layers", v5),
+        (PeftLayout::Hf, small_cfg(), "dinov2", "dinov2.encoder.layer", v5),
+        (
+            PeftLayout::Hf4,
+            plain_cfg(),
+            "vit",
+            "vit.encoder.layer",
+            [v4[0], v4[1], v4[2], v4[3], "intermediate.dense", "output.dense"],
+        ),
+        (
+            PeftLayout::Hf4,
+            small_cfg(),
+            "dinov2",
+            "dinov2.encoder.layer",
+            [v4[0], v4[1], v4[2], v4[3], "mlp.fc1", "mlp.fc2"],
+        ),
+    ];
+    for (layout, cfg, root, blocks, targets) in cases {
         let r = 2;
         let model = lora_model(&cfg, r);
-        let a = peft_adapter(&model, PeftLayout::Hf, None).unwrap();
-        let targets = ["attention.attention.query", "attention.attention.key", "attention.attention.value"];
-        let mut want_targets: Vec<&str> = targets.to_vec();
-        want_targets.extend(["attention.output.dense", fc1, fc2]);
-        assert_eq!(a.config["target_modules"], serde_json::json!(want_targets), "{root}");
+        let a = peft_adapter(&model, layout, None).unwrap();
+        assert_eq!(a.config["target_modules"], serde_json::json!(targets), "{layout:?} {root}");
         assert_eq!(a.config["modules_to_save"], serde_json::json!(["classifier"]));
         assert_eq!(a.config["rank_pattern"], serde_json::json!({}));
         assert!(a.config["base_model_name_or_path"].is_null());
-        assert_eq!(keys(&a).len(), cfg.depth * 6 * 2 + 3, "{root}");
+        assert_eq!(keys(&a).len(), cfg.depth * 6 * 2 + 3, "{layout:?} {root}");
         let (d, c) = (cfg.embed_dim, cfg.num_classes);
         let merged = merged_weights(&model).unwrap();
         for l in 0..cfg.depth {
-            let layer = format!("{root}.encoder.layer.{l}");
+            let layer = format!("{blocks}.{l}");
             let qkv = model.get_param(&format!("blocks.{l}.attn.qkv.weight")).unwrap();
             let mqkv = &merged[&format!("blocks.{l}.attn.qkv.weight")].1;
-            for (j, t) in targets.iter().enumerate() {
+            for (j, t) in targets[..3].iter().enumerate() {
                 let rows = j * d * d..(j + 1) * d * d;
                 let got = peft_weight(&a, &format!("{layer}.{t}"), &qkv[rows.clone()]);
                 assert!(max_abs(&got, &mqkv[rows]) < 1e-6, "{layer}.{t}");
             }
-            for (t, timm) in [("attention.output.dense", "attn.proj"), (fc1, "mlp.fc1"), (fc2, "mlp.fc2")] {
+            for (t, timm) in targets[3..].iter().zip(["attn.proj", "mlp.fc1", "mlp.fc2"]) {
                 let name = format!("blocks.{l}.{timm}.weight");
                 let got = peft_weight(&a, &format!("{layer}.{t}"), &model.get_param(&name).unwrap());
                 assert!(max_abs(&got, &merged[&name].1) < 1e-6, "{layer}.{t}");
@@ -212,5 +229,5 @@ fn methods_without_a_peft_counterpart_are_refused_with_the_reason() {
         assert!(matches!(&e, Error::Invalid { option, .. } if option == "--peft"), "{msg}");
         assert!(msg.contains(needle) && msg.contains(&method.name()), "{msg}");
     }
-    assert!(PeftLayout::parse("diffusers").unwrap_err().to_string().contains("timm or hf"));
+    assert!(PeftLayout::parse("diffusers").unwrap_err().to_string().contains("timm, hf or hf4"));
 }

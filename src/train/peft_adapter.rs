@@ -1,21 +1,26 @@
 //! LoRA runs as Hugging Face `peft` adapters: `adapter_config.json` and `adapter_model.safetensors`, in the
 //! layout `PeftModel.from_pretrained(base, dir)` loads onto a timm `VisionTransformer` or a Hugging Face
-//! `ViTForImageClassification` / `Dinov2ForImageClassification`.
+//! `ViTForImageClassification` / `Dinov2ForImageClassification`. transformers 5 renamed those models' modules
+//! (`attention.q_proj`, ...; ViT's blocks moved to `vit.layers`) and peft does not rename a LoRA's keys or
+//! targets between the two, so `hf` follows transformers 5 and `hf4` transformers 4.
 //!
 //! snella's LoRA branch on a Linear adds `B·A` to its weight, `A` (r, in) and `B` (out, r), with no scaling
 //! (`model/linear.rs`); peft adds `(lora_alpha / r)·lora_B·lora_A`, so `lora_alpha = r` and the factors go
 //! over as they are: `lora_A.weight = A`, `lora_B.weight = B`. Where the branches sit:
 //!
-//! | snella branch                  | timm module        | HF ViT module                         | HF DINOv2 module                      |
-//! |--------------------------------|--------------------|---------------------------------------|---------------------------------------|
-//! | `branch.blocks.<l>.attn.q`     | `blocks.<l>.attn.qkv` rows [0, D)   | `vit.encoder.layer.<l>.attention.attention.query` | `dinov2.encoder.layer.<l>.attention.attention.query` |
-//! | `branch.blocks.<l>.attn.k`     | `blocks.<l>.attn.qkv` rows [D, 2D)  | `….attention.attention.key`           | `….attention.attention.key`           |
-//! | `branch.blocks.<l>.attn.v`     | `blocks.<l>.attn.qkv` rows [2D, 3D) | `….attention.attention.value`         | `….attention.attention.value`         |
-//! | `branch.blocks.<l>.attn.proj`  | `blocks.<l>.attn.proj` | `….attention.output.dense`        | `….attention.output.dense`            |
-//! | `branch.blocks.<l>.mlp.fc1`    | `blocks.<l>.mlp.fc1`   | `….intermediate.dense`            | `….mlp.fc1`                           |
-//! | `branch.blocks.<l>.mlp.fc2`    | `blocks.<l>.mlp.fc2`   | `….output.dense`                  | `….mlp.fc2`                           |
-//! | `head.weight`, `head.bias`     | `head` (`modules_to_save`) | `classifier` (`modules_to_save`) | `classifier` (`modules_to_save`, see below) |
-//! | `cls_token`                    | `cls_token`        | `vit.embeddings.cls_token`            | `dinov2.embeddings.cls_token`         |
+//! | snella branch                 | timm (`timm`)                        | transformers 5 (`hf`)              | transformers 4 (`hf4`)          |
+//! |-------------------------------|--------------------------------------|------------------------------------|---------------------------------|
+//! | `branch.blocks.<l>.attn.q`    | `blocks.<l>.attn.qkv` rows [0, D)    | `<layer>.attention.q_proj`         | `<layer>.attention.attention.query` |
+//! | `branch.blocks.<l>.attn.k`    | `blocks.<l>.attn.qkv` rows [D, 2D)   | `<layer>.attention.k_proj`         | `<layer>.attention.attention.key`   |
+//! | `branch.blocks.<l>.attn.v`    | `blocks.<l>.attn.qkv` rows [2D, 3D)  | `<layer>.attention.v_proj`         | `<layer>.attention.attention.value` |
+//! | `branch.blocks.<l>.attn.proj` | `blocks.<l>.attn.proj`               | `<layer>.attention.o_proj`         | `<layer>.attention.output.dense`    |
+//! | `branch.blocks.<l>.mlp.fc1`   | `blocks.<l>.mlp.fc1`                 | `<layer>.mlp.fc1`                  | ViT `<layer>.intermediate.dense`, DINOv2 `<layer>.mlp.fc1` |
+//! | `branch.blocks.<l>.mlp.fc2`   | `blocks.<l>.mlp.fc2`                 | `<layer>.mlp.fc2`                  | ViT `<layer>.output.dense`, DINOv2 `<layer>.mlp.fc2`       |
+//! | `head.weight`, `head.bias`    | `head` (`modules_to_save`)           | `classifier` (`modules_to_save`; DINOv2: see below) | as `hf`        |
+//! | `cls_token`                   | `cls_token`                          | `<root>.embeddings.cls_token`      | as `hf`                         |
+//!
+//! `<root>` is `vit` or `dinov2`; `<layer>` is `vit.layers.<l>` (ViT, transformers 5), `vit.encoder.layer.<l>`
+//! (ViT, transformers 4) or `dinov2.encoder.layer.<l>` (DINOv2, both).
 //!
 //! Every key of `adapter_model.safetensors` starts with `base_model.model.`, as peft saves them:
 //! `base_model.model.<module>.lora_A.weight`, `….lora_B.weight`, `base_model.model.head.weight`.
@@ -24,7 +29,7 @@
 //!   `attn.qkv` holds them exactly: `lora_A = [A_q; A_k; A_v]` (3r, D) and `lora_B = diag(B_q, B_k, B_v)`
 //!   (3D, 3r, zero off the diagonal blocks), so `lora_B·lora_A = [B_q·A_q; B_k·A_k; B_v·A_v]`, the rows of the
 //!   three updates. `rank_pattern` and `alpha_pattern` give `attn.qkv` rank and alpha 3r (scaling 1). Hugging
-//!   Face keeps `query`, `key` and `value` apart, so there each is its own rank-r LoRA.
+//!   Face keeps q, k and v as three Linears, so there each is its own rank-r LoRA.
 //! * **The cls token** trains in snella (method.md §1) but is no module, so no LoRA or `modules_to_save` entry
 //!   holds it: it is stored under the model's own parameter name, which peft passes through to
 //!   `load_state_dict` unchanged (as it does for trained biases).
@@ -61,12 +66,15 @@ pub(crate) const ADAPTER_META_KEY: &str = "snella_peft";
 pub enum PeftLayout {
     /// timm's `VisionTransformer` (fused `attn.qkv`).
     Timm,
-    /// Hugging Face `ViTForImageClassification`, or `Dinov2ForImageClassification` for a LayerScale backbone.
+    /// Hugging Face transformers 5 `ViTForImageClassification`, or `Dinov2ForImageClassification` for a
+    /// LayerScale backbone.
     Hf,
+    /// The same classes with transformers 4's module names.
+    Hf4,
 }
 
 impl PeftLayout {
-    /// `timm` or `hf`.
+    /// `timm`, `hf` (transformers 5) or `hf4` (transformers 4).
     ///
     /// # Errors
     /// `Invalid { option: "--peft" }` for another name.
@@ -74,7 +82,8 @@ impl PeftLayout {
         match s {
             "timm" => Ok(PeftLayout::Timm),
             "hf" => Ok(PeftLayout::Hf),
-            _ => Err(Error::invalid("--peft", format!("unknown layout '{s}' (timm or hf)"))),
+            "hf4" => Ok(PeftLayout::Hf4),
+            _ => Err(Error::invalid("--peft", format!("unknown layout '{s}' (timm, hf or hf4)"))),
         }
     }
 }
@@ -97,26 +106,27 @@ fn hf_dinov2(model: &Model) -> bool {
 
 /// The module a branch at `pos` of block `l` sits on, in `layout` (timm: q, k and v all on `attn.qkv`).
 fn module(layout: PeftLayout, dinov2: bool, l: usize, pos: Position) -> String {
-    let hf = |root: &str, leaf: &str| format!("{root}.encoder.layer.{l}.{leaf}");
-    match (layout, pos) {
-        (PeftLayout::Timm, Position::Q | Position::K | Position::V) => format!("blocks.{l}.attn.qkv"),
-        (PeftLayout::Timm, Position::Proj) => format!("blocks.{l}.attn.proj"),
-        (PeftLayout::Timm, p) => format!("blocks.{l}.mlp.{}", p.name()),
-        (PeftLayout::Hf, p) => {
-            let root = if dinov2 { "dinov2" } else { "vit" };
-            let leaf = match (p, dinov2) {
-                (Position::Q, _) => "attention.attention.query",
-                (Position::K, _) => "attention.attention.key",
-                (Position::V, _) => "attention.attention.value",
-                (Position::Proj, _) => "attention.output.dense",
-                (Position::Fc1, true) => "mlp.fc1",
-                (Position::Fc2, true) => "mlp.fc2",
-                (Position::Fc1, false) => "intermediate.dense",
-                (Position::Fc2, false) => "output.dense",
-            };
-            hf(root, leaf)
-        }
-    }
+    let root = if dinov2 { "dinov2" } else { "vit" };
+    let leaf = match (layout, pos) {
+        (PeftLayout::Timm, Position::Q | Position::K | Position::V) => return format!("blocks.{l}.attn.qkv"),
+        (PeftLayout::Timm, Position::Proj) => return format!("blocks.{l}.attn.proj"),
+        (PeftLayout::Timm, p) => return format!("blocks.{l}.mlp.{}", p.name()),
+        (PeftLayout::Hf, Position::Q) => "attention.q_proj",
+        (PeftLayout::Hf, Position::K) => "attention.k_proj",
+        (PeftLayout::Hf, Position::V) => "attention.v_proj",
+        (PeftLayout::Hf, Position::Proj) => "attention.o_proj",
+        (PeftLayout::Hf4, Position::Q) => "attention.attention.query",
+        (PeftLayout::Hf4, Position::K) => "attention.attention.key",
+        (PeftLayout::Hf4, Position::V) => "attention.attention.value",
+        (PeftLayout::Hf4, Position::Proj) => "attention.output.dense",
+        (PeftLayout::Hf4, Position::Fc1) if !dinov2 => "intermediate.dense",
+        (PeftLayout::Hf4, Position::Fc2) if !dinov2 => "output.dense",
+        (_, Position::Fc1) => "mlp.fc1",
+        (_, Position::Fc2) => "mlp.fc2",
+    };
+    // transformers 5 moved ViT's blocks from `vit.encoder.layer` to `vit.layers` (DINOv2's stayed).
+    let blocks = if layout == PeftLayout::Hf && !dinov2 { "layers" } else { "encoder.layer" };
+    format!("{root}.{blocks}.{l}.{leaf}")
 }
 
 /// `target_modules` of the config: suffixes that match exactly the adapted Linears of the layout's model.
@@ -125,8 +135,7 @@ fn target_modules(layout: PeftLayout, dinov2: bool) -> Vec<String> {
         .iter()
         .map(|&p| {
             let m = module(layout, dinov2, 0, p);
-            let strip = if layout == PeftLayout::Timm { "blocks.0." } else { "encoder.layer.0." };
-            m.split_once(strip).map(|(_, leaf)| leaf.to_string()).unwrap_or(m)
+            m.split_once(".0.").map(|(_, leaf)| leaf.to_string()).unwrap_or(m)
         })
         .collect();
     v.dedup();
@@ -198,10 +207,10 @@ pub fn peft_adapter(model: &Model, layout: PeftLayout, base_model: Option<&str>)
         (model.get_param("head.weight")?, model.get_param("head.bias")?, model.get_param("cls_token")?);
     let (head, cls_key) = match (layout, dinov2) {
         (PeftLayout::Timm, _) => ("head", "cls_token".to_string()),
-        (PeftLayout::Hf, true) => ("classifier", "dinov2.embeddings.cls_token".to_string()),
-        (PeftLayout::Hf, false) => ("classifier", "vit.embeddings.cls_token".to_string()),
+        (_, true) => ("classifier", "dinov2.embeddings.cls_token".to_string()),
+        (_, false) => ("classifier", "vit.embeddings.cls_token".to_string()),
     };
-    let head_w = if layout == PeftLayout::Hf && dinov2 {
+    let head_w = if layout != PeftLayout::Timm && dinov2 {
         // [cls | patch mean] inputs: the patch-mean columns are zero.
         let mut w = vec![0.0f32; c * 2 * d];
         for k in 0..c {
@@ -239,8 +248,10 @@ pub fn peft_adapter(model: &Model, layout: PeftLayout, base_model: Option<&str>)
     }
     let class = match (layout, dinov2) {
         (PeftLayout::Timm, _) => "timm VisionTransformer",
-        (PeftLayout::Hf, true) => "transformers Dinov2ForImageClassification",
-        (PeftLayout::Hf, false) => "transformers ViTForImageClassification",
+        (PeftLayout::Hf, true) => "transformers 5 Dinov2ForImageClassification",
+        (PeftLayout::Hf, false) => "transformers 5 ViTForImageClassification",
+        (PeftLayout::Hf4, true) => "transformers 4 Dinov2ForImageClassification",
+        (PeftLayout::Hf4, false) => "transformers 4 ViTForImageClassification",
     };
     let meta = serde_json::json!({
         "format": "snella-peft-adapter",
