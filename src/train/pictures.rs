@@ -254,7 +254,7 @@ impl Chart for Curves {
             self.panel(&panels[2], "learning rate (log scale)", &self.lr, range, &exp, SeriesLabelPosition::UpperRight)
         } else {
             let range = padded(lo.min(0.0), hi, 0.08);
-            let sci = |v: &f64| format!("{v:.1e}");
+            let sci = |v: &f64| if *v == 0.0 { "0".into() } else { format!("{v:.1e}") };
             self.panel(&panels[2], "learning rate", &self.lr, range, &sci, SeriesLabelPosition::UpperRight)
         }
     }
