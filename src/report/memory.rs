@@ -205,8 +205,8 @@ pub fn csv(rows: &[MemoryRow]) -> String {
 struct MemoryChart<'a> {
     rows: &'a [MemoryRow],
     models: Vec<&'a str>,
-    /// One legend entry per (method, recompute, precision), in row order.
-    series: Vec<String>,
+    /// One legend entry per (method, recompute, precision), in row order, with its colour.
+    series: Vec<(String, RGBColor)>,
 }
 
 /// A row's bar label: `snella32 (block, fp32)`.
@@ -226,17 +226,29 @@ fn distinct<T: PartialEq>(it: impl Iterator<Item = T>) -> Vec<T> {
 
 impl<'a> MemoryChart<'a> {
     fn new(rows: &'a [MemoryRow]) -> Self {
+        // A hue per method and a lighter shade per (recompute, precision), so that up to 40 bars stay apart
+        // and a method's variants read as one family.
+        let methods = distinct(rows.iter().map(|r| r.method.as_str()));
+        let variants = distinct(rows.iter().map(|r| (r.recompute, r.precision)));
+        let colour = |r: &MemoryRow| {
+            let base = PALETTE[methods.iter().position(|m| *m == r.method).unwrap_or(0) % PALETTE.len()];
+            let v = variants.iter().position(|v| *v == (r.recompute, r.precision)).unwrap_or(0);
+            let t = 0.6 * v as f64 / variants.len().max(2) as f64;
+            let lift = |c: u8| (c as f64 + (255.0 - c as f64) * t).round() as u8;
+            RGBColor(lift(base.0), lift(base.1), lift(base.2))
+        };
         MemoryChart {
             rows,
             models: distinct(rows.iter().map(|r| r.model.as_str())),
-            series: distinct(rows.iter().map(series_label)),
+            series: distinct(rows.iter().map(|r| (series_label(r), colour(r)))),
         }
     }
 }
 
 impl Chart for MemoryChart<'_> {
     fn size(&self) -> (u32, u32) {
-        (1200, 560)
+        // Tall enough for the legend: about 19 px an entry.
+        (1200, 560.max(140 + 19 * self.series.len() as u32))
     }
 
     fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Drawn<DB> {
@@ -273,8 +285,8 @@ impl Chart for MemoryChart<'_> {
             .bold_line_style(BLACK.mix(0.12))
             .draw()?;
         let width = 0.84 / self.series.len().max(1) as f64;
-        for (si, label) in self.series.iter().enumerate() {
-            let colour = PALETTE[si % PALETTE.len()];
+        for (si, (label, colour)) in self.series.iter().enumerate() {
+            let colour = *colour;
             let bars = self.models.iter().enumerate().filter_map(|(gi, m)| {
                 let r = self.rows.iter().find(|r| r.model == *m && series_label(r) == *label)?;
                 let x = gi as f64 - 0.42 + si as f64 * width;
