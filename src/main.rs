@@ -543,19 +543,18 @@ fn memory(a: MemoryArgs) -> Result<()> {
     }
     println!();
     print!("{}", mem::reductions(&rows));
-    let outputs: [(&Option<PathBuf>, &dyn Fn() -> Result<Vec<u8>>); 4] = [
-        (&a.json, &|| Ok(serde_json::to_string_pretty(&rows).unwrap_or_default().into_bytes())),
-        (&a.csv, &|| Ok(mem::csv(&rows).into_bytes())),
-        (&a.svg, &|| mem::svg(&rows).map(String::into_bytes)),
-        (&a.png, &|| mem::png(&rows)),
-    ];
-    for (path, bytes) in outputs {
+    // Each output is made only when asked for (a chart takes a moment to draw).
+    let write = |path: &Option<PathBuf>, bytes: &dyn Fn() -> Result<Vec<u8>>| -> Result<()> {
         if let Some(p) = path {
             mem::write_atomic(p, bytes()?)?;
             println!("wrote {}", p.display());
         }
-    }
-    Ok(())
+        Ok(())
+    };
+    write(&a.json, &|| Ok(serde_json::to_string_pretty(&rows).unwrap_or_default().into_bytes()))?;
+    write(&a.csv, &|| Ok(mem::csv(&rows).into_bytes()))?;
+    write(&a.svg, &|| mem::svg(&rows).map(String::into_bytes))?;
+    write(&a.png, &|| mem::png(&rows))
 }
 
 /// `snella export`: the merged weights and the sparse delta, or with `--peft` a LoRA run's peft adapter.

@@ -141,10 +141,13 @@ fn assert_same_as_reference(out: &Path, what: &str) {
     assert_eq!(listing(&out.join("export")), ["delta.safetensors", "merged.safetensors"], "{what}: stray files");
 }
 
+/// Picture file name → bytes.
+type Drawing = BTreeMap<&'static str, Vec<u8>>;
+
 /// The pictures drawn from the first k counted lines, for every k: what a picture on disk may be.
-fn drawings_of_prefixes(counted: &[String]) -> Vec<BTreeMap<&'static str, Vec<u8>>> {
+fn drawings_of_prefixes(counted: &[String]) -> Vec<Drawing> {
     // Drawn once per distinct prefix (the time field aside, which no picture shows): kills repeat them.
-    static CACHE: OnceLock<Mutex<HashMap<Vec<String>, BTreeMap<&'static str, Vec<u8>>>>> = OnceLock::new();
+    static CACHE: OnceLock<Mutex<HashMap<Vec<String>, Drawing>>> = OnceLock::new();
     let mut cache = CACHE.get_or_init(Default::default).lock().unwrap();
     (0..=counted.len())
         .map(|k| {

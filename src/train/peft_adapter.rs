@@ -265,7 +265,8 @@ pub fn peft_adapter(model: &Model, layout: PeftLayout, base_model: Option<&str>)
 }
 
 /// Writes an adapter into `dir` (which must exist): `adapter_config.json` and `adapter_model.safetensors`
-/// (F32, metadata `format: pt` and [`ADAPTER_META_KEY`]), each atomically. Returns the paths written.
+/// (F32, metadata `format: pt` and `snella_peft`: method, layout, model configuration), each atomically.
+/// Returns the paths written.
 ///
 /// # Errors
 /// `Invalid { option: "tensor" }` for a tensor whose values do not fill its shape; `Io` naming a file that

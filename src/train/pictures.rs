@@ -79,21 +79,6 @@ pub fn redraw(metrics: &Path, dir: &Path, title: &str) -> Result<Vec<PathBuf>> {
     draw_parsed(dir, &parsed, title)
 }
 
-/// Removes the picture files of `dir` (absent ones are fine).
-///
-/// # Errors
-/// `Io` naming a file that exists but cannot be removed.
-pub(crate) fn remove(dir: &Path) -> Result<()> {
-    for name in PICTURE_FILES {
-        let p = dir.join(name);
-        match std::fs::remove_file(&p) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&p, e)),
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
 fn parse<'a>(
     lines: impl Iterator<Item = &'a str>,
     bad: impl Fn(usize, serde_json::Error) -> Error,
@@ -482,7 +467,7 @@ mod tests {
     #[test]
     fn the_map_has_one_row_per_branch_and_one_column_per_epoch_coloured_by_kept() {
         let kept = [1.0, 0.75, 0.5, 0.25, 0.0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5];
-        let lines = vec![line(0, &kept, true), line(1, &kept, false), line(2, &kept, true)];
+        let lines = [line(0, &kept, true), line(1, &kept, false), line(2, &kept, true)];
         let parsed = parse(lines.iter().map(String::as_str), |_, e| Error::invalid("metrics", e.to_string())).unwrap();
         let map = AllocationMap::new(&parsed, "t").unwrap();
         assert_eq!(map.rows.len(), 12);
@@ -505,7 +490,7 @@ mod tests {
 
     #[test]
     fn curves_show_test_points_only_where_evaluated_and_the_lr_on_a_log_scale() {
-        let lines = vec![line(0, &[], true), line(1, &[], false), line(2, &[], true)];
+        let lines = [line(0, &[], true), line(1, &[], false), line(2, &[], true)];
         let parsed = parse(lines.iter().map(String::as_str), |_, e| Error::invalid("metrics", e.to_string())).unwrap();
         let c = Curves::new(&parsed, "t");
         assert_eq!(c.loss[0].2.len(), 3);

@@ -22,7 +22,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::error::{Error, Result};
-use crate::io::{append, remove_temporaries, write_atomic};
+use crate::io::{append, remove_files, remove_temporaries, write_atomic};
 use crate::model::load::{adapt_to_config, infer_config, read_checkpoint, TensorMap, Weights};
 use crate::model::{Model, ViTConfig};
 use crate::peft::allocator::Allocator;
@@ -488,16 +488,10 @@ impl Trainer {
         if std::fs::read(&mp).ok().as_deref() != Some(text.as_bytes()) {
             write_atomic(&mp, text.as_bytes())?;
         }
-        pictures::remove(&out)?;
+        remove_files(&out, &PICTURE_FILES)?;
         self.draw_pictures(false);
         if self.state.epoch < self.config.epochs {
-            for name in EXPORT_FILES {
-                let p = export.join(name);
-                match std::fs::remove_file(&p) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&p, e)),
-                    _ => {}
-                }
-            }
+            remove_files(&export, &EXPORT_FILES)?;
         }
         Ok(())
     }
