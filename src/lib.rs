@@ -44,6 +44,7 @@ mod io;
 pub mod model;
 mod ops;
 pub mod peft;
+mod plot;
 pub mod report;
 mod rng;
 mod runtime;

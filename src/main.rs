@@ -16,7 +16,7 @@ use snella::model::{MemoryOptions, Precision, Recompute};
 use snella::report::memory as mem;
 use snella::report::speed;
 use snella::train::recipe::TrainConfig;
-use snella::train::{checkpoint, export, trainer};
+use snella::train::{checkpoint, export, peft_adapter, pictures, trainer};
 use snella::{
     cuda_available, cuda_emu_available, gpu_info, selftest, Backend, Device, Error, GemmPrecision, Result,
     KERNELS_COMPILED,
@@ -44,9 +44,12 @@ enum Command {
     /// Fine-tunes a ViT with a recipe (TOML; `--set key=value` overrides), writing checkpoints and metrics.
     Train(TrainArgs),
     /// Evaluates a checkpoint on its recipe's test split (or the data given with --set data=...).
-    Eval(CheckpointArgs),
-    /// Exports a checkpoint: merged timm-format weights W0 + ΔW, and the compact sparse delta.
+    Eval(EvalArgs),
+    /// Exports a checkpoint: merged timm-format weights W0 + ΔW, and the compact sparse delta; or, for a LoRA
+    /// run with --peft, a Hugging Face peft adapter.
     Export(ExportArgs),
+    /// Redraws the pictures of a run (curves; for SNELL/SNELLA the allocation map) from its metrics.jsonl.
+    Plot(PlotArgs),
     /// Images/s of one training step per model × method on the device, with model TFLOP/s and MFU.
     Bench(BenchArgs),
     /// Version, whether CUDA kernels are compiled into this binary, and what the CUDA probe finds.
@@ -85,13 +88,15 @@ struct MemoryArgs {
     /// Classes of the head (the PyTorch benchmark uses 100).
     #[arg(long, default_value_t = 100)]
     classes: usize,
-    /// Also write the table as JSON / CSV, and a bar chart as SVG.
+    /// Also write the table as JSON / CSV, and a bar chart as SVG / PNG.
     #[arg(long)]
     json: Option<PathBuf>,
     #[arg(long)]
     csv: Option<PathBuf>,
     #[arg(long)]
     svg: Option<PathBuf>,
+    #[arg(long)]
+    png: Option<PathBuf>,
     /// Run real training steps on the GPU and add the measured device memory (needs a GPU, or
     /// `--device cuda-emu`).
     #[arg(long)]
@@ -146,12 +151,38 @@ struct CheckpointArgs {
 }
 
 #[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    ck: CheckpointArgs,
+    /// Also write the evaluated images (after the eval transform, (N, 3, H, W)), their labels and the logits
+    /// (N, classes) to this safetensors file, to compare with another framework on the same inputs.
+    #[arg(long, value_name = "FILE")]
+    save_logits: Option<PathBuf>,
+}
+
+#[derive(Args)]
 struct ExportArgs {
     #[command(flatten)]
     ck: CheckpointArgs,
-    /// Folder for merged.safetensors and the sparse delta (created; existing files are replaced atomically).
+    /// Folder for merged.safetensors and the sparse delta, or the adapter (created; existing files are replaced
+    /// atomically).
     #[arg(long)]
     out: PathBuf,
+    /// LoRA runs only: write a Hugging Face peft adapter (adapter_config.json, adapter_model.safetensors) with
+    /// the module names of timm's VisionTransformer (`--peft`, `--peft timm`) or of Hugging Face's
+    /// ViT/Dinov2ForImageClassification in transformers 5 (`--peft hf`) or 4 (`--peft hf4`), instead of the
+    /// merged weights and the sparse delta.
+    #[arg(long, value_name = "LAYOUT", num_args = 0..=1, default_missing_value = "timm")]
+    peft: Option<String>,
+}
+
+#[derive(Args)]
+struct PlotArgs {
+    /// A run folder (the `out_dir` of a recipe), holding metrics.jsonl.
+    run_dir: PathBuf,
+    /// Where to write the pictures (created); default: the run folder.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -289,17 +320,18 @@ fn run(cmd: Command) -> Result<ExitCode> {
         }
         Command::Train(a) => train(a),
         Command::Eval(a) => {
-            let (mut t, _) = trainer_from_checkpoint(&a)?;
+            let (mut t, _) = trainer_from_checkpoint(&a.ck)?;
             let (loss, acc) = trainer::evaluate(&mut t.model, &t.test_loader)?;
             println!("test loss {loss:.4}  top-1 {:.2}%  ({} images)", 100.0 * acc, t.test_loader.dataset().len());
+            if let Some(path) = &a.save_logits {
+                save_logits(&mut t, path)?;
+                println!("wrote {}", path.display());
+            }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Export(a) => {
-            let (t, _) = trainer_from_checkpoint(&a.ck)?;
-            std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
-            for p in export::export_all(&t.model, &a.out)? {
-                println!("wrote {}", p.display());
-            }
+        Command::Export(a) => export(a),
+        Command::Plot(a) => {
+            plot(a)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Info(a) => {
@@ -511,15 +543,82 @@ fn memory(a: MemoryArgs) -> Result<()> {
     }
     println!();
     print!("{}", mem::reductions(&rows));
-    for (path, text) in [
-        (&a.json, a.json.as_ref().map(|_| serde_json::to_string_pretty(&rows).unwrap_or_default())),
-        (&a.csv, a.csv.as_ref().map(|_| mem::csv(&rows))),
-        (&a.svg, a.svg.as_ref().map(|_| mem::svg(&rows))),
-    ] {
-        if let (Some(p), Some(t)) = (path, text) {
-            mem::write_atomic(p, &t)?;
+    // Each output is made only when asked for (a chart takes a moment to draw).
+    let write = |path: &Option<PathBuf>, bytes: &dyn Fn() -> Result<Vec<u8>>| -> Result<()> {
+        if let Some(p) = path {
+            mem::write_atomic(p, bytes()?)?;
             println!("wrote {}", p.display());
         }
+        Ok(())
+    };
+    write(&a.json, &|| Ok(serde_json::to_string_pretty(&rows).unwrap_or_default().into_bytes()))?;
+    write(&a.csv, &|| Ok(mem::csv(&rows).into_bytes()))?;
+    write(&a.svg, &|| mem::svg(&rows).map(String::into_bytes))?;
+    write(&a.png, &|| mem::png(&rows))
+}
+
+/// `snella export`: the merged weights and the sparse delta, or with `--peft` a LoRA run's peft adapter.
+fn export(a: ExportArgs) -> Result<ExitCode> {
+    // The layout and the method are checked before anything is built or written.
+    let layout = a.peft.as_deref().map(peft_adapter::PeftLayout::parse).transpose()?;
+    let (t, meta) = trainer_from_checkpoint(&a.ck)?;
+    let written = match layout {
+        Some(layout) => {
+            let base = meta.config.as_ref().and_then(|c| c.weights.as_ref()).map(|w| w.display().to_string());
+            let adapter = peft_adapter::peft_adapter(&t.model, layout, base.as_deref())?;
+            std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
+            peft_adapter::write_peft_adapter(&a.out, &adapter)?
+        }
+        None => {
+            std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
+            export::export_all(&t.model, &a.out)?
+        }
+    };
+    for p in written {
+        println!("wrote {}", p.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The test split's images (after the eval transform), labels and logits, in loader order, as safetensors.
+fn save_logits(t: &mut trainer::Trainer, path: &std::path::Path) -> Result<()> {
+    let v = t.model.config().num_classes;
+    let (mut images, mut labels, mut logits, mut shape) = (Vec::new(), Vec::new(), Vec::new(), (0, 0));
+    t.model.set_training(false);
+    for batch in t.test_loader.epoch(0) {
+        let batch = batch?;
+        t.model.set_batch(&batch.images, &batch.labels)?;
+        t.model.forward()?;
+        logits.extend(t.model.logits()?);
+        images.extend_from_slice(&batch.images);
+        labels.extend(batch.labels.iter().map(|&l| l as f32));
+        shape = (batch.height, batch.width);
+    }
+    let n = labels.len();
+    let tensors = snella::model::load::TensorMap::from([
+        ("images".to_string(), (vec![n, 3, shape.0, shape.1], images)),
+        ("labels".to_string(), (vec![n], labels)),
+        ("logits".to_string(), (vec![n, v], logits)),
+    ]);
+    snella::model::load::write_safetensors(path, &tensors)
+}
+
+/// `snella plot RUN_DIR`: the pictures of a run from its metrics.jsonl, headed by the method its checkpoint names.
+fn plot(a: PlotArgs) -> Result<()> {
+    let metrics = a.run_dir.join(trainer::METRICS_FILE);
+    if !metrics.is_file() {
+        return Err(Error::invalid(
+            "RUN_DIR",
+            format!("{} holds no {} (is it the out_dir of a run?)", a.run_dir.display(), trainer::METRICS_FILE),
+        ));
+    }
+    let title = checkpoint::read_checkpoint_meta(&checkpoint::checkpoint_path(&a.run_dir))
+        .map(|m| m.method)
+        .unwrap_or_else(|_| "run".into());
+    let out = a.out.unwrap_or(a.run_dir);
+    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+    for p in pictures::redraw(&metrics, &out, &title)? {
+        println!("wrote {}", p.display());
     }
     Ok(())
 }

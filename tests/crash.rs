@@ -1,19 +1,21 @@
 //! A real crash test of the `snella` binary: a run killed with SIGKILL at many instants (mid-step,
 //! mid-evaluation, mid-checkpoint-write, mid-export) and resumed each time ends exactly as an uninterrupted
 //! run: checkpoint tensors (the allocator's EMAs among them) and metadata, `metrics.jsonl` (time fields
-//! aside) and the exports, with no temporary file left. After every kill the files on disk must already obey
-//! the rule of `train/checkpoint.rs`: the checkpoint reads, and `metrics.jsonl` starts with exactly the
-//! lines it counts. Ctrl-C (SIGINT), SIGTERM and a second signal are checked the same way.
+//! aside), the pictures and the exports, with no temporary file left. After every kill the files on disk must
+//! already obey the rule of `train/checkpoint.rs`: the checkpoint reads, `metrics.jsonl` starts with exactly
+//! the lines it counts, and a picture shows no epoch it does not count. Ctrl-C (SIGINT), SIGTERM and a second
+//! signal are checked the same way.
 mod common;
 use common::*;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use snella::train::checkpoint::{read_checkpoint_meta, CheckpointMeta};
+use snella::train::pictures::{self, PICTURE_FILES};
 
 /// A fixture and an uninterrupted run of its recipe, shared by the tests of this file.
 struct Reference {
@@ -128,13 +130,47 @@ fn assert_same_as_reference(out: &Path, what: &str) {
             std::fs::read(r.out.join("export").join(f)).unwrap() == std::fs::read(out.join("export").join(f)).unwrap();
         assert!(same, "{what}: export/{f} differs");
     }
-    assert_eq!(listing(out), ["checkpoint.safetensors", "export", "metrics.jsonl"], "{what}: stray files");
+    for f in PICTURE_FILES {
+        let same = std::fs::read(r.out.join(f)).unwrap() == std::fs::read(out.join(f)).unwrap();
+        assert!(same, "{what}: {f} differs");
+    }
+    let mut want = vec!["checkpoint.safetensors", "export", "metrics.jsonl"];
+    want.extend(PICTURE_FILES);
+    want.sort();
+    assert_eq!(listing(out), want, "{what}: stray files");
     assert_eq!(listing(&out.join("export")), ["delta.safetensors", "merged.safetensors"], "{what}: stray files");
 }
 
-/// After a kill: the checkpoint (if any) reads, and `metrics.jsonl` starts with exactly the lines it counts
-/// (it may hold more: a line written before the checkpoint that would count it, or part of one). Returns
-/// whether more was there.
+/// Picture file name → bytes.
+type Drawing = BTreeMap<&'static str, Vec<u8>>;
+
+/// The pictures drawn from the first k counted lines, for every k: what a picture on disk may be.
+fn drawings_of_prefixes(counted: &[String]) -> Vec<Drawing> {
+    // Drawn once per distinct prefix (the time field aside, which no picture shows): kills repeat them.
+    static CACHE: OnceLock<Mutex<HashMap<Vec<String>, Drawing>>> = OnceLock::new();
+    let mut cache = CACHE.get_or_init(Default::default).lock().unwrap();
+    (0..=counted.len())
+        .map(|k| {
+            let key: Vec<String> = counted[..k].iter().map(|l| timeless(l).to_string()).collect();
+            cache
+                .entry(key)
+                .or_insert_with(|| {
+                    let dir = tempfile::tempdir().unwrap();
+                    pictures::draw(dir.path(), &counted[..k], "snella8").unwrap();
+                    PICTURE_FILES
+                        .into_iter()
+                        .filter_map(|f| Some((f, std::fs::read(dir.path().join(f)).ok()?)))
+                        .collect()
+                })
+                .clone()
+        })
+        .collect()
+}
+
+/// After a kill: the checkpoint (if any) reads, `metrics.jsonl` starts with exactly the lines it counts (it
+/// may hold more: a line written before the checkpoint that would count it, or part of one), and each picture
+/// is absent or drawn from some of those lines (one evaluation behind when the kill came between a checkpoint
+/// and its pictures). Returns whether `metrics.jsonl` held more.
 fn assert_consistent_after_kill(out: &Path, what: &str) -> bool {
     let ck = out.join("checkpoint.safetensors");
     if !ck.exists() {
@@ -148,6 +184,13 @@ fn assert_consistent_after_kill(out: &Path, what: &str) -> bool {
     assert!(on_disk.len() >= counted.len(), "{what}: metrics.jsonl lacks lines the checkpoint counts");
     for (i, line) in counted.iter().enumerate() {
         assert_eq!(on_disk[i], format!("{line}\n"), "{what}: metrics line {i} is not the one the checkpoint counts");
+    }
+    let allowed = drawings_of_prefixes(counted);
+    for f in PICTURE_FILES {
+        if let Ok(bytes) = std::fs::read(out.join(f)) {
+            let ok = allowed.iter().any(|d| d.get(f) == Some(&bytes));
+            assert!(ok, "{what}: {f} shows an epoch the checkpoint does not count");
+        }
     }
     on_disk.len() > counted.len()
 }
@@ -167,7 +210,7 @@ fn sigkill_at_random_instants_then_resume_matches_an_uninterrupted_run() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(14);
     // Kills land on average a few steps into each session, so the run needs many sessions to end.
     let step = r.seconds / 18.0;
-    let (mut kills, mut mid_write, mut ahead, mut sessions) = (0, 0, 0, 0);
+    let (mut kills, mut mid_write, mut ahead, mut sessions, mut drawn) = (0, 0, 0, 0, 0);
     let mut fresh = true;
     while kills < 60 {
         assert!(t0.elapsed() < Duration::from_secs(100), "the kill loop does not progress");
@@ -206,6 +249,7 @@ fn sigkill_at_random_instants_then_resume_matches_an_uninterrupted_run() {
             fresh &= !out.join("checkpoint.safetensors").exists();
             mid_write += usize::from(temporary_present(&out));
             ahead += usize::from(assert_consistent_after_kill(&out, &format!("kill {kills}")));
+            drawn += usize::from(PICTURE_FILES.iter().any(|f| out.join(f).exists()));
         } else {
             assert!(o.status.success(), "session {sessions}: {}", text(&o.stderr));
             if kills >= 40 {
@@ -219,12 +263,13 @@ fn sigkill_at_random_instants_then_resume_matches_an_uninterrupted_run() {
     assert!(o.status.success(), "{}", text(&o.stderr));
     println!(
         "{kills} kills in {sessions} sessions ({mid_write} left a writer's temporary, {ahead} left metrics ahead of \
-         the checkpoint), {:.1} s; the uninterrupted run takes {:.2} s",
+         the checkpoint, {drawn} found pictures), {:.1} s; the uninterrupted run takes {:.2} s",
         t0.elapsed().as_secs_f64(),
         r.seconds
     );
     assert!(kills >= 40, "only {kills} kills");
     assert!(mid_write > 0, "no kill landed while a file was being written");
+    assert!(drawn > 0, "no kill found pictures to check");
     assert_same_as_reference(&out, "after the kills");
 }
 
@@ -263,11 +308,8 @@ fn ctrl_c_writes_a_checkpoint_says_how_to_resume_and_exits_non_zero() {
         assert!(last.contains(&at), "{name}: {last} vs the checkpoint {at}");
         assert!(s.global_step < 18, "{name}: the signal came after the last step");
         assert!(!assert_consistent_after_kill(&out, name), "{name}: metrics.jsonl holds lines the checkpoint lacks");
-        assert_eq!(
-            listing(&out),
-            ["checkpoint.safetensors", "metrics.jsonl"],
-            "{name}: no export of an unfinished run"
-        );
+        let files: Vec<String> = listing(&out).into_iter().filter(|f| !PICTURE_FILES.contains(&f.as_str())).collect();
+        assert_eq!(files, ["checkpoint.safetensors", "metrics.jsonl"], "{name}: no export of an unfinished run");
         // The command the message gives finishes the run as if it had never stopped.
         let command = last.split_once("resume with: ").map(|(_, c)| c).unwrap_or_default();
         let words: Vec<&str> = command.split_whitespace().collect();

@@ -60,6 +60,21 @@ pub(crate) fn append(path: &Path, bytes: &[u8]) -> Result<()> {
     write().map_err(|e| Error::io(path, e))
 }
 
+/// Removes `dir/<name>` for each of `names`; one that does not exist is fine.
+///
+/// # Errors
+/// `Io` naming a file that exists but cannot be removed.
+pub(crate) fn remove_files(dir: &Path, names: &[&str]) -> Result<()> {
+    for name in names {
+        let p = dir.join(name);
+        match std::fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&p, e)),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Removes the temporaries that killed writers of `dir/<name>` left behind ([`write_atomic`]'s
 /// `.<name>.tmp-<pid>`, whatever the pid), for each of `names`. A folder that does not exist has none.
 ///

@@ -1,11 +1,15 @@
 //! `snella memory`: the peak training memory of each model × method, straight from the plan the engine
 //! allocates, beside the SNELL paper's published figures (Tables A8(b) and A12: fp32, batch 8, 224 px,
-//! MB = torch.cuda.max_memory_allocated / 2^20).
+//! MB = torch.cuda.max_memory_allocated / 2^20), as text, JSON, CSV and a bar chart (SVG or PNG, `crate::plot`).
 use std::fmt::Write;
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
 
 use crate::error::Result;
 use crate::model::{plan_model, MemoryOptions, Precision, Recompute, ViTConfig};
 use crate::peft::Method;
+use crate::plot::{self, text, Chart, Drawn, PALETTE};
 use crate::runtime::{mib, Pool};
 
 /// The paper's figures in MB (= MiB) at batch 8, fp32: (model, method, MB).
@@ -146,13 +150,7 @@ pub fn table(rows: &[MemoryRow]) -> String {
 /// paper's 1 − SNELL/GPS (its "31.1%–39.9%").
 pub fn reductions(rows: &[MemoryRow]) -> String {
     let mut s = String::new();
-    let models: Vec<&str> = rows.iter().map(|r| r.model.as_str()).fold(Vec::new(), |mut v, m| {
-        if !v.contains(&m) {
-            v.push(m)
-        }
-        v
-    });
-    for m in models {
+    for m in distinct(rows.iter().map(|r| r.model.as_str())) {
         let Some(gps) = rows
             .iter()
             .find(|r| {
@@ -202,67 +200,134 @@ pub fn csv(rows: &[MemoryRow]) -> String {
     s
 }
 
-/// A grouped bar chart (one group per model, one bar per method, the paper's figure as a tick).
-pub fn svg(rows: &[MemoryRow]) -> String {
-    let (w, h, pad) = (1200.0, 460.0, 60.0);
-    let max = rows.iter().map(|r| r.total_mib.max(r.paper_mb.unwrap_or(0.0))).fold(1.0, f64::max) * 1.1;
-    let models: Vec<&str> = rows.iter().map(|r| r.model.as_str()).fold(Vec::new(), |mut v, m| {
-        if !v.contains(&m) {
-            v.push(m)
+/// The memory chart: one group of bars per model, one bar per (method, recompute, precision), the total planned
+/// (or measured) MiB, and the paper's figure as a black tick on the bar it compares with.
+struct MemoryChart<'a> {
+    rows: &'a [MemoryRow],
+    models: Vec<&'a str>,
+    /// One legend entry per (method, recompute, precision), in row order, with its colour.
+    series: Vec<(String, RGBColor)>,
+}
+
+/// A row's bar label: `snella32 (block, fp32)`.
+fn series_label(r: &MemoryRow) -> String {
+    format!("{} ({:?}, {})", r.method, r.recompute, r.precision.name()).to_lowercase()
+}
+
+/// The values in order of first appearance, once each.
+fn distinct<T: PartialEq>(it: impl Iterator<Item = T>) -> Vec<T> {
+    it.fold(Vec::new(), |mut v, x| {
+        if !v.contains(&x) {
+            v.push(x)
         }
         v
-    });
-    let label = |r: &MemoryRow| format!("{} ({:?}, {})", r.method, r.recompute, r.precision.name()).to_lowercase();
-    let methods: Vec<String> = rows.iter().map(label).fold(Vec::new(), |mut v, m| {
-        if !v.contains(&m) {
-            v.push(m)
-        }
-        v
-    });
-    let colors = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1"];
-    let gw = (w - 2.0 * pad) / models.len().max(1) as f64;
-    let bw = gw * 0.8 / methods.len().max(1) as f64;
-    let y = |v: f64| h - pad - (h - 2.0 * pad) * v / max;
-    let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n");
-    writeln!(s, "<text x=\"{}\" y=\"20\" text-anchor=\"middle\" font-size=\"15\">Peak training memory (MiB), planned; ticks: SNELL paper</text>", w / 2.0).unwrap();
-    writeln!(s, "<line x1=\"{pad}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>", h - pad, w - pad, h - pad)
-        .unwrap();
-    for (gi, m) in models.iter().enumerate() {
-        let x0 = pad + gi as f64 * gw + gw * 0.1;
-        writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{m}</text>", x0 + gw * 0.4, h - pad + 18.0)
-            .unwrap();
-        for (mi, me) in methods.iter().enumerate() {
-            let Some(r) = rows.iter().find(|r| r.model == *m && label(r) == *me) else { continue };
-            let x = x0 + mi as f64 * bw;
-            let c = colors[mi % colors.len()];
-            writeln!(s, "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{c}\"><title>{m} {me}: {:.0} MiB</title></rect>",
-                y(r.total_mib), bw * 0.9, h - pad - y(r.total_mib), r.total_mib).unwrap();
-            if let Some(p) = r.paper_mb {
-                writeln!(
-                    s,
-                    "<line x1=\"{x:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"black\" stroke-width=\"2\"/>",
-                    y(p),
-                    x + bw * 0.9,
-                    y(p)
-                )
-                .unwrap();
-            }
+    })
+}
+
+impl<'a> MemoryChart<'a> {
+    fn new(rows: &'a [MemoryRow]) -> Self {
+        // A hue per method and a lighter shade per (recompute, precision), so that up to 40 bars stay apart
+        // and a method's variants read as one family.
+        let methods = distinct(rows.iter().map(|r| r.method.as_str()));
+        let variants = distinct(rows.iter().map(|r| (r.recompute, r.precision)));
+        let colour = |r: &MemoryRow| {
+            let base = PALETTE[methods.iter().position(|m| *m == r.method).unwrap_or(0) % PALETTE.len()];
+            let v = variants.iter().position(|v| *v == (r.recompute, r.precision)).unwrap_or(0);
+            let t = 0.6 * v as f64 / variants.len().max(2) as f64;
+            let lift = |c: u8| (c as f64 + (255.0 - c as f64) * t).round() as u8;
+            RGBColor(lift(base.0), lift(base.1), lift(base.2))
+        };
+        MemoryChart {
+            rows,
+            models: distinct(rows.iter().map(|r| r.model.as_str())),
+            series: distinct(rows.iter().map(|r| (series_label(r), colour(r)))),
         }
     }
-    for (mi, me) in methods.iter().enumerate() {
-        let x = pad + mi as f64 * 150.0;
-        writeln!(
-            s,
-            "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{me}</text>",
-            h - 25.0,
-            colors[mi % colors.len()],
-            x + 16.0,
-            h - 15.0
-        )
-        .unwrap();
+}
+
+impl Chart for MemoryChart<'_> {
+    fn size(&self) -> (u32, u32) {
+        // Tall enough for the legend: about 19 px an entry.
+        (1200, 560.max(140 + 19 * self.series.len() as u32))
     }
-    s.push_str("</svg>\n");
-    s
+
+    fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Drawn<DB> {
+        let measured = self.rows.iter().any(|r| r.measured_mib.is_some());
+        let value = |r: &MemoryRow| r.measured_mib.unwrap_or(r.total_mib);
+        let top = self.rows.iter().map(|r| value(r).max(r.paper_mb.unwrap_or(0.0))).fold(1.0, f64::max) * 1.12;
+        let caption = format!(
+            "Peak training memory (MiB), {}; black ticks: SNELL paper (MB)",
+            if measured { "measured" } else { "planned" }
+        );
+        // Group g is centred on x = g, so the group centres are the whole numbers plotters puts ticks on.
+        let groups = self.models.len().max(1);
+        let mut chart = ChartBuilder::on(area)
+            .caption(caption, text(19.0))
+            .margin(14)
+            .x_label_area_size(36)
+            .y_label_area_size(70)
+            .build_cartesian_2d(-0.5..groups as f64 - 0.5, 0.0..top)?;
+        let models = &self.models;
+        let model_at = |x: &f64| match (x - x.round()).abs() < 1e-6 && *x >= 0.0 {
+            true => models.get(x.round() as usize).map(|m| m.to_string()).unwrap_or_default(),
+            false => String::new(),
+        };
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .y_desc("MiB")
+            .x_labels(groups)
+            .x_label_formatter(&model_at)
+            .y_label_formatter(&|y: &f64| format!("{y:.0}"))
+            .label_style(text(14.0))
+            .axis_desc_style(text(14.0))
+            .light_line_style(BLACK.mix(0.04))
+            .bold_line_style(BLACK.mix(0.12))
+            .draw()?;
+        let width = 0.84 / self.series.len().max(1) as f64;
+        for (si, (label, colour)) in self.series.iter().enumerate() {
+            let colour = *colour;
+            let bars = self.models.iter().enumerate().filter_map(|(gi, m)| {
+                let r = self.rows.iter().find(|r| r.model == *m && series_label(r) == *label)?;
+                let x = gi as f64 - 0.42 + si as f64 * width;
+                Some(Rectangle::new([(x, 0.0), (x + width * 0.9, value(r))], colour.filled()))
+            });
+            chart
+                .draw_series(bars)?
+                .label(label.as_str())
+                .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], colour.filled()));
+            let ticks = self.models.iter().enumerate().filter_map(|(gi, m)| {
+                let r = self.rows.iter().find(|r| r.model == *m && series_label(r) == *label)?;
+                let x = gi as f64 - 0.42 + si as f64 * width;
+                r.paper_mb.map(|p| PathElement::new(vec![(x, p), (x + width * 0.9, p)], BLACK.stroke_width(3)))
+            });
+            chart.draw_series(ticks)?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .label_font(text(13.0))
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK.mix(0.3))
+            .draw()
+    }
+}
+
+/// The memory chart as SVG: one group of bars per model, one bar per method (with its recompute level and
+/// precision), the measured MiB where measured, else the planned; the paper's figure as a black tick.
+///
+/// # Errors
+/// `Invalid { option: "picture" }` when the chart cannot be drawn.
+pub fn svg(rows: &[MemoryRow]) -> Result<String> {
+    plot::svg(&MemoryChart::new(rows), "the memory chart")
+}
+
+/// The memory chart of [`svg`] as a PNG file.
+///
+/// # Errors
+/// `Invalid { option: "picture" }` when the chart cannot be drawn or encoded.
+pub fn png(rows: &[MemoryRow]) -> Result<Vec<u8>> {
+    plot::png(&MemoryChart::new(rows), "the memory chart")
 }
 
 /// Runs `steps` real training steps of a row's configuration on `backend` and returns (touched MiB: the
@@ -301,13 +366,14 @@ pub fn measure(
     Ok((mib(touched), device))
 }
 
-/// Writes `text` to `path` atomically (temporary file, then rename), so no partial output is left.
+/// Writes `bytes` (a table, a chart) to `path` atomically (temporary file, then rename), so no partial output
+/// is left.
 ///
 /// # Errors
 /// `Io` naming the path that could not be written; `Invalid { option: "output path" }` for a path without a
 /// file name.
-pub fn write_atomic(path: &std::path::Path, text: &str) -> Result<()> {
-    crate::io::write_atomic(path, text.as_bytes())
+pub fn write_atomic(path: &std::path::Path, bytes: impl AsRef<[u8]>) -> Result<()> {
+    crate::io::write_atomic(path, bytes.as_ref())
 }
 
 #[cfg(test)]
@@ -329,7 +395,10 @@ mod tests {
         assert!(rows.iter().all(|r| r.total_mib > 0.0 && r.paper_mb.is_none()));
         assert!(table(&rows).contains("snella8"));
         assert_eq!(csv(&rows).lines().count(), 4);
-        assert!(svg(&rows).starts_with("<svg"));
+        let chart = svg(&rows).unwrap();
+        assert!(chart.starts_with("<svg") && chart.contains("snella8 (attention, fp32)"), "{chart}");
+        let png = image::load_from_memory(&png(&rows).unwrap()).unwrap();
+        assert_eq!((png.width(), png.height()), (1200, 560));
         assert_eq!(paper_mb("vit_b16", "snell32"), Some(1673.0));
         assert_eq!(paper_mb("vit_b16", "snella32"), Some(1673.0));
         assert_eq!(paper_mb("vit_b16", "full"), None);

@@ -1,4 +1,4 @@
-//! Reports: the memory table with the paper's figures beside ours (text, JSON, CSV, SVG), and the speed of a
+//! Reports: the memory table with the paper's figures beside ours (text, JSON, CSV, and a bar chart as SVG or PNG), and the speed of a
 //! training step (images/s, TFLOP/s, MFU).
 pub mod memory;
 pub mod speed;

@@ -37,6 +37,15 @@
 //!    (no duplicate and no missing line, whatever the kill left), and removes the exports unless the run is
 //!    complete. A fresh run starts from an empty record, so it also clears what an earlier run left there.
 //!
+//! **Derived outputs: the pictures** (`curves.{png,svg}`, `allocation.{png,svg}`, `train/pictures.rs`) are drawn
+//! from [`TrainState::metrics`] only, the lines the checkpoint counts: each file atomically, *after* the
+//! checkpoint of an evaluated epoch, and again at the start of every session (removed first, so a fresh run
+//! also clears an earlier run's). So a picture never shows an epoch its checkpoint does not count; a kill
+//! between a checkpoint and its pictures leaves them one evaluation behind until the next session, or
+//! `snella plot`, redraws them from `metrics.jsonl`. A picture that cannot be drawn is a note, not an error
+//! (`Trainer::pictures_failed`): the checkpoint is already on disk when pictures are drawn, and they can be
+//! redrawn at any time, so stopping a run for one would lose work and protect nothing.
+//!
 //! An output added later follows the same three steps: written before the checkpoint that counts it (or only
 //! once the run is complete), carried by the checkpoint (or empty until the run is complete), and restored in
 //! `Trainer::run`. `tests/crash.rs` checks the rule by killing the `snella` binary at random instants.

@@ -8,7 +8,8 @@
 //!  3. for every batch (order and augmentation fixed by `(seed, e)`): `set_batch`, `forward` (the loss must
 //!     be finite, else the run stops), `backward`, `adamw_step(lr, weight_decay)`, `allocator.update`;
 //!  4. evaluation on the test split (every `eval_every` epochs and at the last), one JSON line in
-//!     `<out_dir>/metrics.jsonl`, a checkpoint in `<out_dir>/checkpoint.safetensors`.
+//!     `<out_dir>/metrics.jsonl`, a checkpoint in `<out_dir>/checkpoint.safetensors`, then (evaluated epochs)
+//!     the pictures of the run, `<out_dir>/curves.{png,svg}` and, for SNELL/SNELLA, `allocation.{png,svg}`.
 //!
 //! Checkpoints are also written every `checkpoint_every` steps inside an epoch, and once before the first
 //! step, so a last good state always exists. [`Trainer::resume_from`] continues a run exactly; every session
@@ -21,7 +22,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::error::{Error, Result};
-use crate::io::{append, remove_temporaries, write_atomic};
+use crate::io::{append, remove_files, remove_temporaries, write_atomic};
 use crate::model::load::{adapt_to_config, infer_config, read_checkpoint, TensorMap, Weights};
 use crate::model::vit::top1_correct;
 use crate::model::{Model, ViTConfig};
@@ -35,6 +36,7 @@ use crate::train::checkpoint::{
 use crate::train::data::{subset, Dataset, Idx, ImageFolder};
 use crate::train::export::{export_all, kept_stats, EXPORT_FILES};
 use crate::train::loader::Loader;
+use crate::train::pictures::{self, PICTURE_FILES};
 use crate::train::recipe::{parse_device, DataFormat, TrainConfig};
 use crate::train::schedule::cosine_lr;
 
@@ -113,6 +115,10 @@ pub struct Summary {
     pub checkpoint: PathBuf,
     /// `<out_dir>/metrics.jsonl`.
     pub metrics: PathBuf,
+    /// Why the pictures of the run could not be drawn the last time the trainer tried (see
+    /// [`Trainer::pictures_failed`]); absent when they were.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pictures_failed: Option<String>,
 }
 
 /// A training run, ready to [`Trainer::run`].
@@ -131,6 +137,11 @@ pub struct Trainer {
     pub state: TrainState,
     /// What loading did (position table resized, head re-initialised, ...).
     pub notes: Vec<String>,
+    /// Why the pictures of the run (`train/pictures.rs`) could not be drawn the last time the trainer tried,
+    /// or None. Not an error: the pictures are drawn from `metrics.jsonl` after the checkpoint that counts its
+    /// lines, so a failure loses nothing, and `snella plot <out_dir>` redraws them; a run is not stopped for a
+    /// picture (a full disk stops it at its next checkpoint anyway).
+    pub pictures_failed: Option<String>,
 }
 
 /// Mean cross-entropy and top-1 accuracy (fraction in [0, 1]) of `model` over every batch of `loader`
@@ -328,7 +339,16 @@ impl Trainer {
             vc.num_classes,
             Trainer::count_trainable(&model)
         ));
-        Ok(Trainer { config, model, allocator, train_loader, test_loader, state: TrainState::default(), notes })
+        Ok(Trainer {
+            config,
+            model,
+            allocator,
+            train_loader,
+            test_loader,
+            state: TrainState::default(),
+            notes,
+            pictures_failed: None,
+        })
     }
 
     fn count_trainable(model: &Model) -> usize {
@@ -397,12 +417,14 @@ impl Trainer {
 
     /// Brings every output of the run back to what the state (fresh, or restored from a checkpoint) counts,
     /// as the rule of `train/checkpoint.rs` says: temporaries of killed writers removed, `metrics.jsonl`
-    /// rewritten to exactly the counted lines (left alone when it already holds them), exports removed
-    /// unless the run is complete.
+    /// rewritten to exactly the counted lines (left alone when it already holds them), the pictures redrawn
+    /// from those lines, exports removed unless the run is complete.
     fn restore_outputs(&mut self) -> Result<()> {
         let out = self.config.out_dir.clone();
         let export = self.export_dir();
-        remove_temporaries(&out, &[CHECKPOINT_FILE, METRICS_FILE])?;
+        let mut ours = vec![CHECKPOINT_FILE, METRICS_FILE];
+        ours.extend(PICTURE_FILES);
+        remove_temporaries(&out, &ours)?;
         remove_temporaries(&export, &EXPORT_FILES)?;
         self.state.metrics = self.counted_metrics();
         let mut text = self.state.metrics.join("\n");
@@ -413,14 +435,10 @@ impl Trainer {
         if std::fs::read(&mp).ok().as_deref() != Some(text.as_bytes()) {
             write_atomic(&mp, text.as_bytes())?;
         }
+        remove_files(&out, &PICTURE_FILES)?;
+        self.draw_pictures(false);
         if self.state.epoch < self.config.epochs {
-            for name in EXPORT_FILES {
-                let p = export.join(name);
-                match std::fs::remove_file(&p) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&p, e)),
-                    _ => {}
-                }
-            }
+            remove_files(&export, &EXPORT_FILES)?;
         }
         Ok(())
     }
@@ -444,6 +462,22 @@ impl Trainer {
         let dir = self.export_dir();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         export_all(&self.model, &dir)
+    }
+
+    /// Draws the pictures of the epochs the state counts into `out_dir` (`train/pictures.rs`). A failure is
+    /// kept in [`Trainer::pictures_failed`] (and printed with `progress`), not returned: see that field.
+    fn draw_pictures(&mut self, progress: bool) {
+        let title = self.model.method().name();
+        self.pictures_failed = match pictures::draw(&self.config.out_dir, &self.state.metrics, &title) {
+            Ok(_) => None,
+            Err(e) => {
+                let why = format!("{e}; `snella plot {}` redraws them", self.config.out_dir.display());
+                if progress {
+                    eprintln!("snella: the pictures were not drawn: {why}");
+                }
+                Some(why)
+            }
+        };
     }
 
     fn save(&self) -> Result<()> {
@@ -656,6 +690,10 @@ impl Trainer {
             self.state.step_in_epoch = 0;
             self.state.elapsed_s = base_elapsed + session.elapsed().as_secs_f64();
             self.save_or_nan(epoch)?;
+            // After the checkpoint that counts the line: a picture never shows an epoch the checkpoint does not.
+            if test_loss.is_some() {
+                self.draw_pictures(progress);
+            }
         }
         self.state.elapsed_s = base_elapsed + session.elapsed().as_secs_f64();
         Ok(self.summary(true, last_train_loss))
@@ -692,6 +730,7 @@ impl Trainer {
             trainable_params: self.trainable_params(),
             checkpoint: self.checkpoint_path(),
             metrics: self.metrics_path(),
+            pictures_failed: self.pictures_failed.clone(),
         }
     }
 }
