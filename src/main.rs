@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use signal_hook::consts::{SIGINT, SIGTERM};
-use signal_hook::flag;
+use signal_hook::low_level;
 use snella::model::{MemoryOptions, Precision, Recompute};
 use snella::report::memory as mem;
 use snella::report::speed;
@@ -747,12 +747,20 @@ fn train(a: TrainArgs) -> Result<ExitCode> {
 /// last one stays valid whenever that happens.
 fn stop_on_signals() -> Result<(Arc<AtomicBool>, Arc<AtomicUsize>)> {
     let (stop, signal) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    // One counter for both signals, taken with one atomic step: two signals handled at the same time on two
+    // threads (SIGINT and SIGTERM pending while the process was stopped) cannot both see themselves first.
+    let count = Arc::new(AtomicUsize::new(0));
     for sig in [SIGINT, SIGTERM] {
-        // The shutdown is registered first, so it sees the flag as the previous signal left it. SIGINT and
-        // SIGTERM are not among the signals signal-hook refuses, so these calls do not panic.
-        let registered = flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&stop))
-            .and_then(|_| flag::register_usize(sig, Arc::clone(&signal), sig as usize))
-            .and_then(|_| flag::register(sig, Arc::clone(&stop)));
+        let (stop, signal, count) = (Arc::clone(&stop), Arc::clone(&signal), Arc::clone(&count));
+        let action = move || {
+            if count.fetch_add(1, Ordering::SeqCst) > 0 {
+                low_level::exit(128 + sig);
+            }
+            signal.store(sig as usize, Ordering::SeqCst);
+            stop.store(true, Ordering::SeqCst);
+        };
+        // SAFETY: the action only touches atomics and calls _exit, both async-signal-safe.
+        let registered = unsafe { low_level::register(sig, action) };
         registered.map_err(|e| Error::invalid("signals", format!("cannot handle signal {sig}: {e}")))?;
     }
     Ok((stop, signal))
