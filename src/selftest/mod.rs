@@ -267,7 +267,7 @@ fn run_checks(filter: Option<&str>, seed: Option<u64>, dev: Device) -> Result<bo
         let names: Vec<&str> = all.iter().map(|c| c.name).collect();
         return Err(Error::invalid(
             "--filter",
-            format!("no check name contains {filter:?}; checks: {}", names.join(", ")),
+            format!("no check name contains \"{}\"; checks: {}", filter.unwrap_or_default(), names.join(", ")),
         ));
     }
     let width = chosen.iter().map(|c| c.name.len()).max().unwrap_or(0);
@@ -500,7 +500,7 @@ impl Case {
             self.compared.push(Compared { name, rel, note, tol: None });
             return;
         }
-        let scale = want.iter().fold(0f64, |m, &v| m.max((v as f64).abs())).max(1e-30);
+        let scale = scale_of(want);
         let mut diffs: Vec<f64> = want.iter().zip(got).map(|(&w, &g)| (g as f64 - w as f64).abs()).collect();
         diffs.sort_by(|a, b| b.total_cmp(a));
         let outliers = diffs.iter().take_while(|&&d| d > self.tol * scale).count();
@@ -551,6 +551,11 @@ impl Case {
         let differ = want.iter().zip(got).enumerate().filter(|&(i, (&w, &g))| !same(i, w, g)).count();
         self.compare_values(format!("{name} (values with other bits)"), &[0.0], &[differ as f32], Some(0.0));
     }
+}
+
+/// max |v| (at least 1e-30): the scale a relative error is taken against.
+pub(crate) fn scale_of(want: &[f32]) -> f64 {
+    want.iter().fold(0f64, |m, &v| m.max((v as f64).abs())).max(1e-30)
 }
 
 /// max |got − want| / max |want| (absolute when want is all zero), and a note if a value is not finite.

@@ -1,7 +1,7 @@
 //! Whole training steps of the golden cases on the CPU and on the device: loss, logits, thresholds, every
 //! gradient and the parameters after a few AdamW steps, at each recompute level and storage precision, and
 //! with the official recipe's dropout and drop-path.
-use super::Case;
+use super::{scale_of, Case};
 use crate::error::Result;
 use crate::golden::{golden_dir, GoldenCase};
 use crate::model::{MemoryOptions, Recompute};
@@ -29,8 +29,7 @@ pub(super) fn step(cx: &mut Case, case: &str, memory: impl Into<MemoryOptions>) 
     };
     let (lr, wd, steps) = (1e-3, 0.05, 3);
     let noise_tol = |cx: &mut Case, name: String, want: &[f32], got: &[f32], abs: f64| {
-        let scale = want.iter().fold(0f64, |m, &v| m.max((v as f64).abs())).max(1e-30);
-        cx.compare_values(name, want, got, Some(abs / scale));
+        cx.compare_values(name, want, got, Some(abs / scale_of(want)));
     };
     for step in 0..steps {
         let (lc, ld) = (cpu.forward()?, dev.forward()?);
@@ -50,8 +49,7 @@ pub(super) fn step(cx: &mut Case, case: &str, memory: impl Into<MemoryOptions>) 
                     // A long sum with cancellation (a mixture scalar's gradient) may differ between two fp32
                     // orders by more than the check's tolerance: the manifest's suggested_atol, the error
                     // it measured between fp32 implementations, is the floor.
-                    let scale = want.iter().fold(0f64, |m, &v| m.max((v as f64).abs())).max(1e-30);
-                    let tol = g.atol(&format!("grad.{n}")).map(|a| (a / scale).max(cx.tol));
+                    let tol = g.atol(&format!("grad.{n}")).map(|a| (a / scale_of(&want)).max(cx.tol));
                     cx.compare_values(format!("grad.{n}"), &want, &got, tol);
                 }
             }
