@@ -64,24 +64,43 @@ fn clamp0(x: f32) -> f32 {
     }
 }
 
-/// ‖A_h,i − B_h,j‖² by cdist's expanded form, [−2a, ‖a‖², 1]·[b, 1, ‖b‖²], clamped at 0.
+/// ‖a − b‖² by cdist's expanded form, [−2a, ‖a‖², 1]·[b, 1, ‖b‖²], clamped at 0, from p = a·b.
+#[inline(always)]
+fn expanded_sq_dist(p: f32, a2: f32, b2: f32) -> f32 {
+    clamp0((-2.0 * p + a2) + b2)
+}
+
+/// ‖A_h,i − B_h,j‖² of one pair.
 #[inline]
 fn sq_dist(q: &Pair, h: usize) -> f32 {
-    clamp0((-2.0 * q.p[h] + q.a2[h]) + q.b2[h])
+    expanded_sq_dist(q.p[h], q.a2[h], q.b2[h])
 }
 
 /// ‖A_h,i − B_h,j‖ for the backward's ratio, 0 where the expanded form cannot tell the rows apart: its
 /// rounding error is about (2d + 2)·ε·(‖a‖² + ‖b‖²), and below that 0.1·g/D would divide by rounding noise
 /// (R jumping between 0 and 0.1·g/tiny with the last bit of a sum). The forward keeps cdist's value.
-#[inline]
-fn dist_or_zero(q: &Pair, h: usize, d: usize) -> f32 {
-    let d2 = sq_dist(q, h);
-    let noise = ((2 * d + 2) as f32 * f32::EPSILON) * (q.a2[h] + q.b2[h]);
+#[inline(always)]
+fn dist_or_zero(p: f32, a2: f32, b2: f32, d: usize) -> f32 {
+    let d2 = expanded_sq_dist(p, a2, b2);
+    let noise = ((2 * d + 2) as f32 * f32::EPSILON) * (a2 + b2);
     if d2 <= noise {
         0.0
     } else {
         d2.sqrt()
     }
+}
+
+/// The piecewise-linear kernel from its two pieces' squared distances.
+#[inline(always)]
+fn pl_value(sq0: f32, sq1: f32) -> f32 {
+    PL_COEFF[0] * sq0.sqrt() + PL_COEFF[1] * sq1.sqrt()
+}
+
+/// (R_1, R_0) of the piecewise-linear kernel from dK = gv and the pieces' distances ([`dist_or_zero`]).
+#[inline(always)]
+fn pl_ratio_of(d0: f32, d1: f32, gv: f32) -> (f32, f32) {
+    let r0 = if d0 == 0.0 { 0.0 } else { (PL_COEFF[0] * gv) / d0 };
+    (if d1 == 0.0 { 0.0 } else { (PL_COEFF[1] * gv) / d1 }, r0)
 }
 
 /// ‖a_i − b_j‖² over both pieces (r values).
@@ -93,7 +112,7 @@ fn sq_dist_all(q: &Pair) -> f32 {
 #[inline]
 pub fn value(kind: KernelKind, q: &Pair, d: usize) -> f32 {
     match kind {
-        KernelKind::PiecewiseLinear => PL_COEFF[0] * sq_dist(q, 0).sqrt() + PL_COEFF[1] * sq_dist(q, 1).sqrt(),
+        KernelKind::PiecewiseLinear => pl_value(sq_dist(q, 0), sq_dist(q, 1)),
         KernelKind::Linear => q.p[0] + q.p[1],
         KernelKind::Rbf => (-sq_dist_all(q) / (2 * d) as f32).exp_m1(),
         KernelKind::Sigmoid => (q.p[0] + q.p[1]).tanh(),
@@ -110,9 +129,8 @@ fn ratio_at(kind: KernelKind, q: &Pair, gv: f32, d: usize) -> (f32, f32) {
     let r = (2 * d) as f32;
     match kind {
         KernelKind::PiecewiseLinear => {
-            let (d0, d1) = (dist_or_zero(q, 0, d), dist_or_zero(q, 1, d));
-            let r0 = if d0 == 0.0 { 0.0 } else { (PL_COEFF[0] * gv) / d0 };
-            (if d1 == 0.0 { 0.0 } else { (PL_COEFF[1] * gv) / d1 }, r0)
+            let dist = |h: usize| dist_or_zero(q.p[h], q.a2[h], q.b2[h], d);
+            pl_ratio_of(dist(0), dist(1), gv)
         }
         KernelKind::Linear => (gv, 0.0),
         KernelKind::Rbf => ((gv * (-sq_dist_all(q) / r).exp()) * (-2.0 / r), 0.0),
@@ -280,9 +298,7 @@ fn pl_row_lanes(p0: &[f32], p1: &[f32], a2: [f32; 2], b20: &[f32], b21: &[f32], 
     let n = row.len();
     let (p0, p1, b20, b21) = (&p0[..n], &p1[..n], &b20[..n], &b21[..n]);
     for j in 0..n {
-        let d0 = clamp0((-2.0 * p0[j] + a2[0]) + b20[j]);
-        let d1 = clamp0((-2.0 * p1[j] + a2[1]) + b21[j]);
-        row[j] = PL_COEFF[0] * d0.sqrt() + PL_COEFF[1] * d1.sqrt();
+        row[j] = pl_value(expanded_sq_dist(p0[j], a2[0], b20[j]), expanded_sq_dist(p1[j], a2[1], b21[j]));
     }
 }
 
@@ -300,20 +316,9 @@ fn pl_ratio_lanes(
 ) {
     let n = g.len();
     let (p0, p1, b20, b21, r0) = (&p0[..n], &p1[..n], &b20[..n], &b21[..n], &mut r0[..n]);
-    let eps = (2 * d + 2) as f32 * f32::EPSILON;
-    // dist_or_zero of both pieces, then the ratios, with the same operations in the same order.
-    let dist = |p: f32, a2: f32, b2: f32| {
-        let d2 = clamp0((-2.0 * p + a2) + b2);
-        if d2 <= eps * (a2 + b2) {
-            0.0
-        } else {
-            d2.sqrt()
-        }
-    };
     for j in 0..n {
-        let (d0, d1, gv) = (dist(p0[j], a2[0], b20[j]), dist(p1[j], a2[1], b21[j]), g[j]);
-        r0[j] = if d0 == 0.0 { 0.0 } else { (PL_COEFF[0] * gv) / d0 };
-        g[j] = if d1 == 0.0 { 0.0 } else { (PL_COEFF[1] * gv) / d1 };
+        let (d0, d1) = (dist_or_zero(p0[j], a2[0], b20[j], d), dist_or_zero(p1[j], a2[1], b21[j], d));
+        (g[j], r0[j]) = pl_ratio_of(d0, d1, g[j]);
     }
 }
 
