@@ -37,12 +37,15 @@ extern "C" __global__ void snella_bf16_widen(float* dst, const unsigned short* s
     }
 }
 
-// dst[i] = bf16(x[i]) (RNE), then x[i] = f32(dst[i])                  dst: bf16 (n), x: f32 (n)
+// dst[i] = bf16(x[i]) (RNE), then x[i] = f32(dst[i]); a null dst only rounds x in place (a checkpoint
+// that is recomputed, not kept).                                      dst: bf16 (n) or null, x: f32 (n)
 extern "C" __global__ void snella_bf16_round(unsigned short* dst, float* x, long n) {
     long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
     if (i < n) {
         unsigned short b = snella_f32_to_bf16(x[i]);
-        dst[i] = b;
+        if (dst != nullptr) {
+            dst[i] = b;
+        }
         x[i] = snella_bf16_to_f32(b);
     }
 }

@@ -58,8 +58,8 @@ fn bf16_saves_exactly_the_frozen_block_weights_and_the_kept_stream() {
         // Frozen: the four block Linear weights at 2 bytes instead of 4 (sizes are multiples of 256 bytes).
         let block_weights = l * (3 * d * d + d * d + 2 * d * f);
         assert_eq!(p32.pool_bytes(Pool::Frozen) - p16.pool_bytes(Pool::Frozen), 2 * block_weights, "{name}");
-        // Activations: L + 1 block inputs and L mid-block sums.
-        let stream = (2 * l + 1) * bt * d;
+        // Activations: the L + 1 block inputs (at `Block` the mid-block sums are recomputed, not kept).
+        let stream = (l + 1) * bt * d;
         assert_eq!(p32.pool_bytes(Pool::Activations) - p16.pool_bytes(Pool::Activations), 2 * stream, "{name}");
         for t in p16.tensors() {
             let is_block_weight = t.pool == Pool::Frozen && t.name.starts_with("blocks.") && t.shape.len() == 2;

@@ -237,7 +237,8 @@ pub(crate) struct BlockActs {
     pub(crate) probs: Tensor,
     /// Merged heads (input of proj).                      (BT, D)
     pub(crate) attn: Tensor,
-    /// Residual stream after attention.                   (BT, D)
+    /// Residual stream after attention: kept (stored like the stream), or at `Recompute::Block` fp32 scratch
+    /// that the backward refills from the block input.      (BT, D)
     pub(crate) x_mid: Tensor,
     /// LayerNorm 2 output and statistics.                (BT, D), (BT) each
     pub(crate) ln2: Tensor,
@@ -288,8 +289,9 @@ pub(crate) struct Work {
     /// per-branch copy (drop-path, then the input gradient through the branch).   (BT, max(D, F)) each
     pub(crate) reg_x: Option<Tensor>,
     pub(crate) reg_xb: Option<Tensor>,
-    /// bf16 storage: the fp32 residual stream of the block being run (its input, then its output) and its
-    /// mid-block sum; the kept bf16 copies are widened into them in the backward.   (BT, D) each
+    /// bf16 storage: the fp32 residual stream of the block being run (its input, then its output) and, below
+    /// `Recompute::Block`, its mid-block sum; the kept bf16 copies are widened into them in the backward.
+    ///                                                                     (BT, D) each
     pub(crate) x: Option<Tensor>,
     pub(crate) xm: Option<Tensor>,
     /// bf16 storage without branches (linear probe): a frozen Linear weight widened to fp32.  (max(3D·D, F·D))
@@ -346,6 +348,9 @@ struct Recomputed {
     attn: Option<Tensor>,
     qkv: Option<Tensor>,
     fc1: Option<Tensor>,
+    /// At `Block`, the mid-block sum too: it lives in `attn`'s buffer, which is free from the proj GEMM (which
+    /// reads the merged heads before the sum is written) until the attention is recomputed.
+    x_mid: Option<Tensor>,
 }
 
 /// Plans every tensor of a training step of `cfg` under `method` at batch `b`, keeping activations as
@@ -374,7 +379,8 @@ pub(crate) fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, mem: Memory
     let a = Pool::Activations;
     let images = plan.f32("input.images", &[b, cfg.in_chans, cfg.img_size.0, cfg.img_size.1], a);
     let labels = plan.add("input.labels", &[b], DType::I32, a);
-    // The residual stream checkpoints: block inputs and mid-block sums (bf16 storage: rounded to bf16).
+    // The residual stream checkpoints: block inputs and (below `Block`) mid-block sums (bf16 storage: rounded
+    // to bf16).
     let stream = if precision == Precision::Bf16 { DType::BF16 } else { DType::F32 };
     let mut resid = vec![plan.add("act.resid.0", &[bt, d], stream, a)];
     let mut blocks = Vec::new();
@@ -462,7 +468,9 @@ fn plan_work(
         reg_x: regularised.then(|| plan.f32("work.reg_x", &[bt, d.max(f)], s)),
         reg_xb: regularised.then(|| plan.f32("work.reg_xb", &[bt, d.max(f)], s)),
         x: bf16.then(|| plan.f32("work.x", &[bt, d], s)),
-        xm: bf16.then(|| plan.f32("work.xm", &[bt, d], s)),
+        // The mid-block sum needs its own fp32 buffer only while it is kept (below `Block` it is recomputed in
+        // the shared work.recompute.attn).
+        xm: (bf16 && recompute < Recompute::Block).then(|| plan.f32("work.xm", &[bt, d], s)),
         w0: (bf16 && !full && !method.has_branches()).then(|| plan.f32("work.w0", &[(3 * d * d).max(f * d)], s)),
         dfeat: plan.f32("work.dfeat", &[b, d], s),
         dcls: plan.f32("work.dcls", &[b, d], s),
@@ -492,6 +500,7 @@ fn plan_work(
         attn,
         qkv: wide_b.map(|w| w.slice(0, bt * 3 * d)),
         fc1: wide_b.map(|w| w.slice(0, bt * f)),
+        x_mid: if recompute >= Recompute::Block { attn } else { None },
     };
     (work, patches, recomputed)
 }
@@ -633,7 +642,7 @@ fn plan_block(
     qkv_br.extend(bl(Position::K));
     qkv_br.extend(bl(Position::V));
     let pre = format!("act.blocks.{l}");
-    let x_mid = plan.add(format!("{pre}.x_mid"), &[bt, d], stream, a);
+    let x_mid = recomputed.x_mid.unwrap_or_else(|| plan.add(format!("{pre}.x_mid"), &[bt, d], stream, a));
     let mut keep = |name: &str, shape: &[usize], shared: Option<Tensor>| {
         shared.unwrap_or_else(|| plan.f32(format!("{pre}.{name}"), shape, a))
     };

@@ -332,7 +332,7 @@ impl Model {
         let x0 = lo.work.x.unwrap_or(lo.resid[0]);
         embed_forward(rt, x0, pout, pget("cls_token"), pget("pos_embed"), b, t, d)?;
         if lo.work.x.is_some() {
-            bf16_round(rt, lo.resid[0].slice(0, bt * d), x0.slice(0, bt * d))?;
+            bf16_round(rt, Some(lo.resid[0].slice(0, bt * d)), x0.slice(0, bt * d))?;
         }
 
         let heads = Heads { b, n: t, h: cfg.num_heads, hd: cfg.head_dim() };
@@ -341,10 +341,11 @@ impl Model {
             let sl = |buf: Tensor, width: usize| buf.slice(0, bt * width);
             // The block's input x, mid-block sum xm and output xo: the kept tensors themselves, or (bf16 storage)
             // fp32 scratch whose values are rounded to bf16 as they are kept, so the forward goes on with
-            // exactly what the backward will widen.
-            let (x, xm, xo) = match (lo.work.x, lo.work.xm) {
-                (Some(x), Some(xm)) => (sl(x, d), sl(xm, d), sl(x, d)),
-                _ => (sl(lo.resid[l], d), sl(ac.x_mid, d), sl(lo.resid[l + 1], d)),
+            // exactly what the backward will widen. At `Block` the mid-block sum is scratch (ac.x_mid), rounded
+            // alike under bf16 storage, so that every recompute level computes the same numbers.
+            let (x, xm, xo) = match lo.work.x {
+                Some(x) => (sl(x, d), sl(lo.work.xm.unwrap_or(ac.x_mid), d), sl(x, d)),
+                None => (sl(lo.resid[l], d), sl(ac.x_mid, d), sl(lo.resid[l + 1], d)),
             };
             let bf16 = lo.work.x.is_some();
             blk.norm1.forward(rt, sl(ac.ln1, d), ac.ln1_stats, x, cfg.eps)?;
@@ -361,7 +362,7 @@ impl Model {
             }
             residual(rt, xm, x, y, blk.ls1)?;
             if bf16 {
-                bf16_round(rt, sl(ac.x_mid, d), xm)?;
+                bf16_round(rt, lo.work.xm.map(|_| sl(ac.x_mid, d)), xm)?;
             }
             blk.norm2.forward(rt, sl(ac.ln2, d), ac.ln2_stats, xm, cfg.eps)?;
             lins.forward(&blk.fc1, sl(ac.fc1, cfg.mlp_hidden), sl(ac.ln2, d), bt)?;
@@ -373,7 +374,7 @@ impl Model {
             }
             residual(rt, xo, xm, y, blk.ls2)?;
             if bf16 {
-                bf16_round(rt, sl(lo.resid[l + 1], d), xo)?;
+                bf16_round(rt, Some(sl(lo.resid[l + 1], d)), xo)?;
             }
         }
         // Only the cls rows reach the loss: the final norm runs on them alone (LayerNorm is per row).
@@ -460,14 +461,41 @@ impl Model {
         let rc = lo.recompute;
         for (l, blk) in lo.blocks.iter().enumerate().rev() {
             let ac = &blk.acts;
-            // The kept block input and mid-block sum (bf16 storage: widened into fp32 scratch).
-            let (x_in, x_mid) = match (w.x, w.xm) {
-                (Some(x), Some(xm)) => {
+            // The kept block input (bf16 storage: widened into fp32 scratch).
+            let x_in = match w.x {
+                Some(x) => {
                     bf16_widen(rt, sl(x, d), sl(lo.resid[l], d))?;
-                    bf16_widen(rt, sl(xm, d), sl(ac.x_mid, d))?;
-                    (sl(x, d), sl(xm, d))
+                    sl(x, d)
                 }
-                _ => (sl(lo.resid[l], d), sl(ac.x_mid, d)),
+                None => sl(lo.resid[l], d),
+            };
+            let drop = |which: MaskStream| self.block_drop(l).map(|p| (p, self.step_seed(), which.id(l), t * d));
+            // The mid-block sum: kept (bf16 storage: widened into fp32 scratch), or at `Block` the attention half
+            // of the forward again, into ac.x_mid (the bits of the forward: the same ops on the same input).
+            let x_mid = if rc >= Recompute::Block {
+                blk.norm1.apply(rt, sl(ac.ln1, d), x_in, ac.ln1_stats)?;
+                lins.forward(&blk.qkv, sl(ac.qkv, 3 * d), sl(ac.ln1, d), bt)?;
+                for (c0, cb) in attention_chunks(b, w.attn_chunk) {
+                    let (hc, rows) = (Heads { b: cb, ..heads }, |x: Tensor, w: usize| x.slice(c0 * t * w, cb * t * w));
+                    let buf = w.attention(ac.probs.slice(0, cb * cfg.num_heads * t * t));
+                    attention_forward(rt, rows(ac.attn, d), rows(ac.qkv, 3 * d), &buf, hc)?;
+                }
+                let y = ac.proj_out.map(|out| sl(out, d)).unwrap_or(sl(w.dy, d));
+                lins.forward(&blk.proj, y, sl(ac.attn, d), bt)?;
+                if let Some((p, seed, stream, per_sample)) = drop(MaskStream::AttnResidual) {
+                    drop_path(rt, y, y, per_sample, p, seed, stream)?;
+                }
+                let xm = sl(ac.x_mid, d);
+                residual(rt, xm, x_in, y, blk.ls1)?;
+                if w.x.is_some() {
+                    bf16_round(rt, None, xm)?;
+                }
+                xm
+            } else if let Some(xm) = w.xm {
+                bf16_widen(rt, sl(xm, d), sl(ac.x_mid, d))?;
+                sl(xm, d)
+            } else {
+                sl(ac.x_mid, d)
             };
             // MLP: x_out = x_mid + ls2 ⊙ fc2(GELU(fc1(LN2(x_mid)))). First rebuild what was not kept.
             if rc >= Recompute::Norms {
@@ -479,7 +507,6 @@ impl Model {
             if rc >= Recompute::Norms {
                 gelu_forward(rt, sl(ac.gelu, f), sl(ac.fc1, f))?;
             }
-            let drop = |which: MaskStream| self.block_drop(l).map(|p| (p, self.step_seed(), which.id(l), t * d));
             let dy = residual_branch_backward(
                 rt,
                 sl(w.dy, d),

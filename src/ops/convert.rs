@@ -7,7 +7,7 @@
 use half::bf16;
 
 use crate::error::Result;
-use crate::runtime::cuda::{grid_1d, KArg};
+use crate::runtime::cuda::{grid_1d, DevPtr, KArg};
 use crate::runtime::{Backend, DType, Runtime, Tensor};
 
 /// dst = f32(src), exact.                                               dst: f32 (n), src: bf16 (n)
@@ -31,16 +31,21 @@ pub(crate) fn bf16_widen(rt: &Runtime, dst: Tensor, src: Tensor) -> Result<()> {
 }
 
 /// dst = bf16(x) (round to nearest even), and x = f32(dst) in place, so the fp32 values the forward goes on
-/// with are exactly the ones the backward will widen from dst.                 dst: bf16 (n), x: f32 (n)
-pub(crate) fn bf16_round(rt: &Runtime, dst: Tensor, x: Tensor) -> Result<()> {
-    assert!(dst.dtype == DType::BF16 && x.dtype == DType::F32, "bf16_round: dtypes {:?} <- {:?}", dst.dtype, x.dtype);
-    assert_eq!(dst.numel, x.numel);
+/// with are exactly the ones the backward will widen from dst. Without dst, x is only rounded in place (a
+/// checkpoint the backward recomputes instead of keeping, rounded as if it were kept).
+///                                                                             dst: bf16 (n), x: f32 (n)
+pub(crate) fn bf16_round(rt: &Runtime, dst: Option<Tensor>, x: Tensor) -> Result<()> {
+    assert!(x.dtype == DType::F32, "bf16_round: x is {:?}", x.dtype);
+    if let Some(dst) = dst {
+        assert!(dst.dtype == DType::BF16, "bf16_round: dst is {:?}", dst.dtype);
+        assert_eq!(dst.numel, x.numel);
+    }
     match &rt.backend {
-        Backend::Cpu => cpu::round(rt.bf16_mut(dst), rt.f32_mut(x)),
+        Backend::Cpu => cpu::round(dst.map(|d| rt.bf16_mut(d)), rt.f32_mut(x)),
         Backend::Cuda(c) => c.launch(
             "snella_bf16_round",
-            grid_1d(dst.numel, 256),
-            &[KArg::Ptr(rt.ptr(dst)), KArg::Ptr(rt.ptr(x)), KArg::I64(dst.numel as i64)],
+            grid_1d(x.numel, 256),
+            &[KArg::Ptr(dst.map_or(DevPtr::NULL, |d| rt.ptr(d))), KArg::Ptr(rt.ptr(x)), KArg::I64(x.numel as i64)],
         )?,
     }
     Ok(())
@@ -55,10 +60,19 @@ pub(crate) mod cpu {
         }
     }
 
-    pub fn round(dst: &mut [bf16], x: &mut [f32]) {
-        for (d, v) in dst.iter_mut().zip(x) {
-            *d = bf16::from_f32(*v);
-            *v = d.to_f32();
+    pub fn round(dst: Option<&mut [bf16]>, x: &mut [f32]) {
+        match dst {
+            Some(dst) => {
+                for (d, v) in dst.iter_mut().zip(x) {
+                    *d = bf16::from_f32(*v);
+                    *v = d.to_f32();
+                }
+            }
+            None => {
+                for v in x {
+                    *v = bf16::from_f32(*v).to_f32();
+                }
+            }
         }
     }
 }
@@ -149,7 +163,7 @@ mod tests {
         let want: Vec<u16> = x.iter().map(|&v| reference_round(v)).collect();
         let mut dst = vec![bf16::ZERO; x.len()];
         let orig = x.clone();
-        cpu::round(&mut dst, &mut x);
+        cpu::round(Some(&mut dst), &mut x);
         for (i, (&v, &w)) in orig.iter().zip(&want).enumerate() {
             assert_eq!(dst[i].to_bits(), w, "round({v:e} = {:#010x})", v.to_bits());
             assert_eq!(x[i].to_bits(), (w as u32) << 16, "x after round({v:e}) is the widened bf16");
@@ -174,7 +188,7 @@ mod tests {
             .map(f32::from_bits)
             .collect();
         let mut dst = vec![bf16::ZERO; x.len()];
-        cpu::round(&mut dst, &mut x);
+        cpu::round(Some(&mut dst), &mut x);
         assert!(dst.iter().all(|b| b.is_nan()) && x.iter().all(|v| v.is_nan()), "{dst:?} {x:?}");
         let mut w = vec![0f32; 2];
         cpu::widen(&mut w, &[bf16::from_bits(0x7F81), bf16::from_bits(0xFFC0)]);
@@ -212,7 +226,7 @@ mod tests {
         xv[0] = f32::from_bits(0x3F81_8000);
         rt.upload(x, &xv).unwrap();
         rt.fill_bytes(b, 0xFF).unwrap();
-        bf16_round(&rt, b, x).unwrap();
+        bf16_round(&rt, Some(b), x).unwrap();
         bf16_widen(&rt, y, b).unwrap();
         let (xr, yv, bv) = (rt.download(x).unwrap(), rt.download(y).unwrap(), rt.download(b).unwrap());
         for i in 0..n {
@@ -222,5 +236,9 @@ mod tests {
             assert_eq!(bv[i].to_bits(), want.to_bits(), "download of the bf16 tensor [{i}]");
         }
         assert_eq!(xr[0], f32::from_bits(0x3F82_0000));
+        // Without a bf16 tensor, x is rounded in place to the same values.
+        rt.upload(x, &xv).unwrap();
+        bf16_round(&rt, None, x).unwrap();
+        assert!(rt.download(x).unwrap().iter().zip(&xr).all(|(a, b)| a.to_bits() == b.to_bits()), "in place only");
     }
 }

@@ -56,7 +56,7 @@ pub(super) fn bf16_widen(cx: &mut Case) -> Result<()> {
     cx.compare_bits(&tw, dst)
 }
 
-/// dst = bf16(x) and x = f32(dst) in place.
+/// dst = bf16(x) and x = f32(dst) in place; then x alone, without dst.
 pub(super) fn bf16_round(cx: &mut Case) -> Result<()> {
     let n = BF16_ELEMENTS;
     let mut p = Plan::new();
@@ -66,9 +66,14 @@ pub(super) fn bf16_round(cx: &mut Case) -> Result<()> {
     let v = bf16_test_values(cx, n);
     tw.upload(x, &v)?;
     tw.poison(&[dst])?;
-    tw.run(|rt| op::bf16_round(rt, dst, x))?;
+    tw.run(|rt| op::bf16_round(rt, Some(dst), x))?;
     cx.compare(&tw, dst)?;
     cx.compare_bits(&tw, dst)?;
     cx.compare(&tw, x)?;
+    cx.compare_bits(&tw, x)?;
+    // Without dst (a recomputed checkpoint): x alone rounded in place, the same bits.
+    let v = bf16_test_values(cx, n);
+    tw.upload(x, &v)?;
+    tw.run(|rt| op::bf16_round(rt, None, x))?;
     cx.compare_bits(&tw, x)
 }
