@@ -97,13 +97,21 @@ impl Linears<'_> {
         if let (Some(drop), false) = (self.drop, lin.branches.is_empty()) {
             return self.unmerged_backward(lin, drop, dx, dy, x, rows);
         }
+        let grad = Grad { x, dy, rows };
         let w = if lin.branches.is_empty() {
             self.weight_f32(lin)?
+        } else if self.layout.branch_scratch[lin.scratch].grads_first {
+            // ∂L/∂M_s lives in W's buffer (`Recompute::Block`): every branch's factor gradients first, each
+            // with its own M, then W from a second merge.
+            for br in &lin.branches {
+                self.kernel_grads(lin, br, grad)?;
+            }
+            self.merge_with(lin, Pass::Rebuild, |_, _| Ok(()))?
         } else {
             // The forward's W again, with the thresholds its forward selected from the same factors (the
             // quantile select, 4 passes over M on CUDA, runs once per step instead of twice; same bits); each
             // branch's factor gradients are taken while its M is in scratch.
-            self.merge_with(lin, Some(Grad { x, dy, rows }), |_, _| Ok(()))?
+            self.merge_with(lin, Pass::Backward(grad), |_, _| Ok(()))?
         };
         if let Some(gw) = lin.w.grad {
             matmul(self.rt, gw, dy, x, Matmul::new(lin.n_out, lin.n_in, rows, true, false).accumulate())?;
@@ -140,19 +148,23 @@ impl Linears<'_> {
         lin: &Linear,
         after: impl FnMut(&Branch, Option<Tensor>) -> Result<()>,
     ) -> Result<Tensor> {
-        self.merge_with(lin, None, after)
+        self.merge_with(lin, Pass::Forward, after)
     }
 
-    /// W0 + Σ branch updates; returns W. In the forward (`grad` None) each sparse branch selects its threshold;
-    /// in the backward each branch's factor gradients are taken on the way (method.md §7), with the
-    /// threshold of this step's forward. Per kernel branch the one (in, out) buffer `m` holds, in turn:
-    /// M, M_s (sparsified in place once ∂L/∂M_s has been masked with it), then the merge backward's K and R_0.
+    /// W0 + Σ branch updates; returns W. In the forward each sparse branch selects its threshold; in the
+    /// backward each branch's factor gradients are taken on the way (method.md §7), with the threshold of
+    /// this step's forward. Per kernel branch the one (in, out) buffer `m` holds, in turn: M, M_s (sparsified
+    /// in place once ∂L/∂M_s has been masked with it), then the merge backward's K and R_0.
     fn merge_with(
         &self,
         lin: &Linear,
-        grad: Option<Grad>,
+        pass: Pass,
         mut after: impl FnMut(&Branch, Option<Tensor>) -> Result<()>,
     ) -> Result<Tensor> {
+        let grad = match pass {
+            Pass::Backward(g) => Some(g),
+            _ => None,
+        };
         let rt = self.rt;
         let sc = &self.layout.branch_scratch[lin.scratch];
         let w = sc.w.slice(0, lin.n_out * lin.n_in);
@@ -173,7 +185,7 @@ impl Linears<'_> {
                 }
                 BranchParams::Kernel { .. } => {
                     let dms = grad.map(|g| self.grad_ms(lin, br, sc, g.x, g.dy, g.rows)).transpose()?;
-                    let m = self.kernel_m(br, sc, grad.is_none())?;
+                    let m = self.kernel_m(br, sc, matches!(pass, Pass::Forward))?;
                     after(br, Some(m))?;
                     self.sparsify_in_place(br, m, dms)?;
                     add_frozen_transposed(rt, dst, w0, m, n_in, n_out)?;
@@ -184,6 +196,16 @@ impl Linears<'_> {
             }
         }
         Ok(w)
+    }
+
+    /// The factor gradients of one kernel branch (method.md §7), accumulated, without building W: ∂L/∂M_s,
+    /// masked with this step's M, through the merge backward.
+    fn kernel_grads(&self, lin: &Linear, br: &Branch, g: Grad) -> Result<()> {
+        let sc = &self.layout.branch_scratch[lin.scratch];
+        let dms = self.grad_ms(lin, br, sc, g.x, g.dy, g.rows)?;
+        let m = self.kernel_m(br, sc, false)?;
+        self.sparsify_in_place(br, m, Some(dms))?;
+        self.kernel_backward(br, sc, dms)
     }
 
     /// M of a kernel branch in its scratch; in the forward (`select`) a sparse branch also selects its
@@ -371,6 +393,15 @@ impl Linears<'_> {
         }
         Ok(())
     }
+}
+
+/// Which pass builds a merged W: the forward (a sparse branch selects its threshold), the backward (each
+/// branch's factor gradients taken on the way), or a rebuild after them (the forward's thresholds).
+#[derive(Clone, Copy)]
+enum Pass {
+    Forward,
+    Backward(Grad),
+    Rebuild,
 }
 
 /// What a Linear's backward differentiates with: its input x (rows, in) and output gradient dy (rows, out).

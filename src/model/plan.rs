@@ -195,10 +195,13 @@ pub(crate) struct BranchScratch {
     /// M (in, out) of one kernel branch, sparsified into M_s in place once its last use as M is over; the
     /// merge backward's K and R_0 then go in the same buffer (None for LoRA, which adds B·A into W directly).
     pub(crate) m: Option<Tensor>,
-    /// Kernel: ∂L/∂M_s (in, out), then ∂L/∂M in place. LoRA: x·Aᵀ and dy·B of one branch (2, rows, r).
+    /// Kernel: ∂L/∂M_s (in, out), then ∂L/∂M in place (at `Recompute::Block`, in W's buffer: see
+    /// `grads_first`). LoRA: x·Aᵀ and dy·B of one branch (2, rows, r).
     pub(crate) dms: Tensor,
     pub(crate) merge: Option<MergeScratch>,
     pub(crate) sparsify: Option<SparsifyScratch>,
+    /// `dms` is W's buffer: the backward takes every kernel branch's factor gradients first, then builds W.
+    pub(crate) grads_first: bool,
 }
 
 /// A block Linear: y = x·Wᵀ + b (+ branches).  w: (out, in)  b: (out)
@@ -373,7 +376,7 @@ pub(crate) fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, mem: Memory
     let mut plan = Plan::new();
     let (work, patches, recomputed) = plan_work(&mut plan, cfg, method, b, mem);
     let mut params = plan_params(&mut plan, cfg, method, precision);
-    let (branches, branch_scratch) = plan_branches(&mut plan, &mut params, cfg, method, bt);
+    let (branches, branch_scratch) = plan_branches(&mut plan, &mut params, cfg, method, bt, recompute);
 
     // Activations.
     let a = Pool::Activations;
@@ -544,6 +547,7 @@ fn plan_branches(
     cfg: &ViTConfig,
     method: &Method,
     bt: usize,
+    recompute: Recompute,
 ) -> (Vec<Branch>, Vec<BranchScratch>) {
     let (d, f) = (cfg.embed_dim, cfg.mlp_hidden);
     let mut branches = Vec::new();
@@ -594,19 +598,26 @@ fn plan_branches(
         let pre = format!("branch.scratch.{tag}");
         let s = Pool::Scratch;
         let w = plan.f32(format!("{pre}.W"), &[w_out, n_in], s);
+        let mut grads_first = false;
         let (m, dms, merge, sparsify) = match method {
             Method::Kernel(k) => {
                 // M, then M_s in place, then K and R_0 of the merge backward: one buffer (linear.rs says when
                 // each is live).
                 let m = plan.f32(format!("{pre}.M"), &[n_in, n_out], s);
-                let dms = plan.f32(format!("{pre}.dM_s"), &[n_in, n_out], s);
+                // At `Block` (merged branches only: the unmerged path holds W0 in W) the backward takes the factor
+                // gradients before it builds W, so ∂L/∂M_s goes in W's buffer, at the price of a second merge.
+                grads_first = recompute >= Recompute::Block && !k.regularised();
+                let dms = match grads_first {
+                    true => w.slice(0, n_in * n_out),
+                    false => plan.f32(format!("{pre}.dM_s"), &[n_in, n_out], s),
+                };
                 let merge = MergeScratch::plan_with_k(plan, &pre, n_in, n_out, k.r / 2, m); // r/2: half_rank
                 (Some(m), dms, Some(merge), k.sparse.then(|| SparsifyScratch::plan(plan, &pre, n_in * n_out)))
             }
             Method::Lora { r } => (None, plan.f32(format!("{pre}.lora_xa_dyb"), &[2, bt, *r], s), None, None),
             _ => unreachable!("only LoRA and the kernel family have branches"),
         };
-        branch_scratch.push(BranchScratch { w, m, dms, merge, sparsify });
+        branch_scratch.push(BranchScratch { w, m, dms, merge, sparsify, grads_first });
     }
     (branches, branch_scratch)
 }
