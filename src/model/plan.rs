@@ -451,39 +451,36 @@ fn plan_work(
     let regularised = matches!(method, Method::Kernel(k) if k.regularised());
     let chunk = if recompute >= Recompute::Attention { b.div_ceil(8) } else { b };
     let du_in_heads = recompute < Recompute::Norms;
-    let heads = plan.f32("work.heads", &[(4 * chunk * h * t * hd).max(if du_in_heads { bt * f } else { 0 })], s);
     let wide_a = plan.f32("work.wide_a", &[(bt * 3 * d).max(bt * f).max(patches_len)], s);
     let wide_b = (recompute >= Recompute::Block).then(|| plan.f32("work.wide_b", &[(bt * 3 * d).max(bt * f)], s));
-    let quarter = chunk * h * t * hd;
-    let work = Work {
-        dres: plan.f32("work.dres", &[bt, d], s),
-        dy: plan.f32("work.dy", &[bt, d], s),
-        dh: plan.f32("work.dh", &[bt, d], s),
-        dqkv: wide_a.slice(0, bt * 3 * d),
-        du: if du_in_heads { heads } else { wide_a }.slice(0, bt * f),
-        q: heads.slice(0, quarter),
-        k: heads.slice(quarter, quarter),
-        v: heads.slice(2 * quarter, quarter),
-        o: heads.slice(3 * quarter, quarter),
-        dscores: plan.f32("work.attn.dscores", &[chunk, h, t, t], s),
-        dtmp: plan.f32("work.attn.dtmp", &[chunk, h, t, hd], s),
-        attn_chunk: chunk,
-        reg_x: regularised.then(|| plan.f32("work.reg_x", &[bt, d.max(f)], s)),
-        reg_xb: regularised.then(|| plan.f32("work.reg_xb", &[bt, d.max(f)], s)),
-        x: bf16.then(|| plan.f32("work.x", &[bt, d], s)),
-        // The mid-block sum needs its own fp32 buffer only while it is kept (below `Block` it is recomputed in
-        // the shared work.recompute.attn).
-        xm: (bf16 && recompute < Recompute::Block).then(|| plan.f32("work.xm", &[bt, d], s)),
-        w0: (bf16 && !full && !method.has_branches()).then(|| plan.f32("work.w0", &[(3 * d * d).max(f * d)], s)),
-        dfeat: plan.f32("work.dfeat", &[b, d], s),
-        dcls: plan.f32("work.dcls", &[b, d], s),
-        dlogits: plan.f32("work.dlogits", &[b, v], s),
-        colsum: plan.f32(
-            "work.colsum",
-            &[partials_len(bt, d, 2).max(partials_len(bt, (3 * d).max(f), 1)).max(partials_len(b, v, 1))],
-            s,
-        ),
+    // The attention's own scratch (q|k|v|o, the probabilities' gradient, and from `Attention` on the
+    // probabilities): from `Attention` on nothing in it outlives the attention, so it takes a scope of its own,
+    // aliasing the branches' merge scratch (no Linear runs inside an attention call; the backward recomputes
+    // every chunk it differentiates). Below, the kept probabilities or ∂L/∂u share its lifetime with a Linear.
+    let scoped = recompute >= Recompute::Attention;
+    let attention_scratch = |plan: &mut Plan| {
+        let heads = plan.f32("work.heads", &[(4 * chunk * h * t * hd).max(if du_in_heads { bt * f } else { 0 })], s);
+        let dscores = plan.f32("work.attn.dscores", &[chunk, h, t, t], s);
+        let dtmp = plan.f32("work.attn.dtmp", &[chunk, h, t, hd], s);
+        let probs = scoped.then(|| plan.f32("work.recompute.probs", &[chunk, h, t, t], s));
+        (heads, dscores, dtmp, probs)
     };
+    let early = (!scoped).then(|| attention_scratch(plan));
+    let dres = plan.f32("work.dres", &[bt, d], s);
+    let dy = plan.f32("work.dy", &[bt, d], s);
+    let dh = plan.f32("work.dh", &[bt, d], s);
+    let reg_x = regularised.then(|| plan.f32("work.reg_x", &[bt, d.max(f)], s));
+    let reg_xb = regularised.then(|| plan.f32("work.reg_xb", &[bt, d.max(f)], s));
+    let x = bf16.then(|| plan.f32("work.x", &[bt, d], s));
+    // The mid-block sum needs its own fp32 buffer only while it is kept (at `Block` it is recomputed in the
+    // shared work.recompute.attn).
+    let xm = (bf16 && recompute < Recompute::Block).then(|| plan.f32("work.xm", &[bt, d], s));
+    let w0 = (bf16 && !full && !method.has_branches()).then(|| plan.f32("work.w0", &[(3 * d * d).max(f * d)], s));
+    let dfeat = plan.f32("work.dfeat", &[b, d], s);
+    let dcls = plan.f32("work.dcls", &[b, d], s);
+    let dlogits = plan.f32("work.dlogits", &[b, v], s);
+    let colsum_len = partials_len(bt, d, 2).max(partials_len(bt, (3 * d).max(f), 1)).max(partials_len(b, v, 1));
+    let colsum = plan.f32("work.colsum", &[colsum_len], s);
     let patches = if full {
         plan.f32("act.patches", &[b * np, cfg.patch_dim()], Pool::Activations)
     } else {
@@ -494,8 +491,36 @@ fn plan_work(
     };
     let ln = shared(Recompute::Norms, "ln", &[bt, d]);
     let gelu = (recompute >= Recompute::Norms).then(|| wide_a.slice(0, bt * f));
-    let probs = shared(Recompute::Attention, "probs", &[chunk, h, t, t]);
     let attn = shared(Recompute::Attention, "attn", &[bt, d]);
+    // Scope 0 ends here; the attention's scope, when it has one, is the first of the others.
+    let (heads, dscores, dtmp, probs) = early.unwrap_or_else(|| {
+        plan.scope();
+        attention_scratch(plan)
+    });
+    let quarter = chunk * h * t * hd;
+    let work = Work {
+        dres,
+        dy,
+        dh,
+        dqkv: wide_a.slice(0, bt * 3 * d),
+        du: if du_in_heads { heads } else { wide_a }.slice(0, bt * f),
+        q: heads.slice(0, quarter),
+        k: heads.slice(quarter, quarter),
+        v: heads.slice(2 * quarter, quarter),
+        o: heads.slice(3 * quarter, quarter),
+        dscores,
+        dtmp,
+        attn_chunk: chunk,
+        reg_x,
+        reg_xb,
+        x,
+        xm,
+        w0,
+        dfeat,
+        dcls,
+        dlogits,
+        colsum,
+    };
     let recomputed = Recomputed {
         ln,
         gelu,

@@ -534,8 +534,7 @@ impl Model {
             let probs = |cb: usize| w.attention(ac.probs.slice(0, cb * cfg.num_heads * t * t));
             let rows = |x: Tensor, width: usize, c0: usize, cb: usize| x.slice(c0 * t * width, cb * t * width);
             if rc >= Recompute::Attention {
-                // Rebuilds the merged output (the proj input), and q, k, v and the probabilities of the last
-                // chunk, in scratch.
+                // Rebuilds the merged heads (the proj input) in scratch.
                 for &(c0, cb) in &chunks {
                     let (hc, buf) = (Heads { b: cb, ..heads }, probs(cb));
                     attention_forward(rt, rows(ac.attn, d, c0, cb), rows(qkv, 3 * d, c0, cb), &buf, hc)?;
@@ -558,11 +557,11 @@ impl Model {
             )?;
             lins.backward(&blk.proj, dh, dy, sl(ac.attn, d), bt)?;
             let dqkv = sl(w.dqkv, 3 * d);
-            // The last chunk first: the scratch still holds its q, k, v and probabilities.
-            for (i, &(c0, cb)) in chunks.iter().enumerate().rev() {
+            for &(c0, cb) in chunks.iter().rev() {
                 let (hc, buf) = (Heads { b: cb, ..heads }, probs(cb));
-                if i + 1 < chunks.len() {
-                    // This chunk's q, k, v and probabilities again.
+                if rc >= Recompute::Attention {
+                    // This chunk's q, k, v and probabilities again: their scratch is the merge scratch that the
+                    // proj backward used in between (`plan_work`).
                     attention_forward(rt, rows(ac.attn, d, c0, cb), rows(qkv, 3 * d, c0, cb), &buf, hc)?;
                 }
                 let (dscores, dtmp) = (w.dscores.slice(0, cb * cfg.num_heads * t * t), w.dtmp.slice(0, cb * t * d));
