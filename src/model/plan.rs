@@ -270,9 +270,8 @@ pub(crate) struct Block {
 pub(crate) struct Work {
     /// ∂L/∂ residual stream, running from the head down.  (BT, D)
     pub(crate) dres: Tensor,
-    /// A Linear output or its gradient.                    (BT, D)
-    pub(crate) dy: Tensor,
-    /// Input gradient of a Linear.                          (BT, D)
+    /// A Linear output (forward: proj, fc2, the patch projection), the input gradient of a Linear, or the MLP
+    /// branch's output gradient (the attention branch's goes in `dqkv`'s buffer).   (BT, D)
     pub(crate) dh: Tensor,
     pub(crate) dqkv: Tensor,
     /// (BT, F): ∂L/∂(GELU output), then ∂L/∂(fc1 output) in place.
@@ -442,7 +441,8 @@ fn plan_work(
     //  - `heads` holds q|k|v|o of one attention chunk (forward, and backward's attention part), and, when the
     //    GELU output is kept per layer (`Recompute::None`), ∂L/∂u during the backward's MLP part, which ends
     //    before the attention part starts;
-    //  - `wide_a` holds ∂L/∂qkv (attention part of the backward), the recomputed GELU output (forward MLP and
+    //  - `wide_a` holds ∂L/∂(proj output) and then ∂L/∂qkv (attention part of the backward), the recomputed GELU
+    //    output (forward MLP and
     //    backward MLP part) and then ∂L/∂u in its place (fc2's backward reads its input before it writes its
     //    input gradient, and GELU's backward reads the fc1 output), and the patches before block 0 when the
     //    patch embedding is frozen;
@@ -467,7 +467,6 @@ fn plan_work(
     };
     let early = (!scoped).then(|| attention_scratch(plan));
     let dres = plan.f32("work.dres", &[bt, d], s);
-    let dy = plan.f32("work.dy", &[bt, d], s);
     let dh = plan.f32("work.dh", &[bt, d], s);
     let reg_x = regularised.then(|| plan.f32("work.reg_x", &[bt, d.max(f)], s));
     let reg_xb = regularised.then(|| plan.f32("work.reg_xb", &[bt, d.max(f)], s));
@@ -500,7 +499,6 @@ fn plan_work(
     let quarter = chunk * h * t * hd;
     let work = Work {
         dres,
-        dy,
         dh,
         dqkv: wide_a.slice(0, bt * 3 * d),
         du: if du_in_heads { heads } else { wide_a }.slice(0, bt * f),

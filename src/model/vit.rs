@@ -318,8 +318,8 @@ impl Model {
         // Patch embedding: patchify + GEMM + bias, then cls token and position table.
         let g = PatchGeom { b, c: cfg.in_chans, h: cfg.img_size.0, w: cfg.img_size.1, p: cfg.patch_size };
         patchify(rt, lo.patches, lo.images, g)?;
-        // The patch projection (B·Np, D) goes through work.dy, free until block 0's proj.
-        let pout = lo.work.dy.slice(0, b * np * d);
+        // The patch projection (B·Np, D) goes through work.dh, which the forward uses only for Linear outputs.
+        let pout = lo.work.dh.slice(0, b * np * d);
         matmul(
             rt,
             pout,
@@ -355,7 +355,7 @@ impl Model {
                 let buf = lo.work.attention(ac.probs.slice(0, cb * cfg.num_heads * t * t));
                 attention_forward(rt, rows(ac.attn, d), rows(ac.qkv, 3 * d), &buf, hc)?;
             }
-            let y = ac.proj_out.map(|out| sl(out, d)).unwrap_or(sl(lo.work.dy, d));
+            let y = ac.proj_out.map(|out| sl(out, d)).unwrap_or(sl(lo.work.dh, d));
             lins.forward(&blk.proj, y, sl(ac.attn, d), bt)?;
             if let Some(p) = self.block_drop(l) {
                 drop_path(rt, y, y, t * d, p, self.step_seed(), MaskStream::AttnResidual.id(l))?;
@@ -367,7 +367,7 @@ impl Model {
             blk.norm2.forward(rt, sl(ac.ln2, d), ac.ln2_stats, xm, cfg.eps)?;
             lins.forward(&blk.fc1, sl(ac.fc1, cfg.mlp_hidden), sl(ac.ln2, d), bt)?;
             gelu_forward(rt, sl(ac.gelu, cfg.mlp_hidden), sl(ac.fc1, cfg.mlp_hidden))?;
-            let y = ac.fc2_out.map(|out| sl(out, d)).unwrap_or(sl(lo.work.dy, d));
+            let y = ac.fc2_out.map(|out| sl(out, d)).unwrap_or(sl(lo.work.dh, d));
             lins.forward(&blk.fc2, y, sl(ac.gelu, cfg.mlp_hidden), bt)?;
             if let Some(p) = self.block_drop(l) {
                 drop_path(rt, y, y, t * d, p, self.step_seed(), MaskStream::MlpResidual.id(l))?;
@@ -480,7 +480,7 @@ impl Model {
                     let buf = w.attention(ac.probs.slice(0, cb * cfg.num_heads * t * t));
                     attention_forward(rt, rows(ac.attn, d), rows(ac.qkv, 3 * d), &buf, hc)?;
                 }
-                let y = ac.proj_out.map(|out| sl(out, d)).unwrap_or(sl(w.dy, d));
+                let y = ac.proj_out.map(|out| sl(out, d)).unwrap_or(sl(w.dh, d));
                 lins.forward(&blk.proj, y, sl(ac.attn, d), bt)?;
                 if let Some((p, seed, stream, per_sample)) = drop(MaskStream::AttnResidual) {
                     drop_path(rt, y, y, per_sample, p, seed, stream)?;
@@ -509,7 +509,7 @@ impl Model {
             }
             let dy = residual_branch_backward(
                 rt,
-                sl(w.dy, d),
+                sl(w.dh, d), // free until fc1's backward writes its input gradient there
                 dres,
                 blk.ls2,
                 ac.fc2_out.map(|out| sl(out, d)),
@@ -548,7 +548,7 @@ impl Model {
             }
             let dy = residual_branch_backward(
                 rt,
-                sl(w.dy, d),
+                w.dqkv.slice(0, bt * d), // free until the attention backward writes ∂L/∂qkv there
                 dres,
                 blk.ls1,
                 ac.proj_out.map(|out| sl(out, d)),
@@ -573,8 +573,8 @@ impl Model {
         // Embedding: cls token, position table and (full fine-tuning) the patch projection.
         let (cls, pos, pw, pb) =
             (p("cls_token"), p("pos_embed"), p("patch_embed.proj.weight"), p("patch_embed.proj.bias"));
-        // ∂L/∂(patch projection) (B·Np, D) goes through work.dy, free once block 0 is done.
-        let dpatch = pw.grad.map(|_| w.dy.slice(0, b * np * d));
+        // ∂L/∂(patch projection) (B·Np, D) goes through work.dh, free once block 0 is done.
+        let dpatch = pw.grad.map(|_| w.dh.slice(0, b * np * d));
         embed_backward(rt, cls.grad, pos.grad, dpatch, dres, b, t, d)?;
         if let (Some(dp), Some(gw)) = (dpatch, pw.grad) {
             matmul(rt, gw, dp, lo.patches, Matmul::new(d, cfg.patch_dim(), b * np, true, false).accumulate())?;
