@@ -492,7 +492,7 @@ fn memory(a: MemoryArgs) -> Result<()> {
     let mut rows = Vec::new();
     for &precision in &a.precision {
         for &recompute in &a.recompute {
-            let memory = MemoryOptions { recompute, precision };
+            let memory = MemoryOptions::for_training(recompute, precision);
             rows.extend(mem::memory_rows_at(
                 &a.models,
                 &methods,
@@ -650,7 +650,7 @@ fn bench(a: BenchArgs) -> Result<()> {
                 model,
                 method,
                 a.batch,
-                MemoryOptions { recompute: a.recompute, precision: a.precision },
+                MemoryOptions::for_training(a.recompute, a.precision),
                 Backend::new(device)?,
                 a.gemm,
                 a.warmup,

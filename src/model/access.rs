@@ -44,10 +44,20 @@ impl Model {
     /// ∂loss/∂parameter from the last [`Model::backward`] (same shape as the parameter).
     ///
     /// # Errors
-    /// No parameter of that name, or a frozen one (it has no gradient).
+    /// No parameter of that name, a frozen one (it has no gradient), or a branch factor under the fused update
+    /// ([`MemoryOptions::fused_update`]).
     pub fn get_grad(&self, name: &str) -> Result<Vec<f32>> {
         let p = self.param(name)?;
         let g = p.grad.ok_or_else(|| Error::invalid("parameter", format!("'{name}' is frozen and has no gradient")))?;
+        if g.pool == Pool::Scratch {
+            return Err(Error::invalid(
+                "parameter",
+                format!(
+                    "'{name}' is a branch factor of a model planned with the fused update \
+                     (MemoryOptions::fused_update): its gradient lives only inside backward_step"
+                ),
+            ));
+        }
         self.rt.download(g)
     }
 
@@ -191,7 +201,11 @@ impl Model {
 
     /// What the backward recomputes and how the backbone is stored.
     pub fn memory_options(&self) -> MemoryOptions {
-        MemoryOptions { recompute: self.layout.recompute, precision: self.layout.precision }
+        MemoryOptions {
+            recompute: self.layout.recompute,
+            precision: self.layout.precision,
+            fused_update: self.layout.fused_update,
+        }
     }
 
     /// The planned batch size: a step takes 1 to this many images.

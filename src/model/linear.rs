@@ -12,9 +12,11 @@
 use crate::error::Result;
 use crate::model::config::Position;
 use crate::model::plan::{Branch, BranchParams, BranchScratch, Layout, Linear};
+use crate::ops::adamw::{adamw, AdamWStep};
 use crate::ops::add::{add_bias, axpy, bias_backward, scale_copy};
 use crate::ops::convert::bf16_widen;
 use crate::ops::dropout::{drop_path, dropout};
+use crate::ops::importance::{importance_update, EmaBetas};
 use crate::ops::kmerge::{merge_backward, merge_forward, Factors};
 use crate::ops::matmul::{matmul, Matmul};
 use crate::ops::sparsify::{add_transposed, sparsify_apply, sparsify_backward, sparsify_select};
@@ -78,6 +80,19 @@ pub(crate) struct Linears<'a> {
     /// Kept sets that replace |M| > t, by `Branch::id`: empty in every real run (test support, see
     /// `Model::replay_masks`).
     pub(crate) replayed: &'a [Option<Vec<bool>>],
+    /// The fused update of a `Model::backward_step` on a model planned with it: each Linear's backward ends
+    /// with its branches' AdamW step (and allocator EMAs).
+    pub(crate) update: Option<FusedUpdate>,
+}
+
+/// The branch factors' update that a Linear's backward runs once their gradients are complete (the fused
+/// update, `MemoryOptions::fused_update`): AdamW at step `t`, then the allocator's EMAs when `ema` is set.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FusedUpdate {
+    pub(crate) lr: f64,
+    pub(crate) weight_decay: f64,
+    pub(crate) t: u64,
+    pub(crate) ema: Option<EmaBetas>,
 }
 
 impl Linears<'_> {
@@ -92,8 +107,43 @@ impl Linears<'_> {
     }
 
     /// Backward: dx = dy·W (overwrites dx, after the last read of x: dx may be x's buffer); the gradients of
-    /// W0 and b (when they train) and of the branch factors accumulated.  dy: (rows, out)  x, dx: (rows, in)
+    /// W0 and b (when they train) and of the branch factors accumulated. Under the fused update the branch
+    /// gradients are this Linear's slots of the merge scratch: zeroed first, and used by the update at the end.
+    ///                                                                  dy: (rows, out)  x, dx: (rows, in)
     pub(crate) fn backward(&self, lin: &Linear, dx: Tensor, dy: Tensor, x: Tensor, rows: usize) -> Result<()> {
+        let fused = self.layout.fused_update && !lin.branches.is_empty();
+        if fused {
+            for p in lin.branches.iter().flat_map(|br| br.params.trainables()) {
+                self.rt.zero(p.grad.expect("branch factors train"))?;
+            }
+        }
+        self.backward_pass(lin, dx, dy, x, rows)?;
+        match (fused, self.update) {
+            (true, Some(u)) => self.update_branches(lin, u),
+            _ => Ok(()),
+        }
+    }
+
+    /// The fused update of a Linear's branches: the same AdamW step as `Model::adamw_step` and the same EMA
+    /// update as `Allocator::update`, on this Linear's factors only (both are element-wise).
+    fn update_branches(&self, lin: &Linear, u: FusedUpdate) -> Result<()> {
+        for br in &lin.branches {
+            for p in br.params.trainables() {
+                let st = AdamWStep::torch(u.lr, if p.decay { u.weight_decay } else { 0.0 }, u.t);
+                let g = p.grad.expect("branch factors train");
+                adamw(self.rt, p.value, g, p.m.expect("trainable: AdamW m"), p.v.expect("trainable: AdamW v"), st)?;
+            }
+            if let (Some(b), BranchParams::Kernel { in_qs, out_qs, ema: Some(ema), .. }) = (u.ema, &br.params) {
+                for (p, e) in [(in_qs, &ema[0]), (out_qs, &ema[1])] {
+                    let g = p.grad.expect("branch factors train");
+                    importance_update(self.rt, e.ipt, e.unc, p.value, g, b.beta1, b.beta2)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn backward_pass(&self, lin: &Linear, dx: Tensor, dy: Tensor, x: Tensor, rows: usize) -> Result<()> {
         if let (Some(drop), false) = (self.drop, lin.branches.is_empty()) {
             return self.unmerged_backward(lin, drop, dx, dy, x, rows);
         }

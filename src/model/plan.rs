@@ -61,19 +61,43 @@ impl Precision {
     }
 }
 
-/// The memory knobs of a model: what the backward recomputes and how the backbone is stored. A bare
-/// [`Recompute`] converts into options with fp32 storage.
+/// The memory knobs of a model: what the backward recomputes, how the backbone is stored, and where the
+/// branch factors are updated. A bare [`Recompute`] converts into options with fp32 storage and the update
+/// after the backward.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemoryOptions {
     /// What the backward recomputes instead of keeping.
     pub recompute: Recompute,
     /// Storage precision of the frozen weights and the residual stream.
     pub precision: Precision,
+    /// The branch factors' AdamW step (and the SNELLA allocator's EMA update) runs inside the backward, one
+    /// Linear at a time, as soon as that Linear's factor gradients are complete ([`Model::backward_step`]):
+    /// their gradients then need one Linear's room, planned in its merge scratch, instead of a buffer for
+    /// every factor. The numbers are the same bits as [`Model::backward`], [`Model::adamw_step`] and
+    /// [`Allocator::update`] in turn (the update is element-wise and there is no gradient clipping); the
+    /// price is that the branch gradients cannot be read ([`Model::get_grad`]). Methods without branches
+    /// ignore it.
+    ///
+    /// [`Model::backward_step`]: crate::model::Model::backward_step
+    /// [`Model::backward`]: crate::model::Model::backward
+    /// [`Model::adamw_step`]: crate::model::Model::adamw_step
+    /// [`Model::get_grad`]: crate::model::Model::get_grad
+    /// [`Allocator::update`]: crate::peft::allocator::Allocator::update
+    pub fused_update: bool,
+}
+
+impl MemoryOptions {
+    /// The options a training run uses at `recompute` and `precision`: at [`Recompute::Block`], the level
+    /// for the least memory, the branch factors are also updated inside the backward (`fused_update`);
+    /// below it, after (where the gradients stay readable and the step is the library's plain cycle).
+    pub fn for_training(recompute: Recompute, precision: Precision) -> MemoryOptions {
+        MemoryOptions { recompute, precision, fused_update: recompute >= Recompute::Block }
+    }
 }
 
 impl From<Recompute> for MemoryOptions {
     fn from(recompute: Recompute) -> MemoryOptions {
-        MemoryOptions { recompute, precision: Precision::Fp32 }
+        MemoryOptions { recompute, precision: Precision::Fp32, fused_update: false }
     }
 }
 
@@ -98,8 +122,20 @@ pub(crate) struct Params {
 }
 
 impl Params {
-    fn add(&mut self, plan: &mut Plan, name: &str, shape: &[usize], trainable: bool) -> Param {
-        self.add_stored(plan, name, shape, trainable, DType::F32)
+    /// A trainable branch factor whose gradient is `grad` (a slot of the merge scratch, under the fused
+    /// update) or, when None, a tensor of its own in the gradient pool.
+    fn add_factor(&mut self, plan: &mut Plan, name: &str, shape: &[usize], grad: Option<Tensor>) -> Param {
+        let Some(grad) = grad else { return self.add_stored(plan, name, shape, true, DType::F32) };
+        assert_eq!(grad.numel, shape.iter().product::<usize>(), "{name}: gradient slot size");
+        let p = Param {
+            value: plan.f32(name, shape, Pool::Trainable),
+            grad: Some(grad),
+            m: Some(plan.f32(format!("adamw.m.{name}"), shape, Pool::Optimizer)),
+            v: Some(plan.f32(format!("adamw.v.{name}"), shape, Pool::Optimizer)),
+            decay: decays(name, shape),
+            mask: None,
+        };
+        self.push(name, p)
     }
 
     /// A parameter whose frozen value is stored as `frozen_dtype` (trainable ones are always fp32 masters).
@@ -124,6 +160,10 @@ impl Params {
             let value = plan.add(name, shape, frozen_dtype, Pool::Frozen);
             Param { value, grad: None, m: None, v: None, decay: false, mask: None }
         };
+        self.push(name, p)
+    }
+
+    fn push(&mut self, name: &str, p: Param) -> Param {
         self.index.insert(name.to_string(), self.list.len());
         self.names.push(name.to_string());
         self.list.push(p);
@@ -157,6 +197,20 @@ pub(crate) enum BranchParams {
         half_rank: usize,
         ema: Option<[FactorEma; 2]>,
     },
+}
+
+impl BranchParams {
+    /// The branch's trainable parameters, plan order.
+    pub(crate) fn trainables(&self) -> Vec<Param> {
+        match *self {
+            BranchParams::Lora { a, b, .. } => vec![a, b],
+            BranchParams::Kernel { in_qs, out_qs, mix, .. } => {
+                let mut v = vec![in_qs, out_qs];
+                v.extend(mix.into_iter().flatten());
+                v
+            }
+        }
+    }
 }
 
 /// The allocator's EMAs of one factor tensor, shaped like it: importance Ī and uncertainty Ū.
@@ -339,6 +393,8 @@ pub(crate) struct Layout {
     pub(crate) branches: Vec<Branch>,
     pub(crate) recompute: Recompute,
     pub(crate) precision: Precision,
+    /// The branch factors are updated inside the backward; their gradients are slots of the merge scratch.
+    pub(crate) fused_update: bool,
 }
 
 /// Buffers of the activations that the backward recomputes instead of keeping: one for all layers, each
@@ -358,7 +414,7 @@ struct Recomputed {
 /// Plans every tensor of a training step of `cfg` under `method` at batch `b`, keeping activations as
 /// `mem.recompute` says and storing them as `mem.precision` says.
 pub(crate) fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, mem: MemoryOptions) -> Result<(Plan, Layout)> {
-    let MemoryOptions { recompute, precision } = mem;
+    let MemoryOptions { recompute, precision, fused_update } = mem;
     cfg.validate()?;
     method.validate()?;
     if b == 0 {
@@ -375,7 +431,7 @@ pub(crate) fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, mem: Memory
     let mut plan = Plan::new();
     let (work, patches, recomputed) = plan_work(&mut plan, cfg, method, b, mem);
     let mut params = plan_params(&mut plan, cfg, method, precision);
-    let (branches, branch_scratch) = plan_branches(&mut plan, &mut params, cfg, method, bt, recompute);
+    let (branches, branch_scratch) = plan_branches(&mut plan, &mut params, cfg, method, bt, mem);
 
     // Activations.
     let a = Pool::Activations;
@@ -418,6 +474,7 @@ pub(crate) fn plan_model(cfg: &ViTConfig, method: &Method, b: usize, mem: Memory
         branches,
         recompute,
         precision,
+        fused_update: fused_update && method.has_branches(),
     };
     Ok((plan, layout))
 }
@@ -563,14 +620,16 @@ fn plan_params(plan: &mut Plan, cfg: &ViTConfig, method: &Method, precision: Pre
 
 /// The branches of the method, in the official module order (q, k, v, proj, fc1, fc2 per block), with their
 /// trainable factors, and the scratch they are merged in: one scope per Linear shape, aliasing each other
-/// (one Linear runs at a time). `bt`: the rows of a Linear's input (B·T).
+/// (one Linear runs at a time). `bt`: the rows of a Linear's input (B·T). Under the fused update the factor
+/// gradients of one Linear live in its shape's scope too (one slot per branch: q, k, v on qkv), since they
+/// are complete, used and dead within that Linear's backward.
 fn plan_branches(
     plan: &mut Plan,
     params: &mut Params,
     cfg: &ViTConfig,
     method: &Method,
     bt: usize,
-    recompute: Recompute,
+    mem: MemoryOptions,
 ) -> (Vec<Branch>, Vec<BranchScratch>) {
     let (d, f) = (cfg.embed_dim, cfg.mlp_hidden);
     let mut branches = Vec::new();
@@ -578,28 +637,86 @@ fn plan_branches(
     if !method.has_branches() {
         return (branches, branch_scratch);
     }
+    // The trainable leaves of one branch of an (n_in → n_out) Linear, in plan order.
+    let leaves = |n_in: usize, n_out: usize| -> Vec<(&'static str, Vec<usize>)> {
+        match method {
+            Method::Lora { r } => vec![("A", vec![*r, n_in]), ("B", vec![n_out, *r])],
+            Method::Kernel(k) => {
+                let mut v = vec![("In_Qs", vec![2, n_in, k.r / 2]), ("Out_Qs", vec![2, n_out, k.r / 2])];
+                if k.mixture {
+                    v.extend(["alpha", "gamma", "beta"].map(|leaf| (leaf, vec![1])));
+                }
+                v
+            }
+            _ => unreachable!("only LoRA and the kernel family have branches"),
+        }
+    };
+    // (tag, in, out of one branch, out of the whole Linear, branches per Linear); `Linear::scratch` indexes it.
+    let shape_scopes: [(&str, usize, usize, usize, usize); 3] =
+        [("attn", d, d, 3 * d, 3), ("fc1", d, f, f, 1), ("fc2", f, d, d, 1)];
+    // Per scope, per slot, the gradient of each leaf (fused update only).
+    let mut slots: Vec<Vec<Vec<Tensor>>> = Vec::new();
+    for (tag, n_in, n_out, w_out, per_linear) in shape_scopes {
+        plan.scope();
+        let pre = format!("branch.scratch.{tag}");
+        let s = Pool::Scratch;
+        let w = plan.f32(format!("{pre}.W"), &[w_out, n_in], s);
+        let mut grads_first = false;
+        let (m, dms, merge, sparsify) = match method {
+            Method::Kernel(k) => {
+                // M, then M_s in place, then K and R_0 of the merge backward: one buffer (linear.rs says when
+                // each is live).
+                let m = plan.f32(format!("{pre}.M"), &[n_in, n_out], s);
+                // At `Block` (merged branches only: the unmerged path holds W0 in W) the backward takes the factor
+                // gradients before it builds W, so ∂L/∂M_s goes in W's buffer, at the price of a second merge.
+                grads_first = mem.recompute >= Recompute::Block && !k.regularised();
+                let dms = match grads_first {
+                    true => w.slice(0, n_in * n_out),
+                    false => plan.f32(format!("{pre}.dM_s"), &[n_in, n_out], s),
+                };
+                let merge = MergeScratch::plan_with_k(plan, &pre, n_in, n_out, k.r / 2, m); // r/2: half_rank
+                (Some(m), dms, Some(merge), k.sparse.then(|| SparsifyScratch::plan(plan, &pre, n_in * n_out)))
+            }
+            Method::Lora { r } => (None, plan.f32(format!("{pre}.lora_xa_dyb"), &[2, bt, *r], s), None, None),
+            _ => unreachable!("only LoRA and the kernel family have branches"),
+        };
+        branch_scratch.push(BranchScratch { w, m, dms, merge, sparsify, grads_first });
+        let slot = |i: usize| {
+            leaves(n_in, n_out)
+                .iter()
+                .map(|(leaf, shape)| plan.f32(format!("{pre}.grad{i}.{leaf}"), shape, s))
+                .collect()
+        };
+        slots.push(if mem.fused_update { (0..per_linear).map(slot).collect() } else { Vec::new() });
+    }
     for blk in 0..cfg.depth {
         for pos in Position::ALL {
             let (n_in, n_out) = cfg.linear_shape(pos);
             let prefix = pos.branch_prefix(blk);
-            let row0 = match pos {
-                Position::K => d,
-                Position::V => 2 * d,
-                _ => 0,
+            let (row0, scope, slot) = match pos {
+                Position::Q => (0, 0, 0),
+                Position::K => (d, 0, 1),
+                Position::V => (2 * d, 0, 2),
+                Position::Proj => (0, 0, 0),
+                Position::Fc1 => (0, 1, 0),
+                Position::Fc2 => (0, 2, 0),
             };
+            let mut factors = leaves(n_in, n_out)
+                .into_iter()
+                .enumerate()
+                .map(|(i, (leaf, shape))| {
+                    let grad = slots[scope].get(slot).map(|g| g[i]);
+                    params.add_factor(plan, &format!("{prefix}.{leaf}"), &shape, grad)
+                })
+                .collect::<Vec<_>>()
+                .into_iter();
+            let mut next = || factors.next().expect("one Param per leaf");
             let bp = match method {
-                Method::Lora { r } => BranchParams::Lora {
-                    a: params.add(plan, &format!("{prefix}.A"), &[*r, n_in], true),
-                    b: params.add(plan, &format!("{prefix}.B"), &[n_out, *r], true),
-                    r: *r,
-                },
+                Method::Lora { r } => BranchParams::Lora { a: next(), b: next(), r: *r },
                 Method::Kernel(k) => {
                     let half_rank = k.r / 2;
-                    let in_qs = params.add(plan, &format!("{prefix}.In_Qs"), &[2, n_in, half_rank], true);
-                    let out_qs = params.add(plan, &format!("{prefix}.Out_Qs"), &[2, n_out, half_rank], true);
-                    let mix = k.mixture.then(|| {
-                        ["alpha", "gamma", "beta"].map(|leaf| params.add(plan, &format!("{prefix}.{leaf}"), &[1], true))
-                    });
+                    let (in_qs, out_qs) = (next(), next());
+                    let mix = k.mixture.then(|| [next(), next(), next()]);
                     let ema = (k.sparse && k.allocator).then(|| {
                         let mut ema = |leaf: &str, n: usize| FactorEma {
                             ipt: plan.f32(format!("alloc.ipt.{prefix}.{leaf}"), &[2, n, half_rank], Pool::Optimizer),
@@ -614,33 +731,6 @@ fn plan_branches(
             let id = branches.len();
             branches.push(Branch { prefix, block: blk, pos, id, row0, n_in, n_out, params: bp });
         }
-    }
-    let shape_scopes: [(&str, usize, usize, usize); 3] = [("attn", d, d, 3 * d), ("fc1", d, f, f), ("fc2", f, d, d)];
-    for (tag, n_in, n_out, w_out) in shape_scopes {
-        plan.scope();
-        let pre = format!("branch.scratch.{tag}");
-        let s = Pool::Scratch;
-        let w = plan.f32(format!("{pre}.W"), &[w_out, n_in], s);
-        let mut grads_first = false;
-        let (m, dms, merge, sparsify) = match method {
-            Method::Kernel(k) => {
-                // M, then M_s in place, then K and R_0 of the merge backward: one buffer (linear.rs says when
-                // each is live).
-                let m = plan.f32(format!("{pre}.M"), &[n_in, n_out], s);
-                // At `Block` (merged branches only: the unmerged path holds W0 in W) the backward takes the factor
-                // gradients before it builds W, so ∂L/∂M_s goes in W's buffer, at the price of a second merge.
-                grads_first = recompute >= Recompute::Block && !k.regularised();
-                let dms = match grads_first {
-                    true => w.slice(0, n_in * n_out),
-                    false => plan.f32(format!("{pre}.dM_s"), &[n_in, n_out], s),
-                };
-                let merge = MergeScratch::plan_with_k(plan, &pre, n_in, n_out, k.r / 2, m); // r/2: half_rank
-                (Some(m), dms, Some(merge), k.sparse.then(|| SparsifyScratch::plan(plan, &pre, n_in * n_out)))
-            }
-            Method::Lora { r } => (None, plan.f32(format!("{pre}.lora_xa_dyb"), &[2, bt, *r], s), None, None),
-            _ => unreachable!("only LoRA and the kernel family have branches"),
-        };
-        branch_scratch.push(BranchScratch { w, m, dms, merge, sparsify, grads_first });
     }
     (branches, branch_scratch)
 }

@@ -9,7 +9,7 @@
 use crate::error::{Error, Result};
 use crate::model::access::ParamsSet;
 use crate::model::config::ViTConfig;
-use crate::model::linear::{BranchDrop, Linears, MaskStream};
+use crate::model::linear::{BranchDrop, FusedUpdate, Linears, MaskStream};
 use crate::model::plan::{plan_model, LayerNorm, Layout, MemoryOptions, NormStats, Param, Recompute};
 use crate::ops::adamw::{adamw, AdamWStep};
 use crate::ops::add::{add_bias, axpy, bias_backward, mul_cols, mul_cols_backward_gamma, scale_copy};
@@ -18,6 +18,7 @@ use crate::ops::convert::{bf16_round, bf16_widen};
 use crate::ops::dropout::drop_path;
 use crate::ops::embed::{cls_gather, cls_scatter, embed_backward, embed_forward, patchify, PatchGeom};
 use crate::ops::gelu::{gelu_backward, gelu_forward};
+use crate::ops::importance::{importance_update, EmaBetas};
 use crate::ops::layernorm::{layernorm_apply, layernorm_backward, layernorm_forward};
 use crate::ops::loss::cross_entropy;
 use crate::ops::mask::mask_grad;
@@ -408,6 +409,7 @@ impl Model {
             drop,
             tokens: self.cfg.tokens(),
             replayed: &self.replayed_masks,
+            update: None,
         }
     }
 
@@ -421,15 +423,70 @@ impl Model {
     /// [`Model::get_grad`].
     ///
     /// # Errors
-    /// No forward on the current batch; device failures.
+    /// No forward on the current batch; a model planned with the fused update
+    /// ([`MemoryOptions::fused_update`]: its step is [`Model::backward_step`]); device failures.
     pub fn backward(&mut self) -> Result<()> {
+        self.refuse_fused("backward")?;
+        self.run_backward(None)
+    }
+
+    /// One training step after the forward: the backward, AdamW on the trainable set (as
+    /// [`Model::adamw_step`]) and, with `ema` (SNELLA's allocator: [`Allocator::betas`]), the allocator's EMA
+    /// update (as [`Allocator::update`]). On a model planned with [`MemoryOptions::fused_update`] the branch
+    /// factors are updated inside the backward, one Linear at a time, with the same bits; elsewhere it is the
+    /// three calls in turn. This is the step `snella train` runs.
+    ///
+    /// [`Allocator::betas`]: crate::peft::allocator::Allocator::betas
+    /// [`Allocator::update`]: crate::peft::allocator::Allocator::update
+    ///
+    /// # Errors
+    /// As [`Model::backward`] and [`Model::adamw_step`]; `Invalid { option: "allocator" }` for `ema` on a
+    /// model without allocator state.
+    pub fn backward_step(&mut self, lr: f64, weight_decay: f64, ema: Option<EmaBetas>) -> Result<()> {
+        check_hyper(lr, weight_decay)?;
+        if ema.is_some() && self.allocator_factors().is_none_or(|f| f.is_empty()) {
+            return Err(Error::invalid(
+                "allocator",
+                format!("method {} has no sparse kernel branches with allocator state", self.method.name()),
+            ));
+        }
+        if !self.layout.fused_update {
+            self.backward()?;
+            self.adamw_step(lr, weight_decay)?;
+            if let Some(b) = ema {
+                for f in self.allocator_factors().into_iter().flatten().flatten() {
+                    importance_update(&self.rt, f.ipt, f.unc, f.value, f.grad, b.beta1, b.beta2)?;
+                }
+            }
+            return Ok(());
+        }
+        self.run_backward(Some(FusedUpdate { lr, weight_decay, t: self.step + 1, ema }))?;
+        self.fresh_grads = false;
+        self.step += 1;
+        self.adamw_params(lr, weight_decay)
+    }
+
+    /// Refuses `what` on a model planned with the fused update, whose branch gradients do not outlive the
+    /// backward.
+    fn refuse_fused(&self, what: &str) -> Result<()> {
+        if self.layout.fused_update {
+            return Err(Error::invalid(
+                what,
+                "this model updates its branch factors inside the backward (MemoryOptions::fused_update): \
+                 call backward_step",
+            ));
+        }
+        Ok(())
+    }
+
+    fn run_backward(&mut self, update: Option<FusedUpdate>) -> Result<()> {
         if !self.forward_done {
             return Err(Error::invalid("backward", "no forward on the current batch (call forward first)"));
         }
         let b = self.require_batch()?;
         self.fresh_grads = false; // the gradients are overwritten from here on: only a completed backward counts
         let (rt, lo, cfg) = (&self.rt, &self.layout, &self.cfg);
-        let lins = self.linears();
+        let lins = Linears { update, ..self.linears() };
         let (d, f, t, v) = (cfg.embed_dim, cfg.mlp_hidden, cfg.tokens(), cfg.num_classes);
         let bt = b * t;
         let np = cfg.num_patches();
@@ -595,12 +652,8 @@ impl Model {
     /// A learning rate or weight decay that is negative or not finite; no [`Model::backward`] since the last
     /// step (`Invalid { option: "adamw_step" }`: its gradients were used already); device failures.
     pub fn adamw_step(&mut self, lr: f64, weight_decay: f64) -> Result<()> {
-        if !(lr.is_finite() && lr >= 0.0) {
-            return Err(Error::invalid("learning rate", format!("{lr} is not a finite number >= 0")));
-        }
-        if !(weight_decay.is_finite() && weight_decay >= 0.0) {
-            return Err(Error::invalid("weight decay", format!("{weight_decay} is not a finite number >= 0")));
-        }
+        check_hyper(lr, weight_decay)?;
+        self.refuse_fused("adamw_step")?;
         if !self.fresh_grads {
             let why = if self.step == 0 { "no backward has run yet" } else { "no backward since the last step" };
             return Err(Error::invalid(
@@ -610,23 +663,36 @@ impl Model {
         }
         self.fresh_grads = false;
         self.step += 1;
+        self.adamw_params(lr, weight_decay)
+    }
+
+    /// AdamW at step `self.step` on every trainable parameter whose gradient is in the gradient pool (all of
+    /// them, but the branch factors under the fused update, which their Linear's backward stepped).
+    fn adamw_params(&self, lr: f64, weight_decay: f64) -> Result<()> {
         for (_, p) in self.layout.params.trainable() {
             let g = p.grad.expect("trainable parameters have gradients");
+            if g.pool == Pool::Scratch {
+                continue;
+            }
             if let Some(mask) = p.mask {
                 mask_grad(&self.rt, g, mask)?;
             }
-            let st = AdamWStep {
-                lr,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: if p.decay { weight_decay } else { 0.0 },
-                t: self.step,
-            };
+            let st = AdamWStep::torch(lr, if p.decay { weight_decay } else { 0.0 }, self.step);
             adamw(&self.rt, p.value, g, p.m.expect("trainable: AdamW m"), p.v.expect("trainable: AdamW v"), st)?;
         }
         Ok(())
     }
+}
+
+/// Refuses a learning rate or weight decay that is negative or not finite.
+fn check_hyper(lr: f64, weight_decay: f64) -> Result<()> {
+    if !(lr.is_finite() && lr >= 0.0) {
+        return Err(Error::invalid("learning rate", format!("{lr} is not a finite number >= 0")));
+    }
+    if !(weight_decay.is_finite() && weight_decay >= 0.0) {
+        return Err(Error::invalid("weight decay", format!("{weight_decay} is not a finite number >= 0")));
+    }
+    Ok(())
 }
 
 /// What [`Model::evaluate`] measured.

@@ -17,6 +17,12 @@ pub struct AdamWStep {
 }
 
 impl AdamWStep {
+    /// The training step's AdamW (torch's defaults β = 0.9, 0.999, ε = 1e-8, as the official recipe) at step
+    /// `t`, with decoupled decay `weight_decay` (0 for a tensor that does not decay).
+    pub fn torch(lr: f64, weight_decay: f64, t: u64) -> AdamWStep {
+        AdamWStep { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, t }
+    }
+
     /// The f32 scalars the kernel uses, rounded from double as torch rounds its Python scalars:
     /// (1 − lr·wd, 1 − β1, β2, 1 − β2, lr / bc1, sqrt(bc2), eps).
     fn scalars(&self) -> [f32; 7] {

@@ -4,6 +4,15 @@ use crate::error::Result;
 use crate::runtime::cuda::{grid_1d, KArg};
 use crate::runtime::{Backend, Runtime, Tensor};
 
+/// The allocator's EMA rates: β1 of the importance Ī, β2 of the uncertainty Ū (method.md §8).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EmaBetas {
+    /// Rate of the importance EMA Ī (the recipe: 0.85).
+    pub beta1: f64,
+    /// Rate of the uncertainty EMA Ū (the recipe: 0.85).
+    pub beta2: f64,
+}
+
 /// I = |p·g| (NaN → 0);  Ī = β1·Ī + (1−β1)·I;  Ū = β2·Ū + (1−β2)·|I − Ī| (with the new Ī).
 /// Each product and sum is rounded separately (no fused multiply-add), as PyTorch's tensor-scalar ops do.
 /// ipt, unc, p, g: (n)

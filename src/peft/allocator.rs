@@ -31,6 +31,7 @@
 //! ```
 use crate::error::{Error, Result};
 use crate::model::{Model, TrackedFactor};
+pub use crate::ops::importance::EmaBetas;
 use crate::ops::importance::{importance_sum, importance_update};
 
 /// The knobs of the allocator, with the released scripts' values as defaults. The schedule's lengths count
@@ -187,12 +188,24 @@ impl Allocator {
         (v, epoch.is_multiple_of(c.mask_interval))
     }
 
+    /// The EMA rates, for [`Model::backward_step`] (which runs the EMA update itself).
+    pub fn betas(&self) -> EmaBetas {
+        EmaBetas { beta1: self.cfg.beta1, beta2: self.cfg.beta2 }
+    }
+
     /// The EMA update (method.md §8), after every optimizer step, from the updated parameters and that step's
     /// gradients.
     ///
     /// # Errors
     /// `Invalid { option: "allocator" }` when `model` is not the model it was built for; a failed device op.
     pub fn update(&self, model: &Model) -> Result<()> {
+        if model.memory_options().fused_update {
+            return Err(Error::invalid(
+                "allocator",
+                "this model updates the EMAs inside the backward (MemoryOptions::fused_update): pass \
+                 Allocator::betas to Model::backward_step instead of calling update",
+            ));
+        }
         for factors in self.factors_of(model)? {
             for f in factors {
                 importance_update(&model.rt, f.ipt, f.unc, f.value, f.grad, self.cfg.beta1, self.cfg.beta2)?;

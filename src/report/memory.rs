@@ -55,6 +55,8 @@ pub struct MemoryRow {
     pub measured_mib: Option<f64>,
     /// What the backward recomputes instead of keeping.
     pub recompute: Recompute,
+    /// The branch factors are updated inside the backward ([`MemoryOptions::fused_update`]).
+    pub fused_update: bool,
     /// Input resolution (pixels, square).
     pub resolution: usize,
 }
@@ -114,6 +116,7 @@ pub fn memory_rows_at(
                 ratio_to_paper: paper.map(|p| total_mib / p),
                 measured_mib: None,
                 recompute: memory.recompute,
+                fused_update: memory.fused_update && method.has_branches(),
                 resolution: cfg.img_size.0,
             });
         }
@@ -347,7 +350,7 @@ pub fn measure(
     let mut cfg = ViTConfig::by_name(&row.model, num_classes)?;
     cfg.img_size = (row.resolution, row.resolution);
     let method = Method::parse(&row.method, sparsity)?;
-    let memory = MemoryOptions { recompute: row.recompute, precision: row.precision };
+    let memory = MemoryOptions { recompute: row.recompute, precision: row.precision, fused_update: row.fused_update };
     let mut model = crate::model::Model::new(backend, &cfg, method, row.batch, memory)?;
     model.init_branches(0)?; // α = γ = 1: zero factors would make the mixture 0/0 (the backbone may stay 0)
     model.waive_params_check(); // bytes, not values: the zero backbone may step here
@@ -357,8 +360,7 @@ pub fn measure(
     model.set_batch(&images, &labels)?;
     for _ in 0..steps {
         model.forward()?;
-        model.backward()?;
-        model.adamw_step(1e-4, 0.05)?;
+        model.backward_step(1e-4, 0.05, None)?;
     }
     model.rt.sync()?;
     let touched: usize = model.rt.pool_report().iter().map(|(_, u)| u.peak).sum();

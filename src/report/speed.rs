@@ -126,11 +126,7 @@ pub fn step_speed(
     let run = |model: &mut Model, n: usize| -> Result<()> {
         for _ in 0..n {
             model.forward()?;
-            model.backward()?;
-            model.adamw_step(1e-4, 0.05)?;
-            if let Some(a) = &alloc {
-                a.update(model)?;
-            }
+            model.backward_step(1e-4, 0.05, alloc.as_ref().map(Allocator::betas))?;
         }
         model.rt.sync()
     };

@@ -11,7 +11,7 @@ use crate::runtime::Backend;
 
 /// bf16 storage at a recompute level.
 pub(super) fn bf16(recompute: Recompute) -> MemoryOptions {
-    MemoryOptions { recompute, precision: crate::model::Precision::Bf16 }
+    MemoryOptions { recompute, precision: crate::model::Precision::Bf16, fused_update: false }
 }
 
 /// Three training steps of a golden case on the CPU and on the device, compared tensor by tensor.

@@ -783,12 +783,13 @@ impl TrainConfig {
         self.precision.parse()
     }
 
-    /// The memory options of the model: recompute level and storage precision.
+    /// The memory options of the model: recompute level and storage precision, and at `block` the branch
+    /// factors updated inside the backward ([`MemoryOptions::for_training`]).
     ///
     /// # Errors
     /// As [`TrainConfig::recompute`] and [`TrainConfig::precision`].
     pub fn memory(&self) -> Result<MemoryOptions> {
-        Ok(MemoryOptions { recompute: self.recompute()?, precision: self.precision()? })
+        Ok(MemoryOptions::for_training(self.recompute()?, self.precision()?))
     }
 
     /// The recompute level.

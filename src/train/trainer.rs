@@ -6,7 +6,8 @@
 //!  2. SNELLA: `allocator.begin(e)` before the epoch's first batch: when the schedule says so, the per-layer
 //!     ratios are reallocated from the EMA scores for the epoch's budget;
 //!  3. for every batch (order and augmentation fixed by `(seed, e)`): `set_batch`, `forward` (the loss must
-//!     be finite, else the run stops), `backward`, `adamw_step(lr, weight_decay)`, `allocator.update`;
+//!     be finite, else the run stops), `backward_step(lr, weight_decay, allocator's EMA rates)`: the backward,
+//!     AdamW and the allocator's EMA update (at recompute `block`, the branch factors' part inside the backward);
 //!  4. evaluation on the test split (every `eval_every` epochs and at the last), one JSON line in
 //!     `<out_dir>/metrics.jsonl`, a checkpoint in `<out_dir>/checkpoint.safetensors`, then (evaluated epochs)
 //!     the pictures of the run, `<out_dir>/curves.{png,svg}` and, for SNELL/SNELLA, `allocation.{png,svg}`.
@@ -596,11 +597,7 @@ impl Trainer {
                     return Err(self.nan_error("loss", epoch, self.state.global_step + 1));
                 }
                 let right = top1_correct(&self.model.logits()?, &batch.labels, v);
-                self.model.backward()?;
-                self.model.adamw_step(lr, c.weight_decay)?;
-                if let Some(a) = &self.allocator {
-                    a.update(&self.model)?;
-                }
+                self.model.backward_step(lr, c.weight_decay, self.allocator.as_ref().map(Allocator::betas))?;
                 let s = &mut self.state;
                 s.step_in_epoch = bi + 1;
                 s.global_step += 1;
