@@ -60,7 +60,7 @@ fn step(c: &mut Criterion) {
         let cfg = bench_config(model_name);
         for (method_name, &precision) in methods.iter().flat_map(|m| precisions.iter().map(move |p| (m, p))) {
             let method = Method::parse(method_name, 0.5).expect("method");
-            let memory = MemoryOptions { recompute, precision };
+            let memory = MemoryOptions::for_training(recompute, precision);
             let case = format!("{model_name}/{method_name}/{}/b{batch}", precision.name());
             let backend = Backend::new(device).expect("backend");
             let mut model = match Model::new(backend, &cfg, method, batch, memory) {
@@ -87,11 +87,7 @@ fn step(c: &mut Criterion) {
                     let timer = StepTimer::start(&model).unwrap();
                     for _ in 0..iters {
                         model.forward().unwrap();
-                        model.backward().unwrap();
-                        model.adamw_step(1e-4, 0.05).unwrap();
-                        if let Some(a) = &alloc {
-                            a.update(&model).unwrap();
-                        }
+                        model.backward_step(1e-4, 0.05, alloc.as_ref().map(Allocator::betas)).unwrap();
                     }
                     timer.stop(&model).unwrap()
                 })

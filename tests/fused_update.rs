@@ -18,7 +18,7 @@ fn options(recompute: Recompute, precision: Precision, fused_update: bool) -> Me
 
 fn model(method: &Method, memory: MemoryOptions) -> Model {
     let cfg = tiny_layer_scale();
-    let mut m = Model::new(Backend::Cpu, &cfg, method.clone(), B, memory).unwrap();
+    let mut m = Model::new(Backend::Cpu, &cfg, *method, B, memory).unwrap();
     deterministic_params(&m);
     m.set_block_drop_path(0.1).unwrap();
     m
@@ -49,7 +49,7 @@ fn allocator(m: &Model, method: &Method) -> Option<Allocator> {
 
 fn methods() -> Vec<(&'static str, Method)> {
     let snella = Method::parse("snella8", 0.5).unwrap();
-    let Method::Kernel(k) = snella.clone() else { unreachable!() };
+    let Method::Kernel(k) = snella else { unreachable!() };
     vec![
         ("snella8", snella),
         ("snell8", Method::parse("snell8", 0.5).unwrap()),

@@ -12,7 +12,7 @@ use snella::{mib, DType, Pool};
 const METHODS: [&str; 8] = ["full", "linear", "gps", "lora8", "snell8", "snella8", "mixk8", "snella8-reg"];
 
 fn bf16(recompute: Recompute) -> MemoryOptions {
-    MemoryOptions { recompute, precision: Precision::Bf16 }
+    MemoryOptions { recompute, precision: Precision::Bf16, fused_update: false }
 }
 
 /// Deterministic weights (LayerNorm scales and α, γ at 1), the same for every precision. `snella8-reg`:
