@@ -301,3 +301,44 @@ fn bf16_storage_run() {
     bad.precision = "bf17".into();
     assert!(Trainer::new(bad).is_err());
 }
+
+/// Recompute `block` trains with the fused update (the branch factors stepped inside the backward); the run
+/// must be the same bits as one at `attention`, which steps after it: the same metrics, trainable values,
+/// AdamW moments and allocator EMAs.
+#[test]
+fn a_block_run_fuses_the_update_with_the_same_bits() {
+    let (dir, weights, data) = fixture(40, 16);
+    let run = |recompute: &str| {
+        let out = dir.path().join(format!("run-{recompute}"));
+        let mut cfg = recipe(&weights, &data, &out, "snella8", 2);
+        cfg.recompute = recompute.into();
+        let mut t = Trainer::new(cfg).unwrap();
+        assert!(t.run(false).unwrap().completed);
+        (t, read_metrics(&out.join("metrics.jsonl")))
+    };
+    let (tb, mb) = run("block");
+    let (ta, ma) = run("attention");
+    assert!(tb.model.memory_options().fused_update && !ta.model.memory_options().fused_update);
+    for (a, b) in ma.iter().zip(&mb) {
+        assert_eq!(
+            (a.train_loss, a.test_loss, a.test_acc),
+            (b.train_loss, b.test_loss, b.test_acc),
+            "epoch {}",
+            a.epoch
+        );
+    }
+    let state = |t: &Trainer| -> Vec<(String, Vec<f32>)> {
+        let names = t
+            .model
+            .plan()
+            .tensors()
+            .iter()
+            .filter(|s| matches!(s.pool, snella::Pool::Trainable | snella::Pool::Optimizer));
+        names.map(|s| (s.name.clone(), t.model.read_tensor(&s.name).unwrap())).collect()
+    };
+    let (sa, sb) = (state(&ta), state(&tb));
+    assert_eq!(sa.len(), sb.len());
+    for ((n, a), (_, b)) in sa.iter().zip(&sb) {
+        assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{n} differs between the runs");
+    }
+}

@@ -178,6 +178,7 @@ pub(crate) fn checks() -> Vec<Check> {
         Check { name: "model_snella_tiny", tol: 1e-4, run: |cx| model::step(cx, "snella_tiny", Recompute::Attention) },
         Check { name: "model_snella_tiny_keep_all", tol: 1e-4, run: |cx| model::step(cx, "snella_tiny", Recompute::None) },
         Check { name: "model_snella_tiny_recompute_block", tol: 1e-4, run: |cx| model::step(cx, "snella_tiny", Recompute::Block) },
+        Check { name: "model_snella_tiny_fused_update", tol: 1e-4, run: model::step_fused },
         Check { name: "model_snella_d96_r16", tol: 1e-4, run: |cx| model::step(cx, "snella_d96_r16", Recompute::Attention) },
         Check { name: "model_snella_dinov2_ls", tol: 1e-4, run: |cx| model::step(cx, "snella_dinov2_ls", Recompute::Attention) },
         Check { name: "model_snell_tiny", tol: 1e-4, run: |cx| model::step(cx, "snell_tiny", Recompute::Attention) },

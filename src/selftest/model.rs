@@ -75,6 +75,49 @@ pub(super) fn step(cx: &mut Case, case: &str, memory: impl Into<MemoryOptions>) 
     dev.rt.sync()
 }
 
+/// Three steps of snella_tiny at `Block`: the CPU through the plain cycle (backward, adamw_step,
+/// Allocator::update), the device with the fused update (`backward_step`, the branch factors stepped inside
+/// the backward); losses, parameters and allocator scores compared.
+pub(super) fn step_fused(cx: &mut Case) -> Result<()> {
+    let g = GoldenCase::load(&golden_dir(), "snella_tiny")?;
+    let plain = MemoryOptions::from(Recompute::Block);
+    let mut cpu = g.build_model(Backend::Cpu, plain)?;
+    let mut dev = g.build_model(Backend::new(cx.dev)?, MemoryOptions { fused_update: true, ..plain })?;
+    let alloc = match cpu.method() {
+        Method::Kernel(k) if k.allocator => Some(Allocator::new(&cpu, AllocatorConfig::default())?),
+        _ => None,
+    };
+    let (lr, wd, steps) = (1e-3, 0.05, 3);
+    for step in 0..steps {
+        let (lc, ld) = (cpu.forward()?, dev.forward()?);
+        cx.compare_values(format!("step{step}.loss"), &[lc], &[ld], None);
+        cpu.backward()?;
+        cpu.adamw_step(lr, wd)?;
+        if let Some(a) = &alloc {
+            a.update(&cpu)?;
+        }
+        dev.backward_step(lr, wd, alloc.as_ref().map(Allocator::betas))?;
+    }
+    for n in g.trainable() {
+        let (want, got) = (cpu.get_param(&n)?, dev.get_param(&n)?);
+        if g.noise_ranges(&n).is_empty() {
+            cx.compare_adamw(format!("param.{n} after {steps} steps"), &want, &got, lr, steps);
+        } else {
+            let abs = 2.0 * lr * steps as f64;
+            cx.compare_values(
+                format!("param.{n} after {steps} steps (noise)"),
+                &want,
+                &got,
+                Some(abs / scale_of(&want)),
+            );
+        }
+    }
+    if let Some(a) = &alloc {
+        cx.compare_values("allocator scores", &a.scores(&cpu)?, &a.scores(&dev)?, None);
+    }
+    dev.rt.sync()
+}
+
 /// [`step`] of snella_tiny with branch dropout 0.1, branch drop-path 0.1 and block drop-path 0.1.
 pub(super) fn step_dropout(cx: &mut Case) -> Result<()> {
     let g = GoldenCase::load(&golden_dir(), "snella_tiny")?;
