@@ -79,7 +79,8 @@ struct MemoryArgs {
     #[arg(long)]
     rank: Option<usize>,
     /// Recompute levels to tabulate (comma-separated): none (keep every activation, as the paper's
-    /// PyTorch code), norms, attention, block (only the residual stream is kept).
+    /// PyTorch code), norms, attention, block (only each block's input is kept, and the branch factors are
+    /// updated inside the backward, as `snella train --recompute block` does).
     #[arg(long, value_delimiter = ',', value_enum, default_value = "none,block")]
     recompute: Vec<Recompute>,
     /// Fraction of entries zeroed per layer for SNELL/SNELLA (does not change memory).
@@ -525,6 +526,12 @@ fn memory(a: MemoryArgs) -> Result<()> {
         Some(d) => println!("Measured: device memory above the baseline after 2 training steps on {}.", d.name()),
     }
     print!("{}", mem::table(&rows));
+    if rows.iter().any(|r| r.fused_update) {
+        println!(
+            "At block the branch factors are updated inside the backward, as `snella train --recompute block` runs \
+             (the fused update): their gradients are one Linear's slots in scratch, not a grads buffer."
+        );
+    }
     if measure.is_some() {
         // The plan's claim: every device byte of a step comes from the pools.
         let off: Vec<String> = rows

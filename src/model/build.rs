@@ -122,6 +122,13 @@ impl ModelBuilder {
         self
     }
 
+    /// Update the branch factors inside the backward ([`MemoryOptions::fused_update`]; the step is then
+    /// [`Model::backward_step`]). Default off: the gradients stay readable.
+    pub fn fused_update(mut self, on: bool) -> ModelBuilder {
+        self.memory.fused_update = on;
+        self
+    }
+
     /// The device to open (default [`Device::auto`]: a GPU when one is usable, else the CPU).
     pub fn device(mut self, d: Device) -> ModelBuilder {
         self.target = Target::Device(d);

@@ -30,7 +30,10 @@ pub enum Recompute {
     /// Also the attention probabilities and output, from the saved q|k|v (one batched GEMM pair + softmax).
     #[default]
     Attention,
-    /// Also the qkv and fc1 projections (re-running those Linears): only the residual stream is kept.
+    /// Also the qkv and fc1 projections (re-running those Linears) and the mid-block sum (re-running the
+    /// attention half): only each block's input is kept. Each Linear's factor gradients are taken before its
+    /// merged weight is built (one more merge per branch), so ∂L/∂M_s needs no buffer of its own. Training
+    /// at this level also fuses the branch update into the backward ([`MemoryOptions::for_training`]).
     Block,
 }
 
