@@ -336,7 +336,6 @@ impl Model {
             bf16_round(rt, Some(lo.resid[0].slice(0, bt * d)), x0.slice(0, bt * d))?;
         }
 
-        let heads = Heads { b, n: t, h: cfg.num_heads, hd: cfg.head_dim() };
         for (l, blk) in lo.blocks.iter().enumerate() {
             let ac = &blk.acts;
             let sl = |buf: Tensor, width: usize| buf.slice(0, bt * width);
@@ -350,17 +349,7 @@ impl Model {
             };
             let bf16 = lo.work.x.is_some();
             blk.norm1.forward(rt, sl(ac.ln1, d), ac.ln1_stats, x, cfg.eps)?;
-            lins.forward(&blk.qkv, sl(ac.qkv, 3 * d), sl(ac.ln1, d), bt)?;
-            for (c0, cb) in attention_chunks(b, lo.work.attn_chunk) {
-                let (hc, rows) = (Heads { b: cb, ..heads }, |x: Tensor, w: usize| x.slice(c0 * t * w, cb * t * w));
-                let buf = lo.work.attention(ac.probs.slice(0, cb * cfg.num_heads * t * t));
-                attention_forward(rt, rows(ac.attn, d), rows(ac.qkv, 3 * d), &buf, hc)?;
-            }
-            let y = ac.proj_out.map(|out| sl(out, d)).unwrap_or(sl(lo.work.dh, d));
-            lins.forward(&blk.proj, y, sl(ac.attn, d), bt)?;
-            if let Some(p) = self.block_drop(l) {
-                drop_path(rt, y, y, t * d, p, self.step_seed(), MaskStream::AttnResidual.id(l))?;
-            }
+            let y = self.attention_branch(&lins, l, b)?;
             residual(rt, xm, x, y, blk.ls1)?;
             if bf16 {
                 bf16_round(rt, lo.work.xm.map(|_| sl(ac.x_mid, d)), xm)?;
@@ -385,6 +374,28 @@ impl Model {
         let logits = lo.logits.slice(0, b * v);
         matmul(rt, logits, feats, pget("head.weight"), Matmul::new(b, v, d, false, true))?;
         add_bias(rt, logits, pget("head.bias"))
+    }
+
+    /// Block `l`'s attention branch on its LN1 output (ac.ln1, rows of `b` images): qkv, the attention in
+    /// chunks, proj and the block's drop-path; returns the branch output y, in ac.proj_out when LayerScale
+    /// trains, else in work.dh. The forward runs it, and at `Block` the backward again for the mid-block sum.
+    fn attention_branch(&self, lins: &Linears, l: usize, b: usize) -> Result<Tensor> {
+        let (rt, lo, cfg) = (&self.rt, &self.layout, &self.cfg);
+        let (blk, (d, t)) = (&lo.blocks[l], (cfg.embed_dim, cfg.tokens()));
+        let (ac, bt) = (&blk.acts, b * t);
+        let heads = Heads { b, n: t, h: cfg.num_heads, hd: cfg.head_dim() };
+        lins.forward(&blk.qkv, ac.qkv.slice(0, bt * 3 * d), ac.ln1.slice(0, bt * d), bt)?;
+        for (c0, cb) in attention_chunks(b, lo.work.attn_chunk) {
+            let (hc, rows) = (Heads { b: cb, ..heads }, |x: Tensor, w: usize| x.slice(c0 * t * w, cb * t * w));
+            let buf = lo.work.attention(ac.probs.slice(0, cb * cfg.num_heads * t * t));
+            attention_forward(rt, rows(ac.attn, d), rows(ac.qkv, 3 * d), &buf, hc)?;
+        }
+        let y = ac.proj_out.unwrap_or(lo.work.dh).slice(0, bt * d);
+        lins.forward(&blk.proj, y, ac.attn.slice(0, bt * d), bt)?;
+        if let Some(p) = self.block_drop(l) {
+            drop_path(rt, y, y, t * d, p, self.step_seed(), MaskStream::AttnResidual.id(l))?;
+        }
+        Ok(y)
     }
 
     /// Seed of this step's masks (the AdamW step count moves on after the backward, so forward and backward
@@ -531,17 +542,7 @@ impl Model {
             // of the forward again, into ac.x_mid (the bits of the forward: the same ops on the same input).
             let x_mid = if rc >= Recompute::Block {
                 blk.norm1.apply(rt, sl(ac.ln1, d), x_in, ac.ln1_stats)?;
-                lins.forward(&blk.qkv, sl(ac.qkv, 3 * d), sl(ac.ln1, d), bt)?;
-                for (c0, cb) in attention_chunks(b, w.attn_chunk) {
-                    let (hc, rows) = (Heads { b: cb, ..heads }, |x: Tensor, w: usize| x.slice(c0 * t * w, cb * t * w));
-                    let buf = w.attention(ac.probs.slice(0, cb * cfg.num_heads * t * t));
-                    attention_forward(rt, rows(ac.attn, d), rows(ac.qkv, 3 * d), &buf, hc)?;
-                }
-                let y = ac.proj_out.map(|out| sl(out, d)).unwrap_or(sl(w.dh, d));
-                lins.forward(&blk.proj, y, sl(ac.attn, d), bt)?;
-                if let Some((p, seed, stream, per_sample)) = drop(MaskStream::AttnResidual) {
-                    drop_path(rt, y, y, per_sample, p, seed, stream)?;
-                }
+                let y = self.attention_branch(&lins, l, b)?;
                 let xm = sl(ac.x_mid, d);
                 residual(rt, xm, x_in, y, blk.ls1)?;
                 if w.x.is_some() {
