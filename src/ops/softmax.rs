@@ -56,10 +56,14 @@ pub(crate) mod cpu {
     }
 
     pub fn forward_inplace(x: &mut [f32], cols: usize, scale: f32) {
-        x.par_chunks_mut(cols).for_each(|row| {
-            let tmp = row.to_vec();
-            row_forward(row, &tmp, scale)
-        });
+        // One copy of the input row per task, reused (the row is overwritten while it is read).
+        x.par_chunks_mut(cols).for_each_init(
+            || vec![0f32; cols],
+            |tmp, row| {
+                tmp.copy_from_slice(row);
+                row_forward(row, tmp, scale)
+            },
+        );
     }
 
     pub fn backward_inplace(g: &mut [f32], out: &[f32], cols: usize, scale: f32) {
