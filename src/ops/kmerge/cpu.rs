@@ -7,6 +7,7 @@
 //! those of the scalar loop `s = s + a·b`. The kernel value, the mixture and the backward's ratio are then
 //! taken on that row while it is in cache, and each exponential of the mixture is computed once per entry.
 use super::{KernelKind, PIECES, PL_COEFF};
+use crate::ops::lanes::{exp_lanes, sum_lanes, widest_vectors};
 use rayon::prelude::*;
 
 /// Per-piece dot product and squared norms of (A_h,i, B_h,j).
@@ -245,39 +246,6 @@ fn dots_lanes(ai: [&[f32]; 2], bt: &[f32], n_out: usize, d: usize, p0: &mut [f32
     }
 }
 
-/// Defines `fn $name(args)` that runs `$lanes(args)` (an `#[inline(always)]` function of independent lanes)
-/// compiled for AVX-512, AVX2 or the baseline, whichever the host has: the same arithmetic, lane by lane.
-macro_rules! widest_vectors {
-    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $lanes:ident) => {
-        $(#[$doc])*
-        #[allow(clippy::too_many_arguments)]
-        fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn avx512($($arg: $ty),*) {
-                    $lanes($($arg),*)
-                }
-                #[target_feature(enable = "avx2")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn avx2($($arg: $ty),*) {
-                    $lanes($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the host has AVX-512F (checked on the line above).
-                    return unsafe { avx512($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2") {
-                    // SAFETY: the host has AVX2 (checked on the line above).
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            $lanes($($arg),*)
-        }
-    };
-}
-
 widest_vectors! {
     /// p_h[j] = A_h,i · B_h,j for one row i (`ai`) against B transposed (`bt`, (2, d, n_out)).
     fn dots(ai: [&[f32]; 2], bt: &[f32], n_out: usize, d: usize, p0: &mut [f32], p1: &mut [f32]) => dots_lanes
@@ -351,11 +319,21 @@ pub fn forward(
 #[inline]
 fn softmax_exps(row: &[f32], gm: f32, e: &mut [f32]) -> f32 {
     let mx = row.iter().fold(f32::NEG_INFINITY, |m, &k| m.max(k / gm));
+    1.0 / scaled_exps(row, gm, mx, e)
+}
+
+widest_vectors! {
+    /// e_j = exp(row_j/γ − mx) for every j, and Σe (vector lanes: the exps dominate a merge's element-wise work).
+    fn scaled_exps(row: &[f32], gm: f32, mx: f32, e: &mut [f32]) -> f32 => scaled_exps_lanes
+}
+
+#[inline(always)]
+fn scaled_exps_lanes(row: &[f32], gm: f32, mx: f32, e: &mut [f32]) -> f32 {
+    let row = &row[..e.len()];
     for (e, &k) in e.iter_mut().zip(row) {
-        *e = (k / gm - mx).exp();
+        *e = exp_lanes(k / gm - mx);
     }
-    let sum: f32 = e.iter().sum();
-    1.0 / sum
+    sum_lanes(e)
 }
 
 /// row := row + α·softmax(row/γ) + β.                                  row, e: (n_out)
