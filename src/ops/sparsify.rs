@@ -295,21 +295,30 @@ pub(crate) mod cpu {
         m.par_iter().filter(|x| x.abs() > t).count()
     }
 
+    /// Rows of dst per task of the transposed adds: ms is read 16 entries (a cache line) of a row at a time,
+    /// each landing in one of the task's 16 rows, instead of one entry per cache line down a column.
+    const TILE: usize = 16;
+
     /// dst (n_out, n_in) = w0 + msᵀ, ms (n_in, n_out).
     pub fn add_transposed(dst: &mut [f32], w0: &[f32], ms: &[f32], n_in: usize, n_out: usize) {
-        dst.par_chunks_mut(n_in).zip(w0.par_chunks(n_in)).enumerate().for_each(|(o, (row, w))| {
-            for i in 0..n_in {
-                row[i] = w[i] + ms[i * n_out + o];
-            }
+        dst.par_chunks_mut(TILE * n_in).zip(w0.par_chunks(TILE * n_in)).enumerate().for_each(|(t, (rows, w))| {
+            rows.copy_from_slice(w);
+            add_tile(rows, ms, t * TILE, n_in, n_out);
         });
     }
 
     pub fn add_transposed_inplace(dst: &mut [f32], ms: &[f32], n_in: usize, n_out: usize) {
-        dst.par_chunks_mut(n_in).enumerate().for_each(|(o, row)| {
-            for i in 0..n_in {
-                row[i] += ms[i * n_out + o];
+        dst.par_chunks_mut(TILE * n_in).enumerate().for_each(|(t, rows)| add_tile(rows, ms, t * TILE, n_in, n_out));
+    }
+
+    /// rows (k, n_in) += ms[:, o0..o0 + k]ᵀ: dst rows o0.. of the merged weight.
+    fn add_tile(rows: &mut [f32], ms: &[f32], o0: usize, n_in: usize, n_out: usize) {
+        let k = rows.len() / n_in;
+        for i in 0..n_in {
+            for (r, &v) in ms[i * n_out + o0..][..k].iter().enumerate() {
+                rows[r * n_in + i] += v;
             }
-        });
+        }
     }
 }
 
