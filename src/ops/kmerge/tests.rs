@@ -240,10 +240,11 @@ fn zero_distance_has_zero_ratio() {
 }
 
 /// The row-wise evaluation (dot products across j in vector lanes, the mixture fused on each row) gives the
-/// bits of the pair-by-pair definition, for rows longer and shorter than the lane block.
+/// bits of the pair-by-pair definition, for rows longer and shorter than the lane block, in groups of rows
+/// and alone.
 #[test]
 fn rows_give_the_bits_of_the_pairwise_definition() {
-    for (n_in, n_out, d) in [(3, 130, 16), (5, 7, 3)] {
+    for (n_in, n_out, d) in [(3, 130, 16), (5, 7, 3), (9, 70, 5)] {
         let (a, b) = (randn(2 * n_in * d, 41, 0.3), randn(2 * n_out * d, 42, 0.3));
         let (an, bn) = (cpu::row_norms(&a, n_in, d), cpu::row_norms(&b, n_out, d));
         for kind in KINDS {
