@@ -214,6 +214,8 @@ pub(crate) mod cpu {
     /// Bins of the select's histogram: the top 14 bits of |x|'s bit pattern (exponent and 6 mantissa bits).
     const BIN_SHIFT: u32 = 17;
     const BINS: usize = 1 << (31 - BIN_SHIFT);
+    /// Entries per task of the select's two passes.
+    const CHUNK: usize = 1 << 16;
 
     /// lerp(v[lo], v[hi], w) over v = sort(|m|); NaN if m has one (hi is lo or lo + 1). A two-pass radix
     /// select, as on CUDA: non-negative floats order like their bits, so one parallel pass counts the
@@ -221,15 +223,19 @@ pub(crate) mod cpu {
     /// ranks lo and hi, among which an exact selection picks v[lo] and v[hi]: the values of a full sort.
     pub fn quantile(m: &[f32], lo: usize, hi: usize, w: f32) -> f32 {
         let key = |x: &f32| x.to_bits() & 0x7fff_ffff; // the bits of |x|
+                                                       // Whole chunks per fold step, each a plain loop (an element-wise fold passed the histogram through
+                                                       // rayon's plumbing once per entry).
         let (hist, nan) = m
-            .par_iter()
-            .with_min_len(1 << 16)
+            .par_chunks(CHUNK)
             .fold(
                 || (vec![0u32; BINS], false),
-                |(mut h, nan), x| {
-                    let k = key(x);
-                    h[(k >> BIN_SHIFT) as usize] += 1;
-                    (h, nan || k > 0x7f80_0000)
+                |(mut h, mut nan), c| {
+                    for x in c {
+                        let k = key(x);
+                        h[(k >> BIN_SHIFT) as usize] += 1;
+                        nan |= k > 0x7f80_0000;
+                    }
+                    (h, nan)
                 },
             )
             .reduce(
@@ -258,7 +264,12 @@ pub(crate) mod cpu {
         }
         let bin_lo = bin_lo.expect("lo < n");
         let in_range = |k: u32| (bin_lo..=bin_hi).contains(&((k >> BIN_SHIFT) as usize));
-        let mut v: Vec<u32> = m.par_iter().map(key).filter(|&k| in_range(k)).collect();
+        // The candidates, a chunk per task (the order does not matter to the selection's values).
+        let mut v: Vec<u32> = m
+            .par_chunks(CHUNK)
+            .map(|c| c.iter().map(key).filter(|&k| in_range(k)).collect::<Vec<u32>>())
+            .collect::<Vec<_>>()
+            .concat();
         let (_, &mut k_lo, rest) = v.select_nth_unstable(lo - below);
         let k_hi = if hi == lo { k_lo } else { rest.iter().copied().min().expect("hi < n") };
         lerp(f32::from_bits(k_lo), f32::from_bits(k_hi), w)
