@@ -65,22 +65,16 @@ pub(crate) fn sum_lanes(v: &[f32]) -> f32 {
 pub(crate) fn exp_lanes(x: f32) -> f32 {
     const LO: f32 = -87.33;
     const HI: f32 = 88.37;
-    const C1: f32 = 0.693_359_375; // ln 2 rounded to 12 bits: n·C1 is exact
+    const C1: f32 = 0.693_359_4; // ln 2 rounded to 355/512 (9 bits): n·C1 is exact
     const C2: f32 = -2.121_944_4e-4; // ln 2 − C1
     const ROUND: f32 = 12_582_912.0; // 1.5·2^23: t = y + ROUND holds round(y) in its low mantissa bits
-    let xc = if x < LO {
-        LO
-    } else if x > HI {
-        HI
-    } else {
-        x
-    };
+    let xc = x.clamp(LO, HI); // NaN stays NaN
     let t = xc * std::f32::consts::LOG2_E + ROUND;
     let n = t - ROUND;
     let r = (xc - n * C1) - n * C2;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 0.5;
     let y = (p * r) * r + r + 1.0;
     // 2^n: n + 127 into the exponent field (n is in [−126, 127] after the clamp).
     let n_int = t.to_bits() as i32 - ROUND.to_bits() as i32;
@@ -100,13 +94,7 @@ pub(crate) fn exp_lanes(x: f32) -> f32 {
 /// relative one. NaN stays NaN.
 #[inline(always)]
 pub(crate) fn erf_lanes(x: f32) -> f32 {
-    let x = if x < -4.0 {
-        -4.0
-    } else if x > 4.0 {
-        4.0
-    } else {
-        x
-    };
+    let x = x.clamp(-4.0, 4.0); // NaN stays NaN
     let x2 = x * x;
     let mut p = x2 * -2.726_142_3e-10 + 2.770_681_4e-8;
     p = x2 * p + -2.101_024e-6;

@@ -521,8 +521,8 @@ pub fn backward_rows(
                     if kind == KernelKind::PiecewiseLinear {
                         pl_ratio(p[0], p[1], rows.an[i], &rows.bn_t[0], &rows.bn_t[1], d, gr, r0r);
                     } else if kind != KernelKind::Linear {
-                        for j in 0..n_out {
-                            gr[j] = ratio_at(kind, &rows.pair(p, i, j), gr[j], d).0;
+                        for (j, gv) in gr.iter_mut().enumerate() {
+                            *gv = ratio_at(kind, &rows.pair(p, i, j), *gv, d).0;
                         }
                     }
                 }
