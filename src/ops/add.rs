@@ -72,7 +72,7 @@ pub fn mul_cols_backward_gamma(rt: &Runtime, dgamma: Tensor, dout: Tensor, inp: 
 pub fn scale_copy(rt: &Runtime, dst: Tensor, src: Tensor, alpha: f32) -> Result<()> {
     assert_eq!(dst.numel, src.numel);
     match &rt.backend {
-        Backend::Cpu => rt.f32_mut(dst).iter_mut().zip(rt.f32(src)).for_each(|(d, &s)| *d = alpha * s),
+        Backend::Cpu => cpu::scale_copy(rt.f32_mut(dst), rt.f32(src), alpha),
         Backend::Cuda(cu) => cu.launch(
             "snella_scale_copy",
             grid_1d(dst.numel, 256),
@@ -83,22 +83,44 @@ pub fn scale_copy(rt: &Runtime, dst: Tensor, src: Tensor, alpha: f32) -> Result<
 }
 
 pub(crate) mod cpu {
+    use rayon::prelude::*;
+
+    /// Entries per rayon task (whole rows for the broadcast ops): ~64k, far above rayon's hand-off cost.
+    /// Each entry is computed alone, so the split changes no bit.
+    const TASK: usize = 1 << 16;
+
+    /// Whole rows of `cols` per task.
+    fn task_len(cols: usize) -> usize {
+        (TASK / cols.max(1)).max(1) * cols
+    }
+
     pub fn add_bias(out: &mut [f32], bias: &[f32]) {
-        for row in out.chunks_mut(bias.len()) {
-            row.iter_mut().zip(bias).for_each(|(o, &b)| *o += b);
-        }
+        out.par_chunks_mut(task_len(bias.len())).for_each(|rows| {
+            for row in rows.chunks_mut(bias.len()) {
+                row.iter_mut().zip(bias).for_each(|(o, &b)| *o += b);
+            }
+        });
     }
     pub fn axpy(dst: &mut [f32], src: &[f32], alpha: f32) {
-        dst.iter_mut().zip(src).for_each(|(d, &s)| *d += alpha * s);
+        dst.par_chunks_mut(TASK).zip(src.par_chunks(TASK)).for_each(|(dst, src)| {
+            dst.iter_mut().zip(src).for_each(|(d, &s)| *d += alpha * s);
+        });
+    }
+    pub fn scale_copy(dst: &mut [f32], src: &[f32], alpha: f32) {
+        dst.par_chunks_mut(TASK).zip(src.par_chunks(TASK)).for_each(|(dst, src)| {
+            dst.iter_mut().zip(src).for_each(|(d, &s)| *d = alpha * s);
+        });
     }
     pub fn mul_cols(out: &mut [f32], inp: &[f32], gamma: &[f32], accumulate: bool) {
         let cols = gamma.len();
-        for (o, x) in out.chunks_mut(cols).zip(inp.chunks(cols)) {
-            for i in 0..cols {
-                let v = x[i] * gamma[i];
-                o[i] = if accumulate { o[i] + v } else { v };
+        out.par_chunks_mut(task_len(cols)).zip(inp.par_chunks(task_len(cols))).for_each(|(out, inp)| {
+            for (o, x) in out.chunks_mut(cols).zip(inp.chunks(cols)) {
+                for i in 0..cols {
+                    let v = x[i] * gamma[i];
+                    o[i] = if accumulate { o[i] + v } else { v };
+                }
             }
-        }
+        });
     }
 }
 

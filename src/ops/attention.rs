@@ -100,21 +100,32 @@ pub fn attention_backward(
 
 pub(crate) mod cpu {
     use super::Heads;
+    use rayon::prelude::*;
 
+    /// One task per head-major (image, head) block (`to_heads`) or per image (the scatter back): each writes
+    /// its own rows of dst.
     pub fn permute_heads(dst: &mut [f32], src: &[f32], s: Heads, ld: usize, to_heads: bool) {
         let Heads { b, n, h, hd } = s;
-        for bi in 0..b {
-            for hi in 0..h {
-                for ni in 0..n {
-                    let heads = ((bi * h + hi) * n + ni) * hd;
+        if to_heads {
+            dst[..b * h * n * hd].par_chunks_mut(n * hd).enumerate().for_each(|(bh, blk)| {
+                let (bi, hi) = (bh / h, bh % h);
+                for (ni, out) in blk.chunks_mut(hd).enumerate() {
                     let rows = (bi * n + ni) * ld + hi * hd;
-                    if to_heads {
-                        dst[heads..heads + hd].copy_from_slice(&src[rows..rows + hd]);
-                    } else {
-                        dst[rows..rows + hd].copy_from_slice(&src[heads..heads + hd]);
+                    out.copy_from_slice(&src[rows..rows + hd]);
+                }
+            });
+        } else {
+            // The last image's block may end at its last row's [.., (h-1)·hd + hd) (a column slice of a wider
+            // buffer), so dst's chunks are n·ld long but the last one may be shorter.
+            dst.par_chunks_mut(n * ld).take(b).enumerate().for_each(|(bi, img)| {
+                for hi in 0..h {
+                    for ni in 0..n {
+                        let heads = ((bi * h + hi) * n + ni) * hd;
+                        let row = ni * ld + hi * hd;
+                        img[row..row + hd].copy_from_slice(&src[heads..heads + hd]);
                     }
                 }
-            }
+            });
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod embed;
 pub mod gelu;
 pub mod importance;
 pub mod kmerge;
+pub(crate) mod lanes;
 pub mod layernorm;
 pub mod loss;
 pub mod mask;
@@ -18,12 +19,6 @@ pub mod softmax;
 pub mod sparsify;
 
 pub use matmul::{matmul, Matmul};
-
-/// erf in f32 (std has none on stable): the CPU twin of CUDA's `erff`.
-#[inline]
-pub(crate) fn erf(x: f32) -> f32 {
-    libm::erff(x)
-}
 
 #[cfg(test)]
 pub(crate) mod testing {

@@ -49,6 +49,7 @@ pub fn softmax_backward(rt: &Runtime, dinp: Tensor, out: Tensor, dout: Tensor, c
 }
 
 pub(crate) mod cpu {
+    use crate::ops::lanes::{exp_lanes, sum_lanes, widest_vectors};
     use rayon::prelude::*;
 
     pub fn forward(out: &mut [f32], inp: &[f32], cols: usize, scale: f32) {
@@ -56,10 +57,14 @@ pub(crate) mod cpu {
     }
 
     pub fn forward_inplace(x: &mut [f32], cols: usize, scale: f32) {
-        x.par_chunks_mut(cols).for_each(|row| {
-            let tmp = row.to_vec();
-            row_forward(row, &tmp, scale)
-        });
+        // One copy of the input row per task, reused (the row is overwritten while it is read).
+        x.par_chunks_mut(cols).for_each_init(
+            || vec![0f32; cols],
+            |tmp, row| {
+                tmp.copy_from_slice(row);
+                row_forward(row, tmp, scale)
+            },
+        );
     }
 
     pub fn backward_inplace(g: &mut [f32], out: &[f32], cols: usize, scale: f32) {
@@ -73,13 +78,22 @@ pub(crate) mod cpu {
 
     pub fn row_forward(o: &mut [f32], x: &[f32], scale: f32) {
         let mx = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
-        let mut sum = 0f32;
-        for (o, &v) in o.iter_mut().zip(x) {
-            *o = (v * scale - mx).exp();
-            sum += *o;
-        }
-        let inv = 1.0 / sum;
+        let inv = 1.0 / exps(o, x, scale, mx);
         o.iter_mut().for_each(|o| *o *= inv);
+    }
+
+    widest_vectors! {
+        /// o_i = exp(x_i·scale − mx) and Σo, in vector lanes.
+        fn exps(o: &mut [f32], x: &[f32], scale: f32, mx: f32) -> f32 => exps_lanes
+    }
+
+    #[inline(always)]
+    fn exps_lanes(o: &mut [f32], x: &[f32], scale: f32, mx: f32) -> f32 {
+        let x = &x[..o.len()];
+        for (o, &v) in o.iter_mut().zip(x) {
+            *o = exp_lanes(v * scale - mx);
+        }
+        sum_lanes(o)
     }
 
     pub fn backward(dinp: &mut [f32], out: &[f32], dout: &[f32], cols: usize, scale: f32) {

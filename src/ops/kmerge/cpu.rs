@@ -7,6 +7,7 @@
 //! those of the scalar loop `s = s + a·b`. The kernel value, the mixture and the backward's ratio are then
 //! taken on that row while it is in cache, and each exponential of the mixture is computed once per entry.
 use super::{KernelKind, PIECES, PL_COEFF};
+use crate::ops::lanes::{exp_lanes, sum_lanes, widest_vectors};
 use rayon::prelude::*;
 
 /// Per-piece dot product and squared norms of (A_h,i, B_h,j).
@@ -147,6 +148,11 @@ fn rows_per_task(n_out: usize) -> usize {
     (16384 / n_out.max(1)).max(1)
 }
 
+/// The same in groups of [`GROUP`] rows.
+fn groups_per_task(n_out: usize) -> usize {
+    rows_per_task(n_out).div_ceil(GROUP)
+}
+
 /// The factors of one merge, prepared for row-wise work: A as it is, the squared row norms, and the pieces
 /// of B transposed to (2, d, n_out), so that the k-th values of every B_h,j are contiguous.
 pub struct Rows<'a> {
@@ -161,7 +167,12 @@ pub struct Rows<'a> {
     d: usize,
 }
 
-/// Per-task buffers of one row: the two pieces' dot products, and K or the mixture's exponentials.
+/// Rows whose dot products are taken together: each loaded vector of B serves all of them, so B (which
+/// does not fit in L1) is streamed once per group instead of once per row.
+const GROUP: usize = 4;
+
+/// Per-task buffers: the two pieces' dot products of a group of rows (GROUP, n_out) each, and K or the
+/// mixture's exponentials of one row.
 pub struct RowBuf {
     p: [Vec<f32>; PIECES],
     tmp: Vec<f32>,
@@ -169,7 +180,7 @@ pub struct RowBuf {
 
 impl RowBuf {
     fn new(n_out: usize) -> RowBuf {
-        RowBuf { p: [vec![0.0; n_out], vec![0.0; n_out]], tmp: vec![0.0; n_out] }
+        RowBuf { p: [vec![0.0; GROUP * n_out], vec![0.0; GROUP * n_out]], tmp: vec![0.0; n_out] }
     }
 }
 
@@ -188,99 +199,113 @@ impl<'a> Rows<'a> {
         Rows { a, an: row_norms(a, n_in, d), bt, bn, bn_t, n_in, n_out, d }
     }
 
-    /// buf.p[h][j] = A_h,i · B_h,j for every j (each summed in order over k).
-    fn dots(&self, i: usize, buf: &mut RowBuf) {
-        let (d, n_out) = (self.d, self.n_out);
-        let ai = [&self.a[i * d..][..d], &self.a[(self.n_in + i) * d..][..d]];
+    /// buf.p[h][r·n_out + j] = A_h,i0+r · B_h,j for every j and the g ≤ GROUP rows from i0 (each summed in
+    /// order over k).
+    fn dots(&self, i0: usize, g: usize, buf: &mut RowBuf) {
+        let d = self.d;
+        let ai = |h: usize, i: usize| &self.a[(h * self.n_in + i) * d..][..d];
         let [p0, p1] = &mut buf.p;
-        dots(ai, &self.bt, n_out, d, p0, p1)
+        let mut r = 0;
+        while r < g {
+            let i = i0 + r;
+            if r + GROUP <= g {
+                let rows: [[&[f32]; 2]; GROUP] = std::array::from_fn(|q| [ai(0, i + q), ai(1, i + q)]);
+                dots4(rows, &self.bt, self.n_out, d, &mut p0[r * self.n_out..], &mut p1[r * self.n_out..]);
+                r += GROUP;
+            } else {
+                dots1(
+                    [[ai(0, i), ai(1, i)]],
+                    &self.bt,
+                    self.n_out,
+                    d,
+                    &mut p0[r * self.n_out..],
+                    &mut p1[r * self.n_out..],
+                );
+                r += 1;
+            }
+        }
     }
 
     #[inline]
-    fn pair(&self, buf: &RowBuf, i: usize, j: usize) -> Pair {
-        Pair { p: [buf.p[0][j], buf.p[1][j]], a2: self.an[i], b2: self.bn[j] }
+    fn pair(&self, p: [&[f32]; PIECES], i: usize, j: usize) -> Pair {
+        Pair { p: [p[0][j], p[1][j]], a2: self.an[i], b2: self.bn[j] }
     }
 
-    /// row[j] = K(i, j) for every j.
-    fn kernel_row(&self, kind: KernelKind, i: usize, buf: &mut RowBuf, row: &mut [f32]) {
-        self.dots(i, buf);
+    /// row[j] = K(i, j) for every j, from row i's dot products p.
+    fn kernel_row(&self, kind: KernelKind, i: usize, p: [&[f32]; PIECES], row: &mut [f32]) {
         if kind == KernelKind::PiecewiseLinear {
-            return pl_row(&buf.p[0], &buf.p[1], self.an[i], &self.bn_t[0], &self.bn_t[1], row);
+            return pl_row(p[0], p[1], self.an[i], &self.bn_t[0], &self.bn_t[1], row);
         }
         for (j, o) in row.iter_mut().enumerate() {
-            *o = value(kind, &self.pair(buf, i, j), self.d);
+            *o = value(kind, &self.pair(p, i, j), self.d);
         }
     }
 }
 
-/// The dot products of one row across j, W lanes at a time (the compiler maps the lanes onto vector
-/// registers; each lane is its own in-order sum, so any vector width gives the scalar loop's bits).
+/// The dot products of G rows across j, W lanes at a time (the compiler maps the lanes onto vector
+/// registers; each lane is its own in-order sum, so any vector width and any grouping give the scalar
+/// loop's bits). p_h is (G, n_out).
 #[inline(always)]
-fn dots_lanes(ai: [&[f32]; 2], bt: &[f32], n_out: usize, d: usize, p0: &mut [f32], p1: &mut [f32]) {
-    const W: usize = 64;
+fn dots_lanes<const G: usize>(
+    ai: [[&[f32]; 2]; G],
+    bt: &[f32],
+    n_out: usize,
+    d: usize,
+    p0: &mut [f32],
+    p1: &mut [f32],
+) {
+    const W: usize = 32;
     let (bt0, bt1) = bt.split_at(d * n_out);
     let mut j0 = 0;
     while j0 + W <= n_out {
-        let (mut s0, mut s1) = ([0f32; W], [0f32; W]);
+        let mut s = [[[0f32; W]; 2]; G];
         for k in 0..d {
-            let (x0, x1) = (ai[0][k], ai[1][k]);
             let (y0, y1) = (&bt0[k * n_out + j0..][..W], &bt1[k * n_out + j0..][..W]);
-            for l in 0..W {
-                s0[l] += x0 * y0[l];
-                s1[l] += x1 * y1[l];
+            for (s, a) in s.iter_mut().zip(&ai) {
+                let (x0, x1) = (a[0][k], a[1][k]);
+                for l in 0..W {
+                    s[0][l] += x0 * y0[l];
+                    s[1][l] += x1 * y1[l];
+                }
             }
         }
-        p0[j0..j0 + W].copy_from_slice(&s0);
-        p1[j0..j0 + W].copy_from_slice(&s1);
+        for (r, s) in s.iter().enumerate() {
+            p0[r * n_out + j0..][..W].copy_from_slice(&s[0]);
+            p1[r * n_out + j0..][..W].copy_from_slice(&s[1]);
+        }
         j0 += W;
     }
-    for j in j0..n_out {
-        let (mut s0, mut s1) = (0f32, 0f32);
-        for k in 0..d {
-            s0 += ai[0][k] * bt0[k * n_out + j];
-            s1 += ai[1][k] * bt1[k * n_out + j];
+    for (r, a) in ai.iter().enumerate() {
+        for j in j0..n_out {
+            let (mut s0, mut s1) = (0f32, 0f32);
+            for k in 0..d {
+                s0 += a[0][k] * bt0[k * n_out + j];
+                s1 += a[1][k] * bt1[k * n_out + j];
+            }
+            p0[r * n_out + j] = s0;
+            p1[r * n_out + j] = s1;
         }
-        p0[j] = s0;
-        p1[j] = s1;
     }
 }
 
-/// Defines `fn $name(args)` that runs `$lanes(args)` (an `#[inline(always)]` function of independent lanes)
-/// compiled for AVX-512, AVX2 or the baseline, whichever the host has: the same arithmetic, lane by lane.
-macro_rules! widest_vectors {
-    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $lanes:ident) => {
-        $(#[$doc])*
-        #[allow(clippy::too_many_arguments)]
-        fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn avx512($($arg: $ty),*) {
-                    $lanes($($arg),*)
-                }
-                #[target_feature(enable = "avx2")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn avx2($($arg: $ty),*) {
-                    $lanes($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the host has AVX-512F (checked on the line above).
-                    return unsafe { avx512($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2") {
-                    // SAFETY: the host has AVX2 (checked on the line above).
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            $lanes($($arg),*)
-        }
-    };
+#[inline(always)]
+fn dots4_lanes(ai: [[&[f32]; 2]; GROUP], bt: &[f32], n_out: usize, d: usize, p0: &mut [f32], p1: &mut [f32]) {
+    dots_lanes(ai, bt, n_out, d, p0, p1)
+}
+
+#[inline(always)]
+fn dots1_lanes(ai: [[&[f32]; 2]; 1], bt: &[f32], n_out: usize, d: usize, p0: &mut [f32], p1: &mut [f32]) {
+    dots_lanes(ai, bt, n_out, d, p0, p1)
 }
 
 widest_vectors! {
-    /// p_h[j] = A_h,i · B_h,j for one row i (`ai`) against B transposed (`bt`, (2, d, n_out)).
-    fn dots(ai: [&[f32]; 2], bt: &[f32], n_out: usize, d: usize, p0: &mut [f32], p1: &mut [f32]) => dots_lanes
+    /// p_h[r, j] = A_h,i_r · B_h,j for a group of rows (`ai`) against B transposed (`bt`, (2, d, n_out)).
+    fn dots4(ai: [[&[f32]; 2]; GROUP], bt: &[f32], n_out: usize, d: usize, p0: &mut [f32], p1: &mut [f32]) => dots4_lanes
+}
+
+widest_vectors! {
+    /// The same for one row (the rows after the last full group).
+    fn dots1(ai: [[&[f32]; 2]; 1], bt: &[f32], n_out: usize, d: usize, p0: &mut [f32], p1: &mut [f32]) => dots1_lanes
 }
 
 widest_vectors! {
@@ -335,12 +360,18 @@ pub fn forward(
     mix: Option<[f32; 3]>,
 ) {
     let rows = Rows::new(a, b, n_in, n_out, d);
-    m.par_chunks_mut(n_out).with_min_len(rows_per_task(n_out)).enumerate().for_each_init(
+    m.par_chunks_mut(GROUP * n_out).with_min_len(groups_per_task(n_out)).enumerate().for_each_init(
         || RowBuf::new(n_out),
-        |buf, (i, row)| {
-            rows.kernel_row(kind, i, buf, row);
-            if let Some([al, gm, be]) = mix {
-                mix_row(row, al, gm, be, &mut buf.tmp);
+        |buf, (grp, block)| {
+            let i0 = grp * GROUP;
+            rows.dots(i0, block.len() / n_out, buf);
+            let RowBuf { p, tmp } = buf;
+            for (r, row) in block.chunks_mut(n_out).enumerate() {
+                let p = [&p[0][r * n_out..][..n_out], &p[1][r * n_out..][..n_out]];
+                rows.kernel_row(kind, i0 + r, p, row);
+                if let Some([al, gm, be]) = mix {
+                    mix_row(row, al, gm, be, tmp);
+                }
             }
         },
     );
@@ -351,11 +382,21 @@ pub fn forward(
 #[inline]
 fn softmax_exps(row: &[f32], gm: f32, e: &mut [f32]) -> f32 {
     let mx = row.iter().fold(f32::NEG_INFINITY, |m, &k| m.max(k / gm));
+    1.0 / scaled_exps(row, gm, mx, e)
+}
+
+widest_vectors! {
+    /// e_j = exp(row_j/γ − mx) for every j, and Σe (vector lanes: the exps dominate a merge's element-wise work).
+    fn scaled_exps(row: &[f32], gm: f32, mx: f32, e: &mut [f32]) -> f32 => scaled_exps_lanes
+}
+
+#[inline(always)]
+fn scaled_exps_lanes(row: &[f32], gm: f32, mx: f32, e: &mut [f32]) -> f32 {
+    let row = &row[..e.len()];
     for (e, &k) in e.iter_mut().zip(row) {
-        *e = (k / gm - mx).exp();
+        *e = exp_lanes(k / gm - mx);
     }
-    let sum: f32 = e.iter().sum();
-    1.0 / sum
+    sum_lanes(e)
 }
 
 /// row := row + α·softmax(row/γ) + β.                                  row, e: (n_out)
@@ -456,32 +497,32 @@ pub fn backward_rows(
     part: &mut [f32],
 ) {
     let rows = Rows::new(a, b, n_in, n_out, d);
-    let sums: Vec<[f32; 3]> = g
-        .par_chunks_mut(n_out)
-        .zip(r0.par_chunks_mut(n_out))
-        .with_min_len(rows_per_task(n_out))
+    let groups: Vec<[[f32; 3]; GROUP]> = g
+        .par_chunks_mut(GROUP * n_out)
+        .zip(r0.par_chunks_mut(GROUP * n_out))
+        .with_min_len(groups_per_task(n_out))
         .enumerate()
         .map_init(
             || (RowBuf::new(n_out), vec![0f32; n_out]),
-            |(buf, e), (i, (gr, r0r))| {
-                let mut sums = [0f32; 3];
-                if let Some([al, gm]) = mix {
-                    let mut k = std::mem::take(&mut buf.tmp);
-                    rows.kernel_row(kind, i, buf, &mut k);
-                    sums = mix_backward_row(gr, &k, al, gm, e);
-                    buf.tmp = k;
-                } else if kind != KernelKind::Linear {
-                    rows.dots(i, buf);
+            |(buf, e), (grp, (gb, r0b))| {
+                let i0 = grp * GROUP;
+                let mut sums = [[0f32; 3]; GROUP];
+                if mix.is_some() || kind != KernelKind::Linear {
+                    rows.dots(i0, gb.len() / n_out, buf);
                 }
-                if kind == KernelKind::PiecewiseLinear {
-                    let (p, a2) = (&buf.p, rows.an[i]);
-                    pl_ratio(&p[0], &p[1], a2, &rows.bn_t[0], &rows.bn_t[1], d, gr, r0r);
-                } else if kind != KernelKind::Linear {
-                    for j in 0..n_out {
-                        let (r, r0) = ratio_at(kind, &rows.pair(buf, i, j), gr[j], d);
-                        gr[j] = r;
-                        if kind == KernelKind::PiecewiseLinear {
-                            r0r[j] = r0;
+                let RowBuf { p, tmp: k } = buf;
+                for (r, (gr, r0r)) in gb.chunks_mut(n_out).zip(r0b.chunks_mut(n_out)).enumerate() {
+                    let i = i0 + r;
+                    let p = [&p[0][r * n_out..][..n_out], &p[1][r * n_out..][..n_out]];
+                    if let Some([al, gm]) = mix {
+                        rows.kernel_row(kind, i, p, k);
+                        sums[r] = mix_backward_row(gr, k, al, gm, e);
+                    }
+                    if kind == KernelKind::PiecewiseLinear {
+                        pl_ratio(p[0], p[1], rows.an[i], &rows.bn_t[0], &rows.bn_t[1], d, gr, r0r);
+                    } else if kind != KernelKind::Linear {
+                        for (j, gv) in gr.iter_mut().enumerate() {
+                            *gv = ratio_at(kind, &rows.pair(p, i, j), *gv, d).0;
                         }
                     }
                 }
@@ -490,6 +531,7 @@ pub fn backward_rows(
         )
         .collect();
     if mix.is_some() {
+        let sums: Vec<[f32; 3]> = groups.into_iter().flatten().take(n_in).collect();
         store_parts(part, &sums, n_in);
     }
 }

@@ -1,6 +1,7 @@
 //! Tests of the CPU merge against f64 and finite differences (the CUDA twin is compared with it by the selftest).
 use super::reference::mix_grads_f64;
 use super::*;
+use crate::ops::lanes::{exp_lanes, sum_lanes};
 use crate::ops::testing::*;
 
 const KINDS: [KernelKind; 5] =
@@ -239,10 +240,11 @@ fn zero_distance_has_zero_ratio() {
 }
 
 /// The row-wise evaluation (dot products across j in vector lanes, the mixture fused on each row) gives the
-/// bits of the pair-by-pair definition, for rows longer and shorter than the lane block.
+/// bits of the pair-by-pair definition, for rows longer and shorter than the lane block, in groups of rows
+/// and alone.
 #[test]
 fn rows_give_the_bits_of_the_pairwise_definition() {
-    for (n_in, n_out, d) in [(3, 130, 16), (5, 7, 3)] {
+    for (n_in, n_out, d) in [(3, 130, 16), (5, 7, 3), (9, 70, 5)] {
         let (a, b) = (randn(2 * n_in * d, 41, 0.3), randn(2 * n_out * d, 42, 0.3));
         let (an, bn) = (cpu::row_norms(&a, n_in, d), cpu::row_norms(&b, n_out, d));
         for kind in KINDS {
@@ -253,9 +255,10 @@ fn rows_give_the_bits_of_the_pairwise_definition() {
                     *o = cpu::value(kind, &cpu::pair(&a, &b, &an, &bn, i, j, n_in, n_out, d), d);
                 }
                 let mx = row.iter().fold(f32::NEG_INFINITY, |m, &k| m.max(k / gm));
-                let inv = 1.0 / row.iter().map(|&k| (k / gm - mx).exp()).sum::<f32>();
-                for k in row.iter_mut() {
-                    *k = (*k + al * ((*k / gm - mx).exp() * inv)) + be;
+                let e: Vec<f32> = row.iter().map(|&k| exp_lanes(k / gm - mx)).collect();
+                let inv = 1.0 / sum_lanes(&e);
+                for (k, &e) in row.iter_mut().zip(&e) {
+                    *k = (*k + al * (e * inv)) + be;
                 }
             }
             let mut got = vec![0f32; n_in * n_out];

@@ -1,0 +1,154 @@
+//! Element-wise math written for vector lanes: loops over these functions, compiled for the widest vector
+//! unit of the host ([`widest_vectors`]), run 8 or 16 entries per instruction, where the libm calls
+//! (`expf`, `erff`) are one call per entry. No crate on stable Rust offers vectorisable f32 exp/erf, so
+//! these are the classic branch-free polynomials, each tested against f64 below.
+//!
+//! Both are plain multiplies and adds (no fused multiply-add), so every vector width and the scalar
+//! baseline give the same bits.
+
+/// Defines `fn $name(args)` that runs `$lanes(args)` (an `#[inline(always)]` function of independent lanes)
+/// compiled for AVX-512, AVX2 or the baseline, whichever the host has: the same arithmetic, lane by lane.
+macro_rules! widest_vectors {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $lanes:ident) => {
+        $(#[$doc])*
+        #[allow(clippy::too_many_arguments)]
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    $lanes($($arg),*)
+                }
+                #[target_feature(enable = "avx2")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    $lanes($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the host has AVX-512F (checked on the line above).
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the host has AVX2 (checked on the line above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $lanes($($arg),*)
+        }
+    };
+}
+
+pub(crate) use widest_vectors;
+
+/// Σ v in 16 interleaved partial sums (lane l adds v[l], v[l + 16], ... in order), then those sums and the
+/// tail in order: a sum that vectorises, with the same bits at any vector width.
+#[inline(always)]
+pub(crate) fn sum_lanes(v: &[f32]) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0f32; L];
+    let chunks = v.chunks_exact(L);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..L {
+            acc[l] += c[l];
+        }
+    }
+    let s = acc.iter().fold(0f32, |s, &a| s + a);
+    tail.iter().fold(s, |s, &t| s + t)
+}
+
+/// e^x within 2 ulp (Cephes' expf: x = n·ln2 + r with ln 2 in two parts, a degree-7 polynomial in r, 2^n
+/// put in the exponent bits). e^0 = 1 exactly (a softmax's row maximum); NaN stays NaN; below −87.33 (where
+/// e^x is no longer a normal f32) 0, above 88.37 +∞ (exact up to there; the callers' arguments are ≤ 0).
+#[inline(always)]
+pub(crate) fn exp_lanes(x: f32) -> f32 {
+    const LO: f32 = -87.33;
+    const HI: f32 = 88.37;
+    const C1: f32 = 0.693_359_4; // ln 2 rounded to 355/512 (9 bits): n·C1 is exact
+    const C2: f32 = -2.121_944_4e-4; // ln 2 − C1
+    const ROUND: f32 = 12_582_912.0; // 1.5·2^23: t = y + ROUND holds round(y) in its low mantissa bits
+    let xc = x.clamp(LO, HI); // NaN stays NaN
+    let t = xc * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    let r = (xc - n * C1) - n * C2;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
+        * r
+        + 0.5;
+    let y = (p * r) * r + r + 1.0;
+    // 2^n: n + 127 into the exponent field (n is in [−126, 127] after the clamp).
+    let n_int = t.to_bits() as i32 - ROUND.to_bits() as i32;
+    let v = y * f32::from_bits(((n_int + 127) << 23) as u32);
+    if x < LO {
+        0.0
+    } else if x > HI {
+        f32::INFINITY
+    } else {
+        v
+    }
+}
+
+/// erf(x) within 4e-7 absolute, about 7 ulp near ±1 (Eigen's rational approximation x·P(x²)/Q(x²), 6.5e-8
+/// in exact arithmetic, evaluated in f32; on [−4, 4], where |erf| reaches 1 in f32, clamped outside). As in
+/// torch's own vectorised erf, 1 + erf(x) far in the negative tail keeps this absolute error, not libm's
+/// relative one. NaN stays NaN.
+#[inline(always)]
+pub(crate) fn erf_lanes(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0); // NaN stays NaN
+    let x2 = x * x;
+    let mut p = x2 * -2.726_142_3e-10 + 2.770_681_4e-8;
+    p = x2 * p + -2.101_024e-6;
+    p = x2 * p + -5.692_506_4e-5;
+    p = x2 * p + -7.349_906_3e-4;
+    p = x2 * p + -2.954_6e-3;
+    p = x2 * p + -1.609_603_3e-2;
+    let mut q = x2 * -1.456_607_2e-5 + -2.133_740_6e-4;
+    q = x2 * q + -1.682_827e-3;
+    q = x2 * q + -7.373_329_2e-3;
+    q = x2 * q + -1.426_474e-2;
+    (x * p) / q
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Distance in units in the last place between an f32 and the exact value.
+    fn ulps(got: f32, want: f64) -> f64 {
+        let w = want as f32;
+        let ulp = (f32::from_bits(w.abs().to_bits() + 1) - w.abs()) as f64;
+        (got as f64 - want).abs() / ulp
+    }
+
+    #[test]
+    fn exp_within_two_ulp() {
+        let mut worst = 0f64;
+        let mut x = -87.3f32;
+        while x < 88.3 {
+            worst = worst.max(ulps(exp_lanes(x), (x as f64).exp()));
+            x += 0.000_77;
+        }
+        assert!(worst <= 2.0, "exp: {worst} ulp");
+        assert_eq!(exp_lanes(0.0), 1.0);
+        assert_eq!(exp_lanes(-100.0), 0.0);
+        assert_eq!(exp_lanes(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_lanes(100.0), f32::INFINITY);
+        assert!(exp_lanes(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn erf_within_4e_7() {
+        let (mut worst, mut at) = (0f64, 0f32);
+        let mut x = -6f32;
+        while x < 6.0 {
+            let e = (erf_lanes(x) as f64 - libm::erf(x as f64)).abs();
+            if e > worst {
+                (worst, at) = (e, x);
+            }
+            x += 0.000_31;
+        }
+        assert!(worst <= 4e-7, "erf: max error {worst:e} at {at}");
+        assert_eq!(erf_lanes(0.0), 0.0);
+        assert!(erf_lanes(f32::NAN).is_nan());
+    }
+}
