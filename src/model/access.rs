@@ -364,24 +364,16 @@ impl Model {
         self.layout.branches.iter().map(|b| (b.n_in, b.n_out)).collect()
     }
 
-    /// In_Qs and Out_Qs of every branch with the allocator's EMAs of them, module order; None when the
+    /// The allocator's EMAs of In_Qs and Out_Qs of every branch, module order; None when the
     /// method keeps no allocator state (a sparse kernel method planned with the allocator keeps it on every
     /// branch).
     pub(crate) fn allocator_factors(&self) -> Option<Vec<[TrackedFactor; 2]>> {
-        let tracked = |p: Param, ema: crate::model::plan::FactorEma| TrackedFactor {
-            value: p.value,
-            // Cannot fail: model/plan.rs gives every branch factor a gradient (they are always trained).
-            grad: p.grad.expect("branch factors train"),
-            ipt: ema.ipt,
-            unc: ema.unc,
-        };
+        let tracked = |ema: crate::model::plan::FactorEma| TrackedFactor { ipt: ema.ipt, unc: ema.unc };
         self.layout
             .branches
             .iter()
             .map(|br| match br.params {
-                BranchParams::Kernel { in_qs, out_qs, ema: Some([e_in, e_out]), .. } => {
-                    Some([tracked(in_qs, e_in), tracked(out_qs, e_out)])
-                }
+                BranchParams::Kernel { ema: Some([e_in, e_out]), .. } => Some([tracked(e_in), tracked(e_out)]),
                 _ => None,
             })
             .collect()
@@ -519,12 +511,9 @@ impl Model {
     }
 }
 
-/// A factor tensor (In_Qs or Out_Qs) as the allocator reads it: value, gradient and the EMAs of its
-/// importance and uncertainty.                                      all (2, n, r/2)
+/// The allocator's EMAs of a factor tensor (In_Qs or Out_Qs): importance and uncertainty.   both (2, n, r/2)
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct TrackedFactor {
-    pub(crate) value: Tensor,
-    pub(crate) grad: Tensor,
     pub(crate) ipt: Tensor,
     pub(crate) unc: Tensor,
 }

@@ -11,7 +11,7 @@
 //! masks are hashes of (seed, stream, index), never stored (§15); [`MaskStream`] names the streams of a block.
 use crate::error::Result;
 use crate::model::config::Position;
-use crate::model::plan::{Branch, BranchParams, BranchScratch, Layout, Linear};
+use crate::model::plan::{Branch, BranchParams, BranchScratch, Layout, Linear, Param};
 use crate::ops::adamw::{adamw, AdamWStep};
 use crate::ops::add::{add_bias, axpy, bias_backward, scale_copy};
 use crate::ops::convert::bf16_widen;
@@ -129,15 +129,10 @@ impl Linears<'_> {
     fn update_branches(&self, lin: &Linear, u: FusedUpdate) -> Result<()> {
         for br in &lin.branches {
             for p in br.params.trainables() {
-                let st = AdamWStep::torch(u.lr, if p.decay { u.weight_decay } else { 0.0 }, u.t);
-                let g = p.grad.expect("branch factors train");
-                adamw(self.rt, p.value, g, p.m.expect("trainable: AdamW m"), p.v.expect("trainable: AdamW v"), st)?;
+                adamw_param(self.rt, &p, u.lr, u.weight_decay, u.t)?;
             }
-            if let (Some(b), BranchParams::Kernel { in_qs, out_qs, ema: Some(ema), .. }) = (u.ema, &br.params) {
-                for (p, e) in [(in_qs, &ema[0]), (out_qs, &ema[1])] {
-                    let g = p.grad.expect("branch factors train");
-                    importance_update(self.rt, e.ipt, e.unc, p.value, g, b.beta1, b.beta2)?;
-                }
+            if let Some(b) = u.ema {
+                update_emas(self.rt, br, b)?;
             }
         }
         Ok(())
@@ -460,6 +455,27 @@ struct Grad {
     x: Tensor,
     dy: Tensor,
     rows: usize,
+}
+
+/// AdamW at step `t` on one trainable parameter with its gradient as it stands (decayed by `weight_decay`
+/// only where the parameter decays): the step of `Model::adamw_step` and of the fused update.
+pub(crate) fn adamw_param(rt: &Runtime, p: &Param, lr: f64, weight_decay: f64, t: u64) -> Result<()> {
+    let st = AdamWStep::torch(lr, if p.decay { weight_decay } else { 0.0 }, t);
+    let g = p.grad.expect("trainable parameters have gradients");
+    adamw(rt, p.value, g, p.m.expect("trainable: AdamW m"), p.v.expect("trainable: AdamW v"), st)
+}
+
+/// The allocator's EMA update of one branch (method.md §8: In_Qs and Out_Qs, from their values and
+/// gradients as they stand); nothing for a branch without allocator state. `Allocator::update`, the plain
+/// `Model::backward_step` and the fused update all run it.
+pub(crate) fn update_emas(rt: &Runtime, br: &Branch, b: EmaBetas) -> Result<()> {
+    if let BranchParams::Kernel { in_qs, out_qs, ema: Some(ema), .. } = &br.params {
+        for (p, e) in [(in_qs, &ema[0]), (out_qs, &ema[1])] {
+            let g = p.grad.expect("branch factors train");
+            importance_update(rt, e.ipt, e.unc, p.value, g, b.beta1, b.beta2)?;
+        }
+    }
+    Ok(())
 }
 
 /// The factors of a kernel branch as the merge reads them (ops' a, b, d are In_Qs, Out_Qs and r/2).

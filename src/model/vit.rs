@@ -9,16 +9,15 @@
 use crate::error::{Error, Result};
 use crate::model::access::ParamsSet;
 use crate::model::config::ViTConfig;
-use crate::model::linear::{BranchDrop, FusedUpdate, Linears, MaskStream};
+use crate::model::linear::{adamw_param, update_emas, BranchDrop, FusedUpdate, Linears, MaskStream};
 use crate::model::plan::{plan_model, LayerNorm, Layout, MemoryOptions, NormStats, Param, Recompute};
-use crate::ops::adamw::{adamw, AdamWStep};
 use crate::ops::add::{add_bias, axpy, bias_backward, mul_cols, mul_cols_backward_gamma, scale_copy};
 use crate::ops::attention::{attention_backward, attention_forward, permute_heads, Heads};
 use crate::ops::convert::{bf16_round, bf16_widen};
 use crate::ops::dropout::drop_path;
 use crate::ops::embed::{cls_gather, cls_scatter, embed_backward, embed_forward, patchify, PatchGeom};
 use crate::ops::gelu::{gelu_backward, gelu_forward};
-use crate::ops::importance::{importance_update, EmaBetas};
+use crate::ops::importance::EmaBetas;
 use crate::ops::layernorm::{layernorm_apply, layernorm_backward, layernorm_forward};
 use crate::ops::loss::cross_entropy;
 use crate::ops::mask::mask_grad;
@@ -465,9 +464,7 @@ impl Model {
             self.backward()?;
             self.adamw_step(lr, weight_decay)?;
             if let Some(b) = ema {
-                for f in self.allocator_factors().into_iter().flatten().flatten() {
-                    importance_update(&self.rt, f.ipt, f.unc, f.value, f.grad, b.beta1, b.beta2)?;
-                }
+                self.update_emas(b)?;
             }
             return Ok(());
         }
@@ -475,6 +472,15 @@ impl Model {
         self.fresh_grads = false;
         self.step += 1;
         self.adamw_params(lr, weight_decay)
+    }
+
+    /// The allocator's EMA update of every branch, from the values and gradients as they stand (after the
+    /// AdamW step: method.md §8).
+    pub(crate) fn update_emas(&self, b: EmaBetas) -> Result<()> {
+        for br in &self.layout.branches {
+            update_emas(&self.rt, br, b)?;
+        }
+        Ok(())
     }
 
     /// Refuses `what` on a model planned with the fused update, whose branch gradients do not outlive the
@@ -678,8 +684,7 @@ impl Model {
             if let Some(mask) = p.mask {
                 mask_grad(&self.rt, g, mask)?;
             }
-            let st = AdamWStep::torch(lr, if p.decay { weight_decay } else { 0.0 }, self.step);
-            adamw(&self.rt, p.value, g, p.m.expect("trainable: AdamW m"), p.v.expect("trainable: AdamW v"), st)?;
+            adamw_param(&self.rt, p, lr, weight_decay, self.step)?;
         }
         Ok(())
     }

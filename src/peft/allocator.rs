@@ -31,8 +31,8 @@
 //! ```
 use crate::error::{Error, Result};
 use crate::model::{Model, TrackedFactor};
+use crate::ops::importance::importance_sum;
 pub use crate::ops::importance::EmaBetas;
-use crate::ops::importance::{importance_sum, importance_update};
 
 /// The knobs of the allocator, with the released scripts' values as defaults. The schedule's lengths count
 /// the unit [`Allocator::begin`] is called with: epochs (the official code, [`AllocatorConfig::by_epochs`]) or
@@ -206,12 +206,8 @@ impl Allocator {
                  Allocator::betas to Model::backward_step instead of calling update",
             ));
         }
-        for factors in self.factors_of(model)? {
-            for f in factors {
-                importance_update(&model.rt, f.ipt, f.unc, f.value, f.grad, self.cfg.beta1, self.cfg.beta2)?;
-            }
-        }
-        Ok(())
+        self.factors_of(model)?; // the model this allocator was built for
+        model.update_emas(self.betas())
     }
 
     /// Normalised layer scores (method.md §9): mean(Ī·Ū) of In_Qs plus that of Out_Qs, divided by their total
