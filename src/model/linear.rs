@@ -83,6 +83,10 @@ pub(crate) struct Linears<'a> {
     /// The fused update of a `Model::backward_step` on a model planned with it: each Linear's backward ends
     /// with its branches' AdamW step (and allocator EMAs).
     pub(crate) update: Option<FusedUpdate>,
+    /// A forward selects each sparse branch's threshold; the backward's recomputation of a forward (at
+    /// `Recompute::Block`) reuses the thresholds its forward selected from the same factors (same bits, one
+    /// quantile select per branch and step).
+    pub(crate) select: bool,
 }
 
 /// The branch factors' update that a Linear's backward runs once their gradients are complete (the fused
@@ -184,16 +188,16 @@ impl Linears<'_> {
     }
 
     /// The forward's merge: W0 + Σ branch updates in the Linear's scratch W (out_total, in), each sparse
-    /// branch selecting its threshold t = quantile(|M|, s) and writing it to the table. `after(branch, m)`
-    /// runs for each branch while its matrix is in scratch (`m`: M of a kernel branch, before it is
-    /// sparsified, with t already selected; None for LoRA, after B·A is added to W). The export builds
-    /// through here.
+    /// branch selecting its threshold t = quantile(|M|, s) and writing it to the table (with `select` off,
+    /// reading it from there). `after(branch, m)` runs for each branch while its matrix is in scratch (`m`:
+    /// M of a kernel branch, before it is sparsified, with t already selected; None for LoRA, after B·A is
+    /// added to W). The export builds through here.
     pub(crate) fn merge(
         &self,
         lin: &Linear,
         after: impl FnMut(&Branch, Option<Tensor>) -> Result<()>,
     ) -> Result<Tensor> {
-        self.merge_with(lin, Pass::Forward, after)
+        self.merge_with(lin, if self.select { Pass::Forward } else { Pass::Rebuild }, after)
     }
 
     /// W0 + Σ branch updates; returns W. In the forward each sparse branch selects its threshold; in the
@@ -393,7 +397,7 @@ impl Linears<'_> {
         add_bias(rt, y, lin.b.value)?;
         let xd = self.dropped_input(lin, drop, x, rows)?;
         for br in &lin.branches {
-            let applied = self.kernel_m(br, sc, true)?;
+            let applied = self.kernel_m(br, sc, self.select)?;
             self.sparsify_in_place(br, applied, None)?;
             let xb = self.branch_input(lin, br, drop, xd, rows)?;
             let cols = Matmul::new(rows, br.n_out, br.n_in, false, false).ld(0, 0, lin.n_out).accumulate();
@@ -441,7 +445,8 @@ impl Linears<'_> {
 }
 
 /// Which pass builds a merged W: the forward (a sparse branch selects its threshold), the backward (each
-/// branch's factor gradients taken on the way), or a rebuild after them (the forward's thresholds).
+/// branch's factor gradients taken on the way), or a rebuild with the forward's thresholds (after the
+/// factor gradients, or the backward's recomputation of a forward).
 #[derive(Clone, Copy)]
 enum Pass {
     Forward,

@@ -420,6 +420,7 @@ impl Model {
             tokens: self.cfg.tokens(),
             replayed: &self.replayed_masks,
             update: None,
+            select: true,
         }
     }
 
@@ -503,7 +504,7 @@ impl Model {
         let b = self.require_batch()?;
         self.fresh_grads = false; // the gradients are overwritten from here on: only a completed backward counts
         let (rt, lo, cfg) = (&self.rt, &self.layout, &self.cfg);
-        let lins = Linears { update, ..self.linears() };
+        let lins = Linears { update, select: false, ..self.linears() };
         let (d, f, t, v) = (cfg.embed_dim, cfg.mlp_hidden, cfg.tokens(), cfg.num_classes);
         let bt = b * t;
         let np = cfg.num_patches();
