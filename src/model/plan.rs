@@ -124,20 +124,23 @@ pub(crate) struct Params {
     index: HashMap<String, usize>,
 }
 
+/// A trainable fp32 parameter: its value, AdamW moments, and the gradient `grad` plans (planned in between,
+/// so the plan's tensor order is value, gradient, m, v).
+fn trainable_param(plan: &mut Plan, name: &str, shape: &[usize], grad: impl FnOnce(&mut Plan) -> Tensor) -> Param {
+    let value = plan.f32(name, shape, Pool::Trainable);
+    let grad = Some(grad(plan));
+    let m = Some(plan.f32(format!("adamw.m.{name}"), shape, Pool::Optimizer));
+    let v = Some(plan.f32(format!("adamw.v.{name}"), shape, Pool::Optimizer));
+    Param { value, grad, m, v, decay: decays(name, shape), mask: None }
+}
+
 impl Params {
     /// A trainable branch factor whose gradient is `grad` (a slot of the merge scratch, under the fused
     /// update) or, when None, a tensor of its own in the gradient pool.
     fn add_factor(&mut self, plan: &mut Plan, name: &str, shape: &[usize], grad: Option<Tensor>) -> Param {
         let Some(grad) = grad else { return self.add_stored(plan, name, shape, true, DType::F32) };
         assert_eq!(grad.numel, shape.iter().product::<usize>(), "{name}: gradient slot size");
-        let p = Param {
-            value: plan.f32(name, shape, Pool::Trainable),
-            grad: Some(grad),
-            m: Some(plan.f32(format!("adamw.m.{name}"), shape, Pool::Optimizer)),
-            v: Some(plan.f32(format!("adamw.v.{name}"), shape, Pool::Optimizer)),
-            decay: decays(name, shape),
-            mask: None,
-        };
+        let p = trainable_param(plan, name, shape, |_| grad);
         self.push(name, p)
     }
 
@@ -151,14 +154,7 @@ impl Params {
         frozen_dtype: DType,
     ) -> Param {
         let p = if trainable {
-            Param {
-                value: plan.f32(name, shape, Pool::Trainable),
-                grad: Some(plan.f32(format!("grad.{name}"), shape, Pool::Grads)),
-                m: Some(plan.f32(format!("adamw.m.{name}"), shape, Pool::Optimizer)),
-                v: Some(plan.f32(format!("adamw.v.{name}"), shape, Pool::Optimizer)),
-                decay: decays(name, shape),
-                mask: None,
-            }
+            trainable_param(plan, name, shape, |plan| plan.f32(format!("grad.{name}"), shape, Pool::Grads))
         } else {
             let value = plan.add(name, shape, frozen_dtype, Pool::Frozen);
             Param { value, grad: None, m: None, v: None, decay: false, mask: None }

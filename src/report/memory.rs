@@ -101,7 +101,7 @@ pub fn memory_rows_at(
         }
         for name in methods {
             let method = Method::parse(name, sparsity)?;
-            let (plan, _) = plan_model(&cfg, &method, batch, memory)?;
+            let (plan, layout) = plan_model(&cfg, &method, batch, memory)?;
             let pools_mib = Pool::ALL.iter().map(|&p| (p.name().to_string(), mib(plan.pool_bytes(p)))).collect();
             let total_mib = mib(plan.total_bytes());
             let paper = paper_mb(model, &method.name());
@@ -116,7 +116,7 @@ pub fn memory_rows_at(
                 ratio_to_paper: paper.map(|p| total_mib / p),
                 measured_mib: None,
                 recompute: memory.recompute,
-                fused_update: memory.fused_update && method.has_branches(),
+                fused_update: layout.fused_update,
                 resolution: cfg.img_size.0,
             });
         }
