@@ -53,16 +53,21 @@ pub(crate) mod cpu {
     #[inline(always)]
     fn forward_lanes(out: &mut [f32], inp: &[f32]) {
         for (o, &x) in out.iter_mut().zip(inp) {
-            *o = 0.5 * x * (1.0 + erf_lanes(x * FRAC_1_SQRT_2));
+            *o = x * cdf(x);
         }
+    }
+
+    /// Φ(x), the standard normal CDF: GELU(x) = x·Φ(x).
+    #[inline(always)]
+    fn cdf(x: f32) -> f32 {
+        0.5 * (1.0 + erf_lanes(x * FRAC_1_SQRT_2))
     }
 
     /// Φ(x) + x·φ(x), GELU's derivative.
     #[inline(always)]
     fn slope(x: f32) -> f32 {
-        let cdf = 0.5 * (1.0 + erf_lanes(x * FRAC_1_SQRT_2));
         let pdf = INV_SQRT_2PI * exp_lanes(-0.5 * x * x);
-        cdf + x * pdf
+        cdf(x) + x * pdf
     }
 
     pub fn backward_inplace(g: &mut [f32], inp: &[f32]) {
