@@ -217,13 +217,98 @@ pub(crate) mod cpu {
     /// Entries per task of the select's two passes.
     const CHUNK: usize = 1 << 16;
 
-    /// lerp(v[lo], v[hi], w) over v = sort(|m|); NaN if m has one (hi is lo or lo + 1). A two-pass radix
-    /// select, as on CUDA: non-negative floats order like their bits, so one parallel pass counts the
-    /// entries per bin of the top bits (and finds a NaN), and a second collects only the bins that hold the
-    /// ranks lo and hi, among which an exact selection picks v[lo] and v[hi]: the values of a full sort.
+    /// lerp(v[lo], v[hi], w) over v = sort(|m|); NaN if m has one (hi is lo or lo + 1): the values of a full
+    /// sort, from [`bracketed`] in one pass over a large M, or else from [`histogram_select`] in two.
     pub fn quantile(m: &[f32], lo: usize, hi: usize, w: f32) -> f32 {
-        // The bits of |x|.
-        let key = |x: &f32| x.to_bits() & 0x7fff_ffff;
+        let (k_lo, k_hi) = match bracketed(m, lo, hi) {
+            Some(Ok(keys)) => keys,
+            Some(Err(Nan)) => return f32::NAN,
+            None => match histogram_select(m, lo, hi) {
+                Ok(keys) => keys,
+                Err(Nan) => return f32::NAN,
+            },
+        };
+        lerp(f32::from_bits(k_lo), f32::from_bits(k_hi), w)
+    }
+
+    /// M holds a NaN (the quantile is NaN).
+    pub(super) struct Nan;
+
+    /// The bits of |x|: non-negative floats order like their bits.
+    #[inline(always)]
+    fn key(x: &f32) -> u32 {
+        x.to_bits() & 0x7fff_ffff
+    }
+
+    /// Below this many entries the two passes of [`histogram_select`] cost too little to be worth a sample.
+    const BRACKET_MIN: usize = 1 << 18;
+    /// The sample: SAMPLE_RUN consecutive entries of every SAMPLE_EVERY (1/32 of M, 1/32 of its cache lines).
+    const SAMPLE_EVERY: usize = 128;
+    const SAMPLE_RUN: usize = 4;
+
+    /// The keys v[lo] and v[hi] of sort(|m|) in one pass over m: a sample of M brackets the two ranks between
+    /// two keys with a margin of 6 standard deviations of a sample rank, one parallel pass counts the
+    /// entries below the bracket and collects those in it (a few % of M), and an exact selection among them
+    /// picks the two. None (the caller falls back on [`histogram_select`]) for a short M, or when the bracket
+    /// misses a rank, which only a sample far from its M's distribution does.
+    pub(super) fn bracketed(m: &[f32], lo: usize, hi: usize) -> Option<Result<(u32, u32), Nan>> {
+        let n = m.len();
+        if n < BRACKET_MIN {
+            return None;
+        }
+        let mut sample: Vec<u32> =
+            m.chunks(SAMPLE_EVERY).flat_map(|c| c[..SAMPLE_RUN.min(c.len())].iter().map(key)).collect();
+        let s = sample.len();
+        // A sample rank's standard deviation is ≤ √(s·run)/2 (binomial, each run of neighbours counted as one
+        // draw): the margin is 6 of them.
+        let margin = 3 * ((s * SAMPLE_RUN) as f64).sqrt() as usize + 32;
+        let (lo_s, hi_s) = (lo * s / n, hi * s / n);
+        let k_a = match lo_s.checked_sub(margin) {
+            Some(i) => *sample.select_nth_unstable(i).1,
+            None => 0,
+        };
+        let k_b = match hi_s + margin {
+            i if i < s => *sample.select_nth_unstable(i).1,
+            _ => u32::MAX,
+        };
+        let parts: Vec<(usize, Vec<u32>, bool)> = m
+            .par_chunks(CHUNK)
+            .map(|c| {
+                let (mut below, mut nan, mut len) = (0usize, false, 0usize);
+                let mut out = vec![0u32; c.len()];
+                for x in c {
+                    let k = key(x);
+                    below += (k < k_a) as usize;
+                    nan |= k > 0x7f80_0000;
+                    out[len] = k;
+                    len += (k >= k_a && k <= k_b) as usize;
+                }
+                out.truncate(len);
+                (below, out, nan)
+            })
+            .collect();
+        if parts.iter().any(|p| p.2) {
+            return Some(Err(Nan));
+        }
+        let below: usize = parts.iter().map(|p| p.0).sum();
+        let mut v: Vec<u32> = parts.into_iter().flat_map(|p| p.1).collect();
+        if lo < below || hi >= below + v.len() {
+            return None;
+        }
+        Some(Ok(select_two(&mut v, lo - below, hi - lo)))
+    }
+
+    /// (v[r], v[r + gap]) of the sorted candidates, gap 0 or 1.
+    fn select_two(v: &mut [u32], r: usize, gap: usize) -> (u32, u32) {
+        let (_, &mut k_lo, rest) = v.select_nth_unstable(r);
+        let k_hi = if gap == 0 { k_lo } else { rest.iter().copied().min().expect("hi < n") };
+        (k_lo, k_hi)
+    }
+
+    /// The keys v[lo] and v[hi] by a two-pass radix select, as on CUDA: one parallel pass counts the entries
+    /// per bin of the top bits (and finds a NaN), and a second collects only the bins that hold the ranks lo
+    /// and hi, among which an exact selection picks v[lo] and v[hi].
+    fn histogram_select(m: &[f32], lo: usize, hi: usize) -> Result<(u32, u32), Nan> {
         // Whole chunks per fold step, each a plain loop (an element-wise fold passed the histogram through
         // rayon's plumbing once per entry).
         let (hist, nan) = m
@@ -247,7 +332,7 @@ pub(crate) mod cpu {
                 },
             );
         if nan {
-            return f32::NAN;
+            return Err(Nan);
         }
         // The bins of ranks lo and hi, and the count of entries below the first.
         let (mut below, mut bin_lo, mut bin_hi) = (0usize, None, BINS - 1);
@@ -283,14 +368,12 @@ pub(crate) mod cpu {
             })
             .collect::<Vec<_>>()
             .concat();
-        let (_, &mut k_lo, rest) = v.select_nth_unstable(lo - below);
-        let k_hi = if hi == lo { k_lo } else { rest.iter().copied().min().expect("hi < n") };
-        lerp(f32::from_bits(k_lo), f32::from_bits(k_hi), w)
+        Ok(select_two(&mut v, lo - below, hi - lo))
     }
 
     /// max(|x|, t-threshold): |x| if |x| > t else 0 (torch F.threshold(|x|, t, 0)).
     #[inline]
-    fn kept_mag(x: f32, t: f32) -> f32 {
+    pub(crate) fn kept_mag(x: f32, t: f32) -> f32 {
         let a = x.abs();
         if a > t {
             a
@@ -427,6 +510,19 @@ mod tests {
         for s in [0.0, 0.5, 0.77, 1.0] {
             check_against_naive(&long, s);
         }
+        // A sample that misrepresents M (every sampled run 1000× larger): the bracket misses the ranks, and
+        // the histogram select gives the same values.
+        let skewed: Vec<f32> =
+            long.iter().enumerate().map(|(i, &x)| if i % 128 < 4 { 1000.0 * x } else { x }).collect();
+        for s in [0.1, 0.5, 0.99] {
+            let (lo, hi, _) = quantile_rank(long.len(), s);
+            assert!(cpu::bracketed(&long, lo, hi).is_some(), "s={s}: the sample brackets the ranks of M");
+            assert!(cpu::bracketed(&skewed, lo, hi).is_none(), "s={s}: the skewed sample misses");
+            check_against_naive(&skewed, s);
+        }
+        let mut long_nan = long.clone();
+        long_nan[123_457] = f32::NAN;
+        assert!(run(Device::Cpu, &long_nan, 0.5).0.is_nan());
         // n = 1: t = |x|, nothing kept at any s.
         for s in [0.0, 0.5, 1.0] {
             let (t, ms, kept) = run(Device::Cpu, &[-3.0], s);
