@@ -17,7 +17,7 @@ use crate::ops::add::{add_bias, axpy, bias_backward, scale_copy};
 use crate::ops::convert::bf16_widen;
 use crate::ops::dropout::{drop_path, dropout};
 use crate::ops::importance::{importance_update, EmaBetas};
-use crate::ops::kmerge::{merge_backward, merge_forward, Factors};
+use crate::ops::kmerge::{merge_backward, merge_forward, Along, Factors};
 use crate::ops::matmul::{matmul, Matmul};
 use crate::ops::sparsify::{add_transposed, sparsify_apply, sparsify_backward, sparsify_select};
 use crate::runtime::{DType, Runtime, Tensor};
@@ -201,9 +201,11 @@ impl Linears<'_> {
     }
 
     /// W0 + Σ branch updates; returns W. In the forward each sparse branch selects its threshold; in the
-    /// backward each branch's factor gradients are taken on the way (method.md §7), with the threshold of
-    /// this step's forward. Per kernel branch the one (in, out) buffer `m` holds, in turn: M, M_s (sparsified
-    /// in place once ∂L/∂M_s has been masked with it), then the merge backward's K and R_0.
+    /// backward each kernel branch's factor gradients are taken on the way (method.md §7), with the threshold
+    /// of this step's forward, by one merge backward that also masks ∂L/∂M_s and adds M_sᵀ into W
+    /// ([`Along`]); `after` runs in the forward and rebuild passes only. Per kernel branch the one (in, out)
+    /// buffer `m` holds M, then M_s (sparsified in place); in the backward it is the merge backward's
+    /// scratch (M_s on the CPU, M_s then K and R_0 on CUDA).
     fn merge_with(
         &self,
         lin: &Linear,
@@ -232,16 +234,27 @@ impl Linears<'_> {
                         self.lora_backward(lin, br, sc, g)?;
                     }
                 }
-                BranchParams::Kernel { .. } => {
-                    let dms = grad.map(|g| self.grad_ms(lin, br, sc, g.x, g.dy, g.rows)).transpose()?;
-                    let m = self.kernel_m(br, sc, matches!(pass, Pass::Forward))?;
-                    after(br, Some(m))?;
-                    self.sparsify_in_place(br, m, dms)?;
-                    add_frozen_transposed(rt, dst, w0, m, n_in, n_out)?;
-                    if let Some(dms) = dms {
-                        self.kernel_backward(br, sc, dms)?;
+                BranchParams::Kernel { .. } => match grad {
+                    Some(g) if self.replayed(br).is_none() => {
+                        // One pass over M: ∂L/∂M_s masked, the factor gradients and W = W0 + M_sᵀ together.
+                        let dms = self.grad_ms(lin, br, sc, g.x, g.dy, g.rows)?;
+                        let src = match w0.dtype {
+                            DType::BF16 => bf16_widen(rt, dst, w0).map(|_| dst)?,
+                            _ => w0,
+                        };
+                        self.kernel_backward(br, sc, dms, Some((dst, src)))?;
                     }
-                }
+                    _ => {
+                        let dms = grad.map(|g| self.grad_ms(lin, br, sc, g.x, g.dy, g.rows)).transpose()?;
+                        let m = self.kernel_m(br, sc, matches!(pass, Pass::Forward))?;
+                        after(br, Some(m))?;
+                        self.sparsify_in_place(br, m, dms)?;
+                        add_frozen_transposed(rt, dst, w0, m, n_in, n_out)?;
+                        if let Some(dms) = dms {
+                            self.kernel_backward_masked(br, sc, dms)?;
+                        }
+                    }
+                },
             }
         }
         Ok(w)
@@ -252,9 +265,12 @@ impl Linears<'_> {
     fn kernel_grads(&self, lin: &Linear, br: &Branch, g: Grad) -> Result<()> {
         let sc = &self.layout.branch_scratch[lin.scratch];
         let dms = self.grad_ms(lin, br, sc, g.x, g.dy, g.rows)?;
+        if self.replayed(br).is_none() {
+            return self.kernel_backward(br, sc, dms, None);
+        }
         let m = self.kernel_m(br, sc, false)?;
         self.sparsify_in_place(br, m, Some(dms))?;
-        self.kernel_backward(br, sc, dms)
+        self.kernel_backward_masked(br, sc, dms)
     }
 
     /// M of a kernel branch in its scratch; in the forward (`select`) a sparse branch also selects its
@@ -321,9 +337,28 @@ impl Linears<'_> {
         Ok(dms)
     }
 
-    /// The factor gradients of a kernel branch from ∂L/∂M (dms, masked already), accumulated: ∂In_Qs, ∂Out_Qs
-    /// and α, γ, β (method.md §7). Its K goes to the branch's M buffer, which holds nothing needed any more.
-    fn kernel_backward(&self, br: &Branch, sc: &BranchScratch, dms: Tensor) -> Result<()> {
+    /// The factor gradients of a kernel branch from ∂L/∂M_s, accumulated: ∂In_Qs, ∂Out_Qs and α, γ, β
+    /// (method.md §7), with ∂L/∂M_s masked by this step's threshold on the way (sparse branches) and, with
+    /// `weight` = (W's rows of this branch, W0's as fp32), W := W0 + M_sᵀ there: one pass over M.
+    fn kernel_backward(
+        &self,
+        br: &Branch,
+        sc: &BranchScratch,
+        dms: Tensor,
+        weight: Option<(Tensor, Tensor)>,
+    ) -> Result<()> {
+        let along = Along { threshold: br.is_sparse().then(|| self.threshold(br)), weight };
+        self.merge_backward(br, sc, dms, along)
+    }
+
+    /// The factor gradients of a kernel branch from ∂L/∂M (dms, masked already): the unmerged path and the
+    /// replayed masks, which build M_s themselves. Its K goes to the branch's M buffer, which holds nothing
+    /// needed any more.
+    fn kernel_backward_masked(&self, br: &Branch, sc: &BranchScratch, dms: Tensor) -> Result<()> {
+        self.merge_backward(br, sc, dms, Along::default())
+    }
+
+    fn merge_backward(&self, br: &Branch, sc: &BranchScratch, dms: Tensor, along: Along) -> Result<()> {
         let BranchParams::Kernel { in_qs, out_qs, mix, kind, .. } = br.params else { unreachable!("kernel branch") };
         let dmix = mix.map(|m| m.map(|p| p.grad.expect("branch factors train")));
         merge_backward(
@@ -335,6 +370,7 @@ impl Linears<'_> {
             &kernel_factors(br),
             kind,
             sc.merge.as_ref().expect("merge scratch"),
+            along,
         )
     }
 
@@ -438,7 +474,7 @@ impl Linears<'_> {
                 dropout(rt, xb, xb, drop.dropout, drop.seed, stream)?;
             }
             axpy(rt, dx, xb, 1.0)?;
-            self.kernel_backward(br, sc, dms)?;
+            self.kernel_backward_masked(br, sc, dms)?;
         }
         Ok(())
     }

@@ -4,7 +4,7 @@
 use super::{Case, Twin};
 use crate::error::Result;
 use crate::ops::kmerge::reference::mix_grads_f64;
-use crate::ops::kmerge::{merge_backward, merge_forward, Factors, KernelKind, MergeScratch};
+use crate::ops::kmerge::{merge_backward, merge_forward, Along, Factors, KernelKind, MergeScratch};
 use crate::runtime::{Plan, Pool, Tensor};
 
 /// Shapes (n_in, n_out, d) and factor scales (0: kaiming-like, 1/sqrt(n_in·d)) of the merge checks: a
@@ -141,7 +141,7 @@ pub(super) fn backward(cx: &mut Case, kind: KernelKind) -> Result<()> {
                 1 => (mixed, Some(dmix)),
                 _ => (mixed, None),
             };
-            tw.run(|rt| merge_backward(rt, da, db, dm, g, &f, kind, &st.s))?;
+            tw.run(|rt| merge_backward(rt, da, db, dm, g, &f, kind, &st.s, Along::default()))?;
             cx.compare(&tw, da)?;
             cx.compare(&tw, db)?;
         }
@@ -185,7 +185,7 @@ pub(super) fn backward_coincident_rows(cx: &mut Case) -> Result<()> {
     tw.upload(db, &vec![0.0; 2 * n * d])?;
     let s = &st.s;
     tw.poison(&[s.k, s.aug_a, s.aug_b, s.tmp_a, s.tmp_b, s.mix_part])?;
-    tw.run(|rt| merge_backward(rt, da, db, None, g, &st.f, KernelKind::PiecewiseLinear, &st.s))?;
+    tw.run(|rt| merge_backward(rt, da, db, None, g, &st.f, KernelKind::PiecewiseLinear, &st.s, Along::default()))?;
     cx.compare(&tw, da)?;
     cx.compare(&tw, db)
 }

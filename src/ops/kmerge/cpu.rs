@@ -8,6 +8,7 @@
 //! taken on that row while it is in cache, and each exponential of the mixture is computed once per entry.
 use super::{KernelKind, PIECES, PL_COEFF};
 use crate::ops::lanes::{exp_lanes, sum_lanes, widest_vectors};
+use crate::ops::sparsify::cpu::kept_mag;
 use rayon::prelude::*;
 
 /// Per-piece dot product and squared norms of (A_h,i, B_h,j).
@@ -420,6 +421,12 @@ pub fn mix_forward(m: &mut [f32], al: f32, gm: f32, be: f32, n_out: usize) {
 #[inline]
 fn mix_backward_row(gr: &mut [f32], kr: &[f32], al: f32, gm: f32, e: &mut [f32]) -> [f32; 3] {
     let inv = softmax_exps(kr, gm, e);
+    mix_backward_row_from(gr, kr, al, gm, e, inv)
+}
+
+/// [`mix_backward_row`] with the row's softmax exponentials and 1/Σe already taken (S = e·inv).
+#[inline]
+fn mix_backward_row_from(gr: &mut [f32], kr: &[f32], al: f32, gm: f32, e: &[f32], inv: f32) -> [f32; 3] {
     // The long sums accumulate in f64 (the CUDA twin reduces in trees): closer to the exact sums.
     let (mut s_g, mut s_gs, mut dot) = (0f64, 0f64, 0f64);
     for (&gv, &e) in gr.iter().zip(e.iter()) {
@@ -465,7 +472,8 @@ pub fn mix_reduce(part: &[f32], n_in: usize) -> [f32; 3] {
     [s(0), s(1), s(2)]
 }
 
-/// dK -> R in place in g; the piecewise-linear kernel writes R_0 to r0 and R_1 to g.
+/// dK -> R in place in g; the piecewise-linear kernel writes R_0 to r0 and R_1 to g (the ratio alone:
+/// [`backward`] takes it row by row).                                    g, r0: (n_in, n_out)
 #[allow(clippy::too_many_arguments)]
 pub fn ratio(
     g: &mut [f32],
@@ -477,54 +485,118 @@ pub fn ratio(
     d: usize,
     kind: KernelKind,
 ) {
-    backward_rows(g, r0, a, b, n_in, n_out, d, kind, None, &mut []);
+    let rows = Rows::new(a, b, n_in, n_out, d);
+    let mut buf = RowBuf::new(n_out);
+    for (i, (gr, r0r)) in g.chunks_mut(n_out).zip(r0.chunks_mut(n_out)).enumerate() {
+        rows.dots(i, 1, &mut buf);
+        rows.ratio_row(kind, i, [&buf.p[0][..n_out], &buf.p[1][..n_out]], gr, r0r);
+    }
 }
 
-/// The merge backward's elementwise part, row by row, with one evaluation of the dot products per row: with
-/// `mix` = [α, γ], K of the row, then g := dK and the row's sums into part (3, n_in) (see
-/// [`mix_backward`]); then (every kind but `Linear`) dK -> R as [`ratio`] does.    g, r0: (n_in, n_out)
+impl Rows<'_> {
+    /// dK → R on row i (`ratio_at`'s expressions): gr := R (R_1 for the piecewise-linear kernel, whose R_0
+    /// goes to r0); `Linear` leaves dK, which is its R.
+    fn ratio_row(&self, kind: KernelKind, i: usize, p: [&[f32]; PIECES], gr: &mut [f32], r0: &mut [f32]) {
+        match kind {
+            KernelKind::PiecewiseLinear => {
+                pl_ratio(p[0], p[1], self.an[i], &self.bn_t[0], &self.bn_t[1], self.d, gr, r0)
+            }
+            KernelKind::Linear => {}
+            _ => {
+                for (j, gv) in gr.iter_mut().enumerate() {
+                    *gv = ratio_at(kind, &self.pair(p, i, j), *gv, self.d).0;
+                }
+            }
+        }
+    }
+}
+
+/// The merged weight a backward writes on its way: W (n_out, n_in) := src + M_sᵀ, column i from row i of
+/// M_s. Raw pointers, because each task of [`backward`] writes the columns of its own rows, which are not
+/// one slice; src may be W itself.
+#[derive(Clone, Copy)]
+pub struct WeightOut {
+    pub dst: *mut f32,
+    pub src: *const f32,
+}
+
+// SAFETY: the tasks of one `backward` write disjoint columns of dst, and read src only at those entries.
+unsafe impl Send for WeightOut {}
+unsafe impl Sync for WeightOut {}
+
+/// The merge backward's elementwise part (method.md §5–§7) in one pass over the rows of M, which is never
+/// stored: per group of rows the dot products once, then per row
+/// 1. K of the row (when the mixture or M needs it) and, with `mix` = [α, γ, β], its softmax;
+/// 2. M = K + α·S + β; with `t` (a sparse branch's threshold) g is ∂L/∂M_s and becomes
+///    ∂L/∂M = g·|M|·1[|M| > t] (`ops::sparsify`'s expressions); with `w` the row of M_s (M without `t`)
+///    goes into column i of the merged weight;
+/// 3. with the mixture, g := dK and the row's sums into part (3, n_in) (see [`mix_backward`]);
+/// 4. (every kind but `Linear`) dK → R as [`ratio`] does: g := R (R_1), r0 := R_0 (piecewise-linear).
+///
+/// The factor products of R follow as GEMMs (`merge_backward`).                 g, r0: (n_in, n_out)
 #[allow(clippy::too_many_arguments)]
-pub fn backward_rows(
+pub fn backward(
     g: &mut [f32],
     r0: &mut [f32],
+    w: Option<WeightOut>,
     a: &[f32],
     b: &[f32],
     n_in: usize,
     n_out: usize,
     d: usize,
     kind: KernelKind,
-    mix: Option<[f32; 2]>,
+    mix: Option<[f32; 3]>,
+    t: Option<f32>,
     part: &mut [f32],
 ) {
     let rows = Rows::new(a, b, n_in, n_out, d);
+    let need_m = t.is_some() || w.is_some();
+    let need_k = need_m || mix.is_some();
+    let need_dots = need_k || kind != KernelKind::Linear;
     let groups: Vec<[[f32; 3]; GROUP]> = g
         .par_chunks_mut(GROUP * n_out)
         .zip(r0.par_chunks_mut(GROUP * n_out))
         .with_min_len(groups_per_task(n_out))
         .enumerate()
         .map_init(
-            || (RowBuf::new(n_out), vec![0f32; n_out]),
-            |(buf, e), (grp, (gb, r0b))| {
+            || (RowBuf::new(n_out), vec![0f32; n_out], vec![0f32; n_out], vec![0f32; n_out]),
+            |(buf, e, m, ms), (grp, (gb, r0b))| {
                 let i0 = grp * GROUP;
                 let mut sums = [[0f32; 3]; GROUP];
-                if mix.is_some() || kind != KernelKind::Linear {
+                if need_dots {
                     rows.dots(i0, gb.len() / n_out, buf);
                 }
                 let RowBuf { p, tmp: k } = buf;
                 for (r, (gr, r0r)) in gb.chunks_mut(n_out).zip(r0b.chunks_mut(n_out)).enumerate() {
                     let i = i0 + r;
                     let p = [&p[0][r * n_out..][..n_out], &p[1][r * n_out..][..n_out]];
-                    if let Some([al, gm]) = mix {
+                    if need_k {
                         rows.kernel_row(kind, i, p, k);
-                        sums[r] = mix_backward_row(gr, k, al, gm, e);
                     }
-                    if kind == KernelKind::PiecewiseLinear {
-                        pl_ratio(p[0], p[1], rows.an[i], &rows.bn_t[0], &rows.bn_t[1], d, gr, r0r);
-                    } else if kind != KernelKind::Linear {
-                        for (j, gv) in gr.iter_mut().enumerate() {
-                            *gv = ratio_at(kind, &rows.pair(p, i, j), *gv, d).0;
+                    let soft = mix.map(|[_, gm, _]| softmax_exps(k, gm, e));
+                    if need_m {
+                        match (mix, soft) {
+                            (Some([al, _, be]), Some(inv)) => mixed_row(k, e, al, inv, be, m),
+                            _ => m.copy_from_slice(k),
+                        }
+                        match t {
+                            Some(t) => mask_row(m, t, gr, ms),
+                            None => ms.copy_from_slice(m),
+                        }
+                        if let Some(w) = w {
+                            // SAFETY: column i of W belongs to this task's row i; i < n_in, j < n_out.
+                            unsafe {
+                                for (j, &v) in ms.iter().enumerate() {
+                                    let at = j * n_in + i;
+                                    *w.dst.add(at) = *w.src.add(at) + v;
+                                }
+                            }
                         }
                     }
+                    if let (Some([al, gm, _]), Some(inv)) = (mix, soft) {
+                        sums[r] = mix_backward_row_from(gr, k, al, gm, e, inv);
+                    }
+                    rows.ratio_row(kind, i, p, gr, r0r);
                 }
                 sums
             },
@@ -534,6 +606,38 @@ pub fn backward_rows(
         let sums: Vec<[f32; 3]> = groups.into_iter().flatten().take(n_in).collect();
         store_parts(part, &sums, n_in);
     }
+}
+
+/// M = K + α·S + β on a row, S = e·inv: the forward's `mix_row` expression.            k, e, m: (n_out)
+#[inline(always)]
+fn mixed_row_lanes(k: &[f32], e: &[f32], al: f32, inv: f32, be: f32, m: &mut [f32]) {
+    let n = m.len();
+    let (k, e) = (&k[..n], &e[..n]);
+    for j in 0..n {
+        m[j] = (k[j] + al * (e[j] * inv)) + be;
+    }
+}
+
+/// A sparse row: g := g·|M|·1[|M| > t] (∂L/∂M_s → ∂L/∂M) and ms := M·|M|·1[|M| > t] (`ops::sparsify`'s).
+#[inline(always)]
+fn mask_row_lanes(m: &[f32], t: f32, g: &mut [f32], ms: &mut [f32]) {
+    let n = m.len();
+    let (g, ms) = (&mut g[..n], &mut ms[..n]);
+    for j in 0..n {
+        let kept = kept_mag(m[j], t);
+        g[j] *= kept;
+        ms[j] = m[j] * kept;
+    }
+}
+
+widest_vectors! {
+    /// The merged row M = K + α·S + β (see [`mixed_row_lanes`]).
+    fn mixed_row(k: &[f32], e: &[f32], al: f32, inv: f32, be: f32, m: &mut [f32]) => mixed_row_lanes
+}
+
+widest_vectors! {
+    /// A sparse row's gradient mask and M_s (see [`mask_row_lanes`]).
+    fn mask_row(m: &[f32], t: f32, g: &mut [f32], ms: &mut [f32]) => mask_row_lanes
 }
 
 /// aug (rows, d+1) = [x | 1].

@@ -29,12 +29,15 @@
 //!   dA_h = A_h·rowsum(R_h) − R_h·B_h,  dB_h = B_h·colsum(R_h) − R_hᵀ·A_h;
 //! * inner-product kernels (R = dK·f'(p): 1, 1 − K², 2(p + 1)): dA_h = R·B_h, dB_h = Rᵀ·A_h.
 //!
-//! The row/column sums ride along the GEMMs: R·[B_h | 1] (n_in, d+1) gives R·B_h and rowsum(R) at once,
+//! The row/column sums ride along the products: R·[B_h | 1] (n_in, d+1) gives R·B_h and rowsum(R) at once,
 //! Rᵀ·[A_h | 1] gives Rᵀ·A_h and colsum(R). Nothing of the forward is kept: the backward recomputes K
 //! (mixture only) and the distances from the factors, which is the memory design of the method (method.md §6).
+//! On the CPU the pass that recomputes K and R also recomputes M, masks ∂L/∂M_s and writes M_sᵀ into the
+//! merged weight ([`Along`], [`cpu::backward`]), so a Linear's backward builds its M once.
 use cudarc::driver::LaunchConfig;
 
 use crate::error::Result;
+use crate::ops::sparsify::{add_transposed, sparsify_apply, sparsify_backward};
 use crate::ops::{matmul, Matmul};
 use crate::runtime::cuda::{grid_1d, grid_rows, KArg};
 use crate::runtime::{Backend, Plan, Pool, Runtime, Tensor};
@@ -203,10 +206,26 @@ pub fn merge_forward(rt: &Runtime, m: Tensor, f: &Factors, kind: KernelKind, s: 
     Ok(())
 }
 
-/// Given g = dL/dM (n_in, n_out) (overwritten: it ends as a ratio R), ACCUMULATES (+=) into
-/// d_in_qs (2, n_in, d), d_out_qs (2, n_out, d) and, with the mixture, dmix = [dalpha, dgamma, dbeta] (1 each).
-/// Everything needed is recomputed from the factors. `dmix` may be None with `f.mix` set (frozen
-/// mixture scalars); the reverse is an error.
+/// What a merge backward also does with the M it recomputes, so that a Linear's backward passes over M
+/// once (method.md §5–§7).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Along {
+    /// A sparse branch's threshold t (1): g comes in as ∂L/∂M_s and is masked to ∂L/∂M = g·|M|·1[|M| > t]
+    /// first. None: g is ∂L/∂M already.
+    pub threshold: Option<Tensor>,
+    /// The merged weight (dst, src), both fp32 (n_out, n_in): dst := src + M_sᵀ (M_s with a threshold, M
+    /// without); src may be dst.
+    pub weight: Option<(Tensor, Tensor)>,
+}
+
+/// Given g = dL/dM (n_in, n_out) (or dL/dM_s with `along.threshold`; overwritten), ACCUMULATES (+=) into
+/// d_in_qs (2, n_in, d), d_out_qs (2, n_out, d) and, with the mixture, dmix = [dalpha, dgamma, dbeta] (1 each);
+/// with `along.weight` it also builds the merged weight. Everything needed is recomputed from the factors.
+/// `dmix` may be None with `f.mix` set (frozen mixture scalars); the reverse is an error.
+///
+/// The CPU takes the elementwise part in one pass over the rows of M ([`cpu::backward`]), M never stored;
+/// CUDA builds M in `s.k` for the threshold and the weight, then runs the backward's kernels. Both end with
+/// the same GEMMs.
 #[allow(clippy::too_many_arguments)]
 pub fn merge_backward(
     rt: &Runtime,
@@ -217,6 +236,7 @@ pub fn merge_backward(
     f: &Factors,
     kind: KernelKind,
     s: &MergeScratch,
+    along: Along,
 ) -> Result<()> {
     f.check();
     s.check(f);
@@ -225,23 +245,45 @@ pub fn merge_backward(
     assert_eq!(d_in_qs.numel, f.in_qs.numel, "kmerge: dIn_Qs must be shaped like In_Qs");
     assert_eq!(d_out_qs.numel, f.out_qs.numel, "kmerge: dOut_Qs must be shaped like Out_Qs");
     assert!(dmix.is_none() || f.mix.is_some(), "kmerge: dmix given for factors without a mixture");
+    assert!(along.threshold.is_none_or(|t| t.numel == 1), "kmerge: the threshold is a 1-element tensor");
+    if let Some((dst, src)) = along.weight {
+        assert!(dst.numel == n_in * n_out && src.numel == n_in * n_out, "kmerge: W must be ({n_out}, {n_in})");
+        assert!(dst != g && dst != s.k, "kmerge: W must not overwrite dM or the merge scratch");
+    }
+    if let Some(dm) = dmix {
+        assert!(dm.iter().all(|t| t.numel == 1), "kmerge: dalpha, dgamma, dbeta are 1-element tensors");
+    }
 
     if let Backend::Cpu = rt.backend {
-        // Steps 1 and 2 below in one pass over the rows, the dot products of each row evaluated once.
-        let mix = f.mix.map(|[al, gm, _]| [rt.f32(al)[0], rt.f32(gm)[0]]);
+        // Steps 0–2 below in one pass over the rows, the dot products of each row evaluated once, M never
+        // stored: W's column i is written from row i of M_s.
+        let mix = f.mix.map(|[al, gm, be]| [rt.f32(al)[0], rt.f32(gm)[0], rt.f32(be)[0]]);
+        let t = along.threshold.map(|t| rt.f32(t)[0]);
+        let w = along
+            .weight
+            .map(|(dst, src)| cpu::WeightOut { src: rt.f32(src).as_ptr(), dst: rt.f32_mut(dst).as_mut_ptr() });
         let (a, b) = (rt.f32(f.in_qs), rt.f32(f.out_qs));
-        cpu::backward_rows(rt.f32_mut(g), rt.f32_mut(s.k), a, b, n_in, n_out, d, kind, mix, rt.f32_mut(s.mix_part));
+        cpu::backward(rt.f32_mut(g), rt.f32_mut(s.k), w, a, b, n_in, n_out, d, kind, mix, t, rt.f32_mut(s.mix_part));
         if let (Some(mix), Some(dm)) = (f.mix, dmix) {
-            assert!(dm.iter().all(|t| t.numel == 1), "kmerge: dalpha, dgamma, dbeta are 1-element tensors");
             mix_reduce(rt, dm, mix[1], s.mix_part, n_in)?;
         }
     } else {
+        // 0. M for the threshold and the weight, in s.k (free until step 1 recomputes K there).
+        if along.threshold.is_some() || along.weight.is_some() {
+            merge_forward(rt, s.k, f, kind, s)?;
+            if let Some(t) = along.threshold {
+                sparsify_backward(rt, g, g, s.k, t)?;
+                sparsify_apply(rt, s.k, s.k, t)?;
+            }
+            if let Some((dst, src)) = along.weight {
+                add_transposed(rt, dst, src, s.k, n_in, n_out)?;
+            }
+        }
         // 1. Mixture: g := dL/dK (K recomputed into s.k), per-row partial sums, then dα, dγ, dβ.
         if let Some(mix) = f.mix {
             kernel_forward(rt, s.k, f, kind)?;
             mix_backward(rt, g, s.k, mix, s.mix_part, n_in, n_out)?;
             if let Some(dm) = dmix {
-                assert!(dm.iter().all(|t| t.numel == 1), "kmerge: dalpha, dgamma, dbeta are 1-element tensors");
                 mix_reduce(rt, dm, mix[1], s.mix_part, n_in)?;
             }
         }

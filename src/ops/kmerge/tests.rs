@@ -135,7 +135,7 @@ fn check_backward(kind: KernelKind, mix: bool, scale: f32) {
             st.rt.upload(mt[c], &[MIX[c]]).unwrap();
         }
     }
-    merge_backward(&st.rt, st.da, st.db, mix.then_some(st.dmix), st.g, &st.f, kind, &st.s).unwrap();
+    merge_backward(&st.rt, st.da, st.db, mix.then_some(st.dmix), st.g, &st.f, kind, &st.s, Along::default()).unwrap();
 
     let (a64, b64, g64) = (to64(&a), to64(&b), to64(&gv));
     let mix64 = MIX.map(|x| x as f64);
@@ -234,7 +234,8 @@ fn zero_distance_has_zero_ratio() {
     st.rt.upload(st.f.in_qs, &a).unwrap();
     st.rt.upload(st.f.out_qs, &a).unwrap(); // b == a: D_h[i,i] = 0
     st.rt.upload(st.g, &[1.0; 4]).unwrap();
-    merge_backward(&st.rt, st.da, st.db, None, st.g, &st.f, KernelKind::PiecewiseLinear, &st.s).unwrap();
+    merge_backward(&st.rt, st.da, st.db, None, st.g, &st.f, KernelKind::PiecewiseLinear, &st.s, Along::default())
+        .unwrap();
     assert!(st.rt.download(st.da).unwrap().iter().all(|x| x.is_finite()));
     assert!(st.rt.download(st.db).unwrap().iter().all(|x| x.is_finite()));
 }
@@ -265,6 +266,96 @@ fn rows_give_the_bits_of_the_pairwise_definition() {
             cpu::forward(&mut got, &a, &b, n_in, n_out, d, kind, Some([al, gm, be]));
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "{kind:?} ({n_in}, {n_out}, {d})");
+        }
+    }
+}
+
+/// The backward with its threshold and merged weight taken on the way (one pass over M, `Along`) gives the
+/// bits of the separate steps it replaces: M, the gradient's mask, M_s, W = W0 + M_sᵀ, then the backward from
+/// the masked gradient. Every kind, with and without the mixture, with and without a threshold; shapes whose
+/// rows do not fill the groups and chunks.
+#[test]
+fn backward_along_matches_the_separate_steps() {
+    use crate::ops::sparsify::{add_transposed, sparsify_apply, sparsify_backward, sparsify_select, SparsifyScratch};
+    let (n_in, n_out, d) = (37, 29, 5);
+    for kind in KINDS {
+        for (mix, sparse) in [(false, true), (true, true), (true, false)] {
+            let mut plan = Plan::new();
+            let a = plan.f32("a", &[2, n_in, d], Pool::Trainable);
+            let b = plan.f32("b", &[2, n_out, d], Pool::Trainable);
+            let mixt = [0, 1, 2].map(|c| plan.f32(format!("mix{c}"), &[1], Pool::Trainable));
+            let grads = [0, 1].map(|side| {
+                let da = plan.f32(format!("da{side}"), &[2, n_in, d], Pool::Grads);
+                let db = plan.f32(format!("db{side}"), &[2, n_out, d], Pool::Grads);
+                let dmix = [0, 1, 2].map(|c| plan.f32(format!("dmix{side}{c}"), &[1], Pool::Grads));
+                let w = plan.f32(format!("w{side}"), &[n_out, n_in], Pool::Scratch);
+                (da, db, dmix, w)
+            });
+            let w0 = plan.f32("w0", &[n_out, n_in], Pool::Scratch);
+            let (m, g, t) = (
+                plan.f32("m", &[n_in, n_out], Pool::Scratch),
+                plan.f32("g", &[n_in, n_out], Pool::Scratch),
+                plan.f32("t", &[1], Pool::Scratch),
+            );
+            let sp = SparsifyScratch::plan(&mut plan, "sp", n_in * n_out);
+            let s = MergeScratch::plan_with_k(&mut plan, "s", n_in, n_out, d, m);
+            let rt = Runtime::cpu(plan);
+            let f = Factors { in_qs: a, out_qs: b, mix: mix.then_some(mixt), n_in, n_out, half_rank: d };
+            rt.upload(a, &randn(a.numel, 1, 0.4)).unwrap();
+            rt.upload(b, &randn(b.numel, 2, 0.4)).unwrap();
+            for (c, v) in [0.7f32, 0.3, 0.02].iter().enumerate() {
+                rt.upload(mixt[c], &[*v]).unwrap();
+            }
+            rt.upload(w0, &randn(w0.numel, 3, 0.02)).unwrap();
+            let gv = randn(g.numel, 4, 1.0);
+            for (da, db, dmix, _) in grads {
+                rt.upload(da, &randn(da.numel, 5, 1.0)).unwrap();
+                rt.upload(db, &randn(db.numel, 6, 1.0)).unwrap();
+                dmix.iter().for_each(|&x| rt.upload(x, &[0.25]).unwrap());
+            }
+            merge_forward(&rt, m, &f, kind, &s).unwrap();
+            sparsify_select(&rt, t, m, 0.6, &sp).unwrap();
+            let threshold = sparse.then_some(t);
+            // Fused.
+            let (da, db, dmix, w) = grads[0];
+            rt.upload(g, &gv).unwrap();
+            merge_backward(
+                &rt,
+                da,
+                db,
+                mix.then_some(dmix),
+                g,
+                &f,
+                kind,
+                &s,
+                Along { threshold, weight: Some((w, w0)) },
+            )
+            .unwrap();
+            // Separate.
+            let (da, db, dmix, w) = grads[1];
+            rt.upload(g, &gv).unwrap();
+            merge_forward(&rt, m, &f, kind, &s).unwrap();
+            if sparse {
+                sparsify_backward(&rt, g, g, m, t).unwrap();
+                sparsify_apply(&rt, m, m, t).unwrap();
+            }
+            add_transposed(&rt, w, w0, m, n_in, n_out).unwrap();
+            merge_backward(&rt, da, db, mix.then_some(dmix), g, &f, kind, &s, Along::default()).unwrap();
+            let (x, y) = (grads[0], grads[1]);
+            let mut pairs = vec![("d_in_qs", x.0, y.0), ("d_out_qs", x.1, y.1), ("W", x.3, y.3)];
+            if mix {
+                pairs.extend([("d_alpha", x.2[0], y.2[0]), ("d_gamma", x.2[1], y.2[1]), ("d_beta", x.2[2], y.2[2])]);
+            }
+            for (name, p, q) in pairs {
+                let (p, q) = (rt.download(p).unwrap(), rt.download(q).unwrap());
+                let diff = p.iter().zip(&q).filter(|(u, v)| u.to_bits() != v.to_bits()).count();
+                assert_eq!(
+                    diff,
+                    0,
+                    "{kind:?} mix {mix} sparse {sparse}: {name} differs in {diff} of {} entries",
+                    p.len()
+                );
+            }
         }
     }
 }
