@@ -359,3 +359,4 @@ fn backward_along_matches_the_separate_steps() {
         }
     }
 }
+
