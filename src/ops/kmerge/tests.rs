@@ -359,4 +359,3 @@ fn backward_along_matches_the_separate_steps() {
         }
     }
 }
-
