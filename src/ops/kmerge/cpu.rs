@@ -404,10 +404,7 @@ fn scaled_exps_lanes(row: &[f32], gm: f32, mx: f32, e: &mut [f32]) -> f32 {
 #[inline]
 fn mix_row(row: &mut [f32], al: f32, gm: f32, be: f32, e: &mut [f32]) {
     let inv = softmax_exps(row, gm, e);
-    for (k, &e) in row.iter_mut().zip(e.iter()) {
-        let s = e * inv;
-        *k = (*k + al * s) + be;
-    }
+    add_mixture(row, e, al, inv, be);
 }
 
 /// m := m + α·softmax_row(m/γ) + β, in place.                       m: (rows, n_out)
@@ -575,14 +572,17 @@ pub fn backward(
                     }
                     let soft = mix.map(|[_, gm, _]| softmax_exps(k, gm, e));
                     if need_m {
-                        match (mix, soft) {
-                            (Some([al, _, be]), Some(inv)) => mixed_row(k, e, al, inv, be, m),
-                            _ => m.copy_from_slice(k),
+                        m.copy_from_slice(k);
+                        if let (Some([al, _, be]), Some(inv)) = (mix, soft) {
+                            add_mixture(m, e, al, inv, be);
                         }
-                        match t {
-                            Some(t) => mask_row(m, t, gr, ms),
-                            None => ms.copy_from_slice(m),
-                        }
+                        let ms = match t {
+                            Some(t) => {
+                                mask_row(m, t, gr, ms);
+                                &ms[..]
+                            }
+                            None => &m[..],
+                        };
                         if let Some(w) = w {
                             // SAFETY: column i of W belongs to this task's row i; i < n_in, j < n_out.
                             unsafe {
@@ -608,13 +608,13 @@ pub fn backward(
     }
 }
 
-/// M = K + α·S + β on a row, S = e·inv: the forward's `mix_row` expression.            k, e, m: (n_out)
+/// m := m + α·S + β with S = e·inv (M from K, on a row): the forward's and the backward's one expression.
+///                                                                       m, e: (n_out)
 #[inline(always)]
-fn mixed_row_lanes(k: &[f32], e: &[f32], al: f32, inv: f32, be: f32, m: &mut [f32]) {
-    let n = m.len();
-    let (k, e) = (&k[..n], &e[..n]);
-    for j in 0..n {
-        m[j] = (k[j] + al * (e[j] * inv)) + be;
+fn add_mixture_lanes(m: &mut [f32], e: &[f32], al: f32, inv: f32, be: f32) {
+    let e = &e[..m.len()];
+    for (m, &e) in m.iter_mut().zip(e) {
+        *m = (*m + al * (e * inv)) + be;
     }
 }
 
@@ -631,8 +631,8 @@ fn mask_row_lanes(m: &[f32], t: f32, g: &mut [f32], ms: &mut [f32]) {
 }
 
 widest_vectors! {
-    /// The merged row M = K + α·S + β (see [`mixed_row_lanes`]).
-    fn mixed_row(k: &[f32], e: &[f32], al: f32, inv: f32, be: f32, m: &mut [f32]) => mixed_row_lanes
+    /// The mixture added to a row of K (see [`add_mixture_lanes`]).
+    fn add_mixture(m: &mut [f32], e: &[f32], al: f32, inv: f32, be: f32) => add_mixture_lanes
 }
 
 widest_vectors! {

@@ -259,9 +259,12 @@ pub fn merge_backward(
         // stored: W's column i is written from row i of M_s.
         let mix = f.mix.map(|[al, gm, be]| [rt.f32(al)[0], rt.f32(gm)[0], rt.f32(be)[0]]);
         let t = along.threshold.map(|t| rt.f32(t)[0]);
-        let w = along
-            .weight
-            .map(|(dst, src)| cpu::WeightOut { src: rt.f32(src).as_ptr(), dst: rt.f32_mut(dst).as_mut_ptr() });
+        let w = along.weight.map(|(dst, src)| {
+            // In place (src = dst) both pointers come from the one &mut: no shared borrow overlaps it.
+            let dst_p = rt.f32_mut(dst).as_mut_ptr();
+            let src_p = if src == dst { dst_p.cast_const() } else { rt.f32(src).as_ptr() };
+            cpu::WeightOut { dst: dst_p, src: src_p }
+        });
         let (a, b) = (rt.f32(f.in_qs), rt.f32(f.out_qs));
         cpu::backward(rt.f32_mut(g), rt.f32_mut(s.k), w, a, b, n_in, n_out, d, kind, mix, t, rt.f32_mut(s.mix_part));
         if let (Some(mix), Some(dm)) = (f.mix, dmix) {
