@@ -242,9 +242,11 @@ pub(crate) mod cpu {
 
     /// Below this many entries the two passes of [`histogram_select`] cost too little to be worth a sample.
     const BRACKET_MIN: usize = 1 << 18;
-    /// The sample: SAMPLE_RUN consecutive entries of every SAMPLE_EVERY (1/32 of M, 1/32 of its cache lines).
-    const SAMPLE_EVERY: usize = 128;
-    const SAMPLE_RUN: usize = 4;
+    /// The sample: every SAMPLE_STRIDE-th entry of M. A prime stride walks across the columns of a row-major
+    /// M whose row length it does not divide: a sample of whole runs at a period that divides the row length
+    /// (ViT widths are 2^k·3) sees the same few columns in every row, and a column's scale then moves the
+    /// sample's ranks by several % of M.
+    const SAMPLE_STRIDE: usize = 37;
 
     /// The keys v[lo] and v[hi] of sort(|m|) in one pass over m: a sample of M brackets the two ranks between
     /// two keys with a margin of 6 standard deviations of a sample rank, one parallel pass counts the
@@ -256,12 +258,11 @@ pub(crate) mod cpu {
         if n < BRACKET_MIN {
             return None;
         }
-        let mut sample: Vec<u32> =
-            m.chunks(SAMPLE_EVERY).flat_map(|c| c[..SAMPLE_RUN.min(c.len())].iter().map(key)).collect();
+        let mut sample: Vec<u32> = m.iter().step_by(SAMPLE_STRIDE).map(key).collect();
         let s = sample.len();
-        // A sample rank's standard deviation is ≤ √(s·run)/2 (binomial, each run of neighbours counted as one
-        // draw): the margin is 6 of them.
-        let margin = 3 * ((s * SAMPLE_RUN) as f64).sqrt() as usize + 32;
+        // A sample rank's standard deviation is ≤ √s/2 (binomial; a systematic sample across the rows does
+        // not do worse): the margin is 6 of them.
+        let margin = 3 * (s as f64).sqrt() as usize + 32;
         let (lo_s, hi_s) = (lo * s / n, hi * s / n);
         let k_a = match lo_s.checked_sub(margin) {
             Some(i) => *sample.select_nth_unstable(i).1,
@@ -271,31 +272,100 @@ pub(crate) mod cpu {
             i if i < s => *sample.select_nth_unstable(i).1,
             _ => u32::MAX,
         };
-        let parts: Vec<(usize, Vec<u32>, bool)> = m
-            .par_chunks(CHUNK)
-            .map(|c| {
-                let (mut below, mut nan, mut len) = (0usize, false, 0usize);
-                let mut out = vec![0u32; c.len()];
-                for x in c {
-                    let k = key(x);
-                    below += (k < k_a) as usize;
-                    nan |= k > 0x7f80_0000;
-                    out[len] = k;
-                    len += (k >= k_a && k <= k_b) as usize;
-                }
-                out.truncate(len);
-                (below, out, nan)
-            })
-            .collect();
-        if parts.iter().any(|p| p.2) {
-            return Some(Err(Nan));
-        }
-        let below: usize = parts.iter().map(|p| p.0).sum();
-        let mut v: Vec<u32> = parts.into_iter().flat_map(|p| p.1).collect();
+        let (below, mut v) = match candidates(m, k_a, k_b) {
+            Ok(found) => found,
+            Err(Nan) => return Some(Err(Nan)),
+        };
         if lo < below || hi >= below + v.len() {
             return None;
         }
         Some(Ok(select_two(&mut v, lo - below, hi - lo)))
+    }
+
+    /// The keys of M in [k_a, k_b] (in no particular order) and the count of those below k_a, one parallel
+    /// pass; Err(Nan) if M holds a NaN (the bracket may then be of no use: callers check it first).
+    fn candidates(m: &[f32], k_a: u32, k_b: u32) -> Result<(usize, Vec<u32>), Nan> {
+        let parts: Vec<(usize, Vec<u32>, bool)> = m
+            .par_chunks(CHUNK)
+            .map(|c| {
+                // Room for every key plus one vector's overhang of the AVX-512 store; nothing is zeroed.
+                let mut out = Vec::with_capacity(c.len() + 16);
+                let (below, len, nan) = collect(c, k_a, k_b, out.spare_capacity_mut());
+                // SAFETY: `collect` wrote out[..len].
+                unsafe { out.set_len(len) };
+                (below, out, nan)
+            })
+            .collect();
+        if parts.iter().any(|p| p.2) {
+            return Err(Nan);
+        }
+        let below = parts.iter().map(|p| p.0).sum();
+        Ok((below, parts.into_iter().flat_map(|p| p.1).collect()))
+    }
+
+    /// One chunk of [`candidates`]: writes the keys in [k_a, k_b] to out[..len]; returns (below, len, NaN
+    /// seen). out has room for c.len() + 16 keys.
+    fn collect(c: &[f32], k_a: u32, k_b: u32, out: &mut [std::mem::MaybeUninit<u32>]) -> (usize, usize, bool) {
+        assert!(out.len() >= c.len() + 16);
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F checked above; out has the room asserted above.
+            return unsafe { collect_avx512(c, k_a, k_b, out.as_mut_ptr().cast()) };
+        }
+        let (mut below, mut len, mut nan) = (0usize, 0usize, false);
+        for x in c {
+            // Written always, kept by advancing the end or not: a filter's branch would mispredict on a good
+            // part of the entries where the bracket holds a large share of |M|.
+            let k = key(x);
+            below += (k < k_a) as usize;
+            nan |= k > 0x7f80_0000;
+            out[len].write(k);
+            len += (k >= k_a && k <= k_b) as usize;
+        }
+        (below, len, nan)
+    }
+
+    /// [`collect`] 16 keys at a time: the keys in the bracket compressed in a register and stored whole (the
+    /// memory form of the compress is slow on some cores), the next store overwriting the unused lanes.
+    ///
+    /// # Safety
+    /// The host has AVX-512F; `out` has room for c.len() + 16 keys.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn collect_avx512(c: &[f32], k_a: u32, k_b: u32, out: *mut u32) -> (usize, usize, bool) {
+        use std::arch::x86_64::*;
+        let (abs, va, vb, inf) = (
+            _mm512_set1_epi32(0x7fff_ffff),
+            _mm512_set1_epi32(k_a as i32),
+            _mm512_set1_epi32(k_b as i32),
+            _mm512_set1_epi32(0x7f80_0000),
+        );
+        let (mut below, mut len, mut nan) = (0usize, 0usize, 0u16);
+        let chunks = c.chunks_exact(16);
+        let tail = chunks.remainder();
+        for x in chunks {
+            // SAFETY: x holds 16 floats; out + len has room for 16 more keys (len ≤ keys seen so far).
+            unsafe {
+                let k = _mm512_and_si512(_mm512_loadu_si512(x.as_ptr().cast()), abs);
+                below += _mm512_cmplt_epu32_mask(k, va).count_ones() as usize;
+                nan |= _mm512_cmpgt_epu32_mask(k, inf);
+                let inside = _mm512_mask_cmple_epu32_mask(_mm512_cmpge_epu32_mask(k, va), k, vb);
+                _mm512_storeu_si512(out.add(len).cast(), _mm512_maskz_compress_epi32(inside, k));
+                len += inside.count_ones() as usize;
+            }
+        }
+        let mut nan = nan != 0;
+        for x in tail {
+            let k = key(x);
+            below += (k < k_a) as usize;
+            nan |= k > 0x7f80_0000;
+            if k >= k_a && k <= k_b {
+                // SAFETY: len < c.len() + 16.
+                unsafe { *out.add(len) = k };
+                len += 1;
+            }
+        }
+        (below, len, nan)
     }
 
     /// (v[r], v[r + gap]) of the sorted candidates, gap 0 or 1.
@@ -349,25 +419,9 @@ pub(crate) mod cpu {
             seen += c as usize;
         }
         let bin_lo = bin_lo.expect("lo < n");
-        let in_range = |k: u32| (bin_lo..=bin_hi).contains(&((k >> BIN_SHIFT) as usize));
-        // The candidates, a chunk per task (the order does not matter to the selection's values). Each key is
-        // written and kept by advancing the end or not, without a branch: where the two bins hold a large share
-        // of |M|, a filter's branch mispredicts on a good part of the entries.
-        let mut v: Vec<u32> = m
-            .par_chunks(CHUNK)
-            .map(|c| {
-                let mut out = vec![0u32; c.len()];
-                let mut len = 0;
-                for x in c {
-                    let k = key(x);
-                    out[len] = k;
-                    len += in_range(k) as usize;
-                }
-                out.truncate(len);
-                out
-            })
-            .collect::<Vec<_>>()
-            .concat();
+        // The candidates: the keys of the bins from bin_lo to bin_hi.
+        let (k_a, k_b) = ((bin_lo as u32) << BIN_SHIFT, (((bin_hi + 1) as u32) << BIN_SHIFT).wrapping_sub(1));
+        let (_, mut v) = candidates(m, k_a, k_b)?;
         Ok(select_two(&mut v, lo - below, hi - lo))
     }
 
@@ -510,15 +564,20 @@ mod tests {
         for s in [0.0, 0.5, 0.77, 1.0] {
             check_against_naive(&long, s);
         }
-        // A sample that misrepresents M (every sampled run 1000× larger): the bracket misses the ranks, and
+        // A sample that misrepresents M (every sampled entry 1000× larger): the bracket misses the ranks, and
         // the histogram select gives the same values.
         let skewed: Vec<f32> =
-            long.iter().enumerate().map(|(i, &x)| if i % 128 < 4 { 1000.0 * x } else { x }).collect();
+            long.iter().enumerate().map(|(i, &x)| if i % 37 == 0 { 1000.0 * x } else { x }).collect();
+        // Rows of 768 whose columns differ in scale by up to 64× (a kernel merge's M, whose columns follow the
+        // norms of B's rows): the sample still brackets the ranks.
+        let columns: Vec<f32> = long.iter().enumerate().map(|(i, &x)| x * (1 << (i % 768 % 7)) as f32).collect();
         for s in [0.1, 0.5, 0.99] {
             let (lo, hi, _) = quantile_rank(long.len(), s);
             assert!(cpu::bracketed(&long, lo, hi).is_some(), "s={s}: the sample brackets the ranks of M");
+            assert!(cpu::bracketed(&columns, lo, hi).is_some(), "s={s}: the sample brackets the ranks across columns");
             assert!(cpu::bracketed(&skewed, lo, hi).is_none(), "s={s}: the skewed sample misses");
             check_against_naive(&skewed, s);
+            check_against_naive(&columns, s);
         }
         let mut long_nan = long.clone();
         long_nan[123_457] = f32::NAN;
