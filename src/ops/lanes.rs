@@ -41,6 +41,45 @@ macro_rules! widest_vectors {
 
 pub(crate) use widest_vectors;
 
+/// The transpose of a 16 × 16 tile of f32 held as 16 rows of one vector each: out[c][r] = rows[r][c], by four
+/// rounds of shuffles (pairs within 128-bit lanes, quads within lanes, then lanes twice).
+///
+/// # Safety
+/// The host has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) unsafe fn transpose16(mut r: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512; 16] {
+    use std::arch::x86_64::*;
+    let mut t = [_mm512_setzero_ps(); 16];
+    // t[2q], t[2q+1]: rows 2q and 2q+1 interleaved (pairs of columns 4k, 4k+1 and 4k+2, 4k+3 per lane k).
+    for q in 0..8 {
+        t[2 * q] = _mm512_unpacklo_ps(r[2 * q], r[2 * q + 1]);
+        t[2 * q + 1] = _mm512_unpackhi_ps(r[2 * q], r[2 * q + 1]);
+    }
+    // r[4q + c]: rows 4q..4q+4 of columns c, c+4, c+8, c+12, one 128-bit lane each.
+    for q in 0..4 {
+        let (x, y) = (4 * q, 4 * q + 2);
+        r[4 * q] = _mm512_shuffle_ps::<0x44>(t[x], t[y]);
+        r[4 * q + 1] = _mm512_shuffle_ps::<0xee>(t[x], t[y]);
+        r[4 * q + 2] = _mm512_shuffle_ps::<0x44>(t[x + 1], t[y + 1]);
+        r[4 * q + 3] = _mm512_shuffle_ps::<0xee>(t[x + 1], t[y + 1]);
+    }
+    // t[c], t[c+4] (rows 0..8) and t[c+8], t[c+12] (rows 8..16): columns c, c+8 and c+4, c+12.
+    for q in 0..4 {
+        t[q] = _mm512_shuffle_f32x4::<0x88>(r[q], r[q + 4]);
+        t[q + 4] = _mm512_shuffle_f32x4::<0xdd>(r[q], r[q + 4]);
+        t[q + 8] = _mm512_shuffle_f32x4::<0x88>(r[q + 8], r[q + 12]);
+        t[q + 12] = _mm512_shuffle_f32x4::<0xdd>(r[q + 8], r[q + 12]);
+    }
+    // Whole columns.
+    for q in 0..8 {
+        r[q] = _mm512_shuffle_f32x4::<0x88>(t[q], t[q + 8]);
+        r[q + 8] = _mm512_shuffle_f32x4::<0xdd>(t[q], t[q + 8]);
+    }
+    r
+}
+
 /// Σ v in 16 interleaved partial sums (lane l adds v[l], v[l + 16], ... in order), then those sums and the
 /// tail in order: a sum that vectorises, with the same bits at any vector width.
 #[inline(always)]

@@ -476,6 +476,11 @@ pub(crate) mod cpu {
     /// rows (k, n_in) += ms[:, o0..o0 + k]ᵀ: dst rows o0.. of the merged weight, k ≤ TILE.
     fn add_tile(rows: &mut [f32], ms: &[f32], o0: usize, n_in: usize, n_out: usize) {
         let k = rows.len() / n_in;
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F checked above.
+            return unsafe { add_tile_avx512(rows, ms, o0, k, n_in, n_out) };
+        }
         for i0 in (0..n_in).step_by(TILE) {
             let w = TILE.min(n_in - i0);
             // t[r][c] = ms[i0 + c, o0 + r]
@@ -489,6 +494,36 @@ pub(crate) mod cpu {
                 for (d, &v) in rows[r * n_in + i0..][..w].iter_mut().zip(t) {
                     *d += v;
                 }
+            }
+        }
+    }
+
+    /// [`add_tile`] with each 16 × 16 block of ms transposed in registers (the same single rounding per entry).
+    ///
+    /// # Safety
+    /// The host has AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn add_tile_avx512(rows: &mut [f32], ms: &[f32], o0: usize, k: usize, n_in: usize, n_out: usize) {
+        use crate::ops::lanes::transpose16;
+        use std::arch::x86_64::*;
+        const _: () = assert!(TILE == 16);
+        assert!(k <= TILE && rows.len() == k * n_in && ms.len() == n_in * n_out && o0 + k <= n_out);
+        let k_mask: u16 = if k == 16 { u16::MAX } else { (1u16 << k) - 1 };
+        for i0 in (0..n_in).step_by(TILE) {
+            let w = TILE.min(n_in - i0);
+            let w_mask: u16 = if w == 16 { u16::MAX } else { (1u16 << w) - 1 };
+            let mut t = [_mm512_setzero_ps(); TILE];
+            for (c, t) in t.iter_mut().enumerate().take(w) {
+                // SAFETY: the k floats from o0 lie in row i0 + c of ms (asserted above).
+                *t = unsafe { _mm512_maskz_loadu_ps(k_mask, ms.as_ptr().add((i0 + c) * n_out + o0)) };
+            }
+            // SAFETY: AVX-512F (this function's feature).
+            let t = unsafe { transpose16(t) };
+            for (r, v) in t.iter().enumerate().take(k) {
+                let d = rows[r * n_in + i0..][..w].as_mut_ptr();
+                // SAFETY: the w floats at d lie in row r of rows.
+                unsafe { _mm512_mask_storeu_ps(d, w_mask, _mm512_add_ps(_mm512_maskz_loadu_ps(w_mask, d), *v)) };
             }
         }
     }
@@ -621,7 +656,13 @@ mod tests {
 
     #[test]
     fn backward_and_add_transposed() {
-        let (n_in, n_out) = (5, 7);
+        // One partial tile; then full tiles with partial ones at both edges.
+        for (n_in, n_out) in [(5, 7), (37, 50)] {
+            backward_and_add_transposed_case(n_in, n_out);
+        }
+    }
+
+    fn backward_and_add_transposed_case(n_in: usize, n_out: usize) {
         let n = n_in * n_out;
         let mut plan = Plan::new();
         let m = plan.f32("m", &[n], Pool::Scratch);
@@ -646,5 +687,8 @@ mod tests {
         add_transposed(&rt, dst, w0, m, n_in, n_out).unwrap();
         let want: Vec<f64> = (0..n).map(|e| (wv[e] + mv[(e % n_in) * n_out + e / n_in]) as f64).collect();
         assert_close("W0 + M_s^T", &rt.download(dst).unwrap(), &want, 0.0);
+        rt.upload(dst, &wv).unwrap();
+        add_transposed(&rt, dst, dst, m, n_in, n_out).unwrap(); // in place
+        assert_close("W0 + M_s^T in place", &rt.download(dst).unwrap(), &want, 0.0);
     }
 }

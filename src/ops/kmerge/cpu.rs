@@ -7,6 +7,8 @@
 //! those of the scalar loop `s = s + a·b`. The kernel value, the mixture and the backward's ratio are then
 //! taken on that row while it is in cache, and each exponential of the mixture is computed once per entry.
 use super::{KernelKind, PIECES, PL_COEFF};
+#[cfg(target_arch = "x86_64")]
+use crate::ops::lanes::transpose16;
 use crate::ops::lanes::{exp_lanes, sum_lanes, widest_vectors};
 use crate::ops::sparsify::cpu::kept_mag;
 use rayon::prelude::*;
@@ -550,61 +552,127 @@ pub fn backward(
     let need_m = t.is_some() || w.is_some();
     let need_k = need_m || mix.is_some();
     let need_dots = need_k || kind != KernelKind::Linear;
-    let groups: Vec<[[f32; 3]; GROUP]> = g
-        .par_chunks_mut(GROUP * n_out)
-        .zip(r0.par_chunks_mut(GROUP * n_out))
-        .with_min_len(groups_per_task(n_out))
+    let blocks: Vec<[[f32; 3]; BLOCK]> = g
+        .par_chunks_mut(BLOCK * n_out)
+        .zip(r0.par_chunks_mut(BLOCK * n_out))
+        .with_min_len(rows_per_task(n_out).div_ceil(BLOCK))
         .enumerate()
         .map_init(
-            || (RowBuf::new(n_out), vec![0f32; n_out], vec![0f32; n_out], vec![0f32; n_out]),
-            |(buf, e, m, ms), (grp, (gb, r0b))| {
-                let i0 = grp * GROUP;
-                let mut sums = [[0f32; 3]; GROUP];
-                if need_dots {
-                    rows.dots(i0, gb.len() / n_out, buf);
+            || (RowBuf::new(n_out), vec![0f32; n_out], vec![0f32; BLOCK * n_out]),
+            |(buf, e, msb), (blk, (gb, r0b))| {
+                let i_blk = blk * BLOCK;
+                let mut sums = [[0f32; 3]; BLOCK];
+                for (q, (gq, r0q)) in gb.chunks_mut(GROUP * n_out).zip(r0b.chunks_mut(GROUP * n_out)).enumerate() {
+                    let i0 = i_blk + q * GROUP;
+                    if need_dots {
+                        rows.dots(i0, gq.len() / n_out, buf);
+                    }
+                    let RowBuf { p, tmp: k } = &mut *buf;
+                    for (r, (gr, r0r)) in gq.chunks_mut(n_out).zip(r0q.chunks_mut(n_out)).enumerate() {
+                        let i = i0 + r;
+                        let p = [&p[0][r * n_out..][..n_out], &p[1][r * n_out..][..n_out]];
+                        if need_k {
+                            rows.kernel_row(kind, i, p, k);
+                        }
+                        let soft = mix.map(|[_, gm, _]| softmax_exps(k, gm, e));
+                        if need_m {
+                            // Row i of M, then M_s in place: kept for the block's W tiles below.
+                            let m = &mut msb[(i - i_blk) * n_out..][..n_out];
+                            m.copy_from_slice(k);
+                            if let (Some([al, _, be]), Some(inv)) = (mix, soft) {
+                                add_mixture(m, e, al, inv, be);
+                            }
+                            if let Some(t) = t {
+                                mask_row(m, t, gr);
+                            }
+                        }
+                        if let (Some([al, gm, _]), Some(inv)) = (mix, soft) {
+                            sums[i - i_blk] = mix_backward_row_from(gr, k, al, gm, e, inv);
+                        }
+                        rows.ratio_row(kind, i, p, gr, r0r);
+                    }
                 }
-                let RowBuf { p, tmp: k } = buf;
-                for (r, (gr, r0r)) in gb.chunks_mut(n_out).zip(r0b.chunks_mut(n_out)).enumerate() {
-                    let i = i0 + r;
-                    let p = [&p[0][r * n_out..][..n_out], &p[1][r * n_out..][..n_out]];
-                    if need_k {
-                        rows.kernel_row(kind, i, p, k);
-                    }
-                    let soft = mix.map(|[_, gm, _]| softmax_exps(k, gm, e));
-                    if need_m {
-                        m.copy_from_slice(k);
-                        if let (Some([al, _, be]), Some(inv)) = (mix, soft) {
-                            add_mixture(m, e, al, inv, be);
-                        }
-                        let ms = match t {
-                            Some(t) => {
-                                mask_row(m, t, gr, ms);
-                                &ms[..]
-                            }
-                            None => &m[..],
-                        };
-                        if let Some(w) = w {
-                            // SAFETY: column i of W belongs to this task's row i; i < n_in, j < n_out.
-                            unsafe {
-                                for (j, &v) in ms.iter().enumerate() {
-                                    let at = j * n_in + i;
-                                    *w.dst.add(at) = *w.src.add(at) + v;
-                                }
-                            }
-                        }
-                    }
-                    if let (Some([al, gm, _]), Some(inv)) = (mix, soft) {
-                        sums[r] = mix_backward_row_from(gr, k, al, gm, e, inv);
-                    }
-                    rows.ratio_row(kind, i, p, gr, r0r);
+                if let Some(w) = w {
+                    // SAFETY: columns i_blk.. of W belong to this task's rows.
+                    unsafe { add_columns(w, &msb[..gb.len()], i_blk, n_in, n_out) };
                 }
                 sums
             },
         )
         .collect();
     if mix.is_some() {
-        let sums: Vec<[f32; 3]> = groups.into_iter().flatten().take(n_in).collect();
+        let sums: Vec<[f32; 3]> = blocks.into_iter().flatten().take(n_in).collect();
         store_parts(part, &sums, n_in);
+    }
+}
+
+/// Rows of the backward's tasks: BLOCK rows of M_s are kept so that W's columns i.. are written a cache line
+/// (16 floats of a row of W) at a time. A write per entry down column i (one line and, at a stride of
+/// n_in floats, nearly one page per entry) was ~40% of the row pass.
+const BLOCK: usize = 16;
+
+/// W[j, i0 + r] = src[j, i0 + r] + ms[r, j] for the g = ms.len() / n_out ≤ BLOCK rows of ms, a BLOCK × BLOCK
+/// tile at a time (transposed in registers where the host has AVX-512).  ms: (g, n_out)   W, src: (n_out, n_in)
+///
+/// # Safety
+/// `w.dst` and `w.src` hold n_out·n_in floats, and no other thread touches columns i0..i0 + g of W.
+unsafe fn add_columns(w: WeightOut, ms: &[f32], i0: usize, n_in: usize, n_out: usize) {
+    let g = ms.len() / n_out;
+    assert!(g <= BLOCK && ms.len() == g * n_out);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F checked above; the rest is the caller's.
+        return unsafe { add_columns_avx512(w, ms, g, i0, n_in, n_out) };
+    }
+    for j0 in (0..n_out).step_by(BLOCK) {
+        let c = BLOCK.min(n_out - j0);
+        // t[jj][r] = ms[r, j0 + jj]
+        let mut t = [[0f32; BLOCK]; BLOCK];
+        for r in 0..g {
+            for (jj, &v) in ms[r * n_out + j0..][..c].iter().enumerate() {
+                t[jj][r] = v;
+            }
+        }
+        for (jj, t) in t.iter().enumerate().take(c) {
+            let at = (j0 + jj) * n_in + i0;
+            for (r, &v) in t.iter().enumerate().take(g) {
+                // SAFETY: at + r < n_out·n_in (caller).
+                unsafe { *w.dst.add(at + r) = *w.src.add(at + r) + v };
+            }
+        }
+    }
+}
+
+/// [`add_columns`] with each 16 × 16 tile of ms loaded as 16 rows (masked at the edges), transposed in
+/// registers ([`transpose16`]), and added to 16 rows of src a vector at a time (the same single rounding per entry).
+///
+/// # Safety
+/// As [`add_columns`], on a host with AVX-512F; g ≤ 16 = BLOCK.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn add_columns_avx512(w: WeightOut, ms: &[f32], g: usize, i0: usize, n_in: usize, n_out: usize) {
+    use std::arch::x86_64::*;
+    const _: () = assert!(BLOCK == 16);
+    let row_mask: u16 = if g == 16 { u16::MAX } else { (1u16 << g) - 1 };
+    for j0 in (0..n_out).step_by(16) {
+        let c = 16.min(n_out - j0);
+        let col_mask: u16 = if c == 16 { u16::MAX } else { (1u16 << c) - 1 };
+        // r[q] = ms[q, j0..j0 + c] (zero past g rows or c columns).
+        let mut r = [_mm512_setzero_ps(); 16];
+        for (q, r) in r.iter_mut().enumerate().take(g) {
+            // SAFETY: the c loaded floats lie in row q of ms.
+            *r = unsafe { _mm512_maskz_loadu_ps(col_mask, ms.as_ptr().add(q * n_out + j0)) };
+        }
+        // SAFETY: AVX-512F (this function's feature).
+        let r = unsafe { transpose16(r) };
+        for (jj, col) in r.iter().enumerate().take(c) {
+            let at = (j0 + jj) * n_in + i0;
+            // SAFETY: entries at..at + g of row j0 + jj of W and src (caller).
+            unsafe {
+                let v = _mm512_add_ps(_mm512_maskz_loadu_ps(row_mask, w.src.add(at)), *col);
+                _mm512_mask_storeu_ps(w.dst.add(at), row_mask, v);
+            }
+        }
     }
 }
 
@@ -618,15 +686,15 @@ fn add_mixture_lanes(m: &mut [f32], e: &[f32], al: f32, inv: f32, be: f32) {
     }
 }
 
-/// A sparse row: g := g·|M|·1[|M| > t] (∂L/∂M_s → ∂L/∂M) and ms := M·|M|·1[|M| > t] (`ops::sparsify`'s).
+/// A sparse row: g := g·|M|·1[|M| > t] (∂L/∂M_s → ∂L/∂M) and m := M_s = M·|M|·1[|M| > t] in place
+/// (`ops::sparsify`'s expressions).
 #[inline(always)]
-fn mask_row_lanes(m: &[f32], t: f32, g: &mut [f32], ms: &mut [f32]) {
-    let n = m.len();
-    let (g, ms) = (&mut g[..n], &mut ms[..n]);
-    for j in 0..n {
-        let kept = kept_mag(m[j], t);
-        g[j] *= kept;
-        ms[j] = m[j] * kept;
+fn mask_row_lanes(m: &mut [f32], t: f32, g: &mut [f32]) {
+    let g = &mut g[..m.len()];
+    for (m, g) in m.iter_mut().zip(g) {
+        let kept = kept_mag(*m, t);
+        *g *= kept;
+        *m *= kept;
     }
 }
 
@@ -637,7 +705,7 @@ widest_vectors! {
 
 widest_vectors! {
     /// A sparse row's gradient mask and M_s (see [`mask_row_lanes`]).
-    fn mask_row(m: &[f32], t: f32, g: &mut [f32], ms: &mut [f32]) => mask_row_lanes
+    fn mask_row(m: &mut [f32], t: f32, g: &mut [f32]) => mask_row_lanes
 }
 
 /// aug (rows, d+1) = [x | 1].

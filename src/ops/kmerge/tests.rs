@@ -273,11 +273,16 @@ fn rows_give_the_bits_of_the_pairwise_definition() {
 /// The backward with its threshold and merged weight taken on the way (one pass over M, `Along`) gives the
 /// bits of the separate steps it replaces: M, the gradient's mask, M_s, W = W0 + M_sᵀ, then the backward from
 /// the masked gradient. Every kind, with and without the mixture, with and without a threshold; shapes whose
-/// rows do not fill the groups and chunks.
+/// rows do not fill the groups and tiles, one task or many, W apart from W0 or (bf16 storage) in place.
 #[test]
 fn backward_along_matches_the_separate_steps() {
+    for ((n_in, n_out, d), in_place) in [((37, 29, 5), false), ((133, 1000, 4), true)] {
+        backward_along_case(n_in, n_out, d, in_place);
+    }
+}
+
+fn backward_along_case(n_in: usize, n_out: usize, d: usize, in_place: bool) {
     use crate::ops::sparsify::{add_transposed, sparsify_apply, sparsify_backward, sparsify_select, SparsifyScratch};
-    let (n_in, n_out, d) = (37, 29, 5);
     for kind in KINDS {
         for (mix, sparse) in [(false, true), (true, true), (true, false)] {
             let mut plan = Plan::new();
@@ -319,6 +324,12 @@ fn backward_along_matches_the_separate_steps() {
             // Fused.
             let (da, db, dmix, w) = grads[0];
             rt.upload(g, &gv).unwrap();
+            let src = if in_place {
+                rt.upload(w, &rt.download(w0).unwrap()).unwrap();
+                w
+            } else {
+                w0
+            };
             merge_backward(
                 &rt,
                 da,
@@ -328,7 +339,7 @@ fn backward_along_matches_the_separate_steps() {
                 &f,
                 kind,
                 &s,
-                Along { threshold, weight: Some((w, w0)) },
+                Along { threshold, weight: Some((w, src)) },
             )
             .unwrap();
             // Separate.
@@ -352,7 +363,7 @@ fn backward_along_matches_the_separate_steps() {
                 assert_eq!(
                     diff,
                     0,
-                    "{kind:?} mix {mix} sparse {sparse}: {name} differs in {diff} of {} entries",
+                    "{n_in}x{n_out} {kind:?} mix {mix} sparse {sparse}: {name} differs in {diff} of {} entries",
                     p.len()
                 );
             }
