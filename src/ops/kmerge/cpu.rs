@@ -426,23 +426,77 @@ fn mix_backward_row(gr: &mut [f32], kr: &[f32], al: f32, gm: f32, e: &mut [f32])
 /// [`mix_backward_row`] with the row's softmax exponentials and 1/Σe already taken (S = e·inv).
 #[inline]
 fn mix_backward_row_from(gr: &mut [f32], kr: &[f32], al: f32, gm: f32, e: &[f32], inv: f32) -> [f32; 3] {
-    // The long sums accumulate in f64 (the CUDA twin reduces in trees): closer to the exact sums.
-    let (mut s_g, mut s_gs, mut dot) = (0f64, 0f64, 0f64);
-    for (&gv, &e) in gr.iter().zip(e.iter()) {
-        let s = e * inv;
-        s_g += gv as f64;
-        s_gs += (gv * s) as f64;
-        dot += ((al * gv) * s) as f64;
-    }
-    let dot = dot as f32;
-    let mut s_uk = 0f64;
-    for ((gv, &kv), &e) in gr.iter_mut().zip(kr).zip(e.iter()) {
-        let s = e * inv;
-        let u = s * (al * *gv - dot);
-        *gv += u / gm;
-        s_uk += (u * kv) as f64;
-    }
+    let [s_g, s_gs, dot] = mix_sums(gr, e, al, inv);
+    let s_uk = mix_dk(gr, kr, e, al, gm, inv, dot as f32);
     [s_g as f32, s_gs as f32, s_uk as f32]
+}
+
+widest_vectors! {
+    /// ΣG, ΣG·S and Σ αG·S over a row (S = e·inv), in f64 ([`F64_LANES`] interleaved partial sums).
+    fn mix_sums(gr: &[f32], e: &[f32], al: f32, inv: f32) -> [f64; 3] => mix_sums_lanes
+}
+
+widest_vectors! {
+    /// gr := dK = G + u/γ with u = S·(αG − dot), and Σu·K in f64 (interleaved partial sums).
+    fn mix_dk(gr: &mut [f32], kr: &[f32], e: &[f32], al: f32, gm: f32, inv: f32, dot: f32) -> f64 => mix_dk_lanes
+}
+
+/// Partial sums of the mixture backward's long row sums: the CUDA twin reduces in trees, and the CPU sums in
+/// f64 so closely to the exact sum that their f32 roundings (what the step uses) do not depend on the order.
+const F64_LANES: usize = 8;
+
+/// Σ over the lanes, then the tail, in order.
+#[inline(always)]
+fn fold_lanes(acc: &[f64; F64_LANES], tail: impl Iterator<Item = f64>) -> f64 {
+    tail.fold(acc.iter().sum::<f64>(), |s, x| s + x)
+}
+
+#[inline(always)]
+fn mix_sums_lanes(gr: &[f32], e: &[f32], al: f32, inv: f32) -> [f64; 3] {
+    const L: usize = F64_LANES;
+    let e = &e[..gr.len()];
+    let (mut a_g, mut a_gs, mut a_dot) = ([0f64; L], [0f64; L], [0f64; L]);
+    let (gc, ec) = (gr.chunks_exact(L), e.chunks_exact(L));
+    let (gt, et) = (gc.remainder(), ec.remainder());
+    for (g, e) in gc.zip(ec) {
+        for l in 0..L {
+            let s = e[l] * inv;
+            a_g[l] += g[l] as f64;
+            a_gs[l] += (g[l] * s) as f64;
+            a_dot[l] += ((al * g[l]) * s) as f64;
+        }
+    }
+    let tail = || gt.iter().zip(et).map(|(&g, &e)| (g, e * inv));
+    [
+        fold_lanes(&a_g, tail().map(|(g, _)| g as f64)),
+        fold_lanes(&a_gs, tail().map(|(g, s)| (g * s) as f64)),
+        fold_lanes(&a_dot, tail().map(|(g, s)| ((al * g) * s) as f64)),
+    ]
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn mix_dk_lanes(gr: &mut [f32], kr: &[f32], e: &[f32], al: f32, gm: f32, inv: f32, dot: f32) -> f64 {
+    const L: usize = F64_LANES;
+    let n = gr.len();
+    let (kr, e) = (&kr[..n], &e[..n]);
+    let step = |g: &mut f32, k: f32, e: f32| {
+        let u = (e * inv) * (al * *g - dot);
+        *g += u / gm;
+        (u * k) as f64
+    };
+    let mut acc = [0f64; L];
+    let body = n / L * L;
+    for ((g, k), e) in gr[..body].chunks_exact_mut(L).zip(kr.chunks_exact(L)).zip(e.chunks_exact(L)) {
+        for l in 0..L {
+            acc[l] += step(&mut g[l], k[l], e[l]);
+        }
+    }
+    let mut sum = acc.iter().sum::<f64>();
+    for j in body..n {
+        sum += step(&mut gr[j], kr[j], e[j]);
+    }
+    sum
 }
 
 /// Writes the per-row sums (n_in rows of [ΣG, ΣG·S, Σu·K]) as part (3, n_in).
