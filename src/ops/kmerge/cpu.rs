@@ -770,6 +770,17 @@ pub fn augment(aug: &mut [f32], x: &[f32], d: usize) {
     }
 }
 
+/// dx (rows, d) += x·tt[d, :] − tt[:d, :]ᵀ: [`dist_grad`] from t stored transposed, tt (d+1, rows).
+pub fn dist_grad_t(dx: &mut [f32], x: &[f32], tt: &[f32], d: usize) {
+    let rows = dx.len() / d;
+    for (i, (o, xr)) in dx.chunks_mut(d).zip(x.chunks(d)).enumerate() {
+        let rs = tt[d * rows + i];
+        for k in 0..d {
+            o[k] += xr[k] * rs - tt[k * rows + i];
+        }
+    }
+}
+
 /// dx (rows, d) += x·t[:, d] − t[:, :d].
 pub fn dist_grad(dx: &mut [f32], x: &[f32], t: &[f32], d: usize) {
     for ((o, xr), tr) in dx.chunks_mut(d).zip(x.chunks(d)).zip(t.chunks(d + 1)) {

@@ -139,7 +139,7 @@ pub struct MergeScratch {
     pub aug_b: Tensor,
     /// R_h·[B_h | 1]: R_h·B_h and rowsum(R_h).                           (n_in, d+1)
     pub tmp_a: Tensor,
-    /// R_hᵀ·[A_h | 1]: R_hᵀ·A_h and colsum(R_h).                         (n_out, d+1)
+    /// R_hᵀ·[A_h | 1]: R_hᵀ·A_h and colsum(R_h).            (n_out, d+1); the CPU stores it transposed, (d+1, n_out)
     pub tmp_b: Tensor,
     /// Per-row sums of the mixture backward: ΣG, ΣG·S, Σu·K.            (3, n_in)
     pub mix_part: Tensor,
@@ -304,9 +304,17 @@ pub fn merge_backward(
             augment(rt, s.aug_a, a_h, n_in, d)?;
             augment(rt, s.aug_b, b_h, n_out, d)?;
             matmul(rt, s.tmp_a, r, s.aug_b, Matmul::new(n_in, d + 1, n_out, false, false))?;
-            matmul(rt, s.tmp_b, r, s.aug_a, Matmul::new(n_out, d + 1, n_in, true, false))?;
             dist_grad(rt, d_in_qs_h, a_h, s.tmp_a, n_in, d)?;
-            dist_grad(rt, d_out_qs_h, b_h, s.tmp_b, n_out, d)?;
+            if let Backend::Cpu = rt.backend {
+                // [A_h | 1]ᵀ·R (d+1, n_out), the transpose of Rᵀ·[A_h | 1] with the same sums in the same order
+                // (the same bits), ~1.5× faster with the gemm crate: its microkernel rows then run along n_out
+                // instead of the d+1 columns, which fill 17 of the 32 rows of a kernel call.
+                matmul(rt, s.tmp_b, s.aug_a, r, Matmul::new(d + 1, n_out, n_in, true, false))?;
+                cpu::dist_grad_t(rt.f32_mut(d_out_qs_h), rt.f32(b_h), rt.f32(s.tmp_b), d);
+            } else {
+                matmul(rt, s.tmp_b, r, s.aug_a, Matmul::new(n_out, d + 1, n_in, true, false))?;
+                dist_grad(rt, d_out_qs_h, b_h, s.tmp_b, n_out, d)?;
+            }
         } else {
             matmul(rt, d_in_qs_h, g, b_h, Matmul::new(n_in, d, n_out, false, false).accumulate())?;
             matmul(rt, d_out_qs_h, g, a_h, Matmul::new(n_out, d, n_in, true, false).accumulate())?;
