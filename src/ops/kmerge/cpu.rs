@@ -384,8 +384,27 @@ pub fn forward(
 /// row is e_j·inv.
 #[inline]
 fn softmax_exps(row: &[f32], gm: f32, e: &mut [f32]) -> f32 {
-    let mx = row.iter().fold(f32::NEG_INFINITY, |m, &k| m.max(k / gm));
+    let mx = scaled_max(row, gm);
     1.0 / scaled_exps(row, gm, mx, e)
+}
+
+widest_vectors! {
+    /// max_j row_j/γ (f32::max in any order is the same maximum, NaN ignored as by a fold).
+    fn scaled_max(row: &[f32], gm: f32) -> f32 => scaled_max_lanes
+}
+
+#[inline(always)]
+fn scaled_max_lanes(row: &[f32], gm: f32) -> f32 {
+    const L: usize = 16;
+    let mut acc = [f32::NEG_INFINITY; L];
+    let chunks = row.chunks_exact(L);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..L {
+            acc[l] = acc[l].max(c[l] / gm);
+        }
+    }
+    tail.iter().fold(acc.iter().fold(f32::NEG_INFINITY, |m, &a| m.max(a)), |m, &k| m.max(k / gm))
 }
 
 widest_vectors! {
@@ -632,9 +651,9 @@ pub fn backward(
                         if need_m {
                             // Row i of M, then M_s in place: kept for the block's W tiles below.
                             let m = &mut msb[(i - i_blk) * n_out..][..n_out];
-                            m.copy_from_slice(k);
-                            if let (Some([al, _, be]), Some(inv)) = (mix, soft) {
-                                add_mixture(m, e, al, inv, be);
+                            match (mix, soft) {
+                                (Some([al, _, be]), Some(inv)) => mixture_of(m, k, e, al, inv, be),
+                                _ => m.copy_from_slice(k),
                             }
                             if let Some(t) = t {
                                 mask_row(m, t, gr);
@@ -736,8 +755,14 @@ unsafe fn add_columns_avx512(w: WeightOut, ms: &[f32], g: usize, i0: usize, n_in
 fn add_mixture_lanes(m: &mut [f32], e: &[f32], al: f32, inv: f32, be: f32) {
     let e = &e[..m.len()];
     for (m, &e) in m.iter_mut().zip(e) {
-        *m = (*m + al * (e * inv)) + be;
+        *m = mixed(*m, e, al, inv, be);
     }
+}
+
+/// M = K + α·S + β at one entry, S = e·inv.
+#[inline(always)]
+fn mixed(k: f32, e: f32, al: f32, inv: f32, be: f32) -> f32 {
+    (k + al * (e * inv)) + be
 }
 
 /// A sparse row: g := g·|M|·1[|M| > t] (∂L/∂M_s → ∂L/∂M) and m := M_s = M·|M|·1[|M| > t] in place
@@ -755,6 +780,19 @@ fn mask_row_lanes(m: &mut [f32], t: f32, g: &mut [f32]) {
 widest_vectors! {
     /// The mixture added to a row of K (see [`add_mixture_lanes`]).
     fn add_mixture(m: &mut [f32], e: &[f32], al: f32, inv: f32, be: f32) => add_mixture_lanes
+}
+
+widest_vectors! {
+    /// m := k + α·S + β, the same expression from a row of K kept apart (the backward needs both).
+    fn mixture_of(m: &mut [f32], k: &[f32], e: &[f32], al: f32, inv: f32, be: f32) => mixture_of_lanes
+}
+
+#[inline(always)]
+fn mixture_of_lanes(m: &mut [f32], k: &[f32], e: &[f32], al: f32, inv: f32, be: f32) {
+    let (k, e) = (&k[..m.len()], &e[..m.len()]);
+    for ((m, &k), &e) in m.iter_mut().zip(k).zip(e) {
+        *m = mixed(k, e, al, inv, be);
+    }
 }
 
 widest_vectors! {
