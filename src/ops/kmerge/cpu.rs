@@ -808,6 +808,14 @@ pub fn augment(aug: &mut [f32], x: &[f32], d: usize) {
     }
 }
 
+/// t[:, d] = rowsum(R), the last column of t = R·[B | 1] (16 interleaved partial sums per row, in order).
+///                                                          t: (n_in, d+1)   R: (n_in, n_out)
+pub fn row_sums(t: &mut [f32], r: &[f32], n_out: usize, d: usize) {
+    t.par_chunks_mut(d + 1).zip(r.par_chunks(n_out)).with_min_len(rows_per_task(n_out)).for_each(|(t, r)| {
+        t[d] = sum_lanes(r);
+    });
+}
+
 /// dx (rows, d) += x·tt[d, :] − tt[:d, :]ᵀ: [`dist_grad`] from t stored transposed, tt (d+1, rows).
 pub fn dist_grad_t(dx: &mut [f32], x: &[f32], tt: &[f32], d: usize) {
     let rows = dx.len() / d;
