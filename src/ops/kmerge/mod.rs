@@ -30,7 +30,8 @@
 //! * inner-product kernels (R = dK·f'(p): 1, 1 − K², 2(p + 1)): dA_h = R·B_h, dB_h = Rᵀ·A_h.
 //!
 //! The row/column sums ride along the products: R·[B_h | 1] (n_in, d+1) gives R·B_h and rowsum(R) at once,
-//! Rᵀ·[A_h | 1] gives Rᵀ·A_h and colsum(R). Nothing of the forward is kept: the backward recomputes K
+//! Rᵀ·[A_h | 1] gives Rᵀ·A_h and colsum(R) (the CPU takes R·B_h and rowsum(R) apart, and [A_h | 1]ᵀ·R in the
+//! shapes its GEMM kernels fill: see step 3 of [`merge_backward`]). Nothing of the forward is kept: the backward recomputes K
 //! (mixture only) and the distances from the factors, which is the memory design of the method (method.md §6).
 //! On the CPU the pass that recomputes K and R also recomputes M, masks ∂L/∂M_s and writes M_sᵀ into the
 //! merged weight ([`Along`], [`cpu::backward`]), so a Linear's backward builds its M once.
