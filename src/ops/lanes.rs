@@ -49,7 +49,7 @@ pub(crate) use widest_vectors;
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-pub(crate) unsafe fn transpose16(mut r: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512; 16] {
+unsafe fn transpose16(mut r: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512; 16] {
     use std::arch::x86_64::*;
     let mut t = [_mm512_setzero_ps(); 16];
     // t[2q], t[2q+1]: rows 2q and 2q+1 interleaved (pairs of columns 4k, 4k+1 and 4k+2, 4k+3 per lane k).
@@ -78,6 +78,103 @@ pub(crate) unsafe fn transpose16(mut r: [std::arch::x86_64::__m512; 16]) -> [std
         r[q + 8] = _mm512_shuffle_f32x4::<0xdd>(t[q], t[q + 8]);
     }
     r
+}
+
+/// Side of the tiles [`add_tile_transposed`] takes.
+pub(crate) const TILE: usize = 16;
+
+/// dst[c·ld + r] = src[c·ld + r] + t[r·ldt + c] for r < rows, c < cols (both ≤ [`TILE`]): a tile of t added
+/// transposed, one rounding per entry. The rows of t are read and the rows of dst written whole, a cache line
+/// each, where a walk down a column would touch one line (and at a stride of a row of W, nearly one page) per
+/// entry. With AVX-512 the tile is transposed in registers ([`transpose16`]), else through a small buffer.
+///
+/// # Safety
+/// dst and src are valid for the entries c·ld + r, t for r·ldt + c (r < rows, c < cols); src may be dst, and
+/// no other thread writes those entries of dst.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn add_tile_transposed(
+    dst: *mut f32,
+    src: *const f32,
+    ld: usize,
+    t: *const f32,
+    ldt: usize,
+    rows: usize,
+    cols: usize,
+) {
+    assert!(rows <= TILE && cols <= TILE);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F checked above; the rest is the caller's.
+        return unsafe { add_tile_transposed_avx512(dst, src, ld, t, ldt, rows, cols) };
+    }
+    // SAFETY: the caller's.
+    unsafe { add_tile_transposed_scalar(dst, src, ld, t, ldt, rows, cols) }
+}
+
+/// [`add_tile_transposed`] through a small buffer, so that t is still read a row at a time.
+///
+/// # Safety
+/// As [`add_tile_transposed`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn add_tile_transposed_scalar(
+    dst: *mut f32,
+    src: *const f32,
+    ld: usize,
+    t: *const f32,
+    ldt: usize,
+    rows: usize,
+    cols: usize,
+) {
+    // buf[c][r] = t[r, c]
+    let mut buf = [[0f32; TILE]; TILE];
+    for r in 0..rows {
+        for (c, b) in buf.iter_mut().enumerate().take(cols) {
+            // SAFETY: r < rows, c < cols (caller).
+            b[r] = unsafe { *t.add(r * ldt + c) };
+        }
+    }
+    for (c, b) in buf.iter().enumerate().take(cols) {
+        for (r, &v) in b.iter().enumerate().take(rows) {
+            // SAFETY: r < rows, c < cols (caller).
+            unsafe { *dst.add(c * ld + r) = *src.add(c * ld + r) + v };
+        }
+    }
+}
+
+/// [`add_tile_transposed`] with the rows of t loaded into vectors (masked at the edges) and transposed.
+///
+/// # Safety
+/// As [`add_tile_transposed`], on a host with AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn add_tile_transposed_avx512(
+    dst: *mut f32,
+    src: *const f32,
+    ld: usize,
+    t: *const f32,
+    ldt: usize,
+    rows: usize,
+    cols: usize,
+) {
+    use std::arch::x86_64::*;
+    const _: () = assert!(TILE == 16);
+    let mask = |n: usize| if n == 16 { u16::MAX } else { (1u16 << n) - 1 };
+    let (row_mask, col_mask) = (mask(rows), mask(cols));
+    let mut v = [_mm512_setzero_ps(); 16];
+    for (r, v) in v.iter_mut().enumerate().take(rows) {
+        // SAFETY: the cols floats of row r of t (caller).
+        *v = unsafe { _mm512_maskz_loadu_ps(col_mask, t.add(r * ldt)) };
+    }
+    // SAFETY: AVX-512F (this function's feature).
+    let v = unsafe { transpose16(v) };
+    for (c, col) in v.iter().enumerate().take(cols) {
+        // SAFETY: the rows floats at c·ld of dst and src (caller).
+        unsafe {
+            let sum = _mm512_add_ps(_mm512_maskz_loadu_ps(row_mask, src.add(c * ld)), *col);
+            _mm512_mask_storeu_ps(dst.add(c * ld), row_mask, sum);
+        }
+    }
 }
 
 /// Σ v in 16 interleaved partial sums (lane l adds v[l], v[l + 16], ... in order), then those sums and the
@@ -157,6 +254,45 @@ mod tests {
         let w = want as f32;
         let ulp = (f32::from_bits(w.abs().to_bits() + 1) - w.abs()) as f64;
         (got as f64 - want).abs() / ulp
+    }
+
+    /// Both paths of the transposed tile add against the definition, on full and edge tiles, apart and in place.
+    #[test]
+    fn tile_adds_transposed() {
+        let (ld, ldt) = (21, 19);
+        let t: Vec<f32> = (0..TILE * ldt).map(|i| (i as f32 * 0.37).sin()).collect();
+        let src: Vec<f32> = (0..TILE * ld).map(|i| (i as f32 * 0.11).cos()).collect();
+        // dst apart from src starts elsewhere: outside the tile it must keep its own values, inside read src.
+        let other: Vec<f32> = src.iter().map(|x| x + 100.0).collect();
+        for (rows, cols) in [(16, 16), (5, 16), (16, 3), (7, 11), (1, 1)] {
+            let (mut want_apart, mut want_in_place) = (other.clone(), src.clone());
+            for r in 0..rows {
+                for c in 0..cols {
+                    want_apart[c * ld + r] = src[c * ld + r] + t[r * ldt + c];
+                    want_in_place[c * ld + r] = want_apart[c * ld + r];
+                }
+            }
+            type Add = unsafe fn(*mut f32, *const f32, usize, *const f32, usize, usize, usize);
+            let mut paths: Vec<(&str, Add)> =
+                vec![("dispatch", add_tile_transposed), ("scalar", add_tile_transposed_scalar)];
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                paths.push(("avx512", add_tile_transposed_avx512));
+            }
+            for (name, add) in paths {
+                let (mut apart, mut in_place) = (other.clone(), src.clone());
+                // SAFETY: every index stays below TILE·ld (dst, src) and TILE·ldt (t); AVX-512 checked above.
+                unsafe {
+                    add(apart.as_mut_ptr(), src.as_ptr(), ld, t.as_ptr(), ldt, rows, cols);
+                    let p = in_place.as_mut_ptr();
+                    add(p, p, ld, t.as_ptr(), ldt, rows, cols);
+                }
+                for (what, got, want) in [("apart", &apart, &want_apart), ("in place", &in_place, &want_in_place)] {
+                    let bad = got.iter().zip(want).filter(|(g, w)| g.to_bits() != w.to_bits()).count();
+                    assert_eq!(bad, 0, "{name} {what} {rows}x{cols}: {bad} entries differ");
+                }
+            }
+        }
     }
 
     #[test]

@@ -209,6 +209,7 @@ pub fn kept_count(rt: &Runtime, m: Tensor, t: Tensor) -> Result<usize> {
 
 pub(crate) mod cpu {
     use super::lerp;
+    use crate::ops::lanes::{add_tile_transposed, TILE};
     use rayon::prelude::*;
 
     /// Bins of the select's histogram: the top 14 bits of |x|'s bit pattern (exponent and 6 mantissa bits).
@@ -456,10 +457,9 @@ pub(crate) mod cpu {
         m.par_iter().filter(|x| x.abs() > t).count()
     }
 
-    /// The transposed adds go in TILE × TILE blocks through a small buffer: M_s is read and dst written a cache
-    /// line (16 floats) of a row at a time. A column walk instead (one entry per line, at a stride of
-    /// n_out or n_in floats: 3 or 12 KiB, the same L1 set each time) was ~3% of a SNELLA step.
-    const TILE: usize = 16;
+    // The transposed adds go in TILE × TILE tiles ([`add_tile_transposed`]): M_s is read and dst written a cache
+    // line (16 floats) of a row at a time. A column walk instead (one entry per line, at a stride of n_out or
+    // n_in floats: 3 or 12 KiB, the same L1 set each time) was ~3% of a SNELLA step.
 
     /// dst (n_out, n_in) = w0 + msᵀ, ms (n_in, n_out).
     pub fn add_transposed(dst: &mut [f32], w0: &[f32], ms: &[f32], n_in: usize, n_out: usize) {
@@ -476,55 +476,22 @@ pub(crate) mod cpu {
     /// rows (k, n_in) += ms[:, o0..o0 + k]ᵀ: dst rows o0.. of the merged weight, k ≤ TILE.
     fn add_tile(rows: &mut [f32], ms: &[f32], o0: usize, n_in: usize, n_out: usize) {
         let k = rows.len() / n_in;
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: AVX-512F checked above.
-            return unsafe { add_tile_avx512(rows, ms, o0, k, n_in, n_out) };
-        }
-        for i0 in (0..n_in).step_by(TILE) {
-            let w = TILE.min(n_in - i0);
-            // t[r][c] = ms[i0 + c, o0 + r]
-            let mut t = [[0f32; TILE]; TILE];
-            for c in 0..w {
-                for (r, &v) in ms[(i0 + c) * n_out + o0..][..k].iter().enumerate() {
-                    t[r][c] = v;
-                }
-            }
-            for (r, t) in t.iter().enumerate().take(k) {
-                for (d, &v) in rows[r * n_in + i0..][..w].iter_mut().zip(t) {
-                    *d += v;
-                }
-            }
-        }
-    }
-
-    /// [`add_tile`] with each 16 × 16 block of ms transposed in registers (the same single rounding per entry).
-    ///
-    /// # Safety
-    /// The host has AVX-512F.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn add_tile_avx512(rows: &mut [f32], ms: &[f32], o0: usize, k: usize, n_in: usize, n_out: usize) {
-        use crate::ops::lanes::transpose16;
-        use std::arch::x86_64::*;
-        const _: () = assert!(TILE == 16);
         assert!(k <= TILE && rows.len() == k * n_in && ms.len() == n_in * n_out && o0 + k <= n_out);
-        let k_mask: u16 = if k == 16 { u16::MAX } else { (1u16 << k) - 1 };
+        let d = rows.as_mut_ptr();
         for i0 in (0..n_in).step_by(TILE) {
-            let w = TILE.min(n_in - i0);
-            let w_mask: u16 = if w == 16 { u16::MAX } else { (1u16 << w) - 1 };
-            let mut t = [_mm512_setzero_ps(); TILE];
-            for (c, t) in t.iter_mut().enumerate().take(w) {
-                // SAFETY: the k floats from o0 lie in row i0 + c of ms (asserted above).
-                *t = unsafe { _mm512_maskz_loadu_ps(k_mask, ms.as_ptr().add((i0 + c) * n_out + o0)) };
-            }
-            // SAFETY: AVX-512F (this function's feature).
-            let t = unsafe { transpose16(t) };
-            for (r, v) in t.iter().enumerate().take(k) {
-                let d = rows[r * n_in + i0..][..w].as_mut_ptr();
-                // SAFETY: the w floats at d lie in row r of rows.
-                unsafe { _mm512_mask_storeu_ps(d, w_mask, _mm512_add_ps(_mm512_maskz_loadu_ps(w_mask, d), *v)) };
-            }
+            // SAFETY: rows[r·n_in + i0 + c] and ms[(i0 + c)·n_out + o0 + r] for r < k, c < the tile's width,
+            // inside both slices (asserted above).
+            unsafe {
+                add_tile_transposed(
+                    d.add(i0),
+                    d.add(i0),
+                    n_in,
+                    ms[i0 * n_out + o0..].as_ptr(),
+                    n_out,
+                    TILE.min(n_in - i0),
+                    k,
+                )
+            };
         }
     }
 }

@@ -7,9 +7,7 @@
 //! those of the scalar loop `s = s + a·b`. The kernel value, the mixture and the backward's ratio are then
 //! taken on that row while it is in cache, and each exponential of the mixture is computed once per entry.
 use super::{KernelKind, PIECES, PL_COEFF};
-#[cfg(target_arch = "x86_64")]
-use crate::ops::lanes::transpose16;
-use crate::ops::lanes::{exp_lanes, sum_lanes, widest_vectors};
+use crate::ops::lanes::{add_tile_transposed, exp_lanes, sum_lanes, widest_vectors, TILE};
 use crate::ops::sparsify::cpu::kept_mag;
 use rayon::prelude::*;
 
@@ -680,72 +678,24 @@ pub fn backward(
 }
 
 /// Rows of the backward's tasks: BLOCK rows of M_s are kept so that W's columns i.. are written a cache line
-/// (16 floats of a row of W) at a time. A write per entry down column i (one line and, at a stride of
-/// n_in floats, nearly one page per entry) was ~40% of the row pass.
-const BLOCK: usize = 16;
+/// (16 floats of a row of W) at a time ([`add_tile_transposed`]). A write per entry down column i (one line
+/// and, at a stride of n_in floats, nearly one page per entry) was ~40% of the row pass.
+const BLOCK: usize = TILE;
 
-/// W[j, i0 + r] = src[j, i0 + r] + ms[r, j] for the g = ms.len() / n_out ≤ BLOCK rows of ms, a BLOCK × BLOCK
-/// tile at a time (transposed in registers where the host has AVX-512).  ms: (g, n_out)   W, src: (n_out, n_in)
+/// W[j, i0 + r] = src[j, i0 + r] + ms[r, j] for the g = ms.len() / n_out ≤ BLOCK rows of ms, a tile of 16
+/// columns of ms at a time.                                   ms: (g, n_out)   W, src: (n_out, n_in)
 ///
 /// # Safety
 /// `w.dst` and `w.src` hold n_out·n_in floats, and no other thread touches columns i0..i0 + g of W.
 unsafe fn add_columns(w: WeightOut, ms: &[f32], i0: usize, n_in: usize, n_out: usize) {
     let g = ms.len() / n_out;
-    assert!(g <= BLOCK && ms.len() == g * n_out);
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F checked above; the rest is the caller's.
-        return unsafe { add_columns_avx512(w, ms, g, i0, n_in, n_out) };
-    }
-    for j0 in (0..n_out).step_by(BLOCK) {
-        let c = BLOCK.min(n_out - j0);
-        // t[jj][r] = ms[r, j0 + jj]
-        let mut t = [[0f32; BLOCK]; BLOCK];
-        for r in 0..g {
-            for (jj, &v) in ms[r * n_out + j0..][..c].iter().enumerate() {
-                t[jj][r] = v;
-            }
-        }
-        for (jj, t) in t.iter().enumerate().take(c) {
-            let at = (j0 + jj) * n_in + i0;
-            for (r, &v) in t.iter().enumerate().take(g) {
-                // SAFETY: at + r < n_out·n_in (caller).
-                unsafe { *w.dst.add(at + r) = *w.src.add(at + r) + v };
-            }
-        }
-    }
-}
-
-/// [`add_columns`] with each 16 × 16 tile of ms loaded as 16 rows (masked at the edges), transposed in
-/// registers ([`transpose16`]), and added to 16 rows of src a vector at a time (the same single rounding per entry).
-///
-/// # Safety
-/// As [`add_columns`], on a host with AVX-512F; g ≤ 16 = BLOCK.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn add_columns_avx512(w: WeightOut, ms: &[f32], g: usize, i0: usize, n_in: usize, n_out: usize) {
-    use std::arch::x86_64::*;
-    const _: () = assert!(BLOCK == 16);
-    let row_mask: u16 = if g == 16 { u16::MAX } else { (1u16 << g) - 1 };
-    for j0 in (0..n_out).step_by(16) {
-        let c = 16.min(n_out - j0);
-        let col_mask: u16 = if c == 16 { u16::MAX } else { (1u16 << c) - 1 };
-        // r[q] = ms[q, j0..j0 + c] (zero past g rows or c columns).
-        let mut r = [_mm512_setzero_ps(); 16];
-        for (q, r) in r.iter_mut().enumerate().take(g) {
-            // SAFETY: the c loaded floats lie in row q of ms.
-            *r = unsafe { _mm512_maskz_loadu_ps(col_mask, ms.as_ptr().add(q * n_out + j0)) };
-        }
-        // SAFETY: AVX-512F (this function's feature).
-        let r = unsafe { transpose16(r) };
-        for (jj, col) in r.iter().enumerate().take(c) {
-            let at = (j0 + jj) * n_in + i0;
-            // SAFETY: entries at..at + g of row j0 + jj of W and src (caller).
-            unsafe {
-                let v = _mm512_add_ps(_mm512_maskz_loadu_ps(row_mask, w.src.add(at)), *col);
-                _mm512_mask_storeu_ps(w.dst.add(at), row_mask, v);
-            }
-        }
+    assert!(g <= BLOCK && ms.len() == g * n_out && i0 + g <= n_in);
+    for j0 in (0..n_out).step_by(TILE) {
+        let at = j0 * n_in + i0;
+        // SAFETY: rows j0.. of W and src, columns i0..i0 + g (caller); ms[r, j0 + c] for r < g, c < 16.
+        unsafe {
+            add_tile_transposed(w.dst.add(at), w.src.add(at), n_in, ms[j0..].as_ptr(), n_out, g, TILE.min(n_out - j0))
+        };
     }
 }
 
