@@ -30,9 +30,10 @@
 //! * inner-product kernels (R = dK·f'(p): 1, 1 − K², 2(p + 1)): dA_h = R·B_h, dB_h = Rᵀ·A_h.
 //!
 //! The row/column sums ride along the products: R·[B_h | 1] (n_in, d+1) gives R·B_h and rowsum(R) at once,
-//! Rᵀ·[A_h | 1] gives Rᵀ·A_h and colsum(R) (the CPU takes R·B_h and rowsum(R) apart, and [A_h | 1]ᵀ·R in the
-//! shapes its GEMM kernels fill: see step 3 of [`merge_backward`]). Nothing of the forward is kept: the backward recomputes K
-//! (mixture only) and the distances from the factors, which is the memory design of the method (method.md §6).
+//! Rᵀ·[A_h | 1] gives Rᵀ·A_h and colsum(R) (the CPU takes R·B_h and rowsum(R) apart, and [A_h | 1]ᵀ·R, in
+//! shapes its GEMM kernels fill: step 3 of [`merge_backward`]). Nothing of the forward is kept: the backward
+//! recomputes K (mixture only) and the distances from the factors, which is the memory design of the method
+//! (method.md §6).
 //! On the CPU the pass that recomputes K and R also recomputes M, masks ∂L/∂M_s and writes M_sᵀ into the
 //! merged weight ([`Along`], [`cpu::backward`]), so a Linear's backward builds its M once.
 use cudarc::driver::LaunchConfig;
@@ -304,23 +305,20 @@ pub fn merge_backward(
             let r = if kind == KernelKind::PiecewiseLinear && h == 0 { s.k } else { g };
             augment(rt, s.aug_a, a_h, n_in, d)?;
             if let Backend::Cpu = rt.backend {
-                // R·B_h at n = d, then rowsum(R) beside it: the gemm crate's kernels fill d = 16 columns, while
-                // the d + 1 of R·[B_h | 1] take 17 of the 32 rows of its narrowest kernel (2× the time).
+                // The same products in the shapes the gemm crate's kernels fill, where d + 1 = 17 columns take 17
+                // of the 32 rows of its narrowest kernel (about twice the time): R·B_h at n = d with rowsum(R)
+                // beside it, and [A_h | 1]ᵀ·R (d+1, n_out), the transpose of Rᵀ·[A_h | 1] with the same sums in
+                // the same order (the same bits), read transposed by dist_grad_t.
                 matmul(rt, s.tmp_a, r, b_h, Matmul::new(n_in, d, n_out, false, false).ld(0, 0, d + 1))?;
                 cpu::row_sums(rt.f32_mut(s.tmp_a), rt.f32(r), n_out, d);
-            } else {
-                augment(rt, s.aug_b, b_h, n_out, d)?;
-                matmul(rt, s.tmp_a, r, s.aug_b, Matmul::new(n_in, d + 1, n_out, false, false))?;
-            }
-            dist_grad(rt, d_in_qs_h, a_h, s.tmp_a, n_in, d)?;
-            if let Backend::Cpu = rt.backend {
-                // [A_h | 1]ᵀ·R (d+1, n_out), the transpose of Rᵀ·[A_h | 1] with the same sums in the same order
-                // (the same bits), ~1.5× faster with the gemm crate: its microkernel rows then run along n_out
-                // instead of the d+1 columns, which fill 17 of the 32 rows of a kernel call.
+                dist_grad(rt, d_in_qs_h, a_h, s.tmp_a, n_in, d)?;
                 matmul(rt, s.tmp_b, s.aug_a, r, Matmul::new(d + 1, n_out, n_in, true, false))?;
                 cpu::dist_grad_t(rt.f32_mut(d_out_qs_h), rt.f32(b_h), rt.f32(s.tmp_b), d);
             } else {
+                augment(rt, s.aug_b, b_h, n_out, d)?;
+                matmul(rt, s.tmp_a, r, s.aug_b, Matmul::new(n_in, d + 1, n_out, false, false))?;
                 matmul(rt, s.tmp_b, r, s.aug_a, Matmul::new(n_out, d + 1, n_in, true, false))?;
+                dist_grad(rt, d_in_qs_h, a_h, s.tmp_a, n_in, d)?;
                 dist_grad(rt, d_out_qs_h, b_h, s.tmp_b, n_out, d)?;
             }
         } else {
