@@ -211,6 +211,7 @@ pub(crate) mod cpu {
     use super::lerp;
     use crate::ops::lanes::{add_tile_transposed, TILE};
     use rayon::prelude::*;
+    use std::mem::MaybeUninit;
 
     /// Bins of the select's histogram: the top 14 bits of |x|'s bit pattern (exponent and 6 mantissa bits).
     const BIN_SHIFT: u32 = 17;
@@ -311,13 +312,18 @@ pub(crate) mod cpu {
 
     /// One chunk of [`candidates`]: writes the keys in [k_a, k_b] to out[..len]; returns (below, len, NaN
     /// seen). out has room for c.len() + 16 keys.
-    fn collect(c: &[f32], k_a: u32, k_b: u32, out: &mut [std::mem::MaybeUninit<u32>]) -> (usize, usize, bool) {
+    pub(super) fn collect(c: &[f32], k_a: u32, k_b: u32, out: &mut [MaybeUninit<u32>]) -> (usize, usize, bool) {
         assert!(out.len() >= c.len() + 16);
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: AVX-512F checked above; out has the room asserted above.
-            return unsafe { collect_avx512(c, k_a, k_b, out.as_mut_ptr().cast()) };
+            return unsafe { collect_avx512(c, k_a, k_b, out) };
         }
+        collect_keys(c, k_a, k_b, out)
+    }
+
+    /// [`collect`] one key at a time (out has room for c.len() keys).
+    pub(super) fn collect_keys(c: &[f32], k_a: u32, k_b: u32, out: &mut [MaybeUninit<u32>]) -> (usize, usize, bool) {
         let (mut below, mut len, mut nan) = (0usize, 0usize, false);
         for x in c {
             // Written always, kept by advancing the end or not: a filter's branch would mispredict on a good
@@ -332,13 +338,14 @@ pub(crate) mod cpu {
     }
 
     /// [`collect`] 16 keys at a time: the keys in the bracket compressed in a register and stored whole (the
-    /// memory form of the compress is slow on some cores), the next store overwriting the unused lanes.
+    /// memory form of the compress is slow on some cores), the next store overwriting the unused lanes; the
+    /// last c.len() % 16 by [`collect_keys`].
     ///
     /// # Safety
     /// The host has AVX-512F; `out` has room for c.len() + 16 keys.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn collect_avx512(c: &[f32], k_a: u32, k_b: u32, out: *mut u32) -> (usize, usize, bool) {
+    unsafe fn collect_avx512(c: &[f32], k_a: u32, k_b: u32, out: &mut [MaybeUninit<u32>]) -> (usize, usize, bool) {
         use std::arch::x86_64::*;
         let (abs, va, vb, inf) = (
             _mm512_set1_epi32(0x7fff_ffff),
@@ -346,6 +353,7 @@ pub(crate) mod cpu {
             _mm512_set1_epi32(k_b as i32),
             _mm512_set1_epi32(0x7f80_0000),
         );
+        let dst = out.as_mut_ptr().cast::<u32>();
         let (mut below, mut len, mut nan) = (0usize, 0usize, 0u16);
         let chunks = c.chunks_exact(16);
         let tail = chunks.remainder();
@@ -356,22 +364,13 @@ pub(crate) mod cpu {
                 below += _mm512_cmplt_epu32_mask(k, va).count_ones() as usize;
                 nan |= _mm512_cmpgt_epu32_mask(k, inf);
                 let inside = _mm512_mask_cmple_epu32_mask(_mm512_cmpge_epu32_mask(k, va), k, vb);
-                _mm512_storeu_si512(out.add(len).cast(), _mm512_maskz_compress_epi32(inside, k));
+                _mm512_storeu_si512(dst.add(len).cast(), _mm512_maskz_compress_epi32(inside, k));
                 len += inside.count_ones() as usize;
             }
         }
-        let mut nan = nan != 0;
-        for x in tail {
-            let k = key(x);
-            below += (k < k_a) as usize;
-            nan |= k > 0x7f80_0000;
-            if k >= k_a && k <= k_b {
-                // SAFETY: len < c.len() + 16.
-                unsafe { *out.add(len) = k };
-                len += 1;
-            }
-        }
-        (below, len, nan)
+        // out[len..] has room for the tail: len ≤ the keys before it.
+        let (t_below, t_len, t_nan) = collect_keys(tail, k_a, k_b, &mut out[len..]);
+        (below + t_below, len + t_len, nan != 0 || t_nan)
     }
 
     /// (v[r], v[r + gap]) of the sorted candidates, gap 0 or 1.
@@ -462,11 +461,10 @@ pub(crate) mod cpu {
         m.par_iter().filter(|x| x.abs() > t).count()
     }
 
-    // The transposed adds go in TILE × TILE tiles ([`add_tile_transposed`]): M_s is read and dst written a cache
-    // line (16 floats) of a row at a time. A column walk instead (one entry per line, at a stride of n_out or
-    // n_in floats: 3 or 12 KiB, the same L1 set each time) was ~3% of a SNELLA step.
-
-    /// dst (n_out, n_in) = w0 + msᵀ, ms (n_in, n_out).
+    /// dst (n_out, n_in) = w0 + msᵀ, ms (n_in, n_out), in TILE × TILE tiles ([`add_tile_transposed`]): M_s is
+    /// read and dst written a cache line (16 floats) of a row at a time. A column walk instead (one entry per
+    /// line, at a stride of n_out or n_in floats: 3 or 12 KiB, the same L1 set each time) was ~3% of a SNELLA
+    /// step.
     pub fn add_transposed(dst: &mut [f32], w0: &[f32], ms: &[f32], n_in: usize, n_out: usize) {
         dst.par_chunks_mut(TILE * n_in).zip(w0.par_chunks(TILE * n_in)).enumerate().for_each(|(t, (rows, w))| {
             rows.copy_from_slice(w);
@@ -557,6 +555,33 @@ mod tests {
         for (i, (&x, &y)) in m.iter().zip(&ms).enumerate() {
             let want = if x.abs() > t { x * x.abs() } else { 0.0 };
             assert_eq!(y, want, "M_s[{i}]");
+        }
+    }
+
+    /// The candidates' collection (AVX-512 where the host has it, its tail one key at a time) against the
+    /// plain loop on its own, on lengths with and without a tail, with a NaN and without.
+    #[test]
+    fn collect_matches_the_plain_loop() {
+        let keys = |out: &[std::mem::MaybeUninit<u32>], len: usize| {
+            // SAFETY: both collections wrote out[..len].
+            let mut v: Vec<u32> = out[..len].iter().map(|k| unsafe { k.assume_init() }).collect();
+            v.sort_unstable();
+            v
+        };
+        for n in [0, 5, 16, 1000, 1007] {
+            let mut c: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1001) as f32 / 100.0 - 5.0).collect();
+            for nan in [false, true] {
+                if nan && n > 3 {
+                    c[n - 3] = f32::NAN;
+                }
+                let (k_a, k_b) = (1.5f32.to_bits(), 3.25f32.to_bits());
+                let (mut a, mut b) =
+                    (vec![std::mem::MaybeUninit::uninit(); n + 16], vec![std::mem::MaybeUninit::uninit(); n + 16]);
+                let (ba, la, na) = cpu::collect(&c, k_a, k_b, &mut a);
+                let (bb, lb, nb) = cpu::collect_keys(&c, k_a, k_b, &mut b);
+                assert_eq!((ba, la, na), (bb, lb, nb), "n={n} nan={nan}: (below, len, NaN)");
+                assert_eq!(keys(&a, la), keys(&b, lb), "n={n} nan={nan}: the keys in the bracket");
+            }
         }
     }
 
